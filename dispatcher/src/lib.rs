@@ -1,0 +1,443 @@
+//! # isthmus-dispatcher
+//!
+//! Owns the one well-known TCP port: it accepts connections, reads the preamble and hello within
+//! a handshake timeout, finds the session by its UUID (or creates it when the hello asks and the
+//! router allows it), checks the join token, and hands the connection to that session's task.
+//! It also owns the port-forwarding mode and shutdown: on Ctrl-C or SIGTERM every replica gets a
+//! goodbye before the process exits.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), isthmus_dispatcher::DispatchError> {
+//! use isthmus_dispatcher::{Dispatcher, DispatcherConfig};
+//! let dispatcher = Dispatcher::bind(DispatcherConfig::default()).await?;
+//! println!("listening on {}", dispatcher.local_addr());
+//! dispatcher.run(tokio_util::sync::CancellationToken::new()).await;
+//! # Ok(()) }
+//! ```
+
+use bytes::BytesMut;
+use isthmus_router::driver::{spawn_session, Attach, DriverConfig, SessionHandle};
+use isthmus_router::ids::{ConnId, SessionId};
+use isthmus_router::session::JoinRequest;
+use isthmus_router::wire::{
+    self, ClientFrame, Code, DecodeError, Hello, JoinToken, ServerFrame, MAX_HELLO_BYTES,
+    PREAMBLE_LEN,
+};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use subtle::ConstantTimeEq;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// The router's well-known port.
+pub const DEFAULT_PORT: u16 = 7470;
+/// Time a new connection has to send its preamble and hello (slow links included).
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections open at once, handshaking or attached; each costs two tasks and two buffers.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// How the router is reachable from outside the LAN.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Forwarding {
+    /// Reachable on the LAN only; no external contact point.
+    #[default]
+    LanOnly,
+}
+
+/// Everything the dispatcher needs to run.
+#[derive(Clone, Debug)]
+pub struct DispatcherConfig {
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Time allowed for preamble and hello.
+    pub handshake_timeout: Duration,
+    /// Cap on open connections.
+    pub max_connections: usize,
+    /// Whether a hello may create an unknown session.
+    pub allow_create: bool,
+    /// How the router is reachable from outside.
+    pub forwarding: Forwarding,
+    /// Settings of every session.
+    pub driver: DriverConfig,
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            allow_create: true,
+            forwarding: Forwarding::LanOnly,
+            driver: DriverConfig::default(),
+        }
+    }
+}
+
+/// Failures of the dispatcher itself (not of one connection).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DispatchError {
+    /// The listening socket could not be opened.
+    #[error(
+        "cannot listen on {addr}: {source}; pick another port with --port or stop what is using it"
+    )]
+    Bind {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Why a handshake failed, for the log line.
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("no preamble and hello within {0:?}")]
+    Timeout(Duration),
+    #[error("connection closed during the handshake")]
+    Closed,
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("first frame was not a hello")]
+    NotHello,
+}
+
+struct Slot {
+    handle: SessionHandle,
+    verifier: [u8; 32],
+    join: Option<tokio::task::JoinHandle<()>>,
+}
+
+type Registry = Arc<Mutex<HashMap<SessionId, Slot>>>;
+
+/// A bound listener with its sessions.
+pub struct Dispatcher {
+    listener: TcpListener,
+    local: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    cfg: DispatcherConfig,
+    registry: Registry,
+    next_conn: AtomicU64,
+    permits: Arc<Semaphore>,
+}
+
+impl Dispatcher {
+    /// Binds the listening socket.
+    pub async fn bind(cfg: DispatcherConfig) -> Result<Dispatcher, DispatchError> {
+        let listener =
+            TcpListener::bind(cfg.listen)
+                .await
+                .map_err(|source| DispatchError::Bind {
+                    addr: cfg.listen,
+                    source,
+                })?;
+        let local = listener
+            .local_addr()
+            .map_err(|source| DispatchError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        Ok(Dispatcher {
+            listener,
+            local,
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+                cfg,
+                registry: Arc::new(Mutex::new(HashMap::new())),
+                next_conn: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Sessions alive now.
+    pub fn session_count(&self) -> usize {
+        self.shared.registry.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Accepts connections until `shutdown` fires, then says goodbye to every replica.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut handshakes = JoinSet::new();
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let permit = tokio::select! {
+                p = self.shared.permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = shutdown.cancelled() => break,
+            };
+            let accepted = tokio::select! {
+                r = self.listener.accept() => r,
+                _ = shutdown.cancelled() => break,
+                Some(_) = handshakes.join_next(), if !handshakes.is_empty() => continue,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    let _ = stream.set_nodelay(true);
+                    let shared = self.shared.clone();
+                    handshakes.spawn(async move {
+                        shared.serve(stream, peer, Box::new(permit)).await;
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    warn!("accept failed: {e}; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+        handshakes.abort_all();
+        self.shared.shutdown().await;
+    }
+}
+
+impl Shared {
+    async fn serve(&self, mut stream: TcpStream, peer: SocketAddr, guard: Box<dyn Send + Sync>) {
+        let timeout = self.cfg.handshake_timeout;
+        let mut greeted = false;
+        let result = tokio::time::timeout(
+            timeout,
+            handshake(&mut stream, self.cfg.driver.max_frame_bytes, &mut greeted),
+        )
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout(timeout)));
+        let (hello, leftover) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                info!(%peer, "handshake failed: {e}");
+                let code = match &e {
+                    HandshakeError::Decode(DecodeError::UnsupportedVersion { .. }) => {
+                        Some(Code::UNSUPPORTED_VERSION)
+                    }
+                    HandshakeError::Decode(DecodeError::BadMagic { .. })
+                    | HandshakeError::Closed
+                    | HandshakeError::Io(_) => None,
+                    // Without a preamble the peer is not known to speak Isthmus: just close.
+                    HandshakeError::Timeout(_) if !greeted => None,
+                    HandshakeError::Timeout(_) => Some(Code::HANDSHAKE_TIMEOUT),
+                    HandshakeError::Decode(_) => Some(Code::MALFORMED),
+                    HandshakeError::NotHello => Some(Code::PROTOCOL_VIOLATION),
+                };
+                if let Some(code) = code {
+                    refuse(&mut stream, code, &e.to_string()).await;
+                }
+                return;
+            }
+        };
+        let contacts: Vec<SocketAddr> = stream.local_addr().into_iter().collect();
+        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
+        let session = hello.session;
+        let attach = Attach {
+            conn,
+            request: JoinRequest {
+                replica: hello.replica,
+                name: hello.name.clone(),
+                role: hello.role,
+                resume_from: hello.resume_from,
+                contacts,
+                created: false,
+            },
+            stream: Box::new(stream),
+            leftover,
+            guard: Some(guard),
+        };
+        if let Err((mut attach, code, reason)) = self.route(&hello, attach) {
+            info!(%peer, %session, "refused: {code}: {reason}");
+            let stream = &mut attach.stream;
+            let frame = wire::encode(&ServerFrame::Refuse { code, reason });
+            let _ = tokio::time::timeout(timeout, async {
+                let _ = stream.write_all(&frame).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
+        } else {
+            debug!(%peer, %session, ?conn, "attached");
+        }
+    }
+
+    /// Finds or creates the session and hands it the connection, or says why not.
+    #[allow(clippy::result_large_err)]
+    fn route(&self, hello: &Hello, mut attach: Attach) -> Result<(), (Attach, Code, String)> {
+        let offered = verifier(&hello.token);
+        loop {
+            let Ok(mut reg) = self.registry.lock() else {
+                return Err((attach, Code::BUSY, "router state poisoned".into()));
+            };
+            match reg.get(&hello.session) {
+                Some(slot) => {
+                    if !bool::from(slot.verifier.ct_eq(&offered)) {
+                        return Err((
+                            attach,
+                            Code::BAD_TOKEN,
+                            "the join token does not match this island's; ask for a fresh postcard"
+                                .into(),
+                        ));
+                    }
+                    match slot.handle.attach(attach) {
+                        Ok(()) => return Ok(()),
+                        Err(back) => {
+                            // The session ended between lookup and attach: forget it, try again.
+                            attach = *back;
+                            reg.remove(&hello.session);
+                            continue;
+                        }
+                    }
+                }
+                None => {
+                    let Some(opts) = &hello.create else {
+                        return Err((
+                            attach,
+                            Code::UNKNOWN_SESSION,
+                            format!(
+                                "this router has no session {}; it may have ended or the router restarted",
+                                hello.session
+                            ),
+                        ));
+                    };
+                    if !self.cfg.allow_create {
+                        return Err((
+                            attach,
+                            Code::UNKNOWN_SESSION,
+                            "this router does not create sessions".into(),
+                        ));
+                    }
+                    let mut driver = self.cfg.driver.clone();
+                    driver.session = driver.session.with_create_options(opts);
+                    let registry = Arc::downgrade(&self.registry);
+                    let id = hello.session;
+                    let retire = Box::new(move |attach_pending: &dyn Fn() -> bool| {
+                        let Some(registry) = registry.upgrade() else {
+                            return true;
+                        };
+                        let Ok(mut reg) = registry.lock() else {
+                            return true;
+                        };
+                        if attach_pending() {
+                            return false;
+                        }
+                        reg.remove(&id);
+                        true
+                    });
+                    let (handle, join) = spawn_session(id, driver, retire);
+                    info!(session = %id, "session created");
+                    attach.request.created = true;
+                    if let Err(back) = handle.attach(attach) {
+                        return Err((*back, Code::BUSY, "session failed to start".into()));
+                    }
+                    reg.insert(
+                        id,
+                        Slot {
+                            handle,
+                            verifier: offered,
+                            join: Some(join),
+                        },
+                    );
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn shutdown(&self) {
+        let slots: Vec<Slot> = match self.registry.lock() {
+            Ok(mut reg) => reg.drain().map(|(_, s)| s).collect(),
+            Err(_) => Vec::new(),
+        };
+        info!(
+            sessions = slots.len(),
+            "shutting down: saying goodbye to every replica"
+        );
+        for slot in &slots {
+            slot.handle.shutdown().await;
+        }
+        for mut slot in slots {
+            if let Some(join) = slot.join.take() {
+                let _ = join.await;
+            }
+        }
+    }
+}
+
+/// Reads and checks the preamble, answers with ours, then reads the hello.
+async fn handshake(
+    stream: &mut TcpStream,
+    max_frame: usize,
+    greeted: &mut bool,
+) -> Result<(Hello, BytesMut), HandshakeError> {
+    let mut pre = [0u8; PREAMBLE_LEN];
+    read_exact(stream, &mut pre).await?;
+    if let Err(e) = wire::check_preamble(&pre) {
+        if matches!(e, DecodeError::UnsupportedVersion { .. }) {
+            // Our preamble tells an old or new peer which version we speak.
+            stream.write_all(&wire::preamble()).await?;
+            *greeted = true;
+        }
+        return Err(e.into());
+    }
+    stream.write_all(&wire::preamble()).await?;
+    *greeted = true;
+    let mut buf = BytesMut::with_capacity(1024);
+    loop {
+        if let Some(frame) = wire::decode::<ClientFrame>(&mut buf, MAX_HELLO_BYTES.min(max_frame))?
+        {
+            return match frame {
+                ClientFrame::Hello(h) => Ok((h, buf)),
+                _ => Err(HandshakeError::NotHello),
+            };
+        }
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Err(HandshakeError::Closed);
+        }
+    }
+}
+
+async fn read_exact(stream: &mut TcpStream, out: &mut [u8]) -> Result<(), HandshakeError> {
+    match stream.read_exact(out).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(HandshakeError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn refuse(stream: &mut TcpStream, code: Code, reason: &str) {
+    let frame = wire::encode(&ServerFrame::Refuse {
+        code,
+        reason: reason.to_string(),
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(&frame).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// What the router keeps of a join token: its hash, compared in constant time.
+fn verifier(token: &JoinToken) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"isthmus join token verifier v1");
+    h.update(token.0);
+    h.finalize().into()
+}

@@ -1,0 +1,545 @@
+//! The tokio driver around one [`Session`] core: a session task that owns the core and feeds it
+//! events, and per-connection reader and writer tasks.
+//!
+//! Readers decode frames and send them to the session task over a bounded channel, so a flood
+//! from one replica slows that replica's socket, not the router. The session task never awaits a
+//! replica: it pushes encoded frames into each connection's [`Outbox`] and moves on. Each wake of a
+//! connection's writer takes everything queued and writes it with one `write_all`; coalescing
+//! is what lets one core deliver millions of small messages a second.
+
+use crate::ids::{ConnId, SessionId};
+use crate::session::{JoinRequest, Notice, Output, Session, SessionConfig};
+use crate::wire::{self, ClientFrame, Code, DecodeError};
+use bytes::{Bytes, BytesMut};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Events waiting for the session task; when full, readers wait, which slows their sockets.
+pub const DEFAULT_EVENT_QUEUE: usize = 4096;
+/// A write that makes no progress for this long means the peer is gone.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Events the session task handles before it looks at timers and new connections again.
+const EVENT_BATCH: usize = 64;
+/// How long shutdown waits for goodbyes to be written.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// Runtime settings of a session driver.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// The core's limits and timings.
+    pub session: SessionConfig,
+    /// Largest frame body accepted from a replica.
+    pub max_frame_bytes: usize,
+    /// Bound of the channel from readers to the session task.
+    pub event_queue: usize,
+    /// Stall limit of one write.
+    pub write_timeout: Duration,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            session: SessionConfig::default(),
+            max_frame_bytes: wire::DEFAULT_MAX_FRAME_BYTES,
+            event_queue: DEFAULT_EVENT_QUEUE,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
+        }
+    }
+}
+
+/// A byte stream a replica is connected by: TCP in production, in-memory pipes in tests.
+pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
+
+/// A connection that finished its handshake, handed to a session.
+pub struct Attach {
+    /// Its number.
+    pub conn: ConnId,
+    /// What it asked for.
+    pub request: JoinRequest,
+    /// The socket, preamble and hello already consumed.
+    pub stream: Box<dyn Stream>,
+    /// Bytes read past the hello.
+    pub leftover: BytesMut,
+    /// Held until the connection is done, e.g. a permit of the dispatcher's connection cap.
+    pub guard: Option<Box<dyn Send + Sync>>,
+}
+
+enum Event {
+    Frame(ConnId, ClientFrame),
+    Gone(ConnId, String),
+    Broken(ConnId, Code, String),
+    Shutdown,
+}
+
+/// Bytes written by each connection's writer, reported to the session task out of band: if they
+/// queued behind a burst of sends, a replica that reads perfectly well would look slow.
+#[derive(Default)]
+struct Flushes {
+    /// Connections whose `Outbox::flushed` went from zero to non-zero; at most one entry each.
+    ready: Mutex<Vec<(ConnId, Arc<Outbox>)>>,
+    any: std::sync::atomic::AtomicBool,
+    wake: Notify,
+}
+
+impl Flushes {
+    fn report(&self, conn: ConnId, outbox: &Arc<Outbox>, bytes: usize) {
+        use std::sync::atomic::Ordering;
+        if outbox.flushed.fetch_add(bytes, Ordering::AcqRel) == 0 {
+            if let Ok(mut ready) = self.ready.lock() {
+                ready.push((conn, outbox.clone()));
+            }
+            self.any.store(true, Ordering::Release);
+            self.wake.notify_one();
+        }
+    }
+
+    fn take(&self, into: &mut Vec<(ConnId, usize)>) {
+        use std::sync::atomic::Ordering;
+        if !self.any.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        if let Ok(mut ready) = self.ready.lock() {
+            for (conn, outbox) in ready.drain(..) {
+                into.push((conn, outbox.flushed.swap(0, Ordering::AcqRel)));
+            }
+        }
+    }
+}
+
+/// Decides, under the owner's lock, whether an expired session may go: it must not if an attach
+/// is already on its way (the argument tells). Returning true removes it from the owner's map.
+pub type Retire = Box<dyn Fn(&dyn Fn() -> bool) -> bool + Send + Sync>;
+
+/// A cloneable handle to a running session task.
+#[derive(Clone)]
+pub struct SessionHandle {
+    id: SessionId,
+    // Attaches are bounded by the dispatcher's connection cap, and sending one must never wait
+    // (the dispatcher sends under its registry lock), hence unbounded.
+    attach: mpsc::UnboundedSender<Attach>,
+    events: mpsc::Sender<Event>,
+}
+
+impl SessionHandle {
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// Hands a connection to the session. Gives it back if the session has ended.
+    pub fn attach(&self, attach: Attach) -> Result<(), Box<Attach>> {
+        self.attach.send(attach).map_err(|e| Box::new(e.0))
+    }
+
+    /// Asks the session to say goodbye to everyone and end.
+    pub async fn shutdown(&self) {
+        let _ = self.events.send(Event::Shutdown).await;
+    }
+}
+
+/// Starts a session task. It ends after lingering empty (when `retire` agrees) or on shutdown.
+pub fn spawn_session(
+    id: SessionId,
+    cfg: DriverConfig,
+    retire: Retire,
+) -> (SessionHandle, tokio::task::JoinHandle<()>) {
+    let (attach_tx, attach_rx) = mpsc::unbounded_channel();
+    let (event_tx, event_rx) = mpsc::channel(cfg.event_queue.max(1));
+    let handle = SessionHandle {
+        id,
+        attach: attach_tx,
+        events: event_tx.clone(),
+    };
+    let task = SessionTask {
+        core: Session::new(id, cfg.session.clone(), now()),
+        cfg,
+        conns: HashMap::new(),
+        events_tx: event_tx,
+        tasks: JoinSet::new(),
+        flushes: Arc::new(Flushes::default()),
+        flushed: Vec::new(),
+    };
+    let join = tokio::spawn(task.run(attach_rx, event_rx, retire));
+    (handle, join)
+}
+
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+struct Conn {
+    outbox: Arc<Outbox>,
+    cancel: CancellationToken,
+}
+
+struct SessionTask {
+    core: Session,
+    cfg: DriverConfig,
+    conns: HashMap<ConnId, Conn>,
+    events_tx: mpsc::Sender<Event>,
+    tasks: JoinSet<()>,
+    flushes: Arc<Flushes>,
+    flushed: Vec<(ConnId, usize)>,
+}
+
+impl SessionTask {
+    async fn run(
+        mut self,
+        mut attach_rx: mpsc::UnboundedReceiver<Attach>,
+        mut event_rx: mpsc::Receiver<Event>,
+        retire: Retire,
+    ) {
+        let id = self.core.id();
+        debug!(session = %id, "session started");
+        let mut batch = Vec::with_capacity(EVENT_BATCH);
+        let mut shutting_down = false;
+        let flushes = self.flushes.clone();
+        loop {
+            let deadline = self.core.poll_timeout();
+            tokio::select! {
+                biased;
+                _ = flushes.wake.notified() => self.take_flushes(),
+                Some(attach) = attach_rx.recv() => self.attach(attach),
+                n = event_rx.recv_many(&mut batch, EVENT_BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for event in batch.drain(..) {
+                        // Credit writes first, so a burst is judged against what is really
+                        // still queued.
+                        self.take_flushes();
+                        shutting_down |= self.event(event);
+                    }
+                }
+                _ = sleep_until(deadline) => self.core.handle_timeout(now()),
+                // Reap finished connection tasks so the set stays small.
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+            }
+            self.apply_outputs();
+            if shutting_down {
+                break;
+            }
+            if self.core.is_expired(now()) && retire(&|| !attach_rx.is_empty()) {
+                info!(session = %id, "session expired after lingering empty");
+                break;
+            }
+        }
+        // Give writers a moment to deliver goodbyes, then cut everything.
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        self.tasks.abort_all();
+        debug!(session = %id, "session task ended");
+    }
+
+    fn take_flushes(&mut self) {
+        self.flushes.take(&mut self.flushed);
+        let now = now();
+        for (conn, bytes) in self.flushed.drain(..) {
+            self.core.handle_flushed(conn, bytes, now);
+        }
+    }
+
+    fn attach(&mut self, a: Attach) {
+        let outbox = Arc::new(Outbox::default());
+        let cancel = CancellationToken::new();
+        let (reader, writer) = tokio::io::split(a.stream);
+        self.tasks.spawn(read_loop(
+            a.conn,
+            reader,
+            a.leftover,
+            self.cfg.max_frame_bytes,
+            self.events_tx.clone(),
+            cancel.clone(),
+        ));
+        self.tasks.spawn(write_loop(
+            writer,
+            WriterCtx {
+                conn: a.conn,
+                outbox: outbox.clone(),
+                flushes: self.flushes.clone(),
+                events: self.events_tx.clone(),
+                cancel: cancel.clone(),
+                write_timeout: self.cfg.write_timeout,
+                _guard: a.guard,
+            },
+        ));
+        self.conns.insert(a.conn, Conn { outbox, cancel });
+        self.core.handle_join(a.conn, a.request, now());
+    }
+
+    /// Returns true when the session must end.
+    fn event(&mut self, event: Event) -> bool {
+        let now = now();
+        match event {
+            Event::Frame(conn, frame) => self.core.handle_frame(conn, frame, now),
+            Event::Gone(conn, why) => {
+                debug!(session = %self.core.id(), ?conn, %why, "connection gone");
+                self.core.handle_disconnect(conn, now);
+                self.drop_conn(conn);
+            }
+            Event::Broken(conn, code, why) => {
+                warn!(session = %self.core.id(), ?conn, %why, "closing connection: {}", code.name());
+                self.core.disconnect(conn, code, &why, now);
+            }
+            Event::Shutdown => {
+                self.core
+                    .shutdown(Code::SHUTTING_DOWN, "the router is shutting down", now);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn drop_conn(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.remove(&conn) {
+            c.cancel.cancel();
+        }
+    }
+
+    fn apply_outputs(&mut self) {
+        let id = self.core.id();
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Transmit { conn, frame } => {
+                    if let Some(c) = self.conns.get(&conn) {
+                        c.outbox.push(frame);
+                    }
+                }
+                Output::Close {
+                    conn,
+                    goodbye,
+                    discard_queued,
+                } => {
+                    if let Some(c) = self.conns.remove(&conn) {
+                        c.outbox.close(goodbye, discard_queued);
+                        if discard_queued {
+                            // A slow consumer: stop any write in progress.
+                            c.cancel.cancel();
+                        }
+                    }
+                }
+                Output::Notice(n) => log_notice(id, &n),
+            }
+        }
+    }
+}
+
+fn log_notice(id: SessionId, n: &Notice) {
+    match n {
+        Notice::Joined {
+            replica,
+            conn,
+            resumed,
+        } => info!(session = %id, %replica, ?conn, resumed, "replica joined"),
+        Notice::Left {
+            replica,
+            conn,
+            code,
+        } => match code {
+            Some(code) => info!(session = %id, %replica, ?conn, "replica closed: {code}"),
+            None => info!(session = %id, %replica, ?conn, "replica left"),
+        },
+        Notice::Refused { replica, code } => {
+            info!(session = %id, %replica, "join refused: {code}")
+        }
+        Notice::Diverged(d) => {
+            let groups: Vec<String> = d
+                .groups
+                .iter()
+                .map(|g| {
+                    let who: Vec<String> = g.replicas.iter().map(|r| r.to_string()).collect();
+                    format!("{} -> [{}]", hex(&g.hash), who.join(", "))
+                })
+                .collect();
+            warn!(session = %id, seq = d.seq.0, "replicas diverged: {}", groups.join("; "));
+        }
+        Notice::SnapshotStored { at, bytes } => {
+            debug!(session = %id, at = at.0, bytes, "snapshot stored")
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Frames queued for one connection's writer. The session core bounds what is queued (it counts
+/// bytes until the writer reports them flushed), so this queue needs no bound of its own.
+#[derive(Default)]
+pub struct Outbox {
+    state: Mutex<OutboxState>,
+    wake: Notify,
+    /// Bytes written and not yet credited to the session core.
+    flushed: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct OutboxState {
+    frames: VecDeque<Bytes>,
+    closing: Option<Option<Bytes>>,
+}
+
+impl Outbox {
+    fn push(&self, frame: Bytes) {
+        if let Ok(mut s) = self.state.lock() {
+            if s.closing.is_none() {
+                s.frames.push_back(frame);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn close(&self, goodbye: Option<Bytes>, discard: bool) {
+        if let Ok(mut s) = self.state.lock() {
+            if discard {
+                s.frames.clear();
+            }
+            s.closing = Some(goodbye);
+        }
+        self.wake.notify_one();
+    }
+
+    fn take(&self, into: &mut Vec<Bytes>) -> Option<Option<Bytes>> {
+        match self.state.lock() {
+            Ok(mut s) => {
+                into.extend(s.frames.drain(..));
+                s.closing.take()
+            }
+            Err(_) => Some(None),
+        }
+    }
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    conn: ConnId,
+    mut reader: R,
+    mut buf: BytesMut,
+    max_frame: usize,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+) {
+    let event = loop {
+        match wire::decode::<ClientFrame>(&mut buf, max_frame) {
+            Ok(Some(frame)) => {
+                if events.send(Event::Frame(conn, frame)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let code = match e {
+                    DecodeError::FrameTooLarge { .. } => Code::PAYLOAD_TOO_LARGE,
+                    _ => Code::MALFORMED,
+                };
+                break Event::Broken(conn, code, e.to_string());
+            }
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            r = reader.read_buf(&mut buf) => match r {
+                Ok(0) => break Event::Gone(conn, "closed by the replica".into()),
+                Ok(_) => {}
+                Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
+            },
+            _ = cancel.cancelled() => return,
+        }
+    };
+    let _ = events.send(event).await;
+}
+
+struct WriterCtx {
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    flushes: Arc<Flushes>,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+    write_timeout: Duration,
+    /// Released when the writer ends, i.e. when the connection is really done.
+    _guard: Option<Box<dyn Send + Sync>>,
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
+    let WriterCtx {
+        conn,
+        outbox,
+        flushes,
+        events,
+        cancel,
+        write_timeout,
+        _guard,
+    } = ctx;
+    let mut frames = Vec::new();
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        let closing = outbox.take(&mut frames);
+        if frames.is_empty() && closing.is_none() {
+            tokio::select! {
+                _ = outbox.wake.notified() => continue,
+                _ = cancel.cancelled() => {
+                    // Cancelled without a close: the connection is gone already.
+                    if outbox.take(&mut frames).is_none() {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        buf.clear();
+        for f in frames.drain(..) {
+            buf.extend_from_slice(&f);
+        }
+        if !buf.is_empty() {
+            let written = tokio::select! {
+                r = tokio::time::timeout(write_timeout, writer.write_all(&buf)) => r,
+                // Interrupted mid-write: the stream may hold half a frame, so no goodbye.
+                _ = cancel.cancelled(), if closing.is_none() => return,
+            };
+            match written {
+                Ok(Ok(())) => flushes.report(conn, &outbox, buf.len()),
+                Ok(Err(e)) => {
+                    let _ = events
+                        .send(Event::Gone(conn, format!("write failed: {e}")))
+                        .await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = events
+                        .send(Event::Gone(
+                            conn,
+                            format!("write stalled for {write_timeout:?}"),
+                        ))
+                        .await;
+                    return;
+                }
+            }
+        }
+        if let Some(goodbye) = closing {
+            if let Some(g) = goodbye {
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer.write_all(&g)).await;
+            }
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer.shutdown()).await;
+            cancel.cancel();
+            return;
+        }
+    }
+}

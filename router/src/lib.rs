@@ -1,0 +1,31 @@
+//! # isthmus-router
+//!
+//! Owns what one island session *is* on the router side:
+//!
+//! - [`wire`]: the protocol both sides speak (preamble, length-prefixed bincode frames, limits,
+//!   close codes). Always compiled, no tokio: replicas use it too.
+//! - [`session`]: the sans-IO session core that stamps every message with a gap-free seq and a
+//!   never-decreasing router time, reflects it to every replica in one order, ticks idle sessions,
+//!   syncs late joiners (snapshot + backlog + live), resumes reconnecting replicas, compares state
+//!   digests and disconnects slow consumers. Deterministic: it is fed `now` and never reads a clock.
+//! - `driver` (feature `server`, on by default): the tokio task that runs one session core and the
+//!   per-connection reader and writer tasks around it.
+//!
+//! ```no_run
+//! use isthmus_router::{session::{Session, SessionConfig}, ids::SessionId};
+//! use std::time::Instant;
+//! let mut core = Session::new(SessionId::random(), SessionConfig::default(), Instant::now());
+//! while let Some(output) = core.poll_output() {
+//!     // write frames, close connections, log notices
+//!     let _ = output;
+//! }
+//! ```
+
+pub mod ids;
+pub mod session;
+pub mod wire;
+
+#[cfg(feature = "server")]
+pub mod driver;
+
+pub use ids::{ConnId, ReplicaId, RouterTime, Seq, SessionId};

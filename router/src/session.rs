@@ -1,0 +1,1154 @@
+//! The sans-IO session core: one island session's total order, ticks, joins, snapshots, resume,
+//! digests and backpressure, as a deterministic state machine.
+//!
+//! The driver feeds it events (`handle_*`, each with the current `now`) and drains what it wants
+//! done (`poll_output`), and asks when it next needs waking (`poll_timeout`). It never reads a
+//! clock, sleeps or touches a socket, so tests drive it on a virtual clock.
+//!
+//! Frames leave the core already encoded: a stamped message is encoded once and the same `Bytes`
+//! goes to every replica and into the history.
+
+use crate::ids::{ConnId, ReplicaId, RouterTime, Seq, SessionId};
+use crate::wire::{
+    self, Code, CreateOptions, DigestGroup, Divergence, Message, Origin, Role, RouterEvent,
+    ServerFrame, Welcome, MAX_DIGEST_BYTES,
+};
+use bytes::{Bytes, BytesMut};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Default idle time before a tick: 20 ticks a second keeps island time smooth for animation.
+pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(50);
+/// How long an empty session keeps its snapshot and history, so a replica that drops out briefly
+/// (or a page reload) finds its island still there. Croquet's reflector uses the same 10 s.
+pub const DEFAULT_LINGER: Duration = Duration::from_secs(10);
+/// History entries kept since the newest snapshot (Croquet's reflector caps at 100,000).
+pub const DEFAULT_MAX_HISTORY_MESSAGES: usize = 100_000;
+/// History bytes kept since the newest snapshot.
+pub const DEFAULT_MAX_HISTORY_BYTES: usize = 64 * 1024 * 1024;
+/// The largest snapshot a replica may upload.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes queued to one replica but not yet written before it counts as a slow consumer.
+pub const DEFAULT_MAX_OUTBOUND_BYTES: usize = 8 * 1024 * 1024;
+/// Size of the snapshot pieces relayed to a joiner.
+pub const DEFAULT_SNAPSHOT_CHUNK_BYTES: usize = 64 * 1024;
+/// Largest payload of one send.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 256 * 1024;
+/// A replica silent for this long is dropped. Replicas ping every few seconds when idle, so only
+/// a dead peer or a broken path stays silent this long (Croquet drops after 60 s too).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a provider may take to upload a snapshot before another is asked.
+pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Replicas attached to one session at once.
+pub const DEFAULT_MAX_MEMBERS: usize = 1024;
+/// Checkpoints whose digests are remembered for comparison.
+pub const DEFAULT_DIGEST_WINDOW: usize = 64;
+/// Replicas whose last client seq is remembered for duplicate detection after they left.
+pub const DEFAULT_MAX_REMEMBERED_REPLICAS: usize = 4096;
+
+/// Limits and timings of one session. Every bound on memory fed by the network is here.
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Idle time before a tick.
+    pub tick_interval: Duration,
+    /// How long an empty session lingers before it is dropped.
+    pub linger: Duration,
+    /// History entries kept; at 60% a fresh snapshot is asked for so the history can be cut.
+    pub max_history_messages: usize,
+    /// History bytes kept; at 60% a fresh snapshot is asked for.
+    pub max_history_bytes: usize,
+    /// Largest snapshot accepted from a provider.
+    pub max_snapshot_bytes: usize,
+    /// Bytes queued to one replica before it is disconnected as a slow consumer.
+    pub max_outbound_bytes: usize,
+    /// Size of relayed snapshot pieces.
+    pub snapshot_chunk_bytes: usize,
+    /// Largest payload of one send.
+    pub max_payload_bytes: usize,
+    /// Silence after which a replica is dropped.
+    pub idle_timeout: Duration,
+    /// Time a provider has to deliver a snapshot.
+    pub snapshot_timeout: Duration,
+    /// Replicas attached at once.
+    pub max_members: usize,
+    /// Checkpoints remembered for digest comparison.
+    pub digest_window: usize,
+    /// Departed replicas remembered for duplicate detection.
+    pub max_remembered_replicas: usize,
+    /// Stamp joins and leaves into the order.
+    pub announce_membership: bool,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            tick_interval: DEFAULT_TICK_INTERVAL,
+            linger: DEFAULT_LINGER,
+            max_history_messages: DEFAULT_MAX_HISTORY_MESSAGES,
+            max_history_bytes: DEFAULT_MAX_HISTORY_BYTES,
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            snapshot_chunk_bytes: DEFAULT_SNAPSHOT_CHUNK_BYTES,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            snapshot_timeout: DEFAULT_SNAPSHOT_TIMEOUT,
+            max_members: DEFAULT_MAX_MEMBERS,
+            digest_window: DEFAULT_DIGEST_WINDOW,
+            max_remembered_replicas: DEFAULT_MAX_REMEMBERED_REPLICAS,
+            announce_membership: false,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// Applies what the creating replica asked for, within sane bounds.
+    pub fn with_create_options(mut self, opts: &CreateOptions) -> Self {
+        if let Some(ms) = opts.tick_interval_ms {
+            self.tick_interval = Duration::from_millis(u64::from(ms.clamp(1, 60_000)));
+        }
+        self.announce_membership = opts.announce_membership;
+        self
+    }
+
+    /// Queued bytes below which a syncing replica is fed more snapshot or backlog: half the
+    /// bound, so a sync never trips the slow-consumer limit by itself.
+    fn pacing_bytes(&self) -> usize {
+        self.max_outbound_bytes / 2
+    }
+}
+
+/// A replica asking to attach, as the dispatcher hands it over after checking the token.
+#[derive(Clone, Debug)]
+pub struct JoinRequest {
+    /// Stable across reconnects.
+    pub replica: ReplicaId,
+    /// Display name.
+    pub name: String,
+    /// What it may do.
+    pub role: Role,
+    /// Last seq applied, when reconnecting.
+    pub resume_from: Option<Seq>,
+    /// Addresses to tell it in the welcome.
+    pub contacts: Vec<SocketAddr>,
+    /// Whether this hello created the session.
+    pub created: bool,
+}
+
+/// Something the driver must do, or may want to log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Write this complete frame to the connection, after everything queued before it.
+    Transmit {
+        /// Where.
+        conn: ConnId,
+        /// An encoded frame, shared with other recipients.
+        frame: Bytes,
+    },
+    /// Close the connection; the core has forgotten it.
+    Close {
+        /// Which.
+        conn: ConnId,
+        /// A goodbye (or refusal) frame to write last.
+        goodbye: Option<Bytes>,
+        /// Drop what is queued instead of writing it first (a slow consumer).
+        discard_queued: bool,
+    },
+    /// Something worth a log line.
+    Notice(Notice),
+}
+
+/// Events of interest to logs and metrics; they change nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A replica attached.
+    Joined {
+        /// Who.
+        replica: ReplicaId,
+        /// On which connection.
+        conn: ConnId,
+        /// Resumed (true) or fully synced (false).
+        resumed: bool,
+    },
+    /// A replica detached.
+    Left {
+        /// Who.
+        replica: ReplicaId,
+        /// From which connection.
+        conn: ConnId,
+        /// Why the router closed it, if it did.
+        code: Option<Code>,
+    },
+    /// A hello was refused.
+    Refused {
+        /// Who asked.
+        replica: ReplicaId,
+        /// Why.
+        code: Code,
+    },
+    /// Replicas reported different digests.
+    Diverged(Divergence),
+    /// A snapshot was stored and the history cut.
+    SnapshotStored {
+        /// Taken after this seq.
+        at: Seq,
+        /// Its size.
+        bytes: usize,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Snapshot {
+    at: u64,
+    data: Bytes,
+}
+
+#[derive(Debug)]
+struct PendingSnapshot {
+    request: u64,
+    provider: ConnId,
+    at: u64,
+    asked_at: Instant,
+    total: Option<u64>,
+    buf: BytesMut,
+}
+
+#[derive(Clone, Debug)]
+enum SyncState {
+    /// Waits for the pending snapshot.
+    AwaitingSnapshot,
+    /// Being sent a snapshot, `offset` bytes so far.
+    SendingSnapshot { snap: Snapshot, offset: usize },
+    /// Being sent history entries from `next` on.
+    Backlog { next: u64 },
+    /// Gets every new message as it is stamped.
+    Live,
+}
+
+#[derive(Debug)]
+struct Member {
+    replica: ReplicaId,
+    name: String,
+    role: Role,
+    state: SyncState,
+    /// Bytes handed to the driver and not yet reported flushed.
+    unflushed: usize,
+    last_heard: Instant,
+    /// Set when the member must be disconnected; acted on by `reap`.
+    doomed: Option<(Code, String, bool)>,
+}
+
+impl Member {
+    fn is_live(&self) -> bool {
+        matches!(self.state, SyncState::Live) && self.doomed.is_none()
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ClientSeqEntry {
+    last: u64,
+    at_seq: u64,
+}
+
+/// One session's ordering state. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    id: SessionId,
+    cfg: SessionConfig,
+    start: Instant,
+    last_seq: u64,
+    last_time: u64,
+    last_activity: Instant,
+    members: BTreeMap<ConnId, Member>,
+    by_replica: HashMap<ReplicaId, ConnId>,
+    client_seqs: HashMap<ReplicaId, ClientSeqEntry>,
+    /// Encoded message frames of seqs `history_first..=last_seq`.
+    history: VecDeque<Bytes>,
+    history_first: u64,
+    history_bytes: usize,
+    snapshot: Option<Snapshot>,
+    pending: Option<PendingSnapshot>,
+    provider_cursor: usize,
+    next_request: u64,
+    digests: BTreeMap<u64, Vec<(ReplicaId, Bytes)>>,
+    empty_since: Option<Instant>,
+    out: VecDeque<Output>,
+}
+
+impl Session {
+    /// A new, empty session; `now` is time zero of its router time.
+    pub fn new(id: SessionId, cfg: SessionConfig, now: Instant) -> Self {
+        Session {
+            id,
+            cfg,
+            start: now,
+            last_seq: 0,
+            last_time: 0,
+            last_activity: now,
+            members: BTreeMap::new(),
+            by_replica: HashMap::new(),
+            client_seqs: HashMap::new(),
+            history: VecDeque::new(),
+            history_first: 1,
+            history_bytes: 0,
+            snapshot: None,
+            pending: None,
+            provider_cursor: 0,
+            next_request: 1,
+            digests: BTreeMap::new(),
+            empty_since: Some(now),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> SessionId {
+        self.id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SessionConfig {
+        &self.cfg
+    }
+
+    /// The newest seq stamped.
+    pub fn last_seq(&self) -> Seq {
+        Seq(self.last_seq)
+    }
+
+    /// Replicas attached now.
+    pub fn member_count(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Entries and bytes in the history.
+    pub fn history_len(&self) -> (usize, usize) {
+        (self.history.len(), self.history_bytes)
+    }
+
+    /// True once the session has been empty for its linger time: the driver drops it.
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.members.is_empty()
+            && self
+                .empty_since
+                .is_some_and(|since| now >= since + self.cfg.linger)
+    }
+
+    /// The next thing the driver should do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When `handle_timeout` should next be called.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.members.values().any(Member::is_live) {
+            consider(self.last_activity + self.cfg.tick_interval);
+        }
+        if let Some(oldest) = self.members.values().map(|m| m.last_heard).min() {
+            consider(oldest + self.cfg.idle_timeout);
+        }
+        if let Some(p) = &self.pending {
+            consider(p.asked_at + self.cfg.snapshot_timeout);
+        }
+        if let (true, Some(since)) = (self.members.is_empty(), self.empty_since) {
+            consider(since + self.cfg.linger);
+        }
+        next
+    }
+
+    /// Attaches a replica whose token the dispatcher has checked.
+    pub fn handle_join(&mut self, conn: ConnId, req: JoinRequest, now: Instant) {
+        if let Some(&old) = self.by_replica.get(&req.replica) {
+            self.doom(
+                old,
+                Code::REPLACED,
+                "the same replica connected again",
+                false,
+            );
+            self.reap(now);
+        }
+        if req.name.len() > wire::MAX_NAME_BYTES {
+            return self.refuse(conn, req.replica, Code::PROTOCOL_VIOLATION, "name too long");
+        }
+        if self.members.len() >= self.cfg.max_members {
+            return self.refuse(
+                conn,
+                req.replica,
+                Code::BUSY,
+                format!(
+                    "the session has its maximum of {} replicas",
+                    self.cfg.max_members
+                ),
+            );
+        }
+        let plan = match self.plan_sync(conn, req.resume_from) {
+            Ok(plan) => plan,
+            Err((code, reason)) => return self.refuse(conn, req.replica, code, reason),
+        };
+        let welcome = Welcome {
+            session: self.id,
+            replica: req.replica,
+            created: req.created,
+            last_seq: Seq(self.last_seq),
+            time: RouterTime(self.router_time(now)),
+            tick_interval_us: self.cfg.tick_interval.as_micros() as u64,
+            last_client_seq: self.client_seqs.get(&req.replica).map_or(0, |e| e.last),
+            max_payload_bytes: self.cfg.max_payload_bytes as u32,
+            contacts: req.contacts,
+        };
+        self.members.insert(
+            conn,
+            Member {
+                replica: req.replica,
+                name: req.name.clone(),
+                role: req.role,
+                state: SyncState::AwaitingSnapshot,
+                unflushed: 0,
+                last_heard: now,
+                doomed: None,
+            },
+        );
+        self.by_replica.insert(req.replica, conn);
+        self.empty_since = None;
+        self.send_to(conn, wire::encode(&ServerFrame::Welcome(welcome)));
+        let resumed = matches!(plan, Plan::Resume(_));
+        self.start_sync(conn, plan, now);
+        self.out.push_back(Output::Notice(Notice::Joined {
+            replica: req.replica,
+            conn,
+            resumed,
+        }));
+        if self.cfg.announce_membership {
+            let event = RouterEvent::Joined {
+                replica: req.replica,
+                name: req.name,
+            };
+            self.stamp(Origin::Router, router_event_payload(&event), now);
+        }
+        self.pump(conn);
+        self.reap(now);
+    }
+
+    /// A frame from an attached replica.
+    pub fn handle_frame(&mut self, conn: ConnId, frame: wire::ClientFrame, now: Instant) {
+        let Some(m) = self.members.get_mut(&conn) else {
+            return;
+        };
+        if m.doomed.is_some() {
+            return;
+        }
+        m.last_heard = now;
+        let replica = m.replica;
+        let role = m.role;
+        match frame {
+            wire::ClientFrame::Hello(_) => {
+                self.doom(conn, Code::PROTOCOL_VIOLATION, "second hello", false)
+            }
+            wire::ClientFrame::Send {
+                client_seq,
+                payload,
+            } => {
+                if role == Role::Observer {
+                    self.doom(conn, Code::NOT_PERMITTED, "observers cannot send", false);
+                } else if payload.len() > self.cfg.max_payload_bytes {
+                    let reason = format!(
+                        "payload of {} bytes exceeds the limit of {}",
+                        payload.len(),
+                        self.cfg.max_payload_bytes
+                    );
+                    self.doom(conn, Code::PAYLOAD_TOO_LARGE, reason, false);
+                } else if self.accept_client_seq(replica, client_seq) {
+                    self.stamp(Origin::Replica(replica), payload, now);
+                }
+            }
+            wire::ClientFrame::SnapshotChunk {
+                request,
+                at,
+                offset,
+                total,
+                data,
+            } => self.on_snapshot_chunk(conn, request, at.0, offset, total, data, now),
+            wire::ClientFrame::Digest { seq, hash } => {
+                if hash.len() > MAX_DIGEST_BYTES {
+                    self.doom(conn, Code::PROTOCOL_VIOLATION, "digest too long", false);
+                } else {
+                    self.on_digest(replica, seq.0, hash);
+                }
+            }
+            wire::ClientFrame::Ping { nonce } => {
+                self.send_to(conn, wire::encode(&ServerFrame::Pong { nonce }));
+            }
+            wire::ClientFrame::Pong { .. } => {}
+            wire::ClientFrame::Leave => self.remove_member(conn, None, false, now),
+        }
+        self.reap(now);
+    }
+
+    /// The driver wrote `bytes` of what it was given for `conn`.
+    pub fn handle_flushed(&mut self, conn: ConnId, bytes: usize, now: Instant) {
+        if let Some(m) = self.members.get_mut(&conn) {
+            m.unflushed = m.unflushed.saturating_sub(bytes);
+            self.pump(conn);
+            self.reap(now);
+        }
+    }
+
+    /// The connection is gone (closed by the peer, or an I/O error).
+    pub fn handle_disconnect(&mut self, conn: ConnId, now: Instant) {
+        if self.members.contains_key(&conn) {
+            self.remove_member(conn, None, true, now);
+            self.reap(now);
+        }
+    }
+
+    /// Ticks, idle timeouts and snapshot timeouts that are due.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.last_activity + self.cfg.tick_interval
+            && self.members.values().any(Member::is_live)
+        {
+            let time = RouterTime(self.router_time(now));
+            let frame = wire::encode(&ServerFrame::Tick { time });
+            self.last_activity = now;
+            self.broadcast_live(&frame);
+        }
+        let idle: Vec<ConnId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| now >= m.last_heard + self.cfg.idle_timeout)
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in idle {
+            let reason = format!("nothing heard for {:?}", self.cfg.idle_timeout);
+            self.doom(conn, Code::IDLE_TIMEOUT, reason, true);
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| now >= p.asked_at + self.cfg.snapshot_timeout)
+        {
+            self.pending = None;
+            self.renew_snapshot_request(now);
+        }
+        self.reap(now);
+    }
+
+    /// Closes one connection with a reason, e.g. when its bytes did not decode.
+    pub fn disconnect(&mut self, conn: ConnId, code: Code, reason: &str, now: Instant) {
+        self.doom(conn, code, reason, false);
+        self.reap(now);
+    }
+
+    /// Says goodbye to every replica, e.g. when the router shuts down.
+    pub fn shutdown(&mut self, code: Code, reason: &str, now: Instant) {
+        let conns: Vec<ConnId> = self.members.keys().copied().collect();
+        for conn in conns {
+            self.doom(conn, code, reason, false);
+        }
+        self.reap(now);
+    }
+
+    // ---- joining -------------------------------------------------------------------------
+
+    fn plan_sync(&self, conn: ConnId, resume_from: Option<Seq>) -> Result<Plan, (Code, String)> {
+        if let Some(Seq(n)) = resume_from {
+            if n > self.last_seq {
+                return Err((
+                    Code::SESSION_RESET,
+                    format!(
+                        "this session never reached seq {n} (it is at {}); the session you knew is gone",
+                        self.last_seq
+                    ),
+                ));
+            }
+            if n + 1 >= self.history_first {
+                return Ok(Plan::Resume(n + 1));
+            }
+        }
+        if self.last_seq == 0 && self.snapshot.is_none() {
+            return Ok(Plan::Fresh);
+        }
+        if self.has_provider(Some(conn)) {
+            return Ok(Plan::AwaitSnapshot);
+        }
+        if let Some(snap) = self.usable_snapshot() {
+            return Ok(Plan::Stored(snap));
+        }
+        if self.history_first == 1 {
+            return Ok(Plan::Fresh);
+        }
+        Err((
+            Code::NO_SNAPSHOT,
+            "no replica can provide a snapshot right now; try again shortly".into(),
+        ))
+    }
+
+    fn start_sync(&mut self, conn: ConnId, plan: Plan, now: Instant) {
+        let state = match plan {
+            Plan::Resume(next) => SyncState::Backlog { next },
+            Plan::Fresh => self.begin_fresh(conn),
+            Plan::Stored(snap) => self.begin_snapshot_send(conn, snap),
+            Plan::AwaitSnapshot => {
+                if self.pending.is_none() && !self.request_snapshot(now) {
+                    // has_provider said yes a moment ago, so this cannot happen; be safe anyway.
+                    self.doom(conn, Code::NO_SNAPSHOT, "no snapshot provider", false);
+                }
+                SyncState::AwaitingSnapshot
+            }
+        };
+        if let Some(m) = self.members.get_mut(&conn) {
+            m.state = state;
+        }
+    }
+
+    fn begin_snapshot_send(&mut self, conn: ConnId, snap: Snapshot) -> SyncState {
+        self.send_to(
+            conn,
+            wire::encode(&ServerFrame::SyncBegin {
+                at: Seq(snap.at),
+                snapshot_len: Some(snap.data.len() as u64),
+            }),
+        );
+        SyncState::SendingSnapshot { snap, offset: 0 }
+    }
+
+    /// Starts a replica from the initial state and replays the whole order.
+    fn begin_fresh(&mut self, conn: ConnId) -> SyncState {
+        self.send_to(
+            conn,
+            wire::encode(&ServerFrame::SyncBegin {
+                at: Seq(0),
+                snapshot_len: None,
+            }),
+        );
+        SyncState::Backlog { next: 1 }
+    }
+
+    fn usable_snapshot(&self) -> Option<Snapshot> {
+        self.snapshot
+            .as_ref()
+            .filter(|s| s.at + 1 >= self.history_first)
+            .cloned()
+    }
+
+    fn refuse(&mut self, conn: ConnId, replica: ReplicaId, code: Code, reason: impl Into<String>) {
+        let frame = wire::encode(&ServerFrame::Refuse {
+            code,
+            reason: reason.into(),
+        });
+        self.out
+            .push_back(Output::Notice(Notice::Refused { replica, code }));
+        self.out.push_back(Output::Close {
+            conn,
+            goodbye: Some(frame),
+            discard_queued: false,
+        });
+    }
+
+    /// Feeds a syncing replica as much snapshot and backlog as its queue allows.
+    fn pump(&mut self, conn: ConnId) {
+        let pacing = self.cfg.pacing_bytes();
+        // A piece must fit well inside the pacing window or it would trip the slow-consumer
+        // bound by itself.
+        let chunk = self.cfg.snapshot_chunk_bytes.min(pacing / 2).max(1);
+        loop {
+            let Some(m) = self.members.get_mut(&conn) else {
+                return;
+            };
+            if m.doomed.is_some() || m.unflushed >= pacing {
+                return;
+            }
+            let frame = match &mut m.state {
+                SyncState::AwaitingSnapshot | SyncState::Live => return,
+                SyncState::SendingSnapshot { snap, offset } => {
+                    let end = (*offset + chunk).min(snap.data.len());
+                    let data = snap.data.slice(*offset..end);
+                    *offset = end;
+                    if end == snap.data.len() {
+                        m.state = SyncState::Backlog { next: snap.at + 1 };
+                    }
+                    if data.is_empty() {
+                        continue;
+                    }
+                    wire::encode(&ServerFrame::SnapshotData { data })
+                }
+                SyncState::Backlog { next } => {
+                    if *next > self.last_seq {
+                        m.state = SyncState::Live;
+                        let last_client_seq =
+                            self.client_seqs.get(&m.replica).map_or(0, |e| e.last);
+                        wire::encode(&ServerFrame::Synced {
+                            seq: Seq(self.last_seq),
+                            last_client_seq,
+                        })
+                    } else if *next < self.history_first {
+                        m.doomed = Some((
+                            Code::FELL_BEHIND,
+                            "the messages this replica needs are no longer kept".into(),
+                            true,
+                        ));
+                        return;
+                    } else {
+                        let index = (*next - self.history_first) as usize;
+                        *next += 1;
+                        self.history[index].clone()
+                    }
+                }
+            };
+            self.send_to(conn, frame);
+        }
+    }
+
+    // ---- ordering ------------------------------------------------------------------------
+
+    fn router_time(&mut self, now: Instant) -> u64 {
+        let elapsed = now.saturating_duration_since(self.start).as_micros() as u64;
+        self.last_time = self.last_time.max(elapsed);
+        self.last_time
+    }
+
+    fn accept_client_seq(&mut self, replica: ReplicaId, client_seq: u64) -> bool {
+        if let Some(entry) = self.client_seqs.get_mut(&replica) {
+            if client_seq <= entry.last {
+                return false;
+            }
+            entry.last = client_seq;
+            entry.at_seq = self.last_seq + 1;
+            return true;
+        }
+        if self.client_seqs.len() >= self.cfg.max_remembered_replicas {
+            let evict = self
+                .client_seqs
+                .iter()
+                .filter(|(r, _)| !self.by_replica.contains_key(r))
+                .min_by_key(|(_, e)| e.at_seq)
+                .map(|(r, _)| *r);
+            if let Some(r) = evict {
+                self.client_seqs.remove(&r);
+            }
+        }
+        self.client_seqs.insert(
+            replica,
+            ClientSeqEntry {
+                last: client_seq,
+                at_seq: self.last_seq + 1,
+            },
+        );
+        true
+    }
+
+    fn stamp(&mut self, origin: Origin, payload: Bytes, now: Instant) {
+        let seq = self.last_seq + 1;
+        let time = RouterTime(self.router_time(now));
+        let frame = wire::encode(&ServerFrame::Message(Message {
+            seq: Seq(seq),
+            time,
+            origin,
+            payload,
+        }));
+        self.last_seq = seq;
+        self.last_activity = now;
+        self.history_bytes += frame.len();
+        self.history.push_back(frame.clone());
+        self.broadcast_live(&frame);
+        self.bound_history(now);
+    }
+
+    fn broadcast_live(&mut self, frame: &Bytes) {
+        let live: Vec<ConnId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.is_live())
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in live {
+            self.send_to(conn, frame.clone());
+        }
+    }
+
+    /// Queues a frame to a member, or dooms it as a slow consumer if that would pass its bound.
+    fn send_to(&mut self, conn: ConnId, frame: Bytes) {
+        let Some(m) = self.members.get_mut(&conn) else {
+            return;
+        };
+        if m.doomed.is_some() {
+            return;
+        }
+        if m.unflushed + frame.len() > self.cfg.max_outbound_bytes {
+            let reason = format!(
+                "more than {} bytes queued and not read; reconnect to resume",
+                self.cfg.max_outbound_bytes
+            );
+            m.doomed = Some((Code::SLOW_CONSUMER, reason, true));
+            return;
+        }
+        m.unflushed += frame.len();
+        self.out.push_back(Output::Transmit { conn, frame });
+    }
+
+    // ---- history and snapshots -----------------------------------------------------------
+
+    fn bound_history(&mut self, now: Instant) {
+        let wants_snapshot = self.history.len() * 10 >= self.cfg.max_history_messages * 6
+            || self.history_bytes * 10 >= self.cfg.max_history_bytes * 6;
+        if wants_snapshot && self.pending.is_none() {
+            self.request_snapshot(now);
+        }
+        let mut dropped = false;
+        while self.history.len() > self.cfg.max_history_messages
+            || self.history_bytes > self.cfg.max_history_bytes
+        {
+            let Some(frame) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= frame.len();
+            self.history_first += 1;
+            dropped = true;
+        }
+        if !dropped {
+            return;
+        }
+        // Whatever depended on the dropped entries cannot complete: joiners still syncing from
+        // an older point must start over, and a stale stored or pending snapshot is useless.
+        if self.usable_snapshot().is_none() {
+            self.snapshot = None;
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.at + 1 < self.history_first)
+        {
+            self.pending = None;
+            self.renew_snapshot_request(now);
+        }
+        let first = self.history_first;
+        for m in self.members.values_mut() {
+            let needs = match &m.state {
+                SyncState::Backlog { next } => *next,
+                SyncState::SendingSnapshot { snap, .. } => snap.at + 1,
+                _ => continue,
+            };
+            if needs < first && m.doomed.is_none() {
+                m.doomed = Some((
+                    Code::FELL_BEHIND,
+                    "the messages this replica needs are no longer kept".into(),
+                    true,
+                ));
+            }
+        }
+    }
+
+    fn has_provider(&self, except: Option<ConnId>) -> bool {
+        self.members
+            .iter()
+            .any(|(c, m)| Some(*c) != except && m.is_live() && m.role == Role::Replica)
+    }
+
+    /// Asks the next live replica, in turn, for a snapshot at the current seq.
+    fn request_snapshot(&mut self, now: Instant) -> bool {
+        let providers: Vec<ConnId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| m.is_live() && m.role == Role::Replica)
+            .map(|(c, _)| *c)
+            .collect();
+        if providers.is_empty() {
+            return false;
+        }
+        let provider = providers[self.provider_cursor % providers.len()];
+        self.provider_cursor = self.provider_cursor.wrapping_add(1);
+        let at = self.last_seq;
+        let request = self.next_request;
+        self.next_request += 1;
+        self.send_to(
+            provider,
+            wire::encode(&ServerFrame::SnapshotRequest {
+                request,
+                at: Seq(at),
+            }),
+        );
+        self.pending = Some(PendingSnapshot {
+            request,
+            provider,
+            at,
+            asked_at: now,
+            total: None,
+            buf: BytesMut::new(),
+        });
+        true
+    }
+
+    /// The pending snapshot was lost: ask someone else, or serve waiting joiners another way.
+    fn renew_snapshot_request(&mut self, now: Instant) {
+        let waiting: Vec<ConnId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| matches!(m.state, SyncState::AwaitingSnapshot) && m.doomed.is_none())
+            .map(|(c, _)| *c)
+            .collect();
+        if waiting.is_empty() || self.request_snapshot(now) {
+            return;
+        }
+        for conn in waiting {
+            let state = if let Some(snap) = self.usable_snapshot() {
+                self.begin_snapshot_send(conn, snap)
+            } else if self.history_first == 1 {
+                self.begin_fresh(conn)
+            } else {
+                self.doom(
+                    conn,
+                    Code::NO_SNAPSHOT,
+                    "the replica providing the snapshot left and no other can; try again",
+                    false,
+                );
+                continue;
+            };
+            if let Some(m) = self.members.get_mut(&conn) {
+                m.state = state;
+            }
+            self.pump(conn);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_snapshot_chunk(
+        &mut self,
+        conn: ConnId,
+        request: u64,
+        at: u64,
+        offset: u64,
+        total: u64,
+        data: Bytes,
+        now: Instant,
+    ) {
+        let max = self.cfg.max_snapshot_bytes as u64;
+        let Some(p) = self.pending.as_mut() else {
+            return; // a late piece of a request that was given up on
+        };
+        if p.request != request || p.provider != conn {
+            return;
+        }
+        if p.at != at {
+            self.pending = None;
+            self.doom(
+                conn,
+                Code::PROTOCOL_VIOLATION,
+                "snapshot piece for the wrong seq",
+                false,
+            );
+            self.renew_snapshot_request(now);
+            return;
+        }
+        let problem = if total > max {
+            Some(format!(
+                "snapshot of {total} bytes exceeds the limit of {max}"
+            ))
+        } else if p.total.is_some_and(|t| t != total) {
+            Some("snapshot size changed between pieces".to_string())
+        } else if offset != p.buf.len() as u64 {
+            Some(format!(
+                "snapshot piece at offset {offset}, expected {}",
+                p.buf.len()
+            ))
+        } else if offset + data.len() as u64 > total {
+            Some("snapshot piece runs past the announced size".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = problem {
+            self.pending = None;
+            self.doom(conn, Code::PROTOCOL_VIOLATION, reason, false);
+            self.renew_snapshot_request(now);
+            return;
+        }
+        p.total = Some(total);
+        p.buf.extend_from_slice(&data);
+        if (p.buf.len() as u64) < total {
+            return;
+        }
+        let Some(p) = self.pending.take() else {
+            return;
+        };
+        let snap = Snapshot {
+            at: p.at,
+            data: p.buf.freeze(),
+        };
+        self.out.push_back(Output::Notice(Notice::SnapshotStored {
+            at: Seq(snap.at),
+            bytes: snap.data.len(),
+        }));
+        self.snapshot = Some(snap.clone());
+        let waiting: Vec<ConnId> = self
+            .members
+            .iter()
+            .filter(|(_, m)| matches!(m.state, SyncState::AwaitingSnapshot) && m.doomed.is_none())
+            .map(|(c, _)| *c)
+            .collect();
+        for conn in &waiting {
+            let state = self.begin_snapshot_send(*conn, snap.clone());
+            if let Some(m) = self.members.get_mut(conn) {
+                m.state = state;
+            }
+        }
+        self.cut_history(snap.at + 1);
+        for conn in waiting {
+            self.pump(conn);
+        }
+    }
+
+    /// Drops history before `upto`, but never what a syncing replica still needs.
+    fn cut_history(&mut self, upto: u64) {
+        let needed = self
+            .members
+            .values()
+            .filter_map(|m| match &m.state {
+                SyncState::Backlog { next } => Some(*next),
+                SyncState::SendingSnapshot { snap, .. } => Some(snap.at + 1),
+                _ => None,
+            })
+            .chain(self.pending.as_ref().map(|p| p.at + 1))
+            .min()
+            .unwrap_or(u64::MAX);
+        let cut = upto.min(needed);
+        while self.history_first < cut {
+            let Some(frame) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= frame.len();
+            self.history_first += 1;
+        }
+    }
+
+    // ---- digests -------------------------------------------------------------------------
+
+    fn on_digest(&mut self, replica: ReplicaId, seq: u64, hash: Bytes) {
+        if seq == 0 || seq > self.last_seq {
+            return;
+        }
+        if self.digests.len() >= self.cfg.digest_window
+            && self
+                .digests
+                .first_key_value()
+                .is_some_and(|(s, _)| seq < *s)
+        {
+            return;
+        }
+        let reports = self.digests.entry(seq).or_default();
+        if reports.iter().any(|(r, _)| *r == replica) {
+            return;
+        }
+        reports.push((replica, hash));
+        let disagree = reports.iter().any(|(_, h)| *h != reports[0].1);
+        let divergence = disagree.then(|| {
+            let mut groups: Vec<DigestGroup> = Vec::new();
+            for (r, h) in reports.iter() {
+                match groups.iter_mut().find(|g| g.hash == *h) {
+                    Some(g) => g.replicas.push(*r),
+                    None => groups.push(DigestGroup {
+                        hash: h.clone(),
+                        replicas: vec![*r],
+                    }),
+                }
+            }
+            groups.sort_by_key(|g| std::cmp::Reverse(g.replicas.len()));
+            Divergence {
+                seq: Seq(seq),
+                groups,
+            }
+        });
+        while self.digests.len() > self.cfg.digest_window {
+            self.digests.pop_first();
+        }
+        if let Some(d) = divergence {
+            let frame = wire::encode(&ServerFrame::Divergence(d.clone()));
+            self.broadcast_live(&frame);
+            self.out.push_back(Output::Notice(Notice::Diverged(d)));
+        }
+    }
+
+    // ---- leaving -------------------------------------------------------------------------
+
+    fn doom(&mut self, conn: ConnId, code: Code, reason: impl Into<String>, discard: bool) {
+        if let Some(m) = self.members.get_mut(&conn) {
+            if m.doomed.is_none() {
+                m.doomed = Some((code, reason.into(), discard));
+            }
+        }
+    }
+
+    /// Removes doomed members until none are left (a removal can doom others, e.g. a leave
+    /// announcement that overflows another replica's queue).
+    fn reap(&mut self, now: Instant) {
+        loop {
+            let Some((conn, (code, reason, discard))) = self
+                .members
+                .iter_mut()
+                .find_map(|(c, m)| m.doomed.take().map(|d| (*c, d)))
+            else {
+                return;
+            };
+            self.remove_member(conn, Some((code, reason)), discard, now);
+        }
+    }
+
+    fn remove_member(
+        &mut self,
+        conn: ConnId,
+        goodbye: Option<(Code, String)>,
+        discard_queued: bool,
+        now: Instant,
+    ) {
+        let Some(m) = self.members.remove(&conn) else {
+            return;
+        };
+        if self.by_replica.get(&m.replica) == Some(&conn) {
+            self.by_replica.remove(&m.replica);
+        }
+        let code = goodbye.as_ref().map(|(c, _)| *c);
+        self.out.push_back(Output::Close {
+            conn,
+            goodbye: goodbye.map(|(code, reason)| wire::goodbye(code, reason)),
+            discard_queued,
+        });
+        self.out.push_back(Output::Notice(Notice::Left {
+            replica: m.replica,
+            conn,
+            code,
+        }));
+        if self.members.is_empty() {
+            self.empty_since = Some(now);
+        }
+        if self.pending.as_ref().is_some_and(|p| p.provider == conn) {
+            self.pending = None;
+            self.renew_snapshot_request(now);
+        }
+        if self.cfg.announce_membership && !self.members.is_empty() {
+            let event = RouterEvent::Left { replica: m.replica };
+            self.stamp(Origin::Router, router_event_payload(&event), now);
+        }
+    }
+
+    /// The replicas attached now, with their display names.
+    pub fn members(&self) -> impl Iterator<Item = (ReplicaId, &str)> {
+        self.members.values().map(|m| (m.replica, m.name.as_str()))
+    }
+}
+
+enum Plan {
+    Resume(u64),
+    Fresh,
+    Stored(Snapshot),
+    AwaitSnapshot,
+}
+
+/// Encodes a router event as a message payload.
+pub fn router_event_payload(event: &RouterEvent) -> Bytes {
+    let framed = wire::encode(event);
+    framed.slice(wire::LENGTH_PREFIX_LEN..)
+}
+
+/// Decodes the payload of a message whose origin is [`Origin::Router`].
+pub fn parse_router_event(payload: &[u8]) -> Result<RouterEvent, wire::DecodeError> {
+    wire::decode_body(payload)
+}

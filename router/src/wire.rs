@@ -1,0 +1,687 @@
+//! The Isthmus wire protocol: preamble, framing, and every frame in both directions.
+//!
+//! A connection starts with a 10-byte preamble from each side: the magic `ISTHMUS\0` and the
+//! protocol version as a big-endian `u16`. The replica speaks first; the router answers with its
+//! own preamble, so a replica of another version can read why it was refused. After the preamble
+//! every frame is a big-endian `u32` body length followed by a bincode-2 (standard configuration)
+//! body of [`ClientFrame`] (replica to router) or [`ServerFrame`] (router to replica).
+//!
+//! ```text
+//! replica                                    router
+//!   preamble, Hello            ------------>
+//!                              <------------  preamble, Welcome | Refuse
+//!                              <------------  SyncBegin, SnapshotData..., Message..., Synced
+//!   Send, Digest, Ping, ...    ------------>
+//!                              <------------  Message, Tick, SnapshotRequest, Divergence, ...
+//!   SnapshotChunk...           ------------>  (only after a SnapshotRequest)
+//!   Leave                      ------------>  | <------------ Goodbye
+//! ```
+//!
+//! Every length is checked against a limit before anything is allocated, and a frame that has not
+//! fully arrived decodes as `Ok(None)`, never as an error. `docs/protocol.md` describes each frame.
+
+use crate::ids::{ReplicaId, RouterTime, Seq, SessionId};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+
+/// The first eight bytes of every Isthmus connection, in both directions.
+pub const MAGIC: [u8; 8] = *b"ISTHMUS\0";
+/// The protocol version this build speaks. Bumped on any change to a frame's layout.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Magic plus version.
+pub const PREAMBLE_LEN: usize = 10;
+/// Bytes of the length prefix in front of every frame body.
+pub const LENGTH_PREFIX_LEN: usize = 4;
+
+/// Default largest frame body either side accepts: big enough for a maximal payload or snapshot
+/// chunk plus headers, small enough that one connection cannot make the router buffer much.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Largest hello the router reads before it knows who is calling; a hello is ids plus a name.
+pub const MAX_HELLO_BYTES: usize = 4096;
+/// Largest replica display name, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+/// Largest state digest a replica may report (a 512-bit hash).
+pub const MAX_DIGEST_BYTES: usize = 64;
+/// The hard ceiling for any configured frame limit; bincode refuses to claim more than this for
+/// any one field even if a configuration asks for more.
+pub const HARD_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+type Config = bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<HARD_MAX_FRAME_BYTES>,
+>;
+
+fn config() -> Config {
+    bincode::config::standard().with_limit::<HARD_MAX_FRAME_BYTES>()
+}
+
+/// What went wrong reading bytes from a peer. Every variant means the peer is broken or hostile:
+/// the connection should be refused or closed with the matching [`Code`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// The peer is not speaking Isthmus at all.
+    #[error("not an Isthmus connection (first bytes {found:02x?}); check that the address points at an Isthmus router")]
+    BadMagic {
+        /// What arrived instead of the magic.
+        found: [u8; 8],
+    },
+    /// The peer speaks another protocol version.
+    #[error("protocol version {theirs} is not supported (this side speaks {ours}); upgrade the older side")]
+    UnsupportedVersion {
+        /// The version the peer announced.
+        theirs: u16,
+        /// The version this build speaks.
+        ours: u16,
+    },
+    /// A length prefix above the limit: refused before anything is allocated.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    FrameTooLarge {
+        /// Announced body length.
+        len: usize,
+        /// The limit in force.
+        max: usize,
+    },
+    /// A complete frame whose body is not a valid frame.
+    #[error("malformed frame: {0}")]
+    Malformed(#[source] bincode::error::DecodeError),
+    /// A frame body with bytes left over after the frame.
+    #[error("malformed frame: {extra} unused bytes after the body")]
+    TrailingBytes {
+        /// How many bytes were left.
+        extra: usize,
+    },
+}
+
+/// The preamble this build sends.
+pub fn preamble() -> [u8; PREAMBLE_LEN] {
+    preamble_for(PROTOCOL_VERSION)
+}
+
+/// A preamble announcing any version; tests use it to play an old or future peer.
+pub fn preamble_for(version: u16) -> [u8; PREAMBLE_LEN] {
+    let mut out = [0u8; PREAMBLE_LEN];
+    out[..8].copy_from_slice(&MAGIC);
+    out[8..].copy_from_slice(&version.to_be_bytes());
+    out
+}
+
+/// Checks a peer's preamble: the magic must match and the version must be ours.
+pub fn check_preamble(bytes: &[u8; PREAMBLE_LEN]) -> Result<(), DecodeError> {
+    let mut found = [0u8; 8];
+    found.copy_from_slice(&bytes[..8]);
+    if found != MAGIC {
+        return Err(DecodeError::BadMagic { found });
+    }
+    let theirs = u16::from_be_bytes([bytes[8], bytes[9]]);
+    if theirs != PROTOCOL_VERSION {
+        return Err(DecodeError::UnsupportedVersion {
+            theirs,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes one frame: length prefix plus body, ready to write.
+pub fn encode<T: Serialize>(frame: &T) -> Bytes {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&[0u8; LENGTH_PREFIX_LEN]);
+    // Frames are plain structs of integers, byte strings and enums, written into memory: the only
+    // failures bincode can report (writer errors, unsized sequences) cannot happen here.
+    bincode::serde::encode_into_std_write(frame, &mut out, config())
+        .expect("encoding a frame into memory cannot fail");
+    let body = (out.len() - LENGTH_PREFIX_LEN) as u32;
+    out[..LENGTH_PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
+    Bytes::from(out)
+}
+
+/// Appends one encoded frame to `out`; for callers that batch frames into one buffer.
+pub fn encode_into<T: Serialize>(frame: &T, out: &mut BytesMut) {
+    out.put_slice(&encode(frame));
+}
+
+/// Takes one complete frame off the front of `buf`. `Ok(None)` means more bytes are needed; the
+/// length prefix is checked against `max_len` before the body is waited for or allocated.
+pub fn decode<T: DeserializeOwned>(
+    buf: &mut BytesMut,
+    max_len: usize,
+) -> Result<Option<T>, DecodeError> {
+    if buf.len() < LENGTH_PREFIX_LEN {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let max = max_len.min(HARD_MAX_FRAME_BYTES);
+    if len > max {
+        return Err(DecodeError::FrameTooLarge { len, max });
+    }
+    if buf.len() < LENGTH_PREFIX_LEN + len {
+        buf.reserve(LENGTH_PREFIX_LEN + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(LENGTH_PREFIX_LEN);
+    let body = buf.split_to(len);
+    decode_body(&body).map(Some)
+}
+
+/// Decodes one frame body (without its length prefix).
+pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
+    // Borrowed decoding reads byte strings straight from the body, so a forged length inside
+    // the body fails on "not enough bytes" instead of allocating what it claims.
+    let (frame, used) = bincode::serde::borrow_decode_from_slice::<T, _>(body, config())
+        .map_err(DecodeError::Malformed)?;
+    if used != body.len() {
+        return Err(DecodeError::TrailingBytes {
+            extra: body.len() - used,
+        });
+    }
+    Ok(frame)
+}
+
+/// A 32-byte secret derived from the island's join secret; the router keeps only its hash.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken(pub [u8; 32]);
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never log a credential.
+        f.write_str("JoinToken(..)")
+    }
+}
+
+/// What a replica may do in a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    /// Sends messages and may be asked for snapshots.
+    Replica,
+    /// Follows the session but may not send; never asked for snapshots.
+    Observer,
+}
+
+/// Settings a replica proposes when it creates a session. Ignored when the session exists.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CreateOptions {
+    /// Ticks after this many idle milliseconds; `None` takes the router's default.
+    pub tick_interval_ms: Option<u32>,
+    /// Stamp replica joins and leaves into the order as router messages ([`RouterEvent`]).
+    pub announce_membership: bool,
+}
+
+/// The first frame a replica sends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The session to join or create.
+    pub session: SessionId,
+    /// Proof that the replica holds the island's join secret.
+    pub token: JoinToken,
+    /// Stable across reconnects of the same replica.
+    pub replica: ReplicaId,
+    /// A display name, at most [`MAX_NAME_BYTES`].
+    pub name: String,
+    /// What the replica may do.
+    pub role: Role,
+    /// The last seq this replica applied when it reconnects; `None` asks for a full sync.
+    pub resume_from: Option<Seq>,
+    /// Create the session if the router does not have it.
+    pub create: Option<CreateOptions>,
+}
+
+/// The router's acceptance of a hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The session joined.
+    pub session: SessionId,
+    /// Echoes the replica's id.
+    pub replica: ReplicaId,
+    /// True when this hello created the session.
+    pub created: bool,
+    /// The newest seq stamped when the replica was admitted.
+    pub last_seq: Seq,
+    /// Router time when the replica was admitted.
+    pub time: RouterTime,
+    /// How long the session may be idle before a tick, in microseconds.
+    pub tick_interval_us: u64,
+    /// The highest client seq of this replica already stamped, so a resuming replica knows which
+    /// of its unconfirmed sends to drop rather than resend.
+    pub last_client_seq: u64,
+    /// The largest payload the router accepts in a send.
+    pub max_payload_bytes: u32,
+    /// Addresses of this router the replica should use to reconnect, best first.
+    pub contacts: Vec<SocketAddr>,
+}
+
+/// Who put a message into the order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Origin {
+    /// Sent by this replica.
+    Replica(ReplicaId),
+    /// Made by the router itself; the payload is an encoded [`RouterEvent`].
+    Router,
+}
+
+/// The payload of a router-originated message.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RouterEvent {
+    /// A replica joined the session.
+    Joined {
+        /// Who joined.
+        replica: ReplicaId,
+        /// Its display name.
+        name: String,
+    },
+    /// A replica left or was dropped.
+    Left {
+        /// Who left.
+        replica: ReplicaId,
+    },
+}
+
+/// One stamped message of the total order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    /// Position in the order: from 1, no gaps.
+    pub seq: Seq,
+    /// Router time of stamping; never decreases.
+    pub time: RouterTime,
+    /// Who sent it.
+    pub origin: Origin,
+    /// Opaque to the router.
+    pub payload: Bytes,
+}
+
+/// Replicas that reported one digest at a seq.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DigestGroup {
+    /// The state digest they reported.
+    pub hash: Bytes,
+    /// Who reported it.
+    pub replicas: Vec<ReplicaId>,
+}
+
+/// Replicas disagree about the state after one seq.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Divergence {
+    /// The seq whose digests differ.
+    pub seq: Seq,
+    /// One group per distinct digest, largest first.
+    pub groups: Vec<DigestGroup>,
+}
+
+/// Frames a replica sends to the router.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// Always the first frame.
+    Hello(Hello),
+    /// A payload to stamp into the order. `client_seq` counts this replica's sends from 1 and
+    /// makes a resend after a reconnect harmless.
+    Send {
+        /// This replica's own counter.
+        client_seq: u64,
+        /// Opaque to the router.
+        payload: Bytes,
+    },
+    /// A piece of the snapshot asked for by a [`ServerFrame::SnapshotRequest`].
+    SnapshotChunk {
+        /// The request's id, so pieces of an abandoned request are not mistaken for a new one.
+        request: u64,
+        /// The seq the snapshot was taken after.
+        at: Seq,
+        /// Where this piece starts in the whole snapshot.
+        offset: u64,
+        /// Size of the whole snapshot.
+        total: u64,
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The replica's state digest after applying `seq`.
+    Digest {
+        /// The checkpoint.
+        seq: Seq,
+        /// At most [`MAX_DIGEST_BYTES`].
+        hash: Bytes,
+    },
+    /// Liveness probe; the router answers with a pong.
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Answer to a router ping.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// The replica leaves for good; the router closes after it.
+    Leave,
+}
+
+/// Frames the router sends to a replica.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// The hello was accepted.
+    Welcome(Welcome),
+    /// The hello was refused; the router closes after it.
+    Refuse {
+        /// See [`Code`].
+        code: Code,
+        /// For people.
+        reason: String,
+    },
+    /// A stamped message.
+    Message(Message),
+    /// Nothing was stamped for a tick interval; island time moves on.
+    Tick {
+        /// Current router time.
+        time: RouterTime,
+    },
+    /// Take a snapshot of the state right after applying `at` and upload it in chunks. A new
+    /// request replaces any earlier one still being uploaded.
+    SnapshotRequest {
+        /// Echoed in every chunk.
+        request: u64,
+        /// The seq after which to snapshot.
+        at: Seq,
+    },
+    /// Starts a sync: `snapshot_len` bytes of [`ServerFrame::SnapshotData`] follow (or none: start
+    /// from the empty initial state), then every message after `at`, then [`ServerFrame::Synced`].
+    SyncBegin {
+        /// The seq the snapshot was taken after (0: the initial state).
+        at: Seq,
+        /// Total snapshot size, or `None` to start from the initial state.
+        snapshot_len: Option<u64>,
+    },
+    /// A piece of the snapshot announced by `SyncBegin`.
+    SnapshotData {
+        /// The bytes.
+        data: Bytes,
+    },
+    /// The replica has everything up to `seq`; messages from here on are live.
+    Synced {
+        /// The newest seq sent so far.
+        seq: Seq,
+        /// The highest client seq of this replica stamped so far. Sends stamped before the
+        /// snapshot point arrive inside the snapshot, not as messages; this tells the replica
+        /// they were stamped.
+        last_client_seq: u64,
+    },
+    /// Replicas reported different digests for one seq.
+    Divergence(Divergence),
+    /// Liveness probe.
+    Ping {
+        /// Echoed back.
+        nonce: u64,
+    },
+    /// Answer to a replica ping.
+    Pong {
+        /// The ping's nonce.
+        nonce: u64,
+    },
+    /// The router is closing this connection.
+    Goodbye {
+        /// See [`Code`].
+        code: Code,
+        /// For people.
+        reason: String,
+    },
+}
+
+/// Why a hello was refused or a connection closed. Codes below 2000 are retryable (try again,
+/// perhaps after a back-off); 2000 and above are fatal (retrying the same thing fails again).
+/// A number this build does not know keeps its meaning by range.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Code(pub u16);
+
+impl Code {
+    /// The router is shutting down.
+    pub const SHUTTING_DOWN: Code = Code(1000);
+    /// No hello arrived in time.
+    pub const HANDSHAKE_TIMEOUT: Code = Code(1001);
+    /// The router or the session is at its connection limit.
+    pub const BUSY: Code = Code(1002);
+    /// The replica's outbound queue passed its bound; it should resume.
+    pub const SLOW_CONSUMER: Code = Code(1003);
+    /// Nothing was heard from the replica for too long.
+    pub const IDLE_TIMEOUT: Code = Code(1004);
+    /// No snapshot could be had to sync a joiner; try again later.
+    pub const NO_SNAPSHOT: Code = Code(1005);
+    /// The messages this replica still needed were dropped from the bounded history.
+    pub const FELL_BEHIND: Code = Code(1006);
+    /// The peer speaks another protocol version.
+    pub const UNSUPPORTED_VERSION: Code = Code(2000);
+    /// The join token does not match the session's.
+    pub const BAD_TOKEN: Code = Code(2001);
+    /// The session does not exist on this router (and the hello did not ask to create it).
+    pub const UNKNOWN_SESSION: Code = Code(2002);
+    /// A frame could not be decoded.
+    pub const MALFORMED: Code = Code(2003);
+    /// A well-formed frame that breaks the protocol (wrong moment, bad field).
+    pub const PROTOCOL_VIOLATION: Code = Code(2004);
+    /// A send over the payload limit.
+    pub const PAYLOAD_TOO_LARGE: Code = Code(2005);
+    /// The same replica id connected again; this older connection is closed.
+    pub const REPLACED: Code = Code(2006);
+    /// The role does not allow this (an observer sent).
+    pub const NOT_PERMITTED: Code = Code(2007);
+    /// The replica resumes from a seq this session never reached: the session it knew is gone.
+    pub const SESSION_RESET: Code = Code(2008);
+
+    /// Whether trying again can succeed.
+    pub fn is_retryable(self) -> bool {
+        self.0 < 2000
+    }
+
+    /// A short name for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Code::SHUTTING_DOWN => "shutting down",
+            Code::HANDSHAKE_TIMEOUT => "handshake timeout",
+            Code::BUSY => "busy",
+            Code::SLOW_CONSUMER => "slow consumer",
+            Code::IDLE_TIMEOUT => "idle timeout",
+            Code::NO_SNAPSHOT => "no snapshot",
+            Code::FELL_BEHIND => "fell behind",
+            Code::UNSUPPORTED_VERSION => "unsupported version",
+            Code::BAD_TOKEN => "bad token",
+            Code::UNKNOWN_SESSION => "unknown session",
+            Code::MALFORMED => "malformed",
+            Code::PROTOCOL_VIOLATION => "protocol violation",
+            Code::PAYLOAD_TOO_LARGE => "payload too large",
+            Code::REPLACED => "replaced",
+            Code::NOT_PERMITTED => "not permitted",
+            Code::SESSION_RESET => "session reset",
+            c if c.is_retryable() => "unknown (retryable)",
+            _ => "unknown (fatal)",
+        }
+    }
+}
+
+impl fmt::Debug for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.0, self.name())
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.0, self.name())
+    }
+}
+
+/// Builds the router's goodbye frame.
+pub fn goodbye(code: Code, reason: impl Into<String>) -> Bytes {
+    encode(&ServerFrame::Goodbye {
+        code,
+        reason: reason.into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    fn hello() -> ClientFrame {
+        ClientFrame::Hello(Hello {
+            session: SessionId(Uuid::from_u128(1)),
+            token: JoinToken([7; 32]),
+            replica: ReplicaId(Uuid::from_u128(2)),
+            name: "ada".into(),
+            role: Role::Replica,
+            resume_from: Some(Seq(9)),
+            create: Some(CreateOptions::default()),
+        })
+    }
+
+    #[test]
+    fn preamble_round_trip_and_refusals() {
+        assert!(check_preamble(&preamble()).is_ok());
+        assert!(matches!(
+            check_preamble(&preamble_for(99)),
+            Err(DecodeError::UnsupportedVersion { theirs: 99, .. })
+        ));
+        assert!(matches!(
+            check_preamble(b"GET / HTTP"),
+            Err(DecodeError::BadMagic { .. })
+        ));
+    }
+
+    #[test]
+    fn partial_frame_needs_more_not_error() {
+        let bytes = encode(&hello());
+        for cut in 0..bytes.len() {
+            let mut buf = BytesMut::from(&bytes[..cut]);
+            assert!(decode::<ClientFrame>(&mut buf, MAX_HELLO_BYTES)
+                .expect("partial frame is not an error")
+                .is_none());
+        }
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(
+            decode::<ClientFrame>(&mut buf, MAX_HELLO_BYTES)
+                .ok()
+                .flatten(),
+            Some(hello())
+        );
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_the_body_arrives() {
+        let mut buf = BytesMut::from(&(5_000_000u32).to_be_bytes()[..]);
+        assert!(matches!(
+            decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES),
+            Err(DecodeError::FrameTooLarge { len: 5_000_000, .. })
+        ));
+    }
+
+    #[test]
+    fn forged_inner_length_does_not_allocate() {
+        // A Send frame whose payload claims an enormous length but carries three bytes.
+        let mut body = vec![1u8, 5]; // variant Send, client_seq 5
+        body.push(253); // varint marker: u64 follows
+        body.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        body.extend_from_slice(b"abc");
+        let mut framed = BytesMut::new();
+        framed.put_u32(body.len() as u32);
+        framed.put_slice(&body);
+        assert!(matches!(
+            decode::<ClientFrame>(&mut framed, DEFAULT_MAX_FRAME_BYTES),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let bytes = encode(&ClientFrame::Leave);
+        let mut body = bytes[4..].to_vec();
+        body.push(0);
+        assert!(matches!(
+            decode_body::<ClientFrame>(&body),
+            Err(DecodeError::TrailingBytes { extra: 1 })
+        ));
+    }
+
+    fn arb_bytes() -> impl Strategy<Value = Bytes> {
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from)
+    }
+
+    fn arb_client_frame() -> impl Strategy<Value = ClientFrame> {
+        prop_oneof![
+            (
+                any::<u128>(),
+                any::<u128>(),
+                ".{0,20}",
+                any::<Option<u64>>(),
+                any::<bool>()
+            )
+                .prop_map(|(s, r, name, resume, create)| ClientFrame::Hello(Hello {
+                    session: SessionId(Uuid::from_u128(s)),
+                    token: JoinToken([3; 32]),
+                    replica: ReplicaId(Uuid::from_u128(r)),
+                    name,
+                    role: Role::Observer,
+                    resume_from: resume.map(Seq),
+                    create: create.then_some(CreateOptions {
+                        tick_interval_ms: Some(20),
+                        announce_membership: true
+                    }),
+                })),
+            (any::<u64>(), arb_bytes()).prop_map(|(client_seq, payload)| ClientFrame::Send {
+                client_seq,
+                payload
+            }),
+            (any::<u64>(), any::<u64>(), any::<u64>(), arb_bytes()).prop_map(
+                |(at, offset, total, data)| ClientFrame::SnapshotChunk {
+                    request: at ^ offset,
+                    at: Seq(at),
+                    offset,
+                    total,
+                    data
+                }
+            ),
+            (any::<u64>(), arb_bytes())
+                .prop_map(|(s, hash)| ClientFrame::Digest { seq: Seq(s), hash }),
+            any::<u64>().prop_map(|nonce| ClientFrame::Ping { nonce }),
+            Just(ClientFrame::Leave),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn client_frames_round_trip(frame in arb_client_frame()) {
+            let bytes = encode(&frame);
+            let mut buf = BytesMut::from(&bytes[..]);
+            let back: ClientFrame = decode(&mut buf, DEFAULT_MAX_FRAME_BYTES)
+                .expect("valid").expect("complete");
+            prop_assert_eq!(back, frame);
+        }
+
+        #[test]
+        fn flipped_or_truncated_bytes_never_panic(
+            frame in arb_client_frame(),
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = encode(&frame).to_vec();
+            for (at, value) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] ^= value;
+            }
+            let keep = cut.index(bytes.len() + 1);
+            let mut buf = BytesMut::from(&bytes[..keep]);
+            let _ = decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES);
+            let _ = decode_body::<ServerFrame>(&bytes[4.min(bytes.len())..]);
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES) {}
+            let _ = decode_body::<ServerFrame>(&bytes);
+        }
+    }
+}

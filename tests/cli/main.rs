@@ -1,0 +1,3 @@
+//! The `isthmus` command end to end: real processes, real loopback sockets.
+
+mod router;
