@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+mod island;
+
 #[derive(Parser)]
 #[command(
     name = "isthmus",
@@ -22,6 +24,11 @@ struct Cli {
 enum Command {
     /// Run a router (dispatcher) in the foreground.
     Router(RouterArgs),
+    /// Create islands.
+    #[command(subcommand)]
+    Island(island::IslandCommand),
+    /// Join an island as a replica of its chat.
+    Join(island::JoinArgs),
 }
 
 #[derive(Args)]
@@ -55,14 +62,17 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Router(args) => run_router(args).await.map(|_| 0),
+            Command::Router(args) => run_router(args).await.map(|_| 0u8),
+            Command::Island(cmd) => island::run_island(cmd).await,
+            Command::Join(args) => island::run_join(args).await,
         }
     });
     match result {
-        Ok(code) => std::process::ExitCode::from(code as u8),
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            let code = e.downcast_ref::<island::ExitCode>().map_or(1, |c| c.0);
+            std::process::ExitCode::from(code)
         }
     }
 }
@@ -130,4 +140,13 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     }
     tracing::info!("signal received, shutting down");
     shutdown.cancel();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -1,4 +1,115 @@
 //! # isthmus-island-client
 //!
 //! Owns the replica side of Isthmus: what an application embeds to become an island replica.
-//! (Being built: see the island client issue.)
+//!
+//! - [`Island`]: the trait the application implements for its deterministic state (apply a
+//!   message, take and restore a snapshot, compute a digest).
+//! - [`replica`]: the sans-IO replica state machine: frames in, island updates, events and frames
+//!   out. It resumes after reconnects, resends unconfirmed sends (the router drops duplicates),
+//!   uploads snapshots when asked and reports digests every K messages.
+//! - [`client`]: the tokio driver: races candidate addresses, handshakes, keeps the connection
+//!   alive with pings and a liveness timeout, and reconnects with exponential back-off and
+//!   jitter. A lost session is reported, never papered over.
+//! - [`chat`]: the demo island, a replicated chat log.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), isthmus_island_client::ClientError> {
+//! use isthmus_island_client::{chat::ChatIsland, client, ClientConfig, Event};
+//! # let cfg: ClientConfig = todo!();
+//! let (handle, mut events) = client::connect(cfg, ChatIsland::default()).await?;
+//! handle.send(ChatIsland::payload("ada", "hello")).await?;
+//! while let Some(event) = events.recv().await {
+//!     if let Event::Message(m) = event { println!("{:?}", m.seq); }
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod chat;
+pub mod client;
+pub mod replica;
+
+pub use client::{ClientConfig, ClientHandle};
+pub use replica::{Event, ReplicaConfig};
+
+use isthmus_router::ids::RouterTime;
+use isthmus_router::wire::{Code, Message};
+use std::net::SocketAddr;
+
+/// The application's replicated state. Every method must be deterministic: replicas that apply
+/// the same messages from the same state must end in the same state.
+pub trait Island: Send + 'static {
+    /// Applies one stamped message.
+    fn apply(&mut self, message: &Message);
+    /// Island time moved on without a message.
+    fn tick(&mut self, _time: RouterTime) {}
+    /// The whole state as bytes.
+    fn snapshot(&self) -> Vec<u8>;
+    /// Replaces the state with a snapshot's.
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), String>;
+    /// Back to the initial state.
+    fn reset(&mut self);
+    /// A digest of the state, compared across replicas to catch divergence.
+    fn digest(&self) -> Vec<u8>;
+}
+
+/// What can go wrong for a replica.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No candidate address answered as an Isthmus router.
+    #[error("cannot reach the router at {}: {detail}; check the address and that the router is running", list(.addrs))]
+    Unreachable {
+        /// What was tried.
+        addrs: Vec<SocketAddr>,
+        /// What went wrong, per address.
+        detail: String,
+    },
+    /// The router refused the hello.
+    #[error("{}", refusal_text(*.code, .reason))]
+    Refused {
+        /// Why.
+        code: Code,
+        /// The router's words.
+        reason: String,
+    },
+    /// The router speaks another protocol version.
+    #[error("the router speaks another protocol version ({0}); upgrade the older side")]
+    Version(String),
+    /// The client task has ended (left, stopped, or the session was lost).
+    #[error("the replica is no longer connected to its island")]
+    Ended,
+    /// A payload over the router's limit.
+    #[error("payload of {len} bytes exceeds the router's limit of {max}")]
+    PayloadTooLarge {
+        /// Its size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Too many sends are waiting for their echo.
+    #[error("{0} sends are still waiting for the router; slow down")]
+    TooManyPending(usize),
+    /// Nothing to connect to.
+    #[error("no router address to connect to")]
+    NoAddress,
+}
+
+fn list(addrs: &[SocketAddr]) -> String {
+    addrs
+        .iter()
+        .map(|a| a.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn refusal_text(code: Code, reason: &str) -> String {
+    match code {
+        Code::BAD_TOKEN => {
+            "the router refused the join secret: this postcard does not open that island (ask for a fresh postcard)".to_string()
+        }
+        Code::UNKNOWN_SESSION => {
+            format!("the router does not have this island (it may have ended, or the router restarted): {reason}")
+        }
+        _ => format!("the router refused to join: {reason} ({code})"),
+    }
+}

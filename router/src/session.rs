@@ -425,7 +425,7 @@ impl Session {
                 replica: req.replica,
                 name: req.name,
             };
-            self.stamp(Origin::Router, router_event_payload(&event), now);
+            self.stamp(Origin::Router, 0, router_event_payload(&event), now);
         }
         self.pump(conn);
         self.reap(now);
@@ -460,7 +460,7 @@ impl Session {
                     );
                     self.doom(conn, Code::PAYLOAD_TOO_LARGE, reason, false);
                 } else if self.accept_client_seq(replica, client_seq) {
-                    self.stamp(Origin::Replica(replica), payload, now);
+                    self.stamp(Origin::Replica(replica), client_seq, payload, now);
                 }
             }
             wire::ClientFrame::SnapshotChunk {
@@ -738,13 +738,14 @@ impl Session {
         true
     }
 
-    fn stamp(&mut self, origin: Origin, payload: Bytes, now: Instant) {
+    fn stamp(&mut self, origin: Origin, client_seq: u64, payload: Bytes, now: Instant) {
         let seq = self.last_seq + 1;
         let time = RouterTime(self.router_time(now));
         let frame = wire::encode(&ServerFrame::Message(Message {
             seq: Seq(seq),
             time,
             origin,
+            client_seq,
             payload,
         }));
         self.last_seq = seq;
@@ -1125,7 +1126,7 @@ impl Session {
         }
         if self.cfg.announce_membership && !self.members.is_empty() {
             let event = RouterEvent::Left { replica: m.replica };
-            self.stamp(Origin::Router, router_event_payload(&event), now);
+            self.stamp(Origin::Router, 0, router_event_payload(&event), now);
         }
     }
 

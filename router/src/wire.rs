@@ -288,6 +288,9 @@ pub struct Message {
     pub time: RouterTime,
     /// Who sent it.
     pub origin: Origin,
+    /// The sender's own counter for this send (0 for router messages), so the sender knows
+    /// exactly which of its sends this confirms.
+    pub client_seq: u64,
     /// Opaque to the router.
     pub payload: Bytes,
 }

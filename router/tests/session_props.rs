@@ -304,7 +304,12 @@ impl World {
                 // During a full sync, own sends are settled by `Synced` (some are inside the
                 // snapshot); afterwards they come back in the order they were sent.
                 if m.origin == Origin::Replica(me) && r.syncing.is_none() {
-                    if let Some(pos) = r.unconfirmed.iter().position(|(_, p)| *p == m.payload) {
+                    if let Some(pos) = r.unconfirmed.iter().position(|(cs, _)| *cs == m.client_seq)
+                    {
+                        assert_eq!(
+                            r.unconfirmed[pos].1, m.payload,
+                            "client seq matches payload"
+                        );
                         assert_eq!(
                             pos, 0,
                             "own sends are stamped in order: replica {i} {:?} got {:?}",

@@ -1,3 +1,4 @@
 //! The `isthmus` command end to end: real processes, real loopback sockets.
 
+mod island;
 mod router;

@@ -28,7 +28,7 @@ pub fn spawn_router(extra: &[&str]) -> (Child, SocketAddr) {
     (child, addr)
 }
 
-fn sigterm(child: &Child) {
+pub fn sigterm(child: &Child) {
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

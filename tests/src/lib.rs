@@ -304,3 +304,97 @@ impl WireReplica {
 
 /// Generous upper bound for a test step; tests finish long before it unless something is wrong.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A TCP proxy on loopback that a test can cut (close every open connection) or freeze (stop
+/// forwarding while keeping the sockets open, like a path that silently died).
+pub struct Proxy {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    ctl: Arc<ProxyCtl>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyCtl {
+    cut: tokio::sync::Notify,
+    frozen: std::sync::atomic::AtomicBool,
+    accepted: std::sync::atomic::AtomicUsize,
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    ctl: Arc<ProxyCtl>,
+) {
+    use std::sync::atomic::Ordering;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        // A frozen path swallows nothing and delivers nothing: bytes wait here.
+        while ctl.frozen.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Proxy {
+    /// Starts forwarding connections to `target`.
+    pub async fn start(target: SocketAddr) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let ctl = Arc::new(ProxyCtl::default());
+        let c = ctl.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let Ok(outbound) = TcpStream::connect(target).await else {
+                    continue;
+                };
+                c.accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let c = c.clone();
+                tokio::spawn(async move {
+                    let cut = c.cut.notified();
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    // Dropping both directions closes both sockets.
+                    tokio::select! {
+                        _ = async { tokio::join!(pump(ir, ow, c.clone()), pump(or, iw, c.clone())) } => {}
+                        _ = cut => {}
+                    }
+                });
+            }
+        });
+        Proxy { addr, ctl, task }
+    }
+
+    /// Closes every connection open now; new ones are still accepted.
+    pub fn cut(&self) {
+        self.ctl.cut.notify_waiters();
+    }
+
+    /// Stops (true) or resumes (false) forwarding on every connection.
+    pub fn freeze(&self, frozen: bool) {
+        self.ctl
+            .frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.ctl.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.cut();
+    }
+}

@@ -1,0 +1,492 @@
+//! The tokio driver around [`Replica`]: connection racing, handshake, keep-alive, reconnect.
+
+use crate::replica::{Closed, Event, FrameError, Replica, ReplicaConfig};
+use crate::{ClientError, Island};
+use bytes::{Bytes, BytesMut};
+use isthmus_router::ids::Seq;
+use isthmus_router::wire::{self, ClientFrame, Code, DecodeError, ServerFrame, PREAMBLE_LEN};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// Time for one connection attempt, TCP and preamble, and separately for the welcome.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Head start of each candidate address over the next (RFC 8305's "connection attempt delay").
+pub const DEFAULT_RACE_DELAY: Duration = Duration::from_millis(250);
+/// First reconnect delay; doubles up to the cap.
+pub const DEFAULT_BACKOFF_INITIAL: Duration = Duration::from_millis(500);
+/// Longest reconnect delay.
+pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A ping goes out after this long without sending anything.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// With ticks every 50 ms and pongs every 5 s, this much silence means the router is gone.
+pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(15);
+/// Events buffered for the application before the client stops reading the socket.
+pub const DEFAULT_EVENT_QUEUE: usize = 1024;
+
+/// How the client connects and stays connected.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Candidate router addresses, best first; raced.
+    pub routers: Vec<SocketAddr>,
+    /// Who this replica is.
+    pub replica: ReplicaConfig,
+    /// Per-attempt connect and handshake timeout.
+    pub connect_timeout: Duration,
+    /// Stagger between candidate addresses.
+    pub race_delay: Duration,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Reconnect delay cap.
+    pub backoff_max: Duration,
+    /// Idle time before a ping.
+    pub ping_interval: Duration,
+    /// Silence that counts as a dead connection.
+    pub liveness_timeout: Duration,
+    /// Largest frame accepted from the router.
+    pub max_frame_bytes: usize,
+    /// Events buffered for the application.
+    pub event_queue: usize,
+}
+
+impl ClientConfig {
+    /// Defaults for everything but the addresses and the replica.
+    pub fn new(routers: Vec<SocketAddr>, replica: ReplicaConfig) -> Self {
+        ClientConfig {
+            routers,
+            replica,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            race_delay: DEFAULT_RACE_DELAY,
+            backoff_initial: DEFAULT_BACKOFF_INITIAL,
+            backoff_max: DEFAULT_BACKOFF_MAX,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
+            max_frame_bytes: wire::HARD_MAX_FRAME_BYTES,
+            event_queue: DEFAULT_EVENT_QUEUE,
+        }
+    }
+}
+
+type Inspect<I> = Box<dyn FnOnce(&I, Seq) + Send>;
+
+enum Command<I> {
+    Send(Bytes, oneshot::Sender<Result<u64, ClientError>>),
+    Inspect(Inspect<I>),
+    Leave(oneshot::Sender<()>),
+}
+
+/// Talks to the running client task. Dropping it makes the replica leave.
+pub struct ClientHandle<I> {
+    cmds: mpsc::Sender<Command<I>>,
+}
+
+impl<I: Island> ClientHandle<I> {
+    /// Sends a payload into the island's order. Queued while reconnecting.
+    pub async fn send(&self, payload: impl Into<Bytes>) -> Result<u64, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Send(payload.into(), tx))
+            .await
+            .map_err(|_| ClientError::Ended)?;
+        rx.await.map_err(|_| ClientError::Ended)?
+    }
+
+    /// Reads the island state (and the last applied seq) in the client task.
+    pub async fn inspect<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&I, Seq) -> R + Send + 'static,
+    ) -> Result<R, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let call: Inspect<I> = Box::new(move |island, seq| {
+            let _ = tx.send(f(island, seq));
+        });
+        self.cmds
+            .send(Command::Inspect(call))
+            .await
+            .map_err(|_| ClientError::Ended)?;
+        rx.await.map_err(|_| ClientError::Ended)
+    }
+
+    /// Leaves the island and waits until the router was told.
+    pub async fn leave(self) {
+        let (tx, rx) = oneshot::channel();
+        if self.cmds.send(Command::Leave(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+}
+
+/// One live connection.
+struct Conn {
+    reader: OwnedReadHalf,
+    buf: BytesMut,
+    writer: mpsc::UnboundedSender<Bytes>,
+    writer_task: tokio::task::JoinHandle<()>,
+}
+
+/// Connects, joins, and starts the client task. Fails fast on the first attempt: an unreachable
+/// router, a refused secret or an unknown island is an error here, not a retry loop.
+pub async fn connect<I: Island>(
+    cfg: ClientConfig,
+    island: I,
+) -> Result<(ClientHandle<I>, mpsc::Receiver<Event>), ClientError> {
+    let mut replica = Replica::new(cfg.replica.clone(), island);
+    let conn = establish(&cfg, &mut replica).await?;
+    let (cmd_tx, cmd_rx) = mpsc::channel(64);
+    let (event_tx, event_rx) = mpsc::channel(cfg.event_queue.max(1));
+    tokio::spawn(run(cfg, replica, conn, cmd_rx, event_tx));
+    Ok((ClientHandle { cmds: cmd_tx }, event_rx))
+}
+
+/// Opens the first candidate to answer with an Isthmus preamble, trying the next one every
+/// `race_delay` while earlier ones are still pending.
+async fn open(cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
+    if cfg.routers.is_empty() {
+        return Err(ClientError::NoAddress);
+    }
+    let mut attempts = JoinSet::new();
+    for (i, addr) in cfg.routers.iter().copied().enumerate() {
+        let delay = cfg.race_delay * i as u32;
+        let limit = cfg.connect_timeout;
+        attempts.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let r = tokio::time::timeout(limit, async {
+                let mut stream = TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                stream.write_all(&wire::preamble()).await?;
+                let mut pre = [0u8; PREAMBLE_LEN];
+                stream.read_exact(&mut pre).await?;
+                Ok::<_, std::io::Error>((stream, pre))
+            })
+            .await;
+            (addr, r)
+        });
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = attempts.join_next().await {
+        let Ok((addr, result)) = done else { continue };
+        match result {
+            Ok(Ok((stream, pre))) => match wire::check_preamble(&pre) {
+                Ok(()) => return Ok(stream),
+                Err(DecodeError::UnsupportedVersion { theirs, ours }) => {
+                    return Err(ClientError::Version(format!(
+                        "router at {addr} speaks {theirs}, this client {ours}"
+                    )))
+                }
+                Err(e) => failures.push(format!("{addr}: {e}")),
+            },
+            Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
+            Err(_) => failures.push(format!(
+                "{addr}: no answer within {:?}",
+                cfg.connect_timeout
+            )),
+        }
+    }
+    Err(ClientError::Unreachable {
+        addrs: cfg.routers.clone(),
+        detail: failures.join("; "),
+    })
+}
+
+/// Opens a connection and completes the hello / welcome exchange.
+async fn establish<I: Island>(
+    cfg: &ClientConfig,
+    replica: &mut Replica<I>,
+) -> Result<Conn, ClientError> {
+    let stream = open(cfg).await?;
+    let (mut reader, mut write) = stream.into_split();
+    write
+        .write_all(&replica.hello())
+        .await
+        .map_err(|e| unreachable(cfg, e))?;
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let first = tokio::time::timeout(cfg.connect_timeout, async {
+        loop {
+            if let Some(frame) = wire::decode::<ServerFrame>(&mut buf, cfg.max_frame_bytes)
+                .map_err(|e| unreachable(cfg, e))?
+            {
+                return Ok(frame);
+            }
+            if reader
+                .read_buf(&mut buf)
+                .await
+                .map_err(|e| unreachable(cfg, e))?
+                == 0
+            {
+                return Err(unreachable(cfg, "the router closed the connection"));
+            }
+        }
+    })
+    .await
+    .map_err(|_| unreachable(cfg, "no welcome in time"))??;
+    match replica.handle_frame(first) {
+        Ok(()) => {}
+        Err(FrameError::Closed(Closed { code, reason })) => {
+            return Err(ClientError::Refused { code, reason })
+        }
+        Err(e) => return Err(unreachable(cfg, e)),
+    }
+    if !replica.was_welcomed() {
+        return Err(unreachable(cfg, "the router did not welcome this replica"));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    let writer_task = tokio::spawn(write_loop(write, rx));
+    Ok(Conn {
+        reader,
+        buf,
+        writer: tx,
+        writer_task,
+    })
+}
+
+fn unreachable(cfg: &ClientConfig, e: impl std::fmt::Display) -> ClientError {
+    ClientError::Unreachable {
+        addrs: cfg.routers.clone(),
+        detail: e.to_string(),
+    }
+}
+
+/// Writes what the client task queues, coalescing whatever is waiting into one write. The
+/// queue is bounded by the replica's pending-send limit plus the snapshot being uploaded.
+async fn write_loop(mut w: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        buf.clear();
+        buf.extend_from_slice(&first);
+        while buf.len() < 1024 * 1024 {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if w.write_all(&buf).await.is_err() {
+            return;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+enum Ending {
+    Retry(String),
+    Lost(String),
+    Done,
+}
+
+async fn run<I: Island>(
+    cfg: ClientConfig,
+    mut replica: Replica<I>,
+    mut conn: Conn,
+    mut cmds: mpsc::Receiver<Command<I>>,
+    events: mpsc::Sender<Event>,
+) {
+    loop {
+        let ending = serve(&cfg, &mut replica, &mut conn, &mut cmds, &events).await;
+        drop(conn.writer);
+        let reason = match ending {
+            Ending::Done => {
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.writer_task).await;
+                if replica.is_stopped() {
+                    // Stopped, not left: the state stays readable until the handle goes.
+                    stay_inspectable(&mut replica, &mut cmds).await;
+                }
+                return;
+            }
+            Ending::Lost(reason) => {
+                conn.writer_task.abort();
+                let _ = events.send(Event::SessionLost { reason }).await;
+                return;
+            }
+            Ending::Retry(reason) => {
+                conn.writer_task.abort();
+                reason
+            }
+        };
+        replica.disconnected();
+        let _ = events.send(Event::Disconnected { reason }).await;
+        match reconnect(&cfg, &mut replica, &mut cmds).await {
+            Ok(Some(c)) => {
+                conn = c;
+                let _ = events.send(Event::Reconnected).await;
+            }
+            Ok(None) => return,
+            Err(reason) => {
+                let _ = events.send(Event::SessionLost { reason }).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn stay_inspectable<I: Island>(
+    replica: &mut Replica<I>,
+    cmds: &mut mpsc::Receiver<Command<I>>,
+) {
+    while let Some(cmd) = cmds.recv().await {
+        match cmd {
+            Command::Send(_, reply) => {
+                let _ = reply.send(Err(ClientError::Ended));
+            }
+            Command::Inspect(f) => f(replica.island(), replica.last_seq()),
+            Command::Leave(done) => {
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+}
+
+/// Tries again with exponential back-off and jitter until it gets back in, the session turns
+/// out to be gone (`Err`), or the application leaves (`Ok(None)`).
+async fn reconnect<I: Island>(
+    cfg: &ClientConfig,
+    replica: &mut Replica<I>,
+    cmds: &mut mpsc::Receiver<Command<I>>,
+) -> Result<Option<Conn>, String> {
+    let mut delay = cfg.backoff_initial;
+    loop {
+        let wake = Instant::now() + jitter(delay);
+        // Keep serving the application while waiting: sends queue up, inspections answer.
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => break,
+                cmd = cmds.recv() => match cmd {
+                    Some(Command::Send(payload, reply)) => { let _ = reply.send(replica.send(payload)); }
+                    Some(Command::Inspect(f)) => f(replica.island(), replica.last_seq()),
+                    Some(Command::Leave(done)) => { let _ = done.send(()); return Ok(None); }
+                    None => return Ok(None),
+                },
+            }
+        }
+        match establish(cfg, replica).await {
+            Ok(conn) => return Ok(Some(conn)),
+            Err(ClientError::Refused { code, reason }) if !code.is_retryable() => {
+                return Err(format!("{reason} ({code})"));
+            }
+            Err(e) => {
+                tracing::debug!("reconnect failed: {e}");
+                delay = (delay * 2).min(cfg.backoff_max);
+            }
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    // Between half and all of the delay, so replicas cut off together do not return together.
+    let mut b = [0u8; 2];
+    let r = getrandom::fill(&mut b).map_or(0, |_| u16::from_le_bytes(b));
+    d.mul_f64(0.5 + 0.5 * f64::from(r) / f64::from(u16::MAX))
+}
+
+fn flush<I: Island>(replica: &mut Replica<I>, conn: &Conn) -> bool {
+    let mut wrote = false;
+    while let Some(frame) = replica.poll_transmit() {
+        wrote = true;
+        if conn.writer.send(frame).is_err() {
+            break;
+        }
+    }
+    wrote
+}
+
+async fn serve<I: Island>(
+    cfg: &ClientConfig,
+    replica: &mut Replica<I>,
+    conn: &mut Conn,
+    cmds: &mut mpsc::Receiver<Command<I>>,
+    events: &mpsc::Sender<Event>,
+) -> Ending {
+    let mut last_heard = Instant::now();
+    let mut last_sent = Instant::now();
+    let mut nonce = 0u64;
+    // Frames that arrived with the welcome.
+    let mut pending_error = decode_all(cfg, replica, conn, &mut last_heard);
+    loop {
+        if flush(replica, conn) {
+            last_sent = Instant::now();
+        }
+        while let Some(ev) = replica.poll_event() {
+            let _ = events.send(ev).await;
+        }
+        if let Some(ending) = pending_error.take() {
+            return ending;
+        }
+        if replica.is_stopped() {
+            replica.push_frame(&ClientFrame::Leave);
+            flush(replica, conn);
+            return Ending::Done;
+        }
+        tokio::select! {
+            r = conn.reader.read_buf(&mut conn.buf) => match r {
+                Ok(0) => return Ending::Retry("the router closed the connection".into()),
+                Err(e) => return Ending::Retry(format!("connection lost: {e}")),
+                Ok(_) => pending_error = decode_all(cfg, replica, conn, &mut last_heard),
+            },
+            cmd = cmds.recv() => match cmd {
+                Some(Command::Send(payload, reply)) => { let _ = reply.send(replica.send(payload)); }
+                Some(Command::Inspect(f)) => f(replica.island(), replica.last_seq()),
+                Some(Command::Leave(done)) => {
+                    replica.push_frame(&ClientFrame::Leave);
+                    flush(replica, conn);
+                    let _ = done.send(());
+                    return Ending::Done;
+                }
+                None => {
+                    replica.push_frame(&ClientFrame::Leave);
+                    flush(replica, conn);
+                    return Ending::Done;
+                }
+            },
+            _ = tokio::time::sleep_until(last_sent + cfg.ping_interval) => {
+                nonce += 1;
+                replica.push_frame(&ClientFrame::Ping { nonce });
+            }
+            _ = tokio::time::sleep_until(last_heard + cfg.liveness_timeout) => {
+                return Ending::Retry(format!("no word from the router for {:?}", cfg.liveness_timeout));
+            }
+        }
+    }
+}
+
+/// Decodes and applies every complete frame in the buffer.
+fn decode_all<I: Island>(
+    cfg: &ClientConfig,
+    replica: &mut Replica<I>,
+    conn: &mut Conn,
+    last_heard: &mut Instant,
+) -> Option<Ending> {
+    loop {
+        if replica.is_stopped() {
+            return None;
+        }
+        let frame = match wire::decode::<ServerFrame>(&mut conn.buf, cfg.max_frame_bytes) {
+            Ok(Some(f)) => f,
+            Ok(None) => return None,
+            Err(e) => {
+                return Some(Ending::Retry(format!(
+                    "unreadable frame from the router: {e}"
+                )))
+            }
+        };
+        *last_heard = Instant::now();
+        match replica.handle_frame(frame) {
+            Ok(()) => {}
+            Err(FrameError::Closed(Closed { code, reason })) => {
+                return Some(closed_ending(code, reason));
+            }
+            Err(e) => return Some(Ending::Retry(e.to_string())),
+        }
+    }
+}
+
+fn closed_ending(code: Code, reason: String) -> Ending {
+    if code.is_retryable() {
+        Ending::Retry(format!("{reason} ({code})"))
+    } else {
+        Ending::Lost(format!("{reason} ({code})"))
+    }
+}

@@ -1,0 +1,260 @@
+use crate::router::spawn_router;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A running `isthmus` replica whose stdout lines arrive on a channel.
+struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn spawn(args: &[String]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start isthmus");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    fn next_line(&self) -> String {
+        self.lines.recv_timeout(PATIENCE).expect("a line of output")
+    }
+
+    /// Waits for exit and returns (status, remaining stdout lines, stderr).
+    fn finish(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("replica did not exit in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let lines = self.lines.try_iter().collect();
+        (status, lines, err)
+    }
+}
+
+struct Transcript {
+    messages: BTreeMap<u64, String>,
+    first: u64,
+    last_seq: u64,
+    digest: String,
+}
+
+fn transcript(lines: &[String]) -> Transcript {
+    let mut messages = BTreeMap::new();
+    let mut order = Vec::new();
+    let mut summary = None;
+    for line in lines {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if let Some(seq) = v.get("seq").and_then(Value::as_u64) {
+            let text = v["text"].as_str().expect("text").to_string();
+            assert!(v["time_us"].is_u64() && v["from"].is_string(), "{line}");
+            assert!(
+                messages.insert(seq, text).is_none(),
+                "seq {seq} printed twice"
+            );
+            order.push(seq);
+        } else {
+            summary = Some((
+                v["last_seq"].as_u64().expect("last_seq"),
+                v["digest"].as_str().expect("digest").to_string(),
+            ));
+        }
+    }
+    let first = order.first().copied().unwrap_or(0);
+    let expect: Vec<u64> = (first..first + order.len() as u64).collect();
+    assert_eq!(order, expect, "seqs printed contiguously in order");
+    let (last_seq, digest) = summary.expect("a summary line on exit");
+    Transcript {
+        messages,
+        first,
+        last_seq,
+        digest,
+    }
+}
+
+#[test]
+fn creator_joiners_and_a_late_joiner_end_with_one_history_and_one_digest() {
+    let (mut router, addr) = spawn_router(&[]);
+    let total = 150u64;
+    let n = total.to_string();
+    let creator = Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "harbour".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+        "--exit-after-seq".into(),
+        n.clone(),
+    ]);
+    let postcard = creator.next_line();
+    assert!(postcard.starts_with("isthmus1:"), "{postcard}");
+    let joiners: Vec<Proc> = (0..3)
+        .map(|j| {
+            let mut args = vec!["join".to_string(), postcard.clone()];
+            for k in 0..50 {
+                args.push("--send".into());
+                args.push(format!("j{j}-{k}"));
+            }
+            args.extend(["--json".into(), "--exit-after-seq".into(), n.clone()]);
+            args.extend(["--name".into(), format!("joiner{j}")]);
+            Proc::spawn(&args)
+        })
+        .collect();
+    // The late joiner arrives once the creator has seen a third of the messages.
+    loop {
+        let line = creator.next_line();
+        let v: Value = serde_json::from_str(&line).expect("json");
+        if v["seq"].as_u64().is_some_and(|s| s >= total / 3) {
+            break;
+        }
+    }
+    let late = Proc::spawn(&[
+        "join".into(),
+        postcard.clone(),
+        "--json".into(),
+        "--exit-after-seq".into(),
+        n.clone(),
+    ]);
+    let mut all = Vec::new();
+    let (status, lines, err) = creator.finish();
+    assert!(status.success(), "creator: {err}");
+    // The creator's early lines were consumed above; its summary is among the rest.
+    let creator_t = {
+        let keep: Vec<String> = lines;
+        let summary_only = keep.iter().all(|l| !l.contains("\"seq\""));
+        if summary_only {
+            None
+        } else {
+            Some(transcript(&keep))
+        }
+    };
+    for p in joiners.into_iter().chain([late]) {
+        let (status, lines, err) = p.finish();
+        assert!(status.success(), "replica failed: {err}");
+        all.push(transcript(&lines));
+    }
+    let reference = &all[0];
+    assert_eq!(reference.last_seq, total);
+    assert_eq!(
+        reference.messages.len() as u64,
+        total,
+        "a joiner saw everything"
+    );
+    for t in all.iter().chain(creator_t.iter()) {
+        assert_eq!(t.last_seq, total);
+        assert_eq!(
+            t.digest, reference.digest,
+            "every replica ends in the same state"
+        );
+        for (seq, text) in &t.messages {
+            assert_eq!(reference.messages.get(seq), Some(text), "seq {seq} differs");
+        }
+    }
+    // Every line sent was stamped exactly once.
+    let mut texts: Vec<&String> = reference.messages.values().collect();
+    texts.sort();
+    texts.dedup();
+    assert_eq!(texts.len() as u64, total);
+    let _ = all.last().map(|late| late.first);
+    let _ = router.kill();
+    let _ = router.wait();
+}
+
+#[test]
+fn join_strings_that_cannot_work_fail_with_one_clear_line() {
+    // Malformed: exit 2.
+    let out = Command::new(BIN)
+        .args(["join", "not-a-postcard"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A damaged character: exit 2, and it says so.
+    let (mut router, addr) = spawn_router(&[]);
+    let creator = Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "pier".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+    ]);
+    let postcard = creator.next_line();
+    let mut damaged: Vec<char> = postcard.chars().collect();
+    let i = damaged.len() / 2;
+    damaged[i] = if damaged[i] == 'a' { 'b' } else { 'a' };
+    let damaged: String = damaged.into_iter().collect();
+    let out = Command::new(BIN)
+        .args(["join", &damaged])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
+
+    // The wrong secret for a real island: refused, non-zero, one line.
+    use isthmus_contact::{JoinSecret, Postcard};
+    let mut card: Postcard = postcard.parse().expect("postcard");
+    card.secret = JoinSecret::random();
+    let out = Command::new(BIN)
+        .args(["join", &card.to_string()])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("secret"), "{err}");
+
+    // An unreachable router: non-zero, one line naming the address.
+    let _ = router.kill();
+    let _ = router.wait();
+    let out = Command::new(BIN)
+        .args(["join", &postcard])
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("cannot reach the router"), "{err}");
+    let (_, _, _) = creator.finish_killed();
+}
+
+impl Proc {
+    fn finish_killed(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
+        let _ = self.child.kill();
+        self.finish()
+    }
+}

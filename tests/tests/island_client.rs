@@ -1,0 +1,256 @@
+//! The island client against a real router over loopback: resume after a cut connection,
+//! a silently dead path, and a router restart.
+
+use isthmus_contact::JoinSecret;
+use isthmus_dispatcher::DispatcherConfig;
+use isthmus_island_client::chat::ChatIsland;
+use isthmus_island_client::client::{self, ClientHandle};
+use isthmus_island_client::replica::{DEFAULT_DIGEST_EVERY, DEFAULT_MAX_PENDING_SENDS};
+use isthmus_island_client::{ClientConfig, Event, ReplicaConfig};
+use isthmus_router::ids::{ReplicaId, Seq, SessionId};
+use isthmus_router::wire::{CreateOptions, Role};
+use isthmus_tests::{start_router, Proxy, PATIENCE};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+fn config(addr: SocketAddr, session: SessionId, secret: &JoinSecret, create: bool) -> ClientConfig {
+    let mut cfg = ClientConfig::new(
+        vec![addr],
+        ReplicaConfig {
+            session,
+            token: secret.join_token(session),
+            replica: ReplicaId::random(),
+            name: "t".into(),
+            role: Role::Replica,
+            create: create.then(CreateOptions::default),
+            digest_every: DEFAULT_DIGEST_EVERY,
+            max_pending_sends: DEFAULT_MAX_PENDING_SENDS,
+            stop_after: None,
+        },
+    );
+    cfg.backoff_initial = Duration::from_millis(50);
+    cfg.backoff_max = Duration::from_millis(400);
+    cfg
+}
+
+/// Collects events until seq `n` is applied; returns the messages' seqs and all events.
+async fn until_seq(events: &mut mpsc::Receiver<Event>, n: u64) -> (Vec<u64>, Vec<Event>) {
+    let mut seqs = Vec::new();
+    let mut all = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(e) = events.recv().await {
+            let done = match &e {
+                Event::Message(m) => {
+                    seqs.push(m.seq.0);
+                    m.seq.0 >= n
+                }
+                Event::Restored { at } => at.0 >= n,
+                _ => false,
+            };
+            all.push(e);
+            if done {
+                return;
+            }
+        }
+        panic!("events ended early: {all:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out before seq {n}"));
+    (seqs, all)
+}
+
+async fn digest(h: &ClientHandle<ChatIsland>) -> (Seq, String) {
+    h.inspect(|c: &ChatIsland, seq| (seq, c.digest_hex()))
+        .await
+        .expect("inspect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_connection_resumes_without_gaps_or_duplicates() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let proxy = Proxy::start(router.addr).await;
+    let session = SessionId::random();
+    let secret = JoinSecret::random();
+    let (a, mut a_events) = client::connect(
+        config(router.addr, session, &secret, true),
+        ChatIsland::default(),
+    )
+    .await
+    .expect("creator connects");
+    let (b, mut b_events) = client::connect(
+        config(proxy.addr, session, &secret, false),
+        ChatIsland::default(),
+    )
+    .await
+    .expect("joiner connects through the proxy");
+    let total = 400u64;
+    let sender = tokio::spawn(async move {
+        for k in 0..total / 2 {
+            a.send(ChatIsland::payload("a", &format!("a{k}")))
+                .await
+                .expect("a sends");
+            b.send(ChatIsland::payload("b", &format!("b{k}")))
+                .await
+                .expect("b sends");
+            if k == 60 {
+                proxy.cut();
+            }
+            if k == 140 {
+                // Cut again only once b is back, so this is a second, separate resume.
+                tokio::time::timeout(PATIENCE, async {
+                    while proxy.accepted() < 2 {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+                .await
+                .expect("b reconnects after the first cut");
+                proxy.cut();
+            }
+            if k % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        (a, b, proxy)
+    });
+    let (a_seqs, _) = until_seq(&mut a_events, total).await;
+    let (b_seqs, b_all) = until_seq(&mut b_events, total).await;
+    let (a, b, proxy) = sender.await.expect("sender");
+    assert!(proxy.accepted() >= 3, "b reconnected after each cut");
+    assert!(b_all
+        .iter()
+        .any(|e| matches!(e, Event::Disconnected { .. })));
+    assert!(b_all.iter().any(|e| matches!(e, Event::Reconnected)));
+    let syncs = b_all
+        .iter()
+        .filter(|e| matches!(e, Event::Restored { .. } | Event::StartedFresh))
+        .count();
+    assert_eq!(syncs, 1, "the reconnects resumed instead of resyncing");
+    assert_eq!(a_seqs, (1..=total).collect::<Vec<_>>());
+    // b may have resynced from a snapshot; what it did see is strictly increasing and ends at
+    // the last seq, with nothing twice.
+    assert!(
+        b_seqs.windows(2).all(|w| w[0] < w[1]),
+        "no duplicate, no reordering"
+    );
+    assert_eq!(b_seqs.last(), Some(&total));
+    let (sa, da) = digest(&a).await;
+    let (sb, db) = digest(&b).await;
+    assert_eq!((sa, &da), (Seq(total), &db), "same state everywhere");
+    assert_eq!(sb, Seq(total));
+    // Every send of b was stamped exactly once despite the resends.
+    let lines = a
+        .inspect(|c: &ChatIsland, _| c.lines().map(|l| l.text.clone()).collect::<Vec<_>>())
+        .await
+        .expect("inspect");
+    let mut bs: Vec<&String> = lines.iter().filter(|t| t.starts_with('b')).collect();
+    assert_eq!(bs.len() as u64, total / 2);
+    bs.dedup();
+    assert_eq!(bs.len() as u64, total / 2);
+    a.leave().await;
+    b.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_path_is_noticed_and_replaced() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let proxy = Proxy::start(router.addr).await;
+    let session = SessionId::random();
+    let secret = JoinSecret::random();
+    let mut cfg = config(proxy.addr, session, &secret, true);
+    cfg.liveness_timeout = Duration::from_millis(600);
+    cfg.ping_interval = Duration::from_millis(200);
+    let (a, mut events) = client::connect(cfg, ChatIsland::default())
+        .await
+        .expect("connect");
+    a.send(ChatIsland::payload("a", "before"))
+        .await
+        .expect("send");
+    until_seq(&mut events, 1).await;
+    proxy.freeze(true);
+    let reason = tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Some(Event::Disconnected { reason }) = events.recv().await {
+                return reason;
+            }
+        }
+    })
+    .await
+    .expect("the dead path is noticed");
+    assert!(reason.contains("no word from the router"), "{reason}");
+    proxy.freeze(false);
+    tokio::time::timeout(PATIENCE, async {
+        while !matches!(events.recv().await, Some(Event::Reconnected)) {}
+    })
+    .await
+    .expect("reconnected");
+    a.send(ChatIsland::payload("a", "after"))
+        .await
+        .expect("send");
+    let (seqs, _) = until_seq(&mut events, 2).await;
+    assert_eq!(seqs.last(), Some(&2));
+    a.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_restart_is_reported_as_a_lost_session() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let addr = router.addr;
+    let session = SessionId::random();
+    let secret = JoinSecret::random();
+    let (a, mut events) =
+        client::connect(config(addr, session, &secret, true), ChatIsland::default())
+            .await
+            .expect("connect");
+    a.send(ChatIsland::payload("a", "hello"))
+        .await
+        .expect("send");
+    until_seq(&mut events, 1).await;
+
+    router.shutdown.cancel();
+    router.task.await.expect("router stops");
+    // The same port comes back with an empty router.
+    let cfg = DispatcherConfig {
+        listen: addr,
+        ..DispatcherConfig::default()
+    };
+    let again = isthmus_dispatcher::Dispatcher::bind(cfg)
+        .await
+        .expect("rebind");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(again.run(stop.clone()));
+
+    let mut seen = Vec::new();
+    let lost = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.recv().await {
+                Some(Event::SessionLost { reason }) => return reason,
+                Some(e) => seen.push(e),
+                None => panic!("ended without reporting the lost session: {seen:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the lost session is reported");
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::Disconnected { .. })),
+        "noticed the drop first: {seen:?}"
+    );
+    assert!(
+        !seen.iter().any(|e| matches!(e, Event::Reconnected)),
+        "never pretends continuity"
+    );
+    assert!(lost.contains("2002"), "{lost}");
+    // The replica did not quietly create a fresh session on the new router.
+    assert_eq!(0, count_sessions(&a).await);
+    stop.cancel();
+    task.await.expect("router ends");
+}
+
+async fn count_sessions(a: &ClientHandle<ChatIsland>) -> usize {
+    // After a lost session the handle no longer works: sends fail instead of vanishing.
+    match a.send(ChatIsland::payload("a", "x")).await {
+        Ok(_) => 1,
+        Err(_) => 0,
+    }
+}
