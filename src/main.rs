@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use isthmus_dispatcher::{Dispatcher, DispatcherConfig, DEFAULT_PORT};
+use isthmus_dispatcher::{BeaconConfig, Dispatcher, DispatcherConfig, DEFAULT_PORT};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,10 @@ enum Command {
     Island(island::IslandCommand),
     /// Join an island as a replica of its chat.
     Join(island::JoinArgs),
+    /// List the islands announced on the LAN.
+    Discover(island::DiscoverArgs),
+    /// Read a postcard, or make one for an island heard on the LAN.
+    Postcard(island::PostcardArgs),
 }
 
 #[derive(Args)]
@@ -45,6 +49,15 @@ struct RouterArgs {
     /// Do not announce islands by LAN broadcast.
     #[arg(long)]
     no_beacon: bool,
+    /// UDP port the LAN beacon announces to.
+    #[arg(long, default_value_t = isthmus_contact::beacon::DEFAULT_BEACON_PORT)]
+    beacon_port: u16,
+    /// Milliseconds between LAN announcements.
+    #[arg(long, default_value_t = 2000)]
+    beacon_interval_ms: u64,
+    /// Milliseconds an empty session is kept before it is dropped.
+    #[arg(long, default_value_t = 10_000)]
+    linger_ms: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -65,6 +78,8 @@ fn main() -> std::process::ExitCode {
             Command::Router(args) => run_router(args).await.map(|_| 0u8),
             Command::Island(cmd) => island::run_island(cmd).await,
             Command::Join(args) => island::run_join(args).await,
+            Command::Discover(args) => island::run_discover(args).await,
+            Command::Postcard(args) => island::run_postcard(args).await,
         }
     });
     match result {
@@ -106,11 +121,29 @@ async fn run_router(args: RouterArgs) -> Result<()> {
         anyhow::bail!("--tick-ms must be at least 1");
     }
     cfg.driver.session.tick_interval = Duration::from_millis(args.tick_ms);
-    let _ = args.no_beacon; // accepted now; the LAN beacon arrives with the contact issue
+    cfg.driver.session.linger = Duration::from_millis(args.linger_ms);
+    if !args.no_beacon {
+        if args.beacon_interval_ms < 100 {
+            anyhow::bail!("--beacon-interval-ms must be at least 100");
+        }
+        cfg.beacon = Some(BeaconConfig {
+            port: args.beacon_port,
+            interval: Duration::from_millis(args.beacon_interval_ms),
+        });
+    }
+    let beacon = cfg.beacon.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
     println!("listening on {local}");
-    tracing::info!(%local, "router ready (LAN-only)");
+    match &beacon {
+        Some(b) => tracing::info!(
+            %local,
+            "router ready (LAN-only); announcing islands on UDP {} every {:?}",
+            b.port,
+            b.interval
+        ),
+        None => tracing::info!(%local, "router ready (LAN-only); LAN beacon off"),
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));
     dispatcher.run(shutdown).await;

@@ -2,8 +2,9 @@
 //!
 //! Owns how people find and reach an island: contact points (the internal LAN addresses and the
 //! external address of a router, per session), the join secret and what is derived from it, the
-//! postcard text a user pastes to a remote friend, and (later) the UDP LAN beacon that announces
-//! live islands. Everything here is pure code.
+//! postcard text a user pastes to a remote friend, and the UDP LAN beacon that announces live
+//! islands. The formats and the listener's table are pure code ([`beacon`]); [`lan`] is the thin
+//! tokio layer with the sockets.
 //!
 //! ```
 //! use isthmus_contact::{ContactPoint, JoinSecret, Postcard};
@@ -16,6 +17,8 @@
 //! assert_eq!(text.parse::<Postcard>().unwrap(), card);
 //! ```
 
+pub mod beacon;
+pub mod lan;
 mod postcard;
 mod secret;
 

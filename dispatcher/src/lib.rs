@@ -15,12 +15,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod contacts;
+
 use bytes::BytesMut;
+use isthmus_contact::beacon::{Beacon, BeaconIsland};
 use isthmus_router::driver::{spawn_session, Attach, DriverConfig, SessionHandle};
 use isthmus_router::ids::{ConnId, SessionId};
 use isthmus_router::session::JoinRequest;
 use isthmus_router::wire::{
-    self, ClientFrame, Code, DecodeError, Hello, JoinToken, ServerFrame, MAX_HELLO_BYTES,
+    self, Announce, ClientFrame, Code, DecodeError, Hello, JoinToken, ServerFrame, MAX_HELLO_BYTES,
     PREAMBLE_LEN,
 };
 use sha2::{Digest, Sha256};
@@ -53,6 +56,24 @@ pub enum Forwarding {
     LanOnly,
 }
 
+/// The LAN beacon's settings.
+#[derive(Clone, Debug)]
+pub struct BeaconConfig {
+    /// UDP port announced to.
+    pub port: u16,
+    /// Announcement period.
+    pub interval: Duration,
+}
+
+impl Default for BeaconConfig {
+    fn default() -> Self {
+        BeaconConfig {
+            port: isthmus_contact::beacon::DEFAULT_BEACON_PORT,
+            interval: isthmus_contact::beacon::DEFAULT_BEACON_INTERVAL,
+        }
+    }
+}
+
 /// Everything the dispatcher needs to run.
 #[derive(Clone, Debug)]
 pub struct DispatcherConfig {
@@ -68,6 +89,8 @@ pub struct DispatcherConfig {
     pub forwarding: Forwarding,
     /// Settings of every session.
     pub driver: DriverConfig,
+    /// Announce islands on the LAN; `None` keeps the router silent.
+    pub beacon: Option<BeaconConfig>,
 }
 
 impl Default for DispatcherConfig {
@@ -79,6 +102,7 @@ impl Default for DispatcherConfig {
             allow_create: true,
             forwarding: Forwarding::LanOnly,
             driver: DriverConfig::default(),
+            beacon: None,
         }
     }
 }
@@ -119,6 +143,7 @@ struct Slot {
     handle: SessionHandle,
     verifier: [u8; 32],
     join: Option<tokio::task::JoinHandle<()>>,
+    announce: Option<Announce>,
 }
 
 type Registry = Arc<Mutex<HashMap<SessionId, Slot>>>;
@@ -132,6 +157,7 @@ pub struct Dispatcher {
 
 struct Shared {
     cfg: DispatcherConfig,
+    instance: uuid::Uuid,
     registry: Registry,
     next_conn: AtomicU64,
     permits: Arc<Semaphore>,
@@ -158,6 +184,7 @@ impl Dispatcher {
             local,
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+                instance: uuid::Uuid::new_v4(),
                 cfg,
                 registry: Arc::new(Mutex::new(HashMap::new())),
                 next_conn: AtomicU64::new(1),
@@ -170,6 +197,16 @@ impl Dispatcher {
         self.local
     }
 
+    /// This dispatcher's instance id, announced in beacons and welcomes.
+    pub fn instance(&self) -> uuid::Uuid {
+        self.shared.instance
+    }
+
+    /// The external address published, if any.
+    pub fn external(&self) -> Option<SocketAddr> {
+        None
+    }
+
     /// Sessions alive now.
     pub fn session_count(&self) -> usize {
         self.shared.registry.lock().map(|r| r.len()).unwrap_or(0)
@@ -177,6 +214,25 @@ impl Dispatcher {
 
     /// Accepts connections until `shutdown` fires, then says goodbye to every replica.
     pub async fn run(self, shutdown: CancellationToken) {
+        if let Some(b) = self.shared.cfg.beacon.clone() {
+            let head = Beacon {
+                instance: self.shared.instance,
+                port: self.local.port(),
+                interval_ms: b.interval.as_millis().min(u128::from(u32::MAX)) as u32,
+                external: self.external(),
+                islands: Vec::new(),
+            };
+            let registry = Arc::downgrade(&self.shared.registry);
+            let islands = move || announced(&registry);
+            let cancel = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) =
+                    isthmus_contact::lan::broadcast(head, b.port, b.interval, islands, cancel).await
+                {
+                    warn!("LAN beacon stopped: {e}; islands will not be found by broadcast");
+                }
+            });
+        }
         let mut handshakes = JoinSet::new();
         let mut backoff = Duration::from_millis(5);
         loop {
@@ -247,7 +303,15 @@ impl Shared {
                 return;
             }
         };
-        let contacts: Vec<SocketAddr> = stream.local_addr().into_iter().collect();
+        let local = stream.local_addr().unwrap_or(self.cfg.listen);
+        let contacts = contacts::contacts_for(
+            self.cfg.listen,
+            local,
+            peer,
+            &contacts::local_addrs(),
+            None,
+            self.instance,
+        );
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let session = hello.session;
         let attach = Attach {
@@ -324,6 +388,18 @@ impl Shared {
                             "this router does not create sessions".into(),
                         ));
                     }
+                    if let Some(a) = &opts.announce {
+                        if a.name.len() > isthmus_contact::MAX_ISLAND_NAME_BYTES {
+                            return Err((
+                                attach,
+                                Code::PROTOCOL_VIOLATION,
+                                format!(
+                                    "island names are at most {} bytes",
+                                    isthmus_contact::MAX_ISLAND_NAME_BYTES
+                                ),
+                            ));
+                        }
+                    }
                     let mut driver = self.cfg.driver.clone();
                     driver.session = driver.session.with_create_options(opts);
                     let registry = Arc::downgrade(&self.registry);
@@ -353,6 +429,7 @@ impl Shared {
                             handle,
                             verifier: offered,
                             join: Some(join),
+                            announce: opts.announce.clone(),
                         },
                     );
                     return Ok(());
@@ -379,6 +456,26 @@ impl Shared {
             }
         }
     }
+}
+
+/// The islands to put in the beacon now.
+fn announced(registry: &std::sync::Weak<Mutex<HashMap<SessionId, Slot>>>) -> Vec<BeaconIsland> {
+    let Some(registry) = registry.upgrade() else {
+        return Vec::new();
+    };
+    let Ok(reg) = registry.lock() else {
+        return Vec::new();
+    };
+    reg.iter()
+        .filter_map(|(id, slot)| {
+            slot.announce.as_ref().map(|a| BeaconIsland {
+                session: *id,
+                name: a.name.clone(),
+                destination: a.destination,
+                secret: a.secret,
+            })
+        })
+        .collect()
 }
 
 /// Reads and checks the preamble, answers with ours, then reads the hello.

@@ -145,12 +145,15 @@ pub async fn connect<I: Island>(
 
 /// Opens the first candidate to answer with an Isthmus preamble, trying the next one every
 /// `race_delay` while earlier ones are still pending.
-async fn open(cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
-    if cfg.routers.is_empty() {
+async fn open(
+    cfg: &ClientConfig,
+    candidates: &[SocketAddr],
+) -> Result<(TcpStream, SocketAddr), ClientError> {
+    if candidates.is_empty() {
         return Err(ClientError::NoAddress);
     }
     let mut attempts = JoinSet::new();
-    for (i, addr) in cfg.routers.iter().copied().enumerate() {
+    for (i, addr) in candidates.iter().copied().enumerate() {
         let delay = cfg.race_delay * i as u32;
         let limit = cfg.connect_timeout;
         attempts.spawn(async move {
@@ -172,7 +175,7 @@ async fn open(cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
         let Ok((addr, result)) = done else { continue };
         match result {
             Ok(Ok((stream, pre))) => match wire::check_preamble(&pre) {
-                Ok(()) => return Ok(stream),
+                Ok(()) => return Ok((stream, addr)),
                 Err(DecodeError::UnsupportedVersion { theirs, ours }) => {
                     return Err(ClientError::Version(format!(
                         "router at {addr} speaks {theirs}, this client {ours}"
@@ -193,12 +196,34 @@ async fn open(cfg: &ClientConfig) -> Result<TcpStream, ClientError> {
     })
 }
 
-/// Opens a connection and completes the hello / welcome exchange.
+/// Opens a connection and completes the hello / welcome exchange. If the router that won the
+/// race does not know the island (another router on a stale address, say), the remaining
+/// candidates get their turn.
 async fn establish<I: Island>(
     cfg: &ClientConfig,
     replica: &mut Replica<I>,
 ) -> Result<Conn, ClientError> {
-    let stream = open(cfg).await?;
+    let mut candidates = cfg.routers.clone();
+    loop {
+        let (stream, addr) = open(cfg, &candidates).await?;
+        match handshake(cfg, replica, stream).await {
+            Err(ClientError::Refused { code, reason })
+                if matches!(code, Code::UNKNOWN_SESSION | Code::BAD_TOKEN)
+                    && candidates.len() > 1 =>
+            {
+                tracing::debug!(%addr, "refused ({code}: {reason}); trying the other addresses");
+                candidates.retain(|a| *a != addr);
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn handshake<I: Island>(
+    cfg: &ClientConfig,
+    replica: &mut Replica<I>,
+    stream: TcpStream,
+) -> Result<Conn, ClientError> {
     let (mut reader, mut write) = stream.into_split();
     write
         .write_all(&replica.hello())

@@ -9,7 +9,6 @@ use isthmus_router::wire::{
     ServerFrame,
 };
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 
 /// Pieces a snapshot is uploaded in; well under the router's frame limit.
 pub const SNAPSHOT_UPLOAD_CHUNK: usize = 128 * 1024;
@@ -49,8 +48,8 @@ pub enum Event {
     Welcomed {
         /// This connection created the session.
         created: bool,
-        /// Addresses the router says to use.
-        contacts: Vec<SocketAddr>,
+        /// The router's contact points as it sees them for this replica.
+        contacts: wire::Contacts,
     },
     /// The island state was replaced by a snapshot taken after `at`; messages from `at + 1`
     /// follow.
@@ -465,7 +464,7 @@ mod tests {
             tick_interval_us: 50_000,
             last_client_seq,
             max_payload_bytes: 1000,
-            contacts: vec![],
+            contacts: wire::Contacts::default(),
         })
     }
 

@@ -15,7 +15,6 @@ use crate::wire::{
 };
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Default idle time before a tick: 20 ticks a second keeps island time smooth for animation.
@@ -129,8 +128,8 @@ pub struct JoinRequest {
     pub role: Role,
     /// Last seq applied, when reconnecting.
     pub resume_from: Option<Seq>,
-    /// Addresses to tell it in the welcome.
-    pub contacts: Vec<SocketAddr>,
+    /// The router's contact points, as the dispatcher sees them for this replica.
+    pub contacts: wire::Contacts,
     /// Whether this hello created the session.
     pub created: bool,
 }

@@ -208,6 +208,59 @@ pub struct CreateOptions {
     pub tick_interval_ms: Option<u32>,
     /// Stamp replica joins and leaves into the order as router messages ([`RouterEvent`]).
     pub announce_membership: bool,
+    /// List the island in the router's LAN beacon; `None` keeps it off the beacon entirely.
+    pub announce: Option<Announce>,
+}
+
+/// How an island appears in the router's LAN beacon.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Announce {
+    /// The island's name, at most [`MAX_NAME_BYTES`].
+    pub name: String,
+    /// Where in the island to arrive, if anywhere.
+    pub destination: Option<uuid::Uuid>,
+    /// The join secret, for a LAN-open island: anyone on the LAN may join (and the router, which
+    /// sees it, is trusted like the LAN). `None` lists the island as private: visible, but
+    /// joinable only with its postcard.
+    pub secret: Option<[u8; 32]>,
+}
+
+impl fmt::Debug for Announce {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Announce")
+            .field("name", &self.name)
+            .field("destination", &self.destination)
+            .field("open", &self.secret.is_some())
+            .finish()
+    }
+}
+
+/// Where a replica can reach the router, as the router sees it for this requester.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Contacts {
+    /// Addresses on the router's LAN(s), the one on the requester's subnet first.
+    pub internal: Vec<SocketAddr>,
+    /// The address from the Internet (manual forwarding or UPnP), if any.
+    pub external: Option<SocketAddr>,
+    /// The requester came from outside the router's subnets: the external address is its best.
+    pub remote: bool,
+    /// The router (dispatcher) instance, to tell routers apart.
+    pub router: uuid::Uuid,
+}
+
+impl Contacts {
+    /// Every address, best first for this requester.
+    pub fn ordered(&self) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        if self.remote {
+            out.extend(self.external);
+        }
+        out.extend(self.internal.iter().copied());
+        if !self.remote {
+            out.extend(self.external.filter(|e| !out.contains(e)));
+        }
+        out
+    }
 }
 
 /// The first frame a replica sends.
@@ -249,8 +302,8 @@ pub struct Welcome {
     pub last_client_seq: u64,
     /// The largest payload the router accepts in a send.
     pub max_payload_bytes: u32,
-    /// Addresses of this router the replica should use to reconnect, best first.
-    pub contacts: Vec<SocketAddr>,
+    /// The router's contact points as seen for this replica.
+    pub contacts: Contacts,
 }
 
 /// Who put a message into the order.
@@ -628,7 +681,12 @@ mod tests {
                     resume_from: resume.map(Seq),
                     create: create.then_some(CreateOptions {
                         tick_interval_ms: Some(20),
-                        announce_membership: true
+                        announce_membership: true,
+                        announce: Some(Announce {
+                            name: "n".into(),
+                            destination: None,
+                            secret: Some([4; 32]),
+                        }),
                     }),
                 })),
             (any::<u64>(), arb_bytes()).prop_map(|(client_seq, payload)| ClientFrame::Send {

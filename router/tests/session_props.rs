@@ -170,7 +170,7 @@ impl World {
             name: format!("r{i}"),
             role: Role::Replica,
             resume_from,
-            contacts: vec![],
+            contacts: wire::Contacts::default(),
             created: false,
         };
         self.core.handle_join(conn, req, self.now);

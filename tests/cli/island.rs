@@ -1,67 +1,8 @@
+use crate::proc::{Proc, BIN};
 use crate::router::spawn_router;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
-const PATIENCE: Duration = Duration::from_secs(60);
-
-/// A running `isthmus` replica whose stdout lines arrive on a channel.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[String]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start isthmus");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Proc { child, lines: rx }
-    }
-
-    fn next_line(&self) -> String {
-        self.lines.recv_timeout(PATIENCE).expect("a line of output")
-    }
-
-    /// Waits for exit and returns (status, remaining stdout lines, stderr).
-    fn finish(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
-        let deadline = std::time::Instant::now() + PATIENCE;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("replica did not exit in time");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
-        let lines = self.lines.try_iter().collect();
-        (status, lines, err)
-    }
-}
+use std::process::Command;
 
 struct Transcript {
     messages: BTreeMap<u64, String>,
@@ -250,11 +191,4 @@ fn join_strings_that_cannot_work_fail_with_one_clear_line() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("cannot reach the router"), "{err}");
     let (_, _, _) = creator.finish_killed();
-}
-
-impl Proc {
-    fn finish_killed(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
-        let _ = self.child.kill();
-        self.finish()
-    }
 }

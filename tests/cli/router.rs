@@ -5,10 +5,18 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-/// Starts `isthmus router` on a free loopback port and reads its ready line.
+/// Starts `isthmus router` on a free loopback port and reads its ready line. Never beacons:
+/// outside a test network namespace, broadcasts would leave for the host's real LAN.
 pub fn spawn_router(extra: &[&str]) -> (Child, SocketAddr) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .args(["router", "--listen", "127.0.0.1", "--port", "0"])
+        .args([
+            "router",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-beacon",
+        ])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -38,7 +46,7 @@ pub fn sigterm(child: &Child) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_command_serves_and_says_goodbye_on_sigterm() {
-    let (mut child, addr) = spawn_router(&["--tick-ms", "20", "--no-beacon"]);
+    let (mut child, addr) = spawn_router(&["--tick-ms", "20"]);
     assert!(addr.ip().is_loopback());
     let session = SessionId::random();
     let mut a = WireReplica::connect(addr, HelloOpts::new(session, true))
@@ -50,7 +58,8 @@ async fn router_command_serves_and_says_goodbye_on_sigterm() {
         welcome.tick_interval_us, 20_000,
         "--tick-ms reaches the session"
     );
-    assert_eq!(welcome.contacts, vec![addr]);
+    assert_eq!(welcome.contacts.internal, vec![addr]);
+    assert!(!welcome.contacts.remote, "a loopback requester is local");
     a.send("hello").await.expect("send");
     a.wait_for_seq(1, PATIENCE).await;
     a.wait_until(PATIENCE, "a tick", |s| s.ticks > 0).await;

@@ -5,6 +5,8 @@
 //! protocol, independent of the island client, so router tests do not trust the code they test
 //! against.
 
+pub mod netns;
+
 use bytes::{Bytes, BytesMut};
 use isthmus_dispatcher::{Dispatcher, DispatcherConfig};
 use isthmus_router::ids::{ReplicaId, Seq, SessionId};

@@ -254,3 +254,59 @@ async fn count_sessions(a: &ClientHandle<ChatIsland>) -> usize {
         Err(_) => 0,
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn candidate_addresses_are_raced_so_a_dead_one_does_not_stall_the_join() {
+    let router = start_router(DispatcherConfig::default()).await;
+    // Accepts TCP but never speaks: like an address that leads nowhere useful.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    let _hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let session = SessionId::random();
+    let secret = JoinSecret::random();
+    let mut cfg = config(silent_addr, session, &secret, true);
+    cfg.routers = vec![silent_addr, router.addr];
+    cfg.connect_timeout = Duration::from_secs(20);
+    let started = std::time::Instant::now();
+    let (a, _events) = client::connect(cfg, ChatIsland::default())
+        .await
+        .expect("the second candidate wins");
+    // Without racing this would take the whole 20 s connect timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    a.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_does_not_know_the_island_hands_over_to_the_next_address() {
+    let real = start_router(DispatcherConfig::default()).await;
+    let other = start_router(DispatcherConfig::default()).await;
+    let session = SessionId::random();
+    let secret = JoinSecret::random();
+    let (a, _a_events) = client::connect(
+        config(real.addr, session, &secret, true),
+        ChatIsland::default(),
+    )
+    .await
+    .expect("creator");
+    let mut cfg = config(other.addr, session, &secret, false);
+    cfg.routers = vec![other.addr, real.addr];
+    let (b, mut events) = client::connect(cfg, ChatIsland::default())
+        .await
+        .expect("falls through to the router that has the island");
+    a.send(ChatIsland::payload("a", "hi")).await.expect("send");
+    let (seqs, _) = until_seq(&mut events, 1).await;
+    assert_eq!(seqs, vec![1]);
+    a.leave().await;
+    b.leave().await;
+}

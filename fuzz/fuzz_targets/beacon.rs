@@ -1,0 +1,11 @@
+//! UDP beacon packets from anyone on the LAN: never a panic, and the table stays bounded.
+#![no_main]
+use isthmus_contact::beacon::{Discovery, MAX_HEARD};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut table = Discovery::default();
+    let now = std::time::Instant::now();
+    table.handle_packet("10.0.0.1:7471".parse().expect("addr"), data, now);
+    assert!(table.islands().len() <= MAX_HEARD);
+});

@@ -1,0 +1,16 @@
+//! Bytes from the network: the frame decoders never panic or over-allocate, on either side.
+#![no_main]
+use bytes::BytesMut;
+use isthmus_router::wire::{self, ClientFrame, ServerFrame};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(_)) = wire::decode::<ClientFrame>(&mut buf, wire::DEFAULT_MAX_FRAME_BYTES) {}
+    let _ = wire::decode_body::<ServerFrame>(data);
+    if data.len() >= wire::PREAMBLE_LEN {
+        let mut pre = [0u8; wire::PREAMBLE_LEN];
+        pre.copy_from_slice(&data[..wire::PREAMBLE_LEN]);
+        let _ = wire::check_preamble(&pre);
+    }
+});

@@ -1,0 +1,90 @@
+//! Running `isthmus` processes in tests.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
+/// Upper bound for any one step; steps finish far sooner unless something is broken.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A running `isthmus` replica whose stdout lines arrive on a channel.
+pub struct Proc {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(args: &[String]) -> Proc {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        Proc::from_command(cmd)
+    }
+
+    /// Runs any command (e.g. `ip netns exec ...`) with stdout read line by line.
+    pub fn from_command(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start isthmus");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Proc { child, lines: rx }
+    }
+
+    pub fn next_line(&self) -> String {
+        self.lines.recv_timeout(PATIENCE).expect("a line of output")
+    }
+
+    /// The next line, if one comes within `limit`.
+    pub fn line_within(&self, limit: Duration) -> Option<String> {
+        self.lines.recv_timeout(limit).ok()
+    }
+
+    /// Sends a signal (e.g. "INT") to the process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Waits for exit and returns (status, remaining stdout lines, stderr).
+    pub fn finish(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("replica did not exit in time");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        let lines = self.lines.try_iter().collect();
+        (status, lines, err)
+    }
+}
+
+impl Proc {
+    pub fn finish_killed(mut self) -> (std::process::ExitStatus, Vec<String>, String) {
+        let _ = self.child.kill();
+        self.finish()
+    }
+}
