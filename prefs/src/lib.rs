@@ -1,6 +1,853 @@
 //! # isthmus-prefs
 //!
-//! Owns the saved configuration profiles file (`prefs.toml`): loading, validating with errors
-//! that name the file, line and allowed values, and saving atomically while keeping comments.
-//! It has no internal dependencies; the `isthmus` binary turns a profile into dispatcher
-//! configuration. (Being built: see the prefs and forwarding issue.)
+//! Owns the saved configuration profiles file (`prefs.toml`): where it lives, loading it,
+//! validating it with errors that name the file, the line and what is allowed, and saving edits
+//! atomically while keeping the user's comments. It has no internal dependencies; the `isthmus`
+//! binary turns a [`Profile`] into dispatcher configuration.
+//!
+//! ```toml
+//! # Which profile `isthmus router` uses without --profile.
+//! default = "home"
+//!
+//! [profiles.home]
+//! forwarding = "upnp"        # lan-only | manual | upnp
+//! upnp.lease_secs = 3600
+//! upnp.fallback = "lan-only" # lan-only | fail
+//!
+//! [profiles.office]
+//! forwarding = "manual"
+//! external = "203.0.113.7:7470"
+//! ```
+//!
+//! Two profiles are built in and work with no file at all: `lan` (the default) and `upnp`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use toml_edit::{DocumentMut, Item, Table, Value};
+
+/// The variable that names the prefs file, below `--prefs` and above the platform default.
+pub const PREFS_ENV: &str = "ISTHMUS_PREFS";
+/// The profile used when neither `--profile` nor the file's `default` names one.
+pub const DEFAULT_PROFILE: &str = "lan";
+
+/// How the router is reachable from outside its LAN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardingMode {
+    /// Reachable on the LAN only.
+    LanOnly,
+    /// A port was forwarded by hand; `external` says where.
+    Manual,
+    /// Ask the home router for a mapping with UPnP IGD.
+    Upnp,
+}
+
+/// What to do when UPnP cannot give a usable mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// Carry on reachable on the LAN only, with a warning.
+    LanOnly,
+    /// Exit with an error.
+    Fail,
+}
+
+/// UPnP settings of a profile.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpnpPrefs {
+    /// Lease asked for, in seconds.
+    pub lease_secs: Option<u32>,
+    /// External port wanted (the router port when unset).
+    pub external_port: Option<u16>,
+    /// The mapping's description on the gateway.
+    pub description: Option<String>,
+    /// What to do when mapping fails.
+    pub fallback: Option<Fallback>,
+}
+
+/// Limits of a profile (see docs/protocol.md for what each bounds).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LimitPrefs {
+    /// Connections open at once.
+    pub max_connections: Option<u64>,
+    /// Largest frame body.
+    pub max_frame_bytes: Option<u64>,
+    /// Largest payload of one send.
+    pub max_payload_bytes: Option<u64>,
+    /// Bytes queued to one replica before it is a slow consumer.
+    pub max_outbound_bytes: Option<u64>,
+    /// History entries kept since the newest snapshot.
+    pub max_history_messages: Option<u64>,
+    /// History bytes kept since the newest snapshot.
+    pub max_history_bytes: Option<u64>,
+    /// Largest snapshot accepted.
+    pub max_snapshot_bytes: Option<u64>,
+    /// Time for preamble and hello.
+    pub handshake_timeout_ms: Option<u64>,
+    /// Silence after which a replica is dropped.
+    pub idle_timeout_ms: Option<u64>,
+}
+
+/// One profile. Unset fields take the router's defaults; command-line flags override both.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Profile {
+    /// The forwarding mode.
+    pub forwarding: Option<ForwardingMode>,
+    /// The external address of a manual forward.
+    pub external: Option<SocketAddr>,
+    /// Router TCP port.
+    pub port: Option<u16>,
+    /// Listen address.
+    pub listen: Option<IpAddr>,
+    /// LAN beacon on or off.
+    pub beacon: Option<bool>,
+    /// LAN beacon UDP port.
+    pub beacon_port: Option<u16>,
+    /// Milliseconds between beacons.
+    pub beacon_interval_ms: Option<u64>,
+    /// Idle milliseconds before a tick.
+    pub tick_ms: Option<u64>,
+    /// Milliseconds an empty session lingers.
+    pub linger_ms: Option<u64>,
+    /// UPnP settings.
+    pub upnp: UpnpPrefs,
+    /// Limits.
+    pub limits: LimitPrefs,
+}
+
+/// Everything that can go wrong with the prefs file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PrefsError {
+    /// The file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// Which file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML.
+    #[error("{}: not valid TOML: {message}", path.display())]
+    Syntax {
+        /// Which file.
+        path: PathBuf,
+        /// The parser's words, with line and column.
+        message: String,
+    },
+    /// A key or value the file may not have.
+    #[error("{}:{line}: {message}", path.display())]
+    Invalid {
+        /// Which file.
+        path: PathBuf,
+        /// 1-based line of the offending key.
+        line: usize,
+        /// What is wrong and what is allowed.
+        message: String,
+    },
+    /// No profile of that name.
+    #[error("no profile named {name:?} (known: {})", known.join(", "))]
+    UnknownProfile {
+        /// The name asked for.
+        name: String,
+        /// What exists.
+        known: Vec<String>,
+    },
+    /// A bad `prefs set` or `prefs remove`.
+    #[error("{0}")]
+    Edit(String),
+    /// No place for the file could be found.
+    #[error("cannot tell where the prefs file lives (no config directory); use --prefs PATH or set {PREFS_ENV}")]
+    NoPath,
+}
+
+/// The platform's place for the file: `$XDG_CONFIG_HOME/isthmus/prefs.toml` on Linux.
+pub fn default_path() -> Option<PathBuf> {
+    dirs::config_dir().map(|d| d.join("isthmus").join("prefs.toml"))
+}
+
+/// `--prefs PATH`, else `$ISTHMUS_PREFS`, else the platform default.
+pub fn resolve_path(flag: Option<&Path>) -> Result<PathBuf, PrefsError> {
+    if let Some(p) = flag {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os(PREFS_ENV).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    default_path().ok_or(PrefsError::NoPath)
+}
+
+/// The profiles that exist without any file.
+pub fn builtin(name: &str) -> Option<Profile> {
+    match name {
+        "lan" => Some(Profile {
+            forwarding: Some(ForwardingMode::LanOnly),
+            ..Profile::default()
+        }),
+        "upnp" => Some(Profile {
+            forwarding: Some(ForwardingMode::Upnp),
+            upnp: UpnpPrefs {
+                fallback: Some(Fallback::LanOnly),
+                ..UpnpPrefs::default()
+            },
+            ..Profile::default()
+        }),
+        _ => None,
+    }
+}
+
+const BUILTINS: [&str; 2] = ["lan", "upnp"];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Forwarding,
+    Fallback,
+    Addr,
+    Ip,
+    Port,
+    Bool,
+    U32,
+    U64,
+    Text,
+}
+
+impl Kind {
+    fn allowed(self) -> &'static str {
+        match self {
+            Kind::Forwarding => "\"lan-only\", \"manual\" or \"upnp\"",
+            Kind::Fallback => "\"lan-only\" or \"fail\"",
+            Kind::Addr => "an \"IP:PORT\" string",
+            Kind::Ip => "an IP address string, e.g. \"0.0.0.0\"",
+            Kind::Port => "a whole number from 1 to 65535",
+            Kind::Bool => "true or false",
+            Kind::U32 => "a whole number from 1 to 4294967295",
+            Kind::U64 => "a positive whole number",
+            Kind::Text => "a string of at most 64 characters",
+        }
+    }
+}
+
+/// Every key a profile may have.
+const KEYS: &[(&str, Kind)] = &[
+    ("forwarding", Kind::Forwarding),
+    ("external", Kind::Addr),
+    ("port", Kind::Port),
+    ("listen", Kind::Ip),
+    ("beacon", Kind::Bool),
+    ("beacon_port", Kind::Port),
+    ("beacon_interval_ms", Kind::U64),
+    ("tick_ms", Kind::U64),
+    ("linger_ms", Kind::U64),
+    ("upnp.lease_secs", Kind::U32),
+    ("upnp.external_port", Kind::Port),
+    ("upnp.description", Kind::Text),
+    ("upnp.fallback", Kind::Fallback),
+    ("limits.max_connections", Kind::U64),
+    ("limits.max_frame_bytes", Kind::U64),
+    ("limits.max_payload_bytes", Kind::U64),
+    ("limits.max_outbound_bytes", Kind::U64),
+    ("limits.max_history_messages", Kind::U64),
+    ("limits.max_history_bytes", Kind::U64),
+    ("limits.max_snapshot_bytes", Kind::U64),
+    ("limits.handshake_timeout_ms", Kind::U64),
+    ("limits.idle_timeout_ms", Kind::U64),
+];
+
+/// The names a profile may set, for help text.
+pub fn keys() -> impl Iterator<Item = &'static str> {
+    KEYS.iter().map(|(k, _)| *k)
+}
+
+fn kind_of(key: &str) -> Option<Kind> {
+    KEYS.iter().find(|(k, _)| *k == key).map(|(_, kind)| *kind)
+}
+
+/// A value of the right kind, or what is wrong with it.
+fn check(kind: Kind, v: &Value) -> Result<(), String> {
+    let ok = match kind {
+        Kind::Forwarding => v
+            .as_str()
+            .is_some_and(|s| matches!(s, "lan-only" | "manual" | "upnp")),
+        Kind::Fallback => v.as_str().is_some_and(|s| matches!(s, "lan-only" | "fail")),
+        Kind::Addr => v.as_str().is_some_and(|s| s.parse::<SocketAddr>().is_ok()),
+        Kind::Ip => v.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()),
+        Kind::Port => v.as_integer().is_some_and(|n| (1..=65535).contains(&n)),
+        Kind::Bool => v.as_bool().is_some(),
+        Kind::U32 => v
+            .as_integer()
+            .is_some_and(|n| (1..=i64::from(u32::MAX)).contains(&n)),
+        Kind::U64 => v.as_integer().is_some_and(|n| n >= 1),
+        Kind::Text => v.as_str().is_some_and(|s| s.chars().count() <= 64),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be {}, not {}",
+            kind.allowed(),
+            v.to_string().trim()
+        ))
+    }
+}
+
+fn apply(p: &mut Profile, key: &str, v: &Value) {
+    let s = || v.as_str().unwrap_or_default().to_string();
+    let n = || v.as_integer().unwrap_or_default() as u64;
+    match key {
+        "forwarding" => {
+            p.forwarding = Some(match v.as_str() {
+                Some("manual") => ForwardingMode::Manual,
+                Some("upnp") => ForwardingMode::Upnp,
+                _ => ForwardingMode::LanOnly,
+            })
+        }
+        "external" => p.external = s().parse().ok(),
+        "port" => p.port = Some(n() as u16),
+        "listen" => p.listen = s().parse().ok(),
+        "beacon" => p.beacon = v.as_bool(),
+        "beacon_port" => p.beacon_port = Some(n() as u16),
+        "beacon_interval_ms" => p.beacon_interval_ms = Some(n()),
+        "tick_ms" => p.tick_ms = Some(n()),
+        "linger_ms" => p.linger_ms = Some(n()),
+        "upnp.lease_secs" => p.upnp.lease_secs = Some(n() as u32),
+        "upnp.external_port" => p.upnp.external_port = Some(n() as u16),
+        "upnp.description" => p.upnp.description = Some(s()),
+        "upnp.fallback" => {
+            p.upnp.fallback = Some(if v.as_str() == Some("fail") {
+                Fallback::Fail
+            } else {
+                Fallback::LanOnly
+            })
+        }
+        "limits.max_connections" => p.limits.max_connections = Some(n()),
+        "limits.max_frame_bytes" => p.limits.max_frame_bytes = Some(n()),
+        "limits.max_payload_bytes" => p.limits.max_payload_bytes = Some(n()),
+        "limits.max_outbound_bytes" => p.limits.max_outbound_bytes = Some(n()),
+        "limits.max_history_messages" => p.limits.max_history_messages = Some(n()),
+        "limits.max_history_bytes" => p.limits.max_history_bytes = Some(n()),
+        "limits.max_snapshot_bytes" => p.limits.max_snapshot_bytes = Some(n()),
+        "limits.handshake_timeout_ms" => p.limits.handshake_timeout_ms = Some(n()),
+        "limits.idle_timeout_ms" => p.limits.idle_timeout_ms = Some(n()),
+        _ => {}
+    }
+}
+
+/// The loaded file (or nothing, when there is none).
+#[derive(Debug)]
+pub struct Prefs {
+    path: PathBuf,
+    doc: DocumentMut,
+    default: Option<String>,
+    profiles: BTreeMap<String, Profile>,
+}
+
+fn line_of(text: &str, offset: Option<std::ops::Range<usize>>) -> usize {
+    offset.map_or(1, |r| {
+        text[..r.start.min(text.len())].matches('\n').count() + 1
+    })
+}
+
+impl Prefs {
+    /// Reads and validates the file at `path`; a missing file is an empty one.
+    pub fn load(path: &Path) -> Result<Prefs, PrefsError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(PrefsError::Io {
+                    path: path.into(),
+                    source,
+                })
+            }
+        };
+        Self::parse(path, &text)
+    }
+
+    /// Validates `text` as the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Prefs, PrefsError> {
+        let parsed = toml_edit::Document::parse(text).map_err(|e| PrefsError::Syntax {
+            path: path.into(),
+            message: e.to_string().trim().to_string(),
+        })?;
+        let invalid = |span: Option<std::ops::Range<usize>>, message: String| PrefsError::Invalid {
+            path: path.into(),
+            line: line_of(text, span),
+            message,
+        };
+        let mut default = None;
+        let mut profiles = BTreeMap::new();
+        for (key, item) in parsed.as_table().iter() {
+            let span = parsed.as_table().key(key).and_then(|k| k.span());
+            match key {
+                "default" => match item.as_str() {
+                    Some(name) => default = Some((name.to_string(), span)),
+                    None => {
+                        return Err(invalid(span, "`default` must be a profile name string".into()))
+                    }
+                },
+                "profiles" => {
+                    let Some(table) = item.as_table_like() else {
+                        return Err(invalid(span, "`profiles` must be a table of profiles".into()));
+                    };
+                    for (name, body) in table.iter() {
+                        let name_span = table.key(name).and_then(|k| k.span());
+                        let Some(body) = body.as_table_like() else {
+                            return Err(invalid(
+                                name_span,
+                                format!("profile `{name}` must be a table ([profiles.{name}])"),
+                            ));
+                        };
+                        let mut profile = Profile::default();
+                        let mut flat = Vec::new();
+                        flatten("", body, &mut flat);
+                        for (k, value, kspan) in flat {
+                            let Some(kind) = kind_of(&k) else {
+                                return Err(invalid(
+                                    kspan,
+                                    format!(
+                                        "unknown key `{k}` in profile `{name}`; allowed: {}",
+                                        keys().collect::<Vec<_>>().join(", ")
+                                    ),
+                                ));
+                            };
+                            let Some(value) = value else {
+                                return Err(invalid(kspan, format!("`{k}` {}", kind.allowed())));
+                            };
+                            check(kind, &value).map_err(|m| {
+                                invalid(kspan, format!("`{k}` in profile `{name}` {m}"))
+                            })?;
+                            apply(&mut profile, &k, &value);
+                        }
+                        if profile.forwarding == Some(ForwardingMode::Manual)
+                            && profile.external.is_none()
+                        {
+                            return Err(invalid(
+                                name_span,
+                                format!("profile `{name}` has forwarding = \"manual\" but no `external = \"IP:PORT\"`: say where the port is forwarded"),
+                            ));
+                        }
+                        profiles.insert(name.to_string(), profile);
+                    }
+                }
+                other => {
+                    return Err(invalid(
+                        span,
+                        format!("unknown key `{other}`; the file holds `default = \"NAME\"` and [profiles.NAME] tables"),
+                    ))
+                }
+            }
+        }
+        let default = match default {
+            Some((name, span)) => {
+                if !profiles.contains_key(&name) && builtin(&name).is_none() {
+                    return Err(invalid(
+                        span,
+                        format!("`default` names {name:?}, which is not a profile"),
+                    ));
+                }
+                Some(name)
+            }
+            None => None,
+        };
+        Ok(Prefs {
+            path: path.into(),
+            doc: parsed.into_mut(),
+            default,
+            profiles,
+        })
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The profile used without `--profile`.
+    pub fn default_name(&self) -> &str {
+        self.default.as_deref().unwrap_or(DEFAULT_PROFILE)
+    }
+
+    /// Every profile name, with whether it is built in and whether the file sets it.
+    pub fn names(&self) -> Vec<(String, bool, bool)> {
+        let mut names: Vec<String> = BUILTINS.iter().map(|s| s.to_string()).collect();
+        names.extend(self.profiles.keys().cloned());
+        names.sort();
+        names.dedup();
+        names
+            .into_iter()
+            .map(|n| {
+                let b = builtin(&n).is_some();
+                let f = self.profiles.contains_key(&n);
+                (n, b, f)
+            })
+            .collect()
+    }
+
+    /// A profile by name; one in the file replaces a built-in of the same name.
+    pub fn profile(&self, name: &str) -> Result<Profile, PrefsError> {
+        if let Some(p) = self.profiles.get(name) {
+            return Ok(p.clone());
+        }
+        builtin(name).ok_or_else(|| PrefsError::UnknownProfile {
+            name: name.into(),
+            known: self.names().into_iter().map(|(n, _, _)| n).collect(),
+        })
+    }
+
+    /// Sets `key` of profile `name` (creating it) from the text `value`, keeping the rest of the
+    /// file as it was. The result is validated before it is accepted.
+    pub fn set(&mut self, name: &str, key: &str, value: &str) -> Result<(), PrefsError> {
+        let kind = kind_of(key).ok_or_else(|| {
+            PrefsError::Edit(format!(
+                "unknown key `{key}`; allowed: {}",
+                keys().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        if name.is_empty() || name.contains(['.', '"', '[', ']']) {
+            return Err(PrefsError::Edit(format!(
+                "{name:?} is not a usable profile name"
+            )));
+        }
+        let v: Value = match kind {
+            Kind::Port | Kind::U32 | Kind::U64 => value
+                .trim()
+                .parse::<i64>()
+                .map(Value::from)
+                .map_err(|_| PrefsError::Edit(format!("`{key}` must be {}", kind.allowed())))?,
+            Kind::Bool => value
+                .trim()
+                .parse::<bool>()
+                .map(Value::from)
+                .map_err(|_| PrefsError::Edit(format!("`{key}` must be {}", kind.allowed())))?,
+            _ => Value::from(value),
+        };
+        check(kind, &v).map_err(|m| PrefsError::Edit(format!("`{key}` {m}")))?;
+        let mut doc = self.doc.clone();
+        let profiles = doc
+            .entry("profiles")
+            .or_insert_with(|| {
+                let mut t = Table::new();
+                t.set_implicit(true);
+                Item::Table(t)
+            })
+            .as_table_mut()
+            .ok_or_else(|| PrefsError::Edit("`profiles` in the file is not a table".into()))?;
+        let mut table = profiles
+            .entry(name)
+            .or_insert_with(|| Item::Table(Table::new()))
+            .as_table_like_mut()
+            .ok_or_else(|| PrefsError::Edit(format!("profile `{name}` is not a table")))?;
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let leaf = parts.pop().unwrap_or(key);
+        for part in parts {
+            table = table
+                .entry(part)
+                .or_insert(Item::Table(Table::new()))
+                .as_table_like_mut()
+                .ok_or_else(|| {
+                    PrefsError::Edit(format!("`{part}` in profile `{name}` is not a table"))
+                })?;
+        }
+        table.insert(leaf, Item::Value(v));
+        let checked = Self::parse(&self.path, &doc.to_string())?;
+        *self = checked;
+        Ok(())
+    }
+
+    /// Makes `name` the default profile.
+    pub fn set_default(&mut self, name: &str) -> Result<(), PrefsError> {
+        self.profile(name)?;
+        let mut doc = self.doc.clone();
+        doc.insert("default", Item::Value(Value::from(name)));
+        *self = Self::parse(&self.path, &doc.to_string())?;
+        Ok(())
+    }
+
+    /// Removes profile `name` from the file.
+    pub fn remove(&mut self, name: &str) -> Result<(), PrefsError> {
+        if !self.profiles.contains_key(name) {
+            return Err(PrefsError::Edit(if builtin(name).is_some() {
+                format!("`{name}` is a built-in profile; only profiles in the file can be removed")
+            } else {
+                format!("no profile named {name:?} in {}", self.path.display())
+            }));
+        }
+        if self.default.as_deref() == Some(name) && builtin(name).is_none() {
+            return Err(PrefsError::Edit(format!(
+                "`{name}` is the default profile; make another the default first"
+            )));
+        }
+        let mut doc = self.doc.clone();
+        if let Some(p) = doc.get_mut("profiles").and_then(|i| i.as_table_like_mut()) {
+            p.remove(name);
+        }
+        *self = Self::parse(&self.path, &doc.to_string())?;
+        Ok(())
+    }
+
+    /// Writes the file atomically: a temporary file beside it, flushed, then renamed over it.
+    pub fn save(&self) -> Result<(), PrefsError> {
+        let io = |source| PrefsError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = self
+            .path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            self.path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("prefs"),
+            std::process::id()
+        ));
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(self.doc.to_string().as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            io(e)
+        })
+    }
+
+    /// The profile as TOML lines, for `prefs show`.
+    pub fn render(&self, name: &str) -> Result<String, PrefsError> {
+        let p = self.profile(name)?;
+        Ok(p.to_string())
+    }
+}
+
+fn flatten(
+    prefix: &str,
+    table: &dyn toml_edit::TableLike,
+    out: &mut Vec<(String, Option<Value>, Option<std::ops::Range<usize>>)>,
+) {
+    for (k, item) in table.iter() {
+        let span = table.key(k).and_then(|key| key.span());
+        let full = if prefix.is_empty() {
+            k.to_string()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        match item {
+            Item::Value(Value::InlineTable(t)) => flatten(&full, t, out),
+            Item::Table(t) => flatten(&full, t, out),
+            Item::Value(v) => out.push((full, Some(v.clone()), span)),
+            _ => out.push((full, None, span)),
+        }
+    }
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn line<T: fmt::Display>(
+            f: &mut fmt::Formatter<'_>,
+            k: &str,
+            v: &Option<T>,
+            quote: bool,
+        ) -> fmt::Result {
+            match v {
+                Some(v) if quote => writeln!(f, "{k} = \"{v}\""),
+                Some(v) => writeln!(f, "{k} = {v}"),
+                None => Ok(()),
+            }
+        }
+        let fwd = self.forwarding.map(|m| match m {
+            ForwardingMode::LanOnly => "lan-only",
+            ForwardingMode::Manual => "manual",
+            ForwardingMode::Upnp => "upnp",
+        });
+        line(f, "forwarding", &fwd, true)?;
+        line(f, "external", &self.external, true)?;
+        line(f, "port", &self.port, false)?;
+        line(f, "listen", &self.listen, true)?;
+        line(f, "beacon", &self.beacon, false)?;
+        line(f, "beacon_port", &self.beacon_port, false)?;
+        line(f, "beacon_interval_ms", &self.beacon_interval_ms, false)?;
+        line(f, "tick_ms", &self.tick_ms, false)?;
+        line(f, "linger_ms", &self.linger_ms, false)?;
+        line(f, "upnp.lease_secs", &self.upnp.lease_secs, false)?;
+        line(f, "upnp.external_port", &self.upnp.external_port, false)?;
+        line(f, "upnp.description", &self.upnp.description, true)?;
+        let fb = self.upnp.fallback.map(|x| match x {
+            Fallback::LanOnly => "lan-only",
+            Fallback::Fail => "fail",
+        });
+        line(f, "upnp.fallback", &fb, true)?;
+        let l = &self.limits;
+        line(f, "limits.max_connections", &l.max_connections, false)?;
+        line(f, "limits.max_frame_bytes", &l.max_frame_bytes, false)?;
+        line(f, "limits.max_payload_bytes", &l.max_payload_bytes, false)?;
+        line(f, "limits.max_outbound_bytes", &l.max_outbound_bytes, false)?;
+        line(
+            f,
+            "limits.max_history_messages",
+            &l.max_history_messages,
+            false,
+        )?;
+        line(f, "limits.max_history_bytes", &l.max_history_bytes, false)?;
+        line(f, "limits.max_snapshot_bytes", &l.max_snapshot_bytes, false)?;
+        line(
+            f,
+            "limits.handshake_timeout_ms",
+            &l.handshake_timeout_ms,
+            false,
+        )?;
+        line(f, "limits.idle_timeout_ms", &l.idle_timeout_ms, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"# my router settings
+default = "home"   # used without --profile
+
+[profiles.home]
+# ask the box in the hall
+forwarding = "upnp"
+upnp.lease_secs = 7200
+upnp.fallback = "fail"
+
+[profiles.office]
+forwarding = "manual"
+external = "203.0.113.7:7000"
+port = 7471
+"#;
+
+    fn load(text: &str) -> Result<Prefs, PrefsError> {
+        Prefs::parse(Path::new("/tmp/prefs.toml"), text)
+    }
+
+    #[test]
+    fn a_good_file_loads_and_builtins_work_without_one() {
+        let p = load(SAMPLE).expect("valid");
+        assert_eq!(p.default_name(), "home");
+        let home = p.profile("home").expect("home");
+        assert_eq!(home.forwarding, Some(ForwardingMode::Upnp));
+        assert_eq!(home.upnp.lease_secs, Some(7200));
+        assert_eq!(home.upnp.fallback, Some(Fallback::Fail));
+        let office = p.profile("office").expect("office");
+        assert_eq!(
+            office.external,
+            Some("203.0.113.7:7000".parse().expect("addr"))
+        );
+        let empty = load("").expect("empty");
+        assert_eq!(empty.default_name(), "lan");
+        assert_eq!(
+            empty.profile("lan").expect("lan").forwarding,
+            Some(ForwardingMode::LanOnly)
+        );
+        assert_eq!(
+            empty.profile("upnp").expect("upnp").upnp.fallback,
+            Some(Fallback::LanOnly)
+        );
+        assert!(matches!(
+            empty.profile("nope"),
+            Err(PrefsError::UnknownProfile { .. })
+        ));
+    }
+
+    fn invalid(text: &str) -> (usize, String) {
+        match load(text) {
+            Err(PrefsError::Invalid { line, message, .. }) => (line, message),
+            other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_line_the_key_and_what_is_allowed() {
+        let (line, msg) = invalid("[profiles.x]\nport = 80\nforwardng = \"upnp\"\n");
+        assert_eq!(line, 3);
+        assert!(
+            msg.contains("unknown key `forwardng`") && msg.contains("forwarding"),
+            "{msg}"
+        );
+        let (line, msg) = invalid("\n\n[profiles.x]\nforwarding = \"carrier-pigeon\"\n");
+        assert_eq!(line, 4);
+        assert!(
+            msg.contains("\"lan-only\", \"manual\" or \"upnp\""),
+            "{msg}"
+        );
+        let (line, msg) = invalid("[profiles.x]\nport = 99999\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("1 to 65535"), "{msg}");
+        let (_, msg) = invalid("[profiles.x]\nforwarding = \"manual\"\n");
+        assert!(msg.contains("external"), "{msg}");
+        let (line, msg) = invalid("default = \"ghost\"\n");
+        assert_eq!(line, 1);
+        assert!(msg.contains("ghost"), "{msg}");
+        let (line, _) = invalid("[profiles.x]\nupnp = { lease_secs = 0 }\n");
+        assert_eq!(line, 2);
+        assert!(matches!(
+            load("[profiles.x\n"),
+            Err(PrefsError::Syntax { .. })
+        ));
+    }
+
+    #[test]
+    fn edits_keep_comments_validate_and_save_atomically() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("isthmus").join("prefs.toml");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, SAMPLE).expect("write");
+        let mut p = Prefs::load(&path).expect("load");
+        p.set("home", "upnp.lease_secs", "600").expect("set");
+        p.set("cabin", "forwarding", "manual")
+            .expect_err("manual needs external");
+        p.set("cabin", "external", "198.51.100.4:7470")
+            .expect("set");
+        p.set("cabin", "forwarding", "manual").expect("set");
+        p.set("cabin", "beacon", "false").expect("set");
+        assert!(matches!(
+            p.set("cabin", "port", "http"),
+            Err(PrefsError::Edit(_))
+        ));
+        assert!(matches!(
+            p.set("cabin", "colour", "red"),
+            Err(PrefsError::Edit(_))
+        ));
+        p.save().expect("save");
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert!(text.contains("# my router settings"));
+        assert!(text.contains("# ask the box in the hall"));
+        assert!(text.contains("# used without --profile"));
+        let again = Prefs::load(&path).expect("reload");
+        assert_eq!(
+            again.profile("home").expect("home").upnp.lease_secs,
+            Some(600)
+        );
+        let cabin = again.profile("cabin").expect("cabin");
+        assert_eq!(cabin.forwarding, Some(ForwardingMode::Manual));
+        assert_eq!(cabin.beacon, Some(false));
+        // No temporary files left behind.
+        let left: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+
+        let mut again = again;
+        assert!(
+            again.remove("home").is_err(),
+            "the default cannot be removed"
+        );
+        again.set_default("cabin").expect("default");
+        again.remove("home").expect("remove");
+        assert!(again.remove("lan").is_err(), "built-ins cannot be removed");
+        again.save().expect("save");
+        let last = Prefs::load(&path).expect("reload");
+        assert_eq!(last.default_name(), "cabin");
+        assert!(last.profile("home").is_err());
+    }
+}
