@@ -2,12 +2,14 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use isthmus_dispatcher::{BeaconConfig, Dispatcher, DispatcherConfig, DEFAULT_PORT};
+use isthmus_dispatcher::portmap::{Fallback, UpnpConfig};
+use isthmus_dispatcher::{BeaconConfig, Dispatcher, DispatcherConfig, Forwarding, DEFAULT_PORT};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 mod island;
+mod prefs_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +18,9 @@ mod island;
     about = "A message router for replicated islands"
 )]
 struct Cli {
+    /// The prefs file (default: $ISTHMUS_PREFS, else the platform config dir).
+    #[arg(long, global = true, value_name = "PATH")]
+    prefs: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,31 +38,50 @@ enum Command {
     Discover(island::DiscoverArgs),
     /// Read a postcard, or make one for an island heard on the LAN.
     Postcard(island::PostcardArgs),
+    /// Saved router profiles.
+    #[command(subcommand)]
+    Prefs(prefs_cmd::PrefsCommand),
 }
 
 #[derive(Args)]
 struct RouterArgs {
-    /// TCP port to listen on (0 picks a free one).
-    #[arg(long, default_value_t = DEFAULT_PORT)]
-    port: u16,
-    /// Address to listen on: an IP, or IP:PORT (then --port is ignored).
-    #[arg(long, default_value = "0.0.0.0")]
-    listen: String,
-    /// Idle milliseconds before a tick, for sessions that do not ask for their own.
-    #[arg(long, default_value_t = 50)]
-    tick_ms: u64,
+    /// Start from this saved profile (default: the prefs file's default, else "lan").
+    #[arg(long, value_name = "NAME")]
+    profile: Option<String>,
+    /// TCP port to listen on (default 7470; 0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address to listen on: an IP, or IP:PORT (then --port is ignored). Default 0.0.0.0.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Idle milliseconds before a tick, for sessions that do not ask for their own (default 50).
+    #[arg(long)]
+    tick_ms: Option<u64>,
+    /// How remote users reach this router.
+    #[arg(long, value_enum)]
+    forwarding: Option<ForwardingArg>,
+    /// The external IP:PORT forwarded by hand to this router (implies --forwarding manual).
+    #[arg(long, value_name = "IP:PORT")]
+    external: Option<SocketAddr>,
     /// Do not announce islands by LAN broadcast.
     #[arg(long)]
     no_beacon: bool,
-    /// UDP port the LAN beacon announces to.
-    #[arg(long, default_value_t = isthmus_contact::beacon::DEFAULT_BEACON_PORT)]
-    beacon_port: u16,
-    /// Milliseconds between LAN announcements.
-    #[arg(long, default_value_t = 2000)]
-    beacon_interval_ms: u64,
-    /// Milliseconds an empty session is kept before it is dropped.
-    #[arg(long, default_value_t = 10_000)]
-    linger_ms: u64,
+    /// UDP port the LAN beacon announces to (default 7471).
+    #[arg(long)]
+    beacon_port: Option<u16>,
+    /// Milliseconds between LAN announcements (default 2000).
+    #[arg(long)]
+    beacon_interval_ms: Option<u64>,
+    /// Milliseconds an empty session is kept before it is dropped (default 10000).
+    #[arg(long)]
+    linger_ms: Option<u64>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ForwardingArg {
+    LanOnly,
+    Manual,
+    Upnp,
 }
 
 fn main() -> std::process::ExitCode {
@@ -75,7 +99,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Router(args) => run_router(args).await.map(|_| 0u8),
+            Command::Router(args) => run_router(args, cli.prefs.as_deref()).await.map(|_| 0u8),
+            Command::Prefs(cmd) => prefs_cmd::run(cmd, cli.prefs.as_deref()),
             Command::Island(cmd) => island::run_island(cmd).await,
             Command::Join(args) => island::run_join(args).await,
             Command::Discover(args) => island::run_discover(args).await,
@@ -112,37 +137,122 @@ fn listen_addr(listen: &str, port: u16) -> Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
-async fn run_router(args: RouterArgs) -> Result<()> {
-    let mut cfg = DispatcherConfig {
-        listen: listen_addr(&args.listen, args.port)?,
-        ..DispatcherConfig::default()
+/// Turns a profile plus the flags that override it into the dispatcher's configuration.
+fn router_config(
+    args: &RouterArgs,
+    prefs_path: Option<&std::path::Path>,
+) -> Result<DispatcherConfig> {
+    let path = isthmus_prefs::resolve_path(prefs_path)?;
+    let prefs = isthmus_prefs::Prefs::load(&path)?;
+    let name = args.profile.as_deref().unwrap_or(prefs.default_name());
+    let p = prefs.profile(name)?;
+    let mut cfg = DispatcherConfig::default();
+    let port = args.port.or(p.port).unwrap_or(DEFAULT_PORT);
+    cfg.listen = match &args.listen {
+        Some(l) => listen_addr(l, port)?,
+        None => SocketAddr::new(p.listen.unwrap_or(cfg.listen.ip()), port),
     };
-    if args.tick_ms == 0 {
+    let tick_ms = args.tick_ms.or(p.tick_ms).unwrap_or(50);
+    if tick_ms == 0 {
         anyhow::bail!("--tick-ms must be at least 1");
     }
-    cfg.driver.session.tick_interval = Duration::from_millis(args.tick_ms);
-    cfg.driver.session.linger = Duration::from_millis(args.linger_ms);
-    if !args.no_beacon {
-        if args.beacon_interval_ms < 100 {
-            anyhow::bail!("--beacon-interval-ms must be at least 100");
+    let s = &mut cfg.driver.session;
+    s.tick_interval = Duration::from_millis(tick_ms);
+    s.linger = Duration::from_millis(args.linger_ms.or(p.linger_ms).unwrap_or(10_000));
+    let l = &p.limits;
+    let size = |v: Option<u64>, d: usize| v.map_or(d, |v| v as usize);
+    s.max_payload_bytes = size(l.max_payload_bytes, s.max_payload_bytes);
+    s.max_outbound_bytes = size(l.max_outbound_bytes, s.max_outbound_bytes);
+    s.max_history_messages = size(l.max_history_messages, s.max_history_messages);
+    s.max_history_bytes = size(l.max_history_bytes, s.max_history_bytes);
+    s.max_snapshot_bytes = size(l.max_snapshot_bytes, s.max_snapshot_bytes);
+    if let Some(ms) = l.idle_timeout_ms {
+        s.idle_timeout = Duration::from_millis(ms);
+    }
+    cfg.driver.max_frame_bytes = size(l.max_frame_bytes, cfg.driver.max_frame_bytes);
+    cfg.max_connections = size(l.max_connections, cfg.max_connections);
+    if let Some(ms) = l.handshake_timeout_ms {
+        cfg.handshake_timeout = Duration::from_millis(ms);
+    }
+    if cfg.driver.session.max_outbound_bytes < 2 * cfg.driver.max_frame_bytes {
+        anyhow::bail!(
+            "limits.max_outbound_bytes must be at least twice limits.max_frame_bytes, or one large frame would count as a slow consumer"
+        );
+    }
+
+    use isthmus_prefs::ForwardingMode as M;
+    let mode = match args.forwarding {
+        Some(ForwardingArg::LanOnly) => M::LanOnly,
+        Some(ForwardingArg::Manual) => M::Manual,
+        Some(ForwardingArg::Upnp) => M::Upnp,
+        None if args.external.is_some() => M::Manual,
+        None => p.forwarding.unwrap_or(M::LanOnly),
+    };
+    cfg.forwarding = match mode {
+        M::LanOnly => Forwarding::LanOnly,
+        M::Manual => Forwarding::Manual {
+            external: args.external.or(p.external).context(
+                "manual forwarding needs the forwarded address: --external IP:PORT (or `external` in the profile)",
+            )?,
+        },
+        M::Upnp => {
+            let u = &p.upnp;
+            let mut up = UpnpConfig::default();
+            if let Some(l) = u.lease_secs {
+                up.lease = Duration::from_secs(u64::from(l));
+            }
+            up.external_port = u.external_port;
+            if let Some(d) = &u.description {
+                up.description = d.clone();
+            }
+            up.fallback = match u.fallback {
+                Some(isthmus_prefs::Fallback::Fail) => Fallback::Fail,
+                _ => Fallback::LanOnly,
+            };
+            if let IpAddr::V4(v4) = cfg.listen.ip() {
+                if !v4.is_unspecified() {
+                    up.lan_ip = Some(v4);
+                }
+            }
+            Forwarding::Upnp(up)
+        }
+    };
+    let beacon_on = !args.no_beacon && p.beacon.unwrap_or(true);
+    if beacon_on {
+        let interval = args
+            .beacon_interval_ms
+            .or(p.beacon_interval_ms)
+            .unwrap_or(2000);
+        if interval < 100 {
+            anyhow::bail!("the beacon interval must be at least 100 ms");
         }
         cfg.beacon = Some(BeaconConfig {
-            port: args.beacon_port,
-            interval: Duration::from_millis(args.beacon_interval_ms),
+            port: args
+                .beacon_port
+                .or(p.beacon_port)
+                .unwrap_or(isthmus_contact::beacon::DEFAULT_BEACON_PORT),
+            interval: Duration::from_millis(interval),
         });
     }
+    Ok(cfg)
+}
+
+async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result<()> {
+    let cfg = router_config(&args, prefs)?;
     let beacon = cfg.beacon.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
     println!("listening on {local}");
+    // One line that says where the router can be reached, whatever RUST_LOG says.
+    eprintln!("isthmus router: {}", dispatcher.summary());
     match &beacon {
         Some(b) => tracing::info!(
             %local,
-            "router ready (LAN-only); announcing islands on UDP {} every {:?}",
+            "router ready; announcing islands on UDP {} every {:?}",
             b.port,
             b.interval
         ),
-        None => tracing::info!(%local, "router ready (LAN-only); LAN beacon off"),
+        None => tracing::info!(%local, "router ready; LAN beacon off"),
     }
     let shutdown = CancellationToken::new();
     tokio::spawn(wait_for_signal(shutdown.clone()));

@@ -1,6 +1,6 @@
 //! UDP for the beacon: the broadcaster a dispatcher runs and the listener `discover` uses.
 
-use crate::beacon::{self, Beacon, BeaconIsland, Discovery};
+use crate::beacon::{self, Beacon, Discovery};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -26,12 +26,12 @@ pub fn broadcast_targets() -> Vec<Ipv4Addr> {
     out
 }
 
-/// Announces islands every `interval` until cancelled. `islands` is asked afresh each time.
+/// Announces every `interval` until cancelled. `announcement` is asked afresh each time (the
+/// islands and the external address change); `None` or no islands sends nothing.
 pub async fn broadcast(
-    head: Beacon,
     beacon_port: u16,
     interval: Duration,
-    islands: impl Fn() -> Vec<BeaconIsland> + Send + 'static,
+    announcement: impl Fn() -> Option<Beacon> + Send + 'static,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).await?;
@@ -44,11 +44,14 @@ pub async fn broadcast(
             _ = ticker.tick() => {}
             _ = cancel.cancelled() => return Ok(()),
         }
-        let list = islands();
-        if list.is_empty() {
+        let Some(mut head) = announcement() else {
+            continue;
+        };
+        let islands = std::mem::take(&mut head.islands);
+        if islands.is_empty() {
             continue;
         }
-        let packets = beacon::encode(&head, &list);
+        let packets = beacon::encode(&head, &islands);
         for target in broadcast_targets() {
             for p in &packets {
                 if let Err(e) = socket.send_to(p, (target, beacon_port)).await {

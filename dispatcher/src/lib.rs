@@ -16,6 +16,7 @@
 //! ```
 
 pub mod contacts;
+pub mod portmap;
 
 use bytes::BytesMut;
 use isthmus_contact::beacon::{Beacon, BeaconIsland};
@@ -48,12 +49,36 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// How the router is reachable from outside the LAN.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub enum Forwarding {
     /// Reachable on the LAN only; no external contact point.
     #[default]
     LanOnly,
+    /// A port forwarded by hand on the home router: this is where the Internet reaches us.
+    Manual {
+        /// The forwarded external IP and port.
+        external: SocketAddr,
+    },
+    /// Ask the home router for a mapping with UPnP IGD.
+    Upnp(portmap::UpnpConfig),
+}
+
+/// Where the external address comes from now.
+enum External {
+    None,
+    Fixed(SocketAddr),
+    Upnp(tokio::sync::watch::Receiver<Option<portmap::Mapping>>),
+}
+
+impl External {
+    fn current(&self) -> Option<SocketAddr> {
+        match self {
+            External::None => None,
+            External::Fixed(a) => Some(*a),
+            External::Upnp(w) => w.borrow().as_ref().map(|m| m.external),
+        }
+    }
 }
 
 /// The LAN beacon's settings.
@@ -122,6 +147,9 @@ pub enum DispatchError {
         #[source]
         source: std::io::Error,
     },
+    /// UPnP forwarding failed and the profile says to stop rather than fall back.
+    #[error("{0}; not starting, as the profile's UPnP fallback is \"fail\" (set it to \"lan-only\" to carry on without remote access)")]
+    Forwarding(#[source] portmap::PortMapError),
 }
 
 /// Why a handshake failed, for the log line.
@@ -153,11 +181,14 @@ pub struct Dispatcher {
     listener: TcpListener,
     local: SocketAddr,
     shared: Arc<Shared>,
+    mapper: Option<portmap::PortMapper>,
+    how: String,
 }
 
 struct Shared {
     cfg: DispatcherConfig,
     instance: uuid::Uuid,
+    external: External,
     registry: Registry,
     next_conn: AtomicU64,
     permits: Arc<Semaphore>,
@@ -179,12 +210,46 @@ impl Dispatcher {
                 addr: cfg.listen,
                 source,
             })?;
+        let (external, mapper, how) = match &cfg.forwarding {
+            Forwarding::LanOnly => (External::None, None, "LAN-only".to_string()),
+            Forwarding::Manual { external } => {
+                if !portmap::is_public(external.ip()) {
+                    warn!(
+                        "the manual external address {external} is not a public Internet address; remote users will not reach it unless they share that network"
+                    );
+                }
+                (
+                    External::Fixed(*external),
+                    None,
+                    "forwarded by hand".to_string(),
+                )
+            }
+            Forwarding::Upnp(up) => match portmap::start(up.clone(), local.port()).await {
+                Ok(m) => {
+                    let how = format!(
+                        "UPnP, {}",
+                        portmap::lease_text(m.current().and_then(|x| x.lease))
+                    );
+                    (External::Upnp(m.watch()), Some(m), how)
+                }
+                Err(e) => match up.fallback {
+                    portmap::Fallback::Fail => return Err(DispatchError::Forwarding(e)),
+                    portmap::Fallback::LanOnly => {
+                        warn!("{e}; continuing LAN-only");
+                        (External::None, None, format!("LAN-only: UPnP failed: {e}"))
+                    }
+                },
+            },
+        };
         Ok(Dispatcher {
             listener,
             local,
+            mapper,
+            how,
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
                 instance: uuid::Uuid::new_v4(),
+                external,
                 cfg,
                 registry: Arc::new(Mutex::new(HashMap::new())),
                 next_conn: AtomicU64::new(1),
@@ -202,9 +267,37 @@ impl Dispatcher {
         self.shared.instance
     }
 
-    /// The external address published, if any.
+    /// The external address published now, if any.
     pub fn external(&self) -> Option<SocketAddr> {
-        None
+        self.shared.external.current()
+    }
+
+    /// One line for people: where the router can be reached and how the external address was
+    /// obtained.
+    pub fn summary(&self) -> String {
+        let listen = self.shared.cfg.listen;
+        let internal: Vec<String> = if listen.ip().is_unspecified() {
+            let probe = SocketAddr::new(listen.ip(), self.local.port());
+            contacts::contacts_for(
+                probe,
+                probe,
+                probe,
+                &contacts::local_addrs(),
+                None,
+                self.shared.instance,
+            )
+            .internal
+            .iter()
+            .map(|a| a.to_string())
+            .collect()
+        } else {
+            vec![self.local.to_string()]
+        };
+        let external = match self.external() {
+            Some(e) => format!("{e} ({})", self.how),
+            None => format!("none ({})", self.how),
+        };
+        format!("internal {}; external {external}", internal.join(", "))
     }
 
     /// Sessions alive now.
@@ -215,19 +308,24 @@ impl Dispatcher {
     /// Accepts connections until `shutdown` fires, then says goodbye to every replica.
     pub async fn run(self, shutdown: CancellationToken) {
         if let Some(b) = self.shared.cfg.beacon.clone() {
-            let head = Beacon {
-                instance: self.shared.instance,
-                port: self.local.port(),
-                interval_ms: b.interval.as_millis().min(u128::from(u32::MAX)) as u32,
-                external: self.external(),
-                islands: Vec::new(),
+            let shared = Arc::downgrade(&self.shared);
+            let port = self.local.port();
+            let interval_ms = b.interval.as_millis().min(u128::from(u32::MAX)) as u32;
+            let announcement = move || {
+                let shared = shared.upgrade()?;
+                Some(Beacon {
+                    instance: shared.instance,
+                    port,
+                    interval_ms,
+                    // Read afresh each time: a UPnP mapping can move or vanish.
+                    external: shared.external.current(),
+                    islands: announced(&shared.registry),
+                })
             };
-            let registry = Arc::downgrade(&self.shared.registry);
-            let islands = move || announced(&registry);
             let cancel = shutdown.clone();
             tokio::spawn(async move {
                 if let Err(e) =
-                    isthmus_contact::lan::broadcast(head, b.port, b.interval, islands, cancel).await
+                    isthmus_contact::lan::broadcast(b.port, b.interval, announcement, cancel).await
                 {
                     warn!("LAN beacon stopped: {e}; islands will not be found by broadcast");
                 }
@@ -267,6 +365,10 @@ impl Dispatcher {
         }
         handshakes.abort_all();
         self.shared.shutdown().await;
+        if let Some(m) = self.mapper {
+            // A mapping left behind is a hole in the user's firewall: always remove it.
+            m.shutdown().await;
+        }
     }
 }
 
@@ -309,7 +411,7 @@ impl Shared {
             local,
             peer,
             &contacts::local_addrs(),
-            None,
+            self.external.current(),
             self.instance,
         );
         let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
@@ -459,10 +561,7 @@ impl Shared {
 }
 
 /// The islands to put in the beacon now.
-fn announced(registry: &std::sync::Weak<Mutex<HashMap<SessionId, Slot>>>) -> Vec<BeaconIsland> {
-    let Some(registry) = registry.upgrade() else {
-        return Vec::new();
-    };
+fn announced(registry: &Mutex<HashMap<SessionId, Slot>>) -> Vec<BeaconIsland> {
     let Ok(reg) = registry.lock() else {
         return Vec::new();
     };

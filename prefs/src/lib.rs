@@ -626,11 +626,10 @@ impl Prefs {
     }
 }
 
-fn flatten(
-    prefix: &str,
-    table: &dyn toml_edit::TableLike,
-    out: &mut Vec<(String, Option<Value>, Option<std::ops::Range<usize>>)>,
-) {
+/// A key as dotted path, its value (None when it is not a plain value) and where it stands.
+type FlatEntry = (String, Option<Value>, Option<std::ops::Range<usize>>);
+
+fn flatten(prefix: &str, table: &dyn toml_edit::TableLike, out: &mut Vec<FlatEntry>) {
     for (k, item) in table.iter() {
         let span = table.key(k).and_then(|key| key.span());
         let full = if prefix.is_empty() {

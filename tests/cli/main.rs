@@ -2,5 +2,6 @@
 
 mod island;
 mod lan;
+mod nat;
 mod proc;
 mod router;

@@ -11,6 +11,21 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A running `isthmus` replica whose stdout lines arrive on a channel.
+/// The binary, isolated from the developer's own prefs file.
+pub fn isthmus() -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env("ISTHMUS_PREFS", no_prefs());
+    cmd
+}
+
+/// A prefs path that does not exist, so only built-in profiles apply.
+pub fn no_prefs() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!(
+        "isthmus-tests-{}-no-prefs.toml",
+        std::process::id()
+    ))
+}
+
 pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
@@ -18,7 +33,7 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[String]) -> Proc {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = isthmus();
         cmd.args(args);
         Proc::from_command(cmd)
     }

@@ -78,7 +78,7 @@ async fn router_command_serves_and_says_goodbye_on_sigterm() {
 fn router_command_explains_a_busy_port() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_isthmus"))
+    let out = crate::proc::isthmus()
         .args(["router", "--listen", "127.0.0.1", "--port", &port])
         .output()
         .expect("run");
@@ -86,4 +86,129 @@ fn router_command_explains_a_busy_port() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on"), "{err}");
     assert!(err.contains("--port"), "says what to do: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_are_edited_from_the_command_line_and_flags_override_them() {
+    let dir = std::env::temp_dir().join(format!("isthmus-prefs-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let prefs = dir.join("nested").join("prefs.toml");
+    let prefs_s = prefs.to_str().expect("path");
+    let run = |args: &[&str]| {
+        crate::proc::isthmus()
+            .args(["--prefs", prefs_s])
+            .args(args)
+            .output()
+            .expect("run")
+    };
+    let out = run(&["prefs", "path"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), prefs_s);
+    // Built-ins work with no file at all.
+    let out = run(&["prefs", "list"]);
+    let list = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        list.contains("lan\tbuilt-in (default)") && list.contains("upnp\tbuilt-in"),
+        "{list}"
+    );
+
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = free.local_addr().expect("addr").port();
+    drop(free);
+    for (k, v) in [
+        ("port", port.to_string()),
+        ("tick_ms", "30".into()),
+        ("listen", "127.0.0.1".into()),
+        ("beacon", "false".into()),
+    ] {
+        let out = run(&["prefs", "set", "desk", k, &v]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = run(&["prefs", "set", "desk", "tick_ms", "soon"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tick_ms"));
+    let shown = String::from_utf8_lossy(&run(&["prefs", "show", "desk"]).stdout).into_owned();
+    assert!(
+        shown.contains(&format!("port = {port}")) && shown.contains("tick_ms = 30"),
+        "{shown}"
+    );
+
+    // The profile drives the router...
+    let mut child = crate::proc::isthmus()
+        .args(["--prefs", prefs_s, "router", "--profile", "desk"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("router");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("line");
+    assert_eq!(line.trim(), format!("listening on 127.0.0.1:{port}"));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let mut a = WireReplica::connect(addr, HelloOpts::new(SessionId::random(), true))
+        .await
+        .expect("connect");
+    let s = a
+        .wait_until(PATIENCE, "welcome", |s| s.welcome.is_some())
+        .await;
+    assert_eq!(s.welcome.expect("welcome").tick_interval_us, 30_000);
+    sigterm(&child);
+    assert!(child.wait().expect("wait").success());
+
+    // ...and flags override it.
+    let mut child = crate::proc::isthmus()
+        .args([
+            "--prefs",
+            prefs_s,
+            "router",
+            "--profile",
+            "desk",
+            "--port",
+            "0",
+            "--tick-ms",
+            "70",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("router");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("line");
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("ready")
+        .parse()
+        .expect("addr");
+    assert_ne!(addr.port(), port);
+    let mut a = WireReplica::connect(addr, HelloOpts::new(SessionId::random(), true))
+        .await
+        .expect("connect");
+    let s = a
+        .wait_until(PATIENCE, "welcome", |s| s.welcome.is_some())
+        .await;
+    assert_eq!(s.welcome.expect("welcome").tick_interval_us, 70_000);
+    sigterm(&child);
+    assert!(child.wait().expect("wait").success());
+
+    // A broken file stops the router with the file, the line and what is allowed.
+    let mut text = std::fs::read_to_string(&prefs).expect("read");
+    text.push_str("forwrding = \"upnp\"\n");
+    std::fs::write(&prefs, &text).expect("write");
+    let out = run(&["router", "--profile", "desk"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line_no = text.lines().count();
+    assert!(err.contains(&format!("{prefs_s}:{line_no}:")), "{err}");
+    assert!(
+        err.contains("unknown key `forwrding`") && err.contains("forwarding"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

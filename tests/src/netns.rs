@@ -114,3 +114,196 @@ impl Drop for NetLab {
         }
     }
 }
+
+impl NetLab {
+    /// Runs a command inside host `ns` and returns its stdout; panics with its stderr on failure.
+    pub fn run(&self, ns: &str, program: &str, args: &[&str]) -> String {
+        let out = self
+            .command(ns, program)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} in {ns} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Adds a default route to host `ns` via `gateway`.
+    pub fn default_route(&self, ns: &str, gateway: &str) {
+        ip(&["-n", ns, "route", "add", "default", "via", gateway]).expect("default route");
+    }
+
+    /// Turns host `ns` into a router that forwards packets.
+    pub fn forward(&self, ns: &str) {
+        self.run(ns, "sysctl", &["-q", "-w", "net.ipv4.ip_forward=1"]);
+    }
+
+    /// The name of the interface in `ns` that carries `addr` (as given to [`NetLab::link`]).
+    pub fn iface_of(&self, ns: &str, addr: &str) -> String {
+        let out = ip(&["-n", ns, "-o", "-4", "addr", "show"]).expect("addresses");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find(|l| l.contains(&format!(" {addr}/")))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("no interface with {addr} in {ns}: {text}"))
+    }
+}
+
+/// The miniupnpd 2.3.9 binary, built once per machine by `tests/lab/build-miniupnpd.sh`.
+pub fn miniupnpd() -> String {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/lab/build-miniupnpd.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .output()
+            .expect("run build-miniupnpd.sh");
+        assert!(
+            out.status.success(),
+            "building miniupnpd failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    })
+    .clone()
+}
+
+/// A home network: `lan` (10.210.1.2) behind `gw` (10.210.1.1 inside, 203.0.113.1 outside,
+/// masquerading), and `wan` (203.0.113.2), a remote user on the "Internet" side. The WAN side
+/// uses a documentation range, which Isthmus treats as public: it stands in for the Internet.
+pub struct HomeNet {
+    /// The lab (dropping it removes everything).
+    pub lab: NetLab,
+    /// The LAN host.
+    pub lan: String,
+    /// The home gateway.
+    pub gw: String,
+    /// The remote host.
+    pub wan: String,
+    /// The gateway's WAN interface.
+    pub gw_wan_if: String,
+    /// The gateway's LAN interface.
+    pub gw_lan_if: String,
+    /// A directory for this network's files (configs, prefs), removed with it.
+    pub scratch: std::path::PathBuf,
+}
+
+impl Drop for HomeNet {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+/// LAN host address.
+pub const LAN_IP: &str = "10.210.1.2";
+/// Gateway's LAN address.
+pub const GW_LAN_IP: &str = "10.210.1.1";
+/// Gateway's WAN (external) address.
+pub const GW_WAN_IP: &str = "203.0.113.1";
+/// Remote host address.
+pub const WAN_IP: &str = "203.0.113.2";
+
+impl HomeNet {
+    /// Builds the network with NAT and the nftables layout miniupnpd expects; `None` when the
+    /// machine cannot (see [`NetLab::new`]).
+    pub fn new(test: &str) -> Option<HomeNet> {
+        let mut lab = NetLab::new(test)?;
+        let lan = lab.host("lan");
+        let gw = lab.host("gw");
+        let wan = lab.host("wan");
+        lab.link(
+            &lan,
+            &format!("{LAN_IP}/24"),
+            &gw,
+            &format!("{GW_LAN_IP}/24"),
+        );
+        lab.link(
+            &gw,
+            &format!("{GW_WAN_IP}/24"),
+            &wan,
+            &format!("{WAN_IP}/24"),
+        );
+        lab.default_route(&lan, GW_LAN_IP);
+        lab.forward(&gw);
+        let gw_wan_if = lab.iface_of(&gw, GW_WAN_IP);
+        let gw_lan_if = lab.iface_of(&gw, GW_LAN_IP);
+        let rules = format!(
+            "table inet filter {{
+  chain miniupnpd {{ }}
+  chain forward {{ type filter hook forward priority 0; policy accept; jump miniupnpd; }}
+  chain prerouting_miniupnpd {{ }}
+  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept; jump prerouting_miniupnpd; }}
+  chain postrouting_miniupnpd {{ }}
+  chain postrouting {{ type nat hook postrouting priority srcnat; policy accept; jump postrouting_miniupnpd; oifname \"{gw_wan_if}\" masquerade; }}
+}}
+"
+        );
+        let scratch = std::env::temp_dir().join(format!("{}-home", lab.prefix));
+        std::fs::create_dir_all(&scratch).expect("scratch dir");
+        let file = scratch.join("nft.conf");
+        std::fs::write(&file, rules).expect("write nft rules");
+        lab.run(&gw, "nft", &["-f", file.to_str().expect("path")]);
+        Some(HomeNet {
+            scratch,
+            lab,
+            lan,
+            gw,
+            wan,
+            gw_wan_if,
+            gw_lan_if,
+        })
+    }
+
+    /// Starts miniupnpd on the gateway with extra config lines (e.g. `allow ...` / `deny ...`,
+    /// `ext_ip=...`). Waits until it answers on its HTTP port.
+    pub fn start_upnp(&self, extra: &[&str]) -> std::process::Child {
+        let bin = miniupnpd();
+        let dir = self.scratch.clone();
+        let conf = dir.join("miniupnpd.conf");
+        let mut text = format!(
+            "ext_ifname={}\nlistening_ip={}\nhttp_port=5555\nenable_upnp=yes\nenable_natpmp=no\n\
+             secure_mode=yes\nsystem_uptime=yes\nnotify_interval=60\nclean_ruleset_interval=600\n\
+             uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n",
+            self.gw_wan_if, self.gw_lan_if
+        );
+        for l in extra {
+            text.push_str(l);
+            text.push('\n');
+        }
+        std::fs::write(&conf, text).expect("write conf");
+        let mut child = self
+            .lab
+            .command(&self.gw, &bin)
+            .args(["-d", "-f", conf.to_str().expect("path")])
+            .args(["-P", dir.join("pid").to_str().expect("path")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start miniupnpd");
+        for _ in 0..100 {
+            let ok = self
+                .lab
+                .command(&self.lan, "bash")
+                .args(["-c", &format!("exec 3<>/dev/tcp/{GW_LAN_IP}/5555")])
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ok {
+                return child;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("miniupnpd did not come up");
+    }
+
+    /// The gateway's NAT rules as text.
+    pub fn nat_rules(&self) -> String {
+        self.lab.run(&self.gw, "nft", &["list", "ruleset"])
+    }
+}

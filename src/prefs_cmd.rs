@@ -1,0 +1,78 @@
+//! `isthmus prefs`: read and edit the saved profiles.
+
+use anyhow::Result;
+use clap::Subcommand;
+use isthmus_prefs::{resolve_path, Prefs};
+use std::path::Path;
+
+#[derive(Subcommand)]
+pub enum PrefsCommand {
+    /// Print where the prefs file is (whether or not it exists yet).
+    Path,
+    /// List the profiles, built in and saved.
+    List,
+    /// Print a profile's settings.
+    Show {
+        /// The profile.
+        name: String,
+    },
+    /// Set one key of a profile (created if missing), keeping the file's comments.
+    Set {
+        /// The profile.
+        name: String,
+        /// The key, e.g. forwarding, external, port, upnp.lease_secs, limits.max_payload_bytes.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Remove a saved profile.
+    Remove {
+        /// The profile.
+        name: String,
+    },
+    /// Make a profile the one `isthmus router` uses without --profile.
+    Default {
+        /// The profile.
+        name: String,
+    },
+}
+
+pub fn run(cmd: PrefsCommand, flag: Option<&Path>) -> Result<u8> {
+    let path = resolve_path(flag)?;
+    match cmd {
+        PrefsCommand::Path => println!("{}", path.display()),
+        PrefsCommand::List => {
+            let prefs = Prefs::load(&path)?;
+            for (name, builtin, saved) in prefs.names() {
+                let origin = match (builtin, saved) {
+                    (true, true) => "saved, replaces the built-in",
+                    (true, false) => "built-in",
+                    _ => "saved",
+                };
+                let default = if name == prefs.default_name() {
+                    " (default)"
+                } else {
+                    ""
+                };
+                println!("{name}\t{origin}{default}");
+            }
+        }
+        PrefsCommand::Show { name } => print!("{}", Prefs::load(&path)?.render(&name)?),
+        PrefsCommand::Set { name, key, value } => {
+            let mut prefs = Prefs::load(&path)?;
+            prefs.set(&name, &key, &value)?;
+            prefs.save()?;
+        }
+        PrefsCommand::Remove { name } => {
+            let mut prefs = Prefs::load(&path)?;
+            prefs.remove(&name)?;
+            prefs.save()?;
+        }
+        PrefsCommand::Default { name } => {
+            let mut prefs = Prefs::load(&path)?;
+            prefs.set_default(&name)?;
+            prefs.save()?;
+        }
+    }
+    Ok(0)
+}

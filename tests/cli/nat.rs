@@ -1,0 +1,263 @@
+//! Port forwarding through a real NAT gateway: a home network in network namespaces with
+//! miniupnpd on the gateway and a remote user on the WAN side.
+
+use crate::proc::{Proc, BIN};
+use isthmus_tests::netns::{HomeNet, GW_WAN_IP, LAN_IP};
+use serde_json::Value;
+use std::time::{Duration, Instant};
+
+fn in_ns(net: &HomeNet, ns: &str, args: &[&str]) -> Proc {
+    let mut cmd = net.lab.command(ns, BIN);
+    cmd.args(args);
+    Proc::from_command(cmd)
+}
+
+fn prefs_file(net: &HomeNet, text: &str) -> String {
+    let path = net.scratch.join("prefs.toml");
+    std::fs::write(&path, text).expect("write prefs");
+    path.to_string_lossy().into_owned()
+}
+
+/// Creates an island on the LAN host's router and returns (creator, postcard fields).
+fn island(net: &HomeNet, name: &str) -> (Proc, String, Value) {
+    let creator = in_ns(
+        net,
+        &net.lan,
+        &[
+            "island",
+            "new",
+            name,
+            "--router",
+            &format!("{LAN_IP}:7470"),
+            "--json",
+        ],
+    );
+    let card = creator.next_line();
+    let (status, lines, err) =
+        in_ns(net, &net.lan, &["postcard", "show", &card, "--json"]).finish();
+    assert!(status.success(), "{err}");
+    let fields: Value = serde_json::from_str(&lines[0]).expect("json");
+    (creator, card, fields)
+}
+
+/// The remote user joins by postcard, sends a line and sees it come back.
+fn remote_join(net: &HomeNet, card: &str) {
+    let (status, lines, err) = in_ns(
+        net,
+        &net.wan,
+        &[
+            "join",
+            card,
+            "--send",
+            "hello from afar",
+            "--json",
+            "--exit-after-seq",
+            "1",
+        ],
+    )
+    .finish();
+    assert!(status.success(), "remote join failed: {err}");
+    let v: Value = serde_json::from_str(&lines[0]).expect("json");
+    assert_eq!(v["text"], "hello from afar");
+}
+
+#[test]
+fn upnp_maps_renews_serves_a_remote_user_and_unmaps_on_sigterm() {
+    let Some(net) = HomeNet::new("upnp_maps_renews_serves_a_remote_user_and_unmaps_on_sigterm")
+    else {
+        return;
+    };
+    let mut upnp = net.start_upnp(&[
+        "ext_allow_private_ipv4=yes",
+        &format!("ext_ip={GW_WAN_IP}"),
+        "allow 1024-65535 10.210.1.0/24 1024-65535",
+        "deny 0-65535 0.0.0.0/0 0-65535",
+    ]);
+    let prefs = prefs_file(
+        &net,
+        "default = \"home\"\n\n[profiles.home]\n# short lease, so renewal shows within the test\nforwarding = \"upnp\"\nupnp.lease_secs = 4\nupnp.fallback = \"fail\"\nbeacon = false\n",
+    );
+    let started = Instant::now();
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &["--prefs", &prefs, "router", "--profile", "home"],
+    );
+    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
+    let rules = net.nat_rules();
+    assert!(
+        rules.contains(&format!("{LAN_IP}:7470")),
+        "mapping in the gateway:\n{rules}"
+    );
+
+    let (creator, card, fields) = island(&net, "harbour");
+    assert_eq!(fields["external"], format!("{GW_WAN_IP}:7470").as_str());
+    remote_join(&net, &card);
+
+    // Outlive the 4 s lease: the mapping must still be there, renewed.
+    let wait = Duration::from_millis(6500).saturating_sub(started.elapsed());
+    std::thread::sleep(wait);
+    assert!(
+        net.nat_rules().contains(&format!("{LAN_IP}:7470")),
+        "renewed, not expired"
+    );
+    remote_join(&net, &card);
+
+    router.signal("TERM");
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains(&format!("external {GW_WAN_IP}:7470 (UPnP, lease 4 s")),
+        "summary line: {err}"
+    );
+    assert!(
+        err.matches("UPnP mapping renewed").count() >= 2,
+        "renewals: {err}"
+    );
+    let rules = net.nat_rules();
+    assert!(
+        !rules.contains(&format!("{LAN_IP}:7470")),
+        "mapping removed:\n{rules}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let _ = creator.finish_killed();
+    let _ = upnp.kill();
+    let _ = upnp.wait();
+}
+
+#[test]
+fn a_manual_forward_is_published_and_works_from_outside() {
+    let Some(net) = HomeNet::new("a_manual_forward_is_published_and_works_from_outside") else {
+        return;
+    };
+    // The user forwarded 7000 on the gateway to the router by hand.
+    net.lab.run(
+        &net.gw,
+        "nft",
+        &[
+            "add",
+            "rule",
+            "inet",
+            "filter",
+            "prerouting",
+            "iifname",
+            &net.gw_wan_if,
+            "tcp",
+            "dport",
+            "7000",
+            "dnat",
+            "ip",
+            "to",
+            &format!("{LAN_IP}:7470"),
+        ],
+    );
+    let external = format!("{GW_WAN_IP}:7000");
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &[
+            "router",
+            "--forwarding",
+            "manual",
+            "--external",
+            &external,
+            "--no-beacon",
+        ],
+    );
+    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
+    let (creator, card, fields) = island(&net, "cove");
+    assert_eq!(fields["external"], external.as_str());
+    assert_eq!(fields["internal"][0], format!("{LAN_IP}:7470").as_str());
+    remote_join(&net, &card);
+    router.signal("TERM");
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains(&format!("external {external} (forwarded by hand)")),
+        "{err}"
+    );
+    let _ = creator.finish_killed();
+}
+
+#[test]
+fn a_gateway_that_refuses_is_reported_and_the_lan_only_fallback_followed() {
+    let Some(net) =
+        HomeNet::new("a_gateway_that_refuses_is_reported_and_the_lan_only_fallback_followed")
+    else {
+        return;
+    };
+    let mut upnp = net.start_upnp(&[
+        "ext_allow_private_ipv4=yes",
+        &format!("ext_ip={GW_WAN_IP}"),
+        "deny 0-65535 0.0.0.0/0 0-65535",
+    ]);
+    // The built-in `upnp` profile falls back to LAN-only.
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &["router", "--profile", "upnp", "--no-beacon"],
+    );
+    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
+    let (creator, _, fields) = island(&net, "shoal");
+    assert_eq!(
+        fields["external"],
+        Value::Null,
+        "no external address is advertised"
+    );
+    router.signal("TERM");
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("refused to map"), "{err}");
+    assert!(
+        err.contains("remote users cannot reach this router"),
+        "{err}"
+    );
+    assert!(err.contains("external none"), "{err}");
+    let _ = creator.finish_killed();
+    let _ = upnp.kill();
+    let _ = upnp.wait();
+}
+
+#[test]
+fn double_nat_is_said_plainly_and_a_fail_fallback_stops_the_router() {
+    let Some(net) = HomeNet::new("double_nat_is_said_plainly_and_a_fail_fallback_stops_the_router")
+    else {
+        return;
+    };
+    // This gateway's own WAN address is private: it sits behind another NAT.
+    let mut upnp = net.start_upnp(&[
+        "ext_allow_private_ipv4=yes",
+        "ext_ip=10.99.0.1",
+        "allow 1024-65535 10.210.1.0/24 1024-65535",
+    ]);
+    let prefs = prefs_file(
+        &net,
+        "[profiles.strict]\nforwarding = \"upnp\"\nupnp.fallback = \"fail\"\n",
+    );
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &[
+            "--prefs",
+            &prefs,
+            "router",
+            "--profile",
+            "strict",
+            "--no-beacon",
+        ],
+    );
+    let (status, lines, err) = router.finish();
+    assert!(!status.success());
+    assert!(lines.is_empty(), "never said it was listening: {lines:?}");
+    assert!(
+        err.contains("10.99.0.1") && err.contains("double NAT"),
+        "{err}"
+    );
+    assert!(err.contains("not starting"), "{err}");
+    assert!(
+        !net.nat_rules().contains(&format!("{LAN_IP}:7470")),
+        "nothing was mapped"
+    );
+    let _ = upnp.kill();
+    let _ = upnp.wait();
+}
