@@ -261,3 +261,81 @@ fn double_nat_is_said_plainly_and_a_fail_fallback_stops_the_router() {
     let _ = upnp.kill();
     let _ = upnp.wait();
 }
+
+#[test]
+fn a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which() {
+    let Some(net) =
+        HomeNet::new("a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which")
+    else {
+        return;
+    };
+    // A second machine on the LAN, played by a second address of the LAN host. The gateway
+    // must let a client map for another address (secure_mode off) for it to take a port.
+    let iface = net.lab.iface_of(&net.lan, LAN_IP);
+    net.lab.run(
+        &net.lan,
+        "ip",
+        &["addr", "add", "10.210.1.3/24", "dev", &iface],
+    );
+    let mut upnp = net.start_upnp(&[
+        "secure_mode=no",
+        "ext_allow_private_ipv4=yes",
+        &format!("ext_ip={GW_WAN_IP}"),
+        "allow 1024-65535 10.210.1.0/24 1024-65535",
+        "deny 0-65535 0.0.0.0/0 0-65535",
+    ]);
+    // That other machine's router holds external port 7471 already.
+    let first = in_ns(
+        &net,
+        &net.lan,
+        &[
+            "router",
+            "--profile",
+            "upnp",
+            "--listen",
+            "10.210.1.3",
+            "--port",
+            "7471",
+            "--no-beacon",
+        ],
+    );
+    assert_eq!(first.next_line(), "listening on 10.210.1.3:7471");
+    assert!(
+        net.nat_rules().contains("10.210.1.3:7471"),
+        "{}",
+        net.nat_rules()
+    );
+    let prefs = prefs_file(
+        &net,
+        "[profiles.home]\nforwarding = \"upnp\"\nupnp.external_port = 7471\nupnp.fallback = \"fail\"\n",
+    );
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &[
+            "--prefs",
+            &prefs,
+            "router",
+            "--profile",
+            "home",
+            "--no-beacon",
+        ],
+    );
+    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
+    let (creator, card, fields) = island(&net, "reef");
+    let external: std::net::SocketAddr = fields["external"]
+        .as_str()
+        .expect("an external address")
+        .parse()
+        .expect("addr");
+    assert_eq!(external.ip().to_string(), GW_WAN_IP);
+    assert_ne!(external.port(), 7471, "not the taken port");
+    remote_join(&net, &card);
+    router.signal("TERM");
+    assert!(router.finish().0.success());
+    first.signal("TERM");
+    assert!(first.finish().0.success());
+    let _ = creator.finish_killed();
+    let _ = upnp.kill();
+    let _ = upnp.wait();
+}
