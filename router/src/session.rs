@@ -879,14 +879,17 @@ impl Session {
         true
     }
 
-    /// The pending snapshot was lost: ask someone else, or serve waiting joiners another way.
-    fn renew_snapshot_request(&mut self, now: Instant) {
-        let waiting: Vec<ConnId> = self
-            .members
+    fn awaiting_snapshot(&self) -> Vec<ConnId> {
+        self.members
             .iter()
             .filter(|(_, m)| matches!(m.state, SyncState::AwaitingSnapshot) && m.doomed.is_none())
             .map(|(c, _)| *c)
-            .collect();
+            .collect()
+    }
+
+    /// The pending snapshot was lost: ask someone else, or serve waiting joiners another way.
+    fn renew_snapshot_request(&mut self, now: Instant) {
+        let waiting = self.awaiting_snapshot();
         if waiting.is_empty() || self.request_snapshot(now) {
             return;
         }
@@ -979,12 +982,7 @@ impl Session {
             bytes: snap.data.len(),
         }));
         self.snapshot = Some(snap.clone());
-        let waiting: Vec<ConnId> = self
-            .members
-            .iter()
-            .filter(|(_, m)| matches!(m.state, SyncState::AwaitingSnapshot) && m.doomed.is_none())
-            .map(|(c, _)| *c)
-            .collect();
+        let waiting = self.awaiting_snapshot();
         for conn in &waiting {
             let state = self.begin_snapshot_send(*conn, snap.clone());
             if let Some(m) = self.members.get_mut(conn) {

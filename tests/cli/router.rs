@@ -8,16 +8,22 @@ use std::process::{Child, Command, Stdio};
 /// Starts `isthmus router` on a free loopback port and reads its ready line. Never beacons:
 /// outside a test network namespace, broadcasts would leave for the host's real LAN.
 pub fn spawn_router(extra: &[&str]) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_isthmus"))
-        .args([
-            "router",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-beacon",
-        ])
-        .args(extra)
+    let mut args = vec![
+        "router",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--no-beacon",
+    ];
+    args.extend_from_slice(extra);
+    spawn_ready(&args)
+}
+
+/// Runs `isthmus ARGS` (a router) and waits for its `listening on ADDR` line.
+pub fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
+    let mut child = crate::proc::isthmus()
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -34,6 +40,17 @@ pub fn spawn_router(extra: &[&str]) -> (Child, SocketAddr) {
         .parse()
         .expect("address in the ready line");
     (child, addr)
+}
+
+/// The tick interval a router's welcome announces, in microseconds.
+async fn tick_us(addr: SocketAddr) -> u64 {
+    let mut a = WireReplica::connect(addr, HelloOpts::new(SessionId::random(), true))
+        .await
+        .expect("connect");
+    let s = a
+        .wait_until(PATIENCE, "welcome", |s| s.welcome.is_some())
+        .await;
+    s.welcome.expect("welcome").tick_interval_us
 }
 
 pub fn sigterm(child: &Child) {
@@ -137,63 +154,26 @@ async fn profiles_are_edited_from_the_command_line_and_flags_override_them() {
     );
 
     // The profile drives the router...
-    let mut child = crate::proc::isthmus()
-        .args(["--prefs", prefs_s, "router", "--profile", "desk"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("router");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("line");
-    assert_eq!(line.trim(), format!("listening on 127.0.0.1:{port}"));
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let mut a = WireReplica::connect(addr, HelloOpts::new(SessionId::random(), true))
-        .await
-        .expect("connect");
-    let s = a
-        .wait_until(PATIENCE, "welcome", |s| s.welcome.is_some())
-        .await;
-    assert_eq!(s.welcome.expect("welcome").tick_interval_us, 30_000);
+    let (mut child, addr) = spawn_ready(&["--prefs", prefs_s, "router", "--profile", "desk"]);
+    assert_eq!(addr, format!("127.0.0.1:{port}").parse().expect("addr"));
+    assert_eq!(tick_us(addr).await, 30_000);
     sigterm(&child);
     assert!(child.wait().expect("wait").success());
 
     // ...and flags override it.
-    let mut child = crate::proc::isthmus()
-        .args([
-            "--prefs",
-            prefs_s,
-            "router",
-            "--profile",
-            "desk",
-            "--port",
-            "0",
-            "--tick-ms",
-            "70",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("router");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("line");
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .expect("ready")
-        .parse()
-        .expect("addr");
+    let (mut child, addr) = spawn_ready(&[
+        "--prefs",
+        prefs_s,
+        "router",
+        "--profile",
+        "desk",
+        "--port",
+        "0",
+        "--tick-ms",
+        "70",
+    ]);
     assert_ne!(addr.port(), port);
-    let mut a = WireReplica::connect(addr, HelloOpts::new(SessionId::random(), true))
-        .await
-        .expect("connect");
-    let s = a
-        .wait_until(PATIENCE, "welcome", |s| s.welcome.is_some())
-        .await;
-    assert_eq!(s.welcome.expect("welcome").tick_interval_us, 70_000);
+    assert_eq!(tick_us(addr).await, 70_000);
     sigterm(&child);
     assert!(child.wait().expect("wait").success());
 
