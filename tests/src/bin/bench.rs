@@ -110,7 +110,8 @@ async fn counting_replica(
             let mut at = 0;
             let mut n = 0;
             while buf.len() >= at + 4 {
-                let len = u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+                let len =
+                    u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
                 if buf.len() < at + 4 + len {
                     break;
                 }
@@ -146,7 +147,8 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
     cfg.driver.session.max_history_bytes = usize::MAX / 4;
     let router = start_router(cfg).await;
     let session = SessionId::random();
-    let counters: Vec<Arc<AtomicU64>> = (0..replicas).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let counters: Vec<Arc<AtomicU64>> =
+        (0..replicas).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let mut sender = counting_replica(router.addr, session, true, counters[0].clone()).await;
     let mut others = Vec::new();
     for c in &counters[1..] {
@@ -155,7 +157,12 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
     let mut batch = BytesMut::new();
     let body = Bytes::from(vec![7u8; payload]);
     let frames: Vec<Bytes> = (1..=messages)
-        .map(|k| wire::encode(&ClientFrame::Send { client_seq: k, payload: body.clone() }))
+        .map(|k| {
+            wire::encode(&ClientFrame::Send {
+                client_seq: k,
+                payload: body.clone(),
+            })
+        })
         .collect();
     let start = Instant::now();
     let own = counters[0].clone();
@@ -172,7 +179,10 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
         }
     }
     let deadline = Instant::now() + Duration::from_secs(120);
-    while counters.iter().any(|c| c.load(Ordering::Relaxed) < messages) {
+    while counters
+        .iter()
+        .any(|c| c.load(Ordering::Relaxed) < messages)
+    {
         assert!(Instant::now() < deadline, "bench stalled");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -180,7 +190,10 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
     router.shutdown.cancel();
     let _ = router.task.await;
     drop(others);
-    (messages as f64 / secs, (messages * replicas as u64) as f64 / secs)
+    (
+        messages as f64 / secs,
+        (messages * replicas as u64) as f64 / secs,
+    )
 }
 
 fn human(x: f64) -> String {
@@ -199,7 +212,11 @@ fn main() {
     for (members, payload) in [(4, 64), (16, 64), (64, 64), (16, 1024)] {
         let messages = 200_000 / scale;
         let (m, d) = core_bench(members, payload, messages);
-        println!("| core | {members} | {payload} | {messages} | {} | {} |", human(m), human(d));
+        println!(
+            "| core | {members} | {payload} | {messages} | {} | {} |",
+            human(m),
+            human(d)
+        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -209,6 +226,10 @@ fn main() {
     for (replicas, payload) in [(4, 64), (16, 64), (64, 64), (16, 1024)] {
         let messages = 200_000 / scale as u64;
         let (m, d) = rt.block_on(loopback_bench(replicas, payload, messages));
-        println!("| loopback | {replicas} | {payload} | {messages} | {} | {} |", human(m), human(d));
+        println!(
+            "| loopback | {replicas} | {payload} | {messages} | {} | {} |",
+            human(m),
+            human(d)
+        );
     }
 }
