@@ -770,3 +770,51 @@ fn resume_from_the_future_is_a_session_reset() {
     w.join(0, true);
     assert_eq!(w.replicas[0].closed_with, Some(Code::SESSION_RESET));
 }
+
+#[test]
+fn a_silent_replica_is_dropped_after_the_idle_timeout_and_a_chatty_one_is_not() {
+    let cfg = SessionConfig {
+        idle_timeout: Duration::from_secs(60),
+        ..SessionConfig::default()
+    };
+    let mut w = World::new(2, cfg);
+    w.join(0, false);
+    w.join(1, false);
+    for _ in 0..12 {
+        w.now += Duration::from_secs(5);
+        // Replica 0 pings as clients do; replica 1 says nothing.
+        w.frame(0, ClientFrame::Ping { nonce: 1 });
+        w.core.handle_timeout(w.now);
+        w.drain();
+    }
+    w.flush(0);
+    assert_eq!(w.replicas[1].closed_with, Some(Code::IDLE_TIMEOUT));
+    assert!(w.replicas[0].conn.is_some() && w.replicas[0].closed_with.is_none());
+}
+
+#[test]
+fn an_observer_follows_but_may_not_send() {
+    let mut w = World::new(2, SessionConfig::default());
+    w.join(0, false);
+    let conn = ConnId(99);
+    w.replicas[1].conn = Some(conn);
+    w.core.handle_join(
+        conn,
+        JoinRequest {
+            replica: w.ids[1],
+            name: "watcher".into(),
+            role: Role::Observer,
+            resume_from: None,
+            contacts: wire::Contacts::default(),
+            created: false,
+        },
+        w.now,
+    );
+    w.drain();
+    w.send(0);
+    w.flush(1);
+    assert_eq!(w.replicas[1].log.len(), 1, "observers get the order");
+    w.send(1);
+    assert_eq!(w.replicas[1].closed_with, Some(Code::NOT_PERMITTED));
+    assert_eq!(w.core.last_seq(), Seq(1), "nothing was stamped for it");
+}
