@@ -192,3 +192,58 @@ fn join_strings_that_cannot_work_fail_with_one_clear_line() {
     assert!(err.contains("cannot reach the router"), "{err}");
     let (_, _, _) = creator.finish_killed();
 }
+
+#[test]
+fn on_a_terminal_typed_lines_are_sent_and_delivered_lines_print_with_seq_and_sender() {
+    use std::io::{BufRead, BufReader, Write};
+    let (mut router, addr) = spawn_router(&[]);
+    // `script` gives the replica a real terminal; its stdin is what the user types.
+    let command = format!("{BIN} island new den --router {addr} --name ada");
+    let mut child = Command::new("script")
+        .args(["-qfec", &command, "/dev/null"])
+        .env("ISTHMUS_PREFS", crate::proc::no_prefs())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("script (util-linux) runs the replica on a pty");
+    let mut typing = child.stdin.take().expect("stdin");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line.trim_end_matches('\r').to_string());
+        }
+    });
+    let next = || {
+        rx.recv_timeout(crate::proc::PATIENCE)
+            .expect("terminal output")
+    };
+    let postcard = loop {
+        let line = next();
+        if line.starts_with("isthmus1:") {
+            break line;
+        }
+    };
+    let joiner = Proc::spawn(&[
+        "join".into(),
+        postcard,
+        "--json".into(),
+        "--exit-after-seq".into(),
+        "1".into(),
+    ]);
+    // Whether the joiner is in before the line is typed or gets it as history, it sees seq 1.
+    typing.write_all(b"ahoy there\n").expect("type");
+    loop {
+        if next() == "[1] ada: ahoy there" {
+            break;
+        }
+    }
+    let (status, lines, err) = joiner.finish();
+    assert!(status.success(), "{err}");
+    assert!(lines[0].contains("\"text\":\"ahoy there\""), "{lines:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = router.kill();
+    let _ = router.wait();
+}
