@@ -339,3 +339,61 @@ fn a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which() {
     let _ = upnp.kill();
     let _ = upnp.wait();
 }
+
+#[test]
+fn a_gateway_that_comes_back_on_another_port_is_found_again() {
+    let Some(net) = HomeNet::new("a_gateway_that_comes_back_on_another_port_is_found_again") else {
+        return;
+    };
+    let conf = [
+        "ext_allow_private_ipv4=yes",
+        &format!("ext_ip={GW_WAN_IP}"),
+        "allow 1024-65535 10.210.1.0/24 1024-65535",
+        "deny 0-65535 0.0.0.0/0 0-65535",
+    ];
+    let mut upnp = net.start_upnp_on(5555, &conf);
+    let prefs = prefs_file(
+        &net,
+        "[profiles.home]\nforwarding = \"upnp\"\nupnp.lease_secs = 2\nupnp.fallback = \"fail\"\n",
+    );
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &[
+            "--prefs",
+            &prefs,
+            "router",
+            "--profile",
+            "home",
+            "--no-beacon",
+        ],
+    );
+    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
+    let (creator, card, _) = island(&net, "atoll");
+    // The gateway reboots and now serves UPnP on another HTTP port.
+    let _ = upnp.kill();
+    let _ = upnp.wait();
+    let mut upnp = net.start_upnp_on(5566, &conf);
+    // Renewals every second find it again; the mapping (and the postcard) keep working.
+    std::thread::sleep(Duration::from_secs(4));
+    remote_join(&net, &card);
+    router.signal("TERM");
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("searching for the gateway again"), "{err}");
+    let after = err
+        .rsplit("searching for the gateway again")
+        .next()
+        .expect("log after the search");
+    assert!(
+        after.contains("UPnP mapping renewed"),
+        "mapped again after the search: {err}"
+    );
+    assert!(
+        !net.nat_rules().contains(&format!("{LAN_IP}:7470")),
+        "removed on SIGTERM"
+    );
+    let _ = creator.finish_killed();
+    let _ = upnp.kill();
+    let _ = upnp.wait();
+}

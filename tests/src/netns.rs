@@ -282,11 +282,16 @@ impl HomeNet {
     /// Starts miniupnpd on the gateway with extra config lines (e.g. `allow ...` / `deny ...`,
     /// `ext_ip=...`). Waits until it answers on its HTTP port.
     pub fn start_upnp(&self, extra: &[&str]) -> std::process::Child {
+        self.start_upnp_on(5555, extra)
+    }
+
+    /// Like [`HomeNet::start_upnp`], with the gateway's HTTP (SOAP) port chosen.
+    pub fn start_upnp_on(&self, http_port: u16, extra: &[&str]) -> std::process::Child {
         let bin = miniupnpd();
         let dir = self.scratch.clone();
         let conf = dir.join("miniupnpd.conf");
         let mut text = format!(
-            "ext_ifname={}\nlistening_ip={}\nhttp_port=5555\nenable_upnp=yes\nenable_natpmp=no\n\
+            "ext_ifname={}\nlistening_ip={}\nhttp_port={http_port}\nenable_upnp=yes\nenable_natpmp=no\n\
              secure_mode=yes\nsystem_uptime=yes\nnotify_interval=60\nclean_ruleset_interval=600\n\
              uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n",
             self.gw_wan_if, self.gw_lan_if
@@ -309,7 +314,7 @@ impl HomeNet {
             let ok = self
                 .lab
                 .command(&self.lan, "bash")
-                .args(["-c", &format!("exec 3<>/dev/tcp/{GW_LAN_IP}/5555")])
+                .args(["-c", &format!("exec 3<>/dev/tcp/{GW_LAN_IP}/{http_port}")])
                 .stderr(std::process::Stdio::null())
                 .status()
                 .is_ok_and(|s| s.success());
