@@ -13,13 +13,29 @@
 //! - [`chat`]: the demo island, a replicated chat log.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), isthmus_island_client::ClientError> {
-//! use isthmus_island_client::{chat::ChatIsland, client, ClientConfig, Event};
-//! # let cfg: ClientConfig = todo!();
+//! use isthmus_island_client::{chat::ChatIsland, client, ClientConfig, Event, ReplicaConfig};
+//! use isthmus_router::{ids::ReplicaId, wire::Role};
+//! # async fn demo(postcard: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! let card: isthmus_contact::Postcard = postcard.parse()?;
+//! let session = card.contact.session;
+//! let me = ReplicaConfig {
+//!     session,
+//!     token: card.secret.join_token(session),
+//!     replica: ReplicaId::random(),
+//!     name: "ada".into(),
+//!     role: Role::Replica,
+//!     create: None,
+//!     digest_every: 100,
+//!     max_pending_sends: 10_000,
+//!     stop_after: None,
+//! };
+//! let cfg = ClientConfig::new(card.contact.addresses(), me);
 //! let (handle, mut events) = client::connect(cfg, ChatIsland::default()).await?;
 //! handle.send(ChatIsland::payload("ada", "hello")).await?;
 //! while let Some(event) = events.recv().await {
-//!     if let Event::Message(m) = event { println!("{:?}", m.seq); }
+//!     if let Event::Message(m) = event {
+//!         println!("{}: {:?}", m.seq, ChatIsland::parse(&m.payload));
+//!     }
 //! }
 //! # Ok(()) }
 //! ```
