@@ -226,10 +226,9 @@ impl Dispatcher {
             }
             Forwarding::Upnp(up) => match portmap::start(up.clone(), local.port()).await {
                 Ok(m) => {
-                    let how = format!(
-                        "UPnP, {}",
-                        portmap::lease_text(m.current().and_then(|x| x.lease))
-                    );
+                    let how = m
+                        .current()
+                        .map_or_else(|| "UPnP".to_string(), |x| portmap::mapping_text(&x));
                     (External::Upnp(m.watch()), Some(m), how)
                 }
                 Err(e) => match up.fallback {

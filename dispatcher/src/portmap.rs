@@ -73,6 +73,9 @@ pub struct Mapping {
     pub external: SocketAddr,
     /// The lease, or `None` when the gateway only grants permanent mappings.
     pub lease: Option<Duration>,
+    /// The external address is on the Internet. When false (double NAT) only hosts on the
+    /// gateway's outer network can use it.
+    pub public: bool,
 }
 
 /// Why no usable mapping could be had. Each says what it means for remote users.
@@ -278,6 +281,7 @@ impl Mapper {
         Mapping {
             external: SocketAddr::new(ip, self.port),
             lease: (self.lease_secs != 0).then(|| Duration::from_secs(u64::from(self.lease_secs))),
+            public: is_public(ip),
         }
     }
 
@@ -296,8 +300,13 @@ impl Mapper {
     }
 }
 
-/// Finds the gateway and maps `local_port` on the LAN address. Fails without mapping anything
-/// when the gateway's external address is not public (double NAT).
+/// Finds the gateway and maps `local_port` on the LAN address.
+///
+/// When the gateway's own external address is not public (double NAT), that is said plainly:
+/// Internet users will not reach the router. With the `fail` fallback nothing is mapped and this
+/// is an error; with `lan-only` (best effort) a mapping the gateway grants is still kept and
+/// published, as it serves hosts on the gateway's outer network (a campus, a lab, a larger home
+/// network), which is strictly more than LAN-only.
 pub async fn start(cfg: UpnpConfig, local_port: u16) -> Result<PortMapper, PortMapError> {
     let lan = cfg
         .lan_ip
@@ -314,7 +323,13 @@ pub async fn start(cfg: UpnpConfig, local_port: u16) -> Result<PortMapper, PortM
     };
     let ip = m.external().await?;
     if !is_public(ip) {
-        return Err(PortMapError::DoubleNat(ip));
+        if m.cfg.fallback == Fallback::Fail {
+            return Err(PortMapError::DoubleNat(ip));
+        }
+        warn!(
+            "{}; keeping the mapping for hosts on the gateway's outer network",
+            PortMapError::DoubleNat(ip)
+        );
     }
     m.map().await?;
     let mapping = m.mapping(ip);
@@ -345,6 +360,17 @@ pub fn lease_text(lease: Option<Duration>) -> String {
         ),
         None => "permanent: the gateway grants no finite leases; removed on shutdown".into(),
     }
+}
+
+/// How a mapping reads in the start-up summary.
+pub fn mapping_text(m: &Mapping) -> String {
+    let mut text = format!("UPnP, {}", lease_text(m.lease));
+    if !m.public {
+        text.push_str(
+            "; double NAT: not reachable from the Internet, only from the gateway's outer network",
+        );
+    }
+    text
 }
 
 async fn renew_loop(
@@ -399,7 +425,7 @@ async fn renew_loop(
             }
         };
         match renewed {
-            Ok(ip) if is_public(ip) => {
+            Ok(ip) if is_public(ip) || m.cfg.fallback == Fallback::LanOnly => {
                 let mapping = m.mapping(ip);
                 info!(external = %mapping.external, "UPnP mapping renewed ({})", lease_text(mapping.lease));
                 current.send_replace(Some(mapping));

@@ -397,3 +397,42 @@ fn a_gateway_that_comes_back_on_another_port_is_found_again() {
     let _ = upnp.kill();
     let _ = upnp.wait();
 }
+
+#[test]
+fn behind_double_nat_the_best_effort_profile_keeps_the_mapping_and_says_so() {
+    let Some(net) = HomeNet::behind_private_wan(
+        "behind_double_nat_the_best_effort_profile_keeps_the_mapping_and_says_so",
+    ) else {
+        return;
+    };
+    let ext = net.gw_wan_ip.clone();
+    let mut upnp = net.start_upnp(&[
+        "ext_allow_private_ipv4=yes",
+        &format!("ext_ip={ext}"),
+        "allow 1024-65535 10.210.1.0/24 1024-65535",
+        "deny 0-65535 0.0.0.0/0 0-65535",
+    ]);
+    // The built-in `upnp` profile: best effort, fallback lan-only.
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &["router", "--profile", "upnp", "--no-beacon"],
+    );
+    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
+    let (creator, card, fields) = island(&net, "lagoon");
+    assert_eq!(fields["external"], format!("{ext}:7470").as_str());
+    // A host on the gateway's outer network gets in through the mapping.
+    remote_join(&net, &card);
+    router.signal("TERM");
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(err.contains("double NAT"), "said plainly: {err}");
+    assert!(err.contains("not reachable from the Internet"), "{err}");
+    assert!(
+        !net.nat_rules().contains(&format!("{LAN_IP}:7470")),
+        "removed on SIGTERM"
+    );
+    let _ = creator.finish_killed();
+    let _ = upnp.kill();
+    let _ = upnp.wait();
+}

@@ -211,6 +211,8 @@ pub struct HomeNet {
     pub gw_lan_if: String,
     /// A directory for this network's files (configs, prefs), removed with it.
     pub scratch: std::path::PathBuf,
+    /// The gateway's WAN address.
+    pub gw_wan_ip: String,
 }
 
 impl Drop for HomeNet {
@@ -232,6 +234,16 @@ impl HomeNet {
     /// Builds the network with NAT and the nftables layout miniupnpd expects; `None` when the
     /// machine cannot (see [`NetLab::new`]).
     pub fn new(test: &str) -> Option<HomeNet> {
+        Self::build(test, GW_WAN_IP, WAN_IP)
+    }
+
+    /// The same network, but the gateway's "outside" is itself a private network (10.220.0.0/24):
+    /// double NAT as seen from the LAN host.
+    pub fn behind_private_wan(test: &str) -> Option<HomeNet> {
+        Self::build(test, "10.220.0.1", "10.220.0.2")
+    }
+
+    fn build(test: &str, gw_wan_ip: &str, wan_ip: &str) -> Option<HomeNet> {
         let mut lab = NetLab::new(test)?;
         let lan = lab.host("lan");
         let gw = lab.host("gw");
@@ -244,13 +256,13 @@ impl HomeNet {
         );
         lab.link(
             &gw,
-            &format!("{GW_WAN_IP}/24"),
+            &format!("{gw_wan_ip}/24"),
             &wan,
-            &format!("{WAN_IP}/24"),
+            &format!("{wan_ip}/24"),
         );
         lab.default_route(&lan, GW_LAN_IP);
         lab.forward(&gw);
-        let gw_wan_if = lab.iface_of(&gw, GW_WAN_IP);
+        let gw_wan_if = lab.iface_of(&gw, gw_wan_ip);
         let gw_lan_if = lab.iface_of(&gw, GW_LAN_IP);
         let rules = format!(
             "table inet filter {{
@@ -270,6 +282,7 @@ impl HomeNet {
         lab.run(&gw, "nft", &["-f", file.to_str().expect("path")]);
         Some(HomeNet {
             scratch,
+            gw_wan_ip: gw_wan_ip.to_string(),
             lab,
             lan,
             gw,
