@@ -125,14 +125,25 @@ pub fn is_public(ip: IpAddr) -> bool {
 }
 
 /// The LAN address the host would use towards the UPnP multicast group. Connecting a UDP
-/// socket sends nothing; it only asks the routing table.
+/// socket sends nothing; it only asks the routing table. A host with no route for multicast
+/// falls back to its first up, non-loopback IPv4 interface.
 pub fn lan_ip() -> Option<Ipv4Addr> {
-    let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
-    s.connect((Ipv4Addr::new(239, 255, 255, 250), 1900)).ok()?;
-    match s.local_addr().ok()?.ip() {
-        IpAddr::V4(v4) if !v4.is_unspecified() => Some(v4),
-        _ => None,
-    }
+    let routed = || {
+        let s = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+        s.connect((Ipv4Addr::new(239, 255, 255, 250), 1900)).ok()?;
+        match s.local_addr().ok()?.ip() {
+            IpAddr::V4(v4) if !v4.is_unspecified() => Some(v4),
+            _ => None,
+        }
+    };
+    routed().or_else(|| {
+        crate::contacts::local_addrs()
+            .into_iter()
+            .find_map(|a| match a.ip {
+                IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_link_local() => Some(v4),
+                _ => None,
+            })
+    })
 }
 
 async fn within<T, E: std::fmt::Display>(
