@@ -146,6 +146,13 @@ pub fn lan_ip() -> Option<Ipv4Addr> {
     })
 }
 
+/// A gateway call under our own time limit; the call's own error is left to the caller.
+async fn timed<T>(limit: Duration, f: impl Future<Output = T>) -> Result<T, PortMapError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .map_err(|_| PortMapError::Timeout("the mapping request"))
+}
+
 async fn within<T, E: std::fmt::Display>(
     limit: Duration,
     what: &'static str,
@@ -220,12 +227,18 @@ impl Mapper {
         }
     }
 
-    /// Maps the port, trying what gateways commonly insist on.
+    /// Maps the port, trying what gateways commonly insist on. Once a port is granted, asking
+    /// again means renewing that same port: the external address handed out in postcards must
+    /// not move at every renewal.
     async fn map(&mut self) -> Result<(), PortMapError> {
         let t = self.cfg.call_timeout;
         let desc = self.cfg.description.clone();
-        let want = self.cfg.external_port.unwrap_or(self.local.port());
-        let first = tokio::time::timeout(
+        let want = if self.port != 0 {
+            self.port
+        } else {
+            self.cfg.external_port.unwrap_or(self.local.port())
+        };
+        let first = timed(
             t,
             self.gateway.add_port(
                 PortMappingProtocol::TCP,
@@ -235,15 +248,14 @@ impl Mapper {
                 &desc,
             ),
         )
-        .await
-        .map_err(|_| PortMapError::Timeout("the mapping request"))?;
+        .await?;
         match first {
             Ok(()) => {
                 self.port = want;
                 Ok(())
             }
             Err(AddPortError::PortInUse) => {
-                let r = tokio::time::timeout(
+                let any = timed(
                     t,
                     self.gateway.add_any_port(
                         PortMappingProtocol::TCP,
@@ -252,9 +264,8 @@ impl Mapper {
                         &desc,
                     ),
                 )
-                .await
-                .map_err(|_| PortMapError::Timeout("the mapping request"))?;
-                match r {
+                .await?;
+                match any {
                     Ok(port) => {
                         self.port = port;
                         Ok(())
@@ -267,7 +278,7 @@ impl Mapper {
                 }
             }
             Err(AddPortError::SamePortValuesRequired) if want != self.local.port() => {
-                self.cfg.external_port = Some(self.local.port());
+                self.port = self.local.port();
                 Box::pin(self.map()).await
             }
             Err(AddPortError::OnlyPermanentLeasesSupported) if self.lease_secs != 0 => {

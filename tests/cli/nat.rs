@@ -18,6 +18,25 @@ fn prefs_file(net: &HomeNet, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Starts the LAN host's router from a `[profiles.home]` with these settings (beacon off).
+fn router_with_profile(net: &HomeNet, settings: &str) -> Proc {
+    let prefs = prefs_file(net, &format!("[profiles.home]\n{settings}"));
+    let router = in_ns(
+        net,
+        &net.lan,
+        &[
+            "--prefs",
+            &prefs,
+            "router",
+            "--profile",
+            "home",
+            "--no-beacon",
+        ],
+    );
+    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
+    router
+}
+
 /// Creates an island on the LAN host's router and returns (creator, postcard fields).
 fn island(net: &HomeNet, name: &str) -> (Proc, String, Value) {
     let creator = in_ns(
@@ -305,23 +324,10 @@ fn a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which() {
         "{}",
         net.nat_rules()
     );
-    let prefs = prefs_file(
+    let router = router_with_profile(
         &net,
-        "[profiles.home]\nforwarding = \"upnp\"\nupnp.external_port = 7471\nupnp.fallback = \"fail\"\n",
+        "forwarding = \"upnp\"\nupnp.external_port = 7471\nupnp.lease_secs = 2\nupnp.fallback = \"fail\"\n",
     );
-    let router = in_ns(
-        &net,
-        &net.lan,
-        &[
-            "--prefs",
-            &prefs,
-            "router",
-            "--profile",
-            "home",
-            "--no-beacon",
-        ],
-    );
-    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
     let (creator, card, fields) = island(&net, "reef");
     let external: std::net::SocketAddr = fields["external"]
         .as_str()
@@ -331,8 +337,20 @@ fn a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which() {
     assert_eq!(external.ip().to_string(), GW_WAN_IP);
     assert_ne!(external.port(), 7471, "not the taken port");
     remote_join(&net, &card);
+    // Renewals (every second) keep that port: the postcard already handed out stays good.
+    std::thread::sleep(Duration::from_secs(3));
+    let rule = format!("dport {} dnat ip to {LAN_IP}:7470", external.port());
+    assert!(net.nat_rules().contains(&rule), "{}", net.nat_rules());
+    remote_join(&net, &card);
     router.signal("TERM");
-    assert!(router.finish().0.success());
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(err.matches("UPnP mapping renewed").count() >= 2, "{err}");
+    assert_eq!(
+        err.matches(&format!("external={GW_WAN_IP}:")).count(),
+        err.matches(&format!("external={external}")).count(),
+        "every grant and renewal names the same external port: {err}"
+    );
     first.signal("TERM");
     assert!(first.finish().0.success());
     let _ = creator.finish_killed();
@@ -352,23 +370,10 @@ fn a_gateway_that_comes_back_on_another_port_is_found_again() {
         "deny 0-65535 0.0.0.0/0 0-65535",
     ];
     let mut upnp = net.start_upnp_on(5555, &conf);
-    let prefs = prefs_file(
+    let router = router_with_profile(
         &net,
-        "[profiles.home]\nforwarding = \"upnp\"\nupnp.lease_secs = 2\nupnp.fallback = \"fail\"\n",
+        "forwarding = \"upnp\"\nupnp.lease_secs = 2\nupnp.fallback = \"fail\"\n",
     );
-    let router = in_ns(
-        &net,
-        &net.lan,
-        &[
-            "--prefs",
-            &prefs,
-            "router",
-            "--profile",
-            "home",
-            "--no-beacon",
-        ],
-    );
-    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
     let (creator, card, _) = island(&net, "atoll");
     // The gateway reboots and now serves UPnP on another HTTP port.
     let _ = upnp.kill();
