@@ -478,6 +478,14 @@ mod tests {
         })
     }
 
+    fn start_fresh(r: &mut Replica<ChatIsland>) {
+        r.handle_frame(ServerFrame::SyncBegin {
+            at: Seq(0),
+            snapshot_len: None,
+        })
+        .expect("fresh");
+    }
+
     fn hello_of(r: &Replica<ChatIsland>) -> Hello {
         let mut buf = BytesMut::from(&r.hello()[..]);
         match wire::decode::<ClientFrame>(&mut buf, usize::MAX) {
@@ -492,11 +500,7 @@ mod tests {
         let h = hello_of(&r);
         assert!(h.create.is_some() && h.resume_from.is_none());
         r.handle_frame(welcome(0)).expect("welcome");
-        r.handle_frame(ServerFrame::SyncBegin {
-            at: Seq(0),
-            snapshot_len: None,
-        })
-        .expect("fresh");
+        start_fresh(&mut r);
         r.handle_frame(msg(1, Origin::Router, 0)).expect("m1");
         // Dropped mid-sync: the state is partial, so no resume.
         r.disconnected();
@@ -504,11 +508,7 @@ mod tests {
         assert!(h.create.is_none(), "never create on a reconnect");
         assert_eq!(h.resume_from, None);
         r.handle_frame(welcome(0)).expect("welcome");
-        r.handle_frame(ServerFrame::SyncBegin {
-            at: Seq(0),
-            snapshot_len: None,
-        })
-        .expect("fresh");
+        start_fresh(&mut r);
         r.handle_frame(msg(1, Origin::Router, 0)).expect("m1");
         r.handle_frame(ServerFrame::Synced {
             seq: Seq(1),
@@ -523,11 +523,7 @@ mod tests {
     fn a_gap_is_a_protocol_error() {
         let mut r = Replica::new(cfg(None), ChatIsland::default());
         r.handle_frame(welcome(0)).expect("welcome");
-        r.handle_frame(ServerFrame::SyncBegin {
-            at: Seq(0),
-            snapshot_len: None,
-        })
-        .expect("fresh");
+        start_fresh(&mut r);
         assert!(matches!(
             r.handle_frame(msg(2, Origin::Router, 0)),
             Err(FrameError::Protocol(_))
@@ -547,11 +543,7 @@ mod tests {
             r.send(ChatIsland::payload("x", "d")),
             Err(crate::ClientError::TooManyPending(3))
         ));
-        r.handle_frame(ServerFrame::SyncBegin {
-            at: Seq(0),
-            snapshot_len: None,
-        })
-        .expect("fresh");
+        start_fresh(&mut r);
         r.handle_frame(ServerFrame::Synced {
             seq: Seq(0),
             last_client_seq: 0,
@@ -579,12 +571,7 @@ mod tests {
     fn stop_after_counts_a_seq_inside_a_snapshot_and_digests_are_reported() {
         let mut provider = Replica::new(cfg(None), ChatIsland::default());
         provider.handle_frame(welcome(0)).expect("welcome");
-        provider
-            .handle_frame(ServerFrame::SyncBegin {
-                at: Seq(0),
-                snapshot_len: None,
-            })
-            .expect("fresh");
+        start_fresh(&mut provider);
         for s in 1..=4 {
             provider
                 .handle_frame(msg(s, Origin::Router, 0))
