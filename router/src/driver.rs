@@ -7,6 +7,7 @@
 //! connection's writer takes everything queued and writes it with one `write_all`; coalescing
 //! is what lets one core deliver millions of small messages a second.
 
+use crate::auth::IslandKeys;
 use crate::ids::{ConnId, SessionId};
 use crate::session::{JoinRequest, Notice, Output, Session, SessionConfig};
 use crate::wire::{self, ClientFrame, Code, DecodeError};
@@ -114,9 +115,19 @@ impl Flushes {
     }
 }
 
-/// Decides, under the owner's lock, whether an expired session may go: it must not if an attach
-/// is already on its way (the argument tells). Returning true removes it from the owner's map.
-pub type Retire = Box<dyn Fn(&dyn Fn() -> bool) -> bool + Send + Sync>;
+/// Why a session task is ending.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// It lingered empty for its linger time.
+    Expired,
+    /// Its admin closed it; it must go (the owner may remember that it was closed).
+    Closed,
+}
+
+/// Decides, under the owner's lock, whether an ending session may go: an expired one must not if
+/// an attach is already on its way (the second argument tells); a closed one always goes.
+/// Returning true removes it from the owner's map.
+pub type Retire = Box<dyn Fn(Ending, &dyn Fn() -> bool) -> bool + Send + Sync>;
 
 /// A cloneable handle to a running session task.
 #[derive(Clone)]
@@ -148,6 +159,7 @@ impl SessionHandle {
 /// Starts a session task. It ends after lingering empty (when `retire` agrees) or on shutdown.
 pub fn spawn_session(
     id: SessionId,
+    keys: IslandKeys,
     cfg: DriverConfig,
     retire: Retire,
 ) -> (SessionHandle, tokio::task::JoinHandle<()>) {
@@ -159,7 +171,7 @@ pub fn spawn_session(
         events: event_tx.clone(),
     };
     let task = SessionTask {
-        core: Session::new(id, cfg.session.clone(), now()),
+        core: Session::new(id, keys, cfg.session.clone(), now()),
         cfg,
         conns: HashMap::new(),
         events_tx: event_tx,
@@ -227,7 +239,7 @@ impl SessionTask {
             if shutting_down {
                 break;
             }
-            if self.core.is_expired(now()) && retire(&|| !attach_rx.is_empty()) {
+            if self.core.is_expired(now()) && retire(Ending::Expired, &|| !attach_rx.is_empty()) {
                 info!(session = %id, "session expired after lingering empty");
                 break;
             }

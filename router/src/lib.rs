@@ -21,6 +21,8 @@
 //! }
 //! ```
 
+pub mod auth;
+pub mod budget;
 pub mod ids;
 pub mod session;
 pub mod wire;

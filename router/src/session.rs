@@ -13,7 +13,10 @@ use crate::wire::{
     self, Code, CreateOptions, DigestGroup, Divergence, Message, Origin, Role, RouterEvent,
     ServerFrame, Welcome, MAX_DIGEST_BYTES,
 };
+use crate::auth::{IslandKeys, NONCE_LEN};
+use crate::budget::MemoryBudget;
 use bytes::{Bytes, BytesMut};
+use std::sync::Arc;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -43,6 +46,11 @@ pub const DEFAULT_SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_MEMBERS: usize = 1024;
 /// Checkpoints whose digests are remembered for comparison.
 pub const DEFAULT_DIGEST_WINDOW: usize = 64;
+/// The shortest tick interval a creator may ask for by default: 100 ticks a second is smoother
+/// than any display needs, and each tick costs a write per replica.
+pub const DEFAULT_MIN_TICK_INTERVAL: Duration = Duration::from_millis(10);
+/// The longest tick interval anyone may ask for.
+pub const MAX_TICK_INTERVAL: Duration = Duration::from_secs(60);
 /// Replicas whose last client seq is remembered for duplicate detection after they left.
 pub const DEFAULT_MAX_REMEMBERED_REPLICAS: usize = 4096;
 
@@ -77,6 +85,10 @@ pub struct SessionConfig {
     pub max_remembered_replicas: usize,
     /// Stamp joins and leaves into the order.
     pub announce_membership: bool,
+    /// The shortest tick interval a creator or admin may ask for: ticks cost the router CPU.
+    pub min_tick_interval: Duration,
+    /// The router-wide budget for the bytes of every session's history and snapshots.
+    pub budget: Arc<MemoryBudget>,
 }
 
 impl Default for SessionConfig {
@@ -96,6 +108,8 @@ impl Default for SessionConfig {
             digest_window: DEFAULT_DIGEST_WINDOW,
             max_remembered_replicas: DEFAULT_MAX_REMEMBERED_REPLICAS,
             announce_membership: false,
+            min_tick_interval: DEFAULT_MIN_TICK_INTERVAL,
+            budget: Arc::new(MemoryBudget::unlimited()),
         }
     }
 }
@@ -104,7 +118,8 @@ impl SessionConfig {
     /// Applies what the creating replica asked for, within sane bounds.
     pub fn with_create_options(mut self, opts: &CreateOptions) -> Self {
         if let Some(ms) = opts.tick_interval_ms {
-            self.tick_interval = Duration::from_millis(u64::from(ms.clamp(1, 60_000)));
+            self.tick_interval = Duration::from_millis(u64::from(ms))
+                .clamp(self.min_tick_interval, MAX_TICK_INTERVAL);
         }
         self.announce_membership = opts.announce_membership;
         self
@@ -132,6 +147,10 @@ pub struct JoinRequest {
     pub contacts: wire::Contacts,
     /// Whether this hello created the session.
     pub created: bool,
+    /// The connection's nonce from the router's preamble: admin commands are signed over it.
+    pub nonce: [u8; NONCE_LEN],
+    /// An admin's control connection: welcomed, never synced, sent no messages.
+    pub control: bool,
 }
 
 /// Something the driver must do, or may want to log.
@@ -253,6 +272,7 @@ struct ClientSeqEntry {
 #[derive(Debug)]
 pub struct Session {
     id: SessionId,
+    keys: IslandKeys,
     cfg: SessionConfig,
     start: Instant,
     last_seq: u64,
@@ -276,9 +296,10 @@ pub struct Session {
 
 impl Session {
     /// A new, empty session; `now` is time zero of its router time.
-    pub fn new(id: SessionId, cfg: SessionConfig, now: Instant) -> Self {
+    pub fn new(id: SessionId, keys: IslandKeys, cfg: SessionConfig, now: Instant) -> Self {
         Session {
             id,
+            keys,
             cfg,
             start: now,
             last_seq: 0,
@@ -303,6 +324,11 @@ impl Session {
     /// The session's id.
     pub fn id(&self) -> SessionId {
         self.id
+    }
+
+    /// The island's public keys.
+    pub fn keys(&self) -> &IslandKeys {
+        &self.keys
     }
 
     /// The configuration in force.
@@ -449,7 +475,7 @@ impl Session {
                 client_seq,
                 payload,
             } => {
-                if role == Role::Observer {
+                if !role.may_send() {
                     self.doom(conn, Code::NOT_PERMITTED, "observers cannot send", false);
                 } else if payload.len() > self.cfg.max_payload_bytes {
                     let reason = format!(
@@ -481,6 +507,12 @@ impl Session {
             }
             wire::ClientFrame::Pong { .. } => {}
             wire::ClientFrame::Leave => self.remove_member(conn, None, false, now),
+            wire::ClientFrame::Admin { .. } => self.doom(
+                conn,
+                Code::NOT_PERMITTED,
+                "admin commands are not handled yet",
+                false,
+            ),
         }
         self.reap(now);
     }

@@ -2,14 +2,17 @@
 //!
 //! A connection starts with a 10-byte preamble from each side: the magic `ISTHMUS\0` and the
 //! protocol version as a big-endian `u16`. The replica speaks first; the router answers with its
-//! own preamble, so a replica of another version can read why it was refused. After the preamble
+//! own preamble, so a replica of another version can read why it was refused, followed (when the
+//! versions match) by a fresh 32-byte nonce that the hello's signatures must cover. After that
 //! every frame is a big-endian `u32` body length followed by a bincode-2 (standard configuration)
 //! body of [`ClientFrame`] (replica to router) or [`ServerFrame`] (router to replica).
 //!
 //! ```text
 //! replica                                    router
-//!   preamble, Hello            ------------>
-//!                              <------------  preamble, Welcome | Refuse
+//!   preamble                   ------------>
+//!                              <------------  preamble, nonce
+//!   Hello (signed over nonce)  ------------>
+//!                              <------------  Welcome | Refuse
 //!                              <------------  SyncBegin, SnapshotData..., Message..., Synced
 //!   Send, Digest, Ping, ...    ------------>
 //!                              <------------  Message, Tick, SnapshotRequest, Divergence, ...
@@ -20,6 +23,7 @@
 //! Every length is checked against a limit before anything is allocated, and a frame that has not
 //! fully arrived decodes as `Ok(None)`, never as an error. `docs/protocol.md` describes each frame.
 
+use crate::auth::{IslandKeys, PublicKey, Signature, NONCE_LEN};
 use crate::ids::{ReplicaId, RouterTime, Seq, SessionId};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
@@ -28,10 +32,13 @@ use std::net::SocketAddr;
 
 /// The first eight bytes of every Isthmus connection, in both directions.
 pub const MAGIC: [u8; 8] = *b"ISTHMUS\0";
-/// The protocol version this build speaks. Bumped on any change to a frame's layout.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks. Bumped on any change to a frame's layout. Version 2
+/// brought signed hellos, capability roles, admin frames and end-to-end sealed payloads.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Magic plus version.
 pub const PREAMBLE_LEN: usize = 10;
+/// The router's preamble: magic, version, then the connection's nonce.
+pub const ROUTER_PREAMBLE_LEN: usize = PREAMBLE_LEN + NONCE_LEN;
 /// Bytes of the length prefix in front of every frame body.
 pub const LENGTH_PREFIX_LEN: usize = 4;
 
@@ -126,6 +133,19 @@ pub fn check_preamble(bytes: &[u8; PREAMBLE_LEN]) -> Result<(), DecodeError> {
     Ok(())
 }
 
+/// The router's preamble for a connection: our magic and version, then its fresh nonce.
+pub fn router_preamble(nonce: &[u8; NONCE_LEN]) -> [u8; ROUTER_PREAMBLE_LEN] {
+    let mut out = [0u8; ROUTER_PREAMBLE_LEN];
+    out[..PREAMBLE_LEN].copy_from_slice(&preamble());
+    out[PREAMBLE_LEN..].copy_from_slice(nonce);
+    out
+}
+
+/// Encodes a value as a bare body (no length prefix): what signatures cover.
+pub fn encode_body<T: Serialize>(value: &T) -> Vec<u8> {
+    encode(value)[LENGTH_PREFIX_LEN..].to_vec()
+}
+
 /// Encodes one frame: length prefix plus body, ready to write.
 pub fn encode<T: Serialize>(frame: &T) -> Bytes {
     let mut out = Vec::with_capacity(64);
@@ -181,24 +201,22 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     Ok(frame)
 }
 
-/// A 32-byte secret derived from the island's join secret; the router keeps only its hash.
-#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JoinToken(pub [u8; 32]);
-
-impl fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Never log a credential.
-        f.write_str("JoinToken(..)")
-    }
-}
-
-/// What a replica may do in a session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a connection may do in a session; proven by the key that signs its hello.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Role {
-    /// Sends messages and may be asked for snapshots.
+    /// A participant: sends messages and may be asked for snapshots.
     Replica,
     /// Follows the session but may not send; never asked for snapshots.
     Observer,
+    /// A participant that may also send admin commands (tick rate, remove a replica, close).
+    Admin,
+}
+
+impl Role {
+    /// Whether this role may put messages into the order.
+    pub fn may_send(self) -> bool {
+        matches!(self, Role::Replica | Role::Admin)
+    }
 }
 
 /// Settings a replica proposes when it creates a session. Ignored when the session exists.
@@ -219,9 +237,10 @@ pub struct Announce {
     pub name: String,
     /// Where in the island to arrive, if anywhere.
     pub destination: Option<uuid::Uuid>,
-    /// The join secret, for a LAN-open island: anyone on the LAN may join (and the router, which
-    /// sees it, is trusted like the LAN). `None` lists the island as private: visible, but
-    /// joinable only with its postcard.
+    /// The participant secret, for a LAN-open island: anyone on the LAN may join (and the router,
+    /// which sees it, is trusted like the LAN). The router accepts it only from its own LAN and
+    /// only if it matches the island's participant key. `None` lists the island as private:
+    /// visible, but joinable only with its postcard, and the router holds no secret.
     pub secret: Option<[u8; 32]>,
 }
 
@@ -263,23 +282,56 @@ impl Contacts {
     }
 }
 
-/// The first frame a replica sends.
+/// What a hello says; both of its signatures cover this (and the router's nonce).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hello {
-    /// The session to join or create.
+pub struct HelloBody {
+    /// The session to join or create; must be the hash of `keys`.
     pub session: SessionId,
-    /// Proof that the replica holds the island's join secret.
-    pub token: JoinToken,
-    /// Stable across reconnects of the same replica.
+    /// The island's three public keys, so the router can check the id and the role.
+    pub keys: IslandKeys,
+    /// Stable across reconnects of the same replica: the hash of `replica_key`.
     pub replica: ReplicaId,
+    /// The replica's own public key; it signs the hello too, so nobody else can use its id.
+    pub replica_key: PublicKey,
     /// A display name, at most [`MAX_NAME_BYTES`].
     pub name: String,
-    /// What the replica may do.
+    /// What the replica may do, proven by the role's key.
     pub role: Role,
     /// The last seq this replica applied when it reconnects; `None` asks for a full sync.
     pub resume_from: Option<Seq>,
-    /// Create the session if the router does not have it.
+    /// Create the session if the router does not have it (participants and admins only).
     pub create: Option<CreateOptions>,
+    /// An admin's control connection: welcomed, then only admin commands; it is not synced and
+    /// receives no messages.
+    pub control: bool,
+}
+
+/// The first frame a replica sends: the body signed by the role's key and the replica's key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// What is asked.
+    pub body: HelloBody,
+    /// Signature by the key of `body.role`.
+    pub role_sig: Signature,
+    /// Signature by `body.replica_key`.
+    pub replica_sig: Signature,
+}
+
+/// What an admin may ask of the router.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminCommand {
+    /// Tick after this many idle milliseconds from now on.
+    SetTick {
+        /// Within the router's allowed range.
+        ms: u32,
+    },
+    /// Remove a replica: it is closed with code 2009.
+    Kick {
+        /// Who.
+        replica: ReplicaId,
+    },
+    /// Close the island: everyone gets 2010 and the router forgets it.
+    Close,
 }
 
 /// The router's acceptance of a hello.
@@ -411,6 +463,15 @@ pub enum ClientFrame {
     },
     /// The replica leaves for good; the router closes after it.
     Leave,
+    /// An admin command, signed with the island's admin key over the connection's nonce.
+    Admin {
+        /// Counts this connection's commands from 1; each must be higher than the last.
+        seq: u64,
+        /// What to do.
+        command: AdminCommand,
+        /// Signature over [`crate::auth::admin_transcript`].
+        sig: Signature,
+    },
 }
 
 /// Frames the router sends to a replica.
@@ -481,6 +542,15 @@ pub enum ServerFrame {
         /// For people.
         reason: String,
     },
+    /// The outcome of an admin command.
+    AdminDone {
+        /// The command's `seq`.
+        seq: u64,
+        /// Whether it was carried out.
+        ok: bool,
+        /// For people: what was done, or why not.
+        message: String,
+    },
 }
 
 /// Why a hello was refused or a connection closed. Codes below 2000 are retryable (try again,
@@ -504,10 +574,13 @@ impl Code {
     pub const NO_SNAPSHOT: Code = Code(1005);
     /// The messages this replica still needed were dropped from the bounded history.
     pub const FELL_BEHIND: Code = Code(1006);
+    /// The same replica (proven by its key) connected again; this older connection is closed.
+    /// Retryable: only the replica itself can do this, so the old connection was stale.
+    pub const REPLACED: Code = Code(1007);
     /// The peer speaks another protocol version.
     pub const UNSUPPORTED_VERSION: Code = Code(2000);
-    /// The join token does not match the session's.
-    pub const BAD_TOKEN: Code = Code(2001);
+    /// The hello's keys or signatures do not prove what it asks (wrong postcard, replayed hello).
+    pub const BAD_CREDENTIALS: Code = Code(2001);
     /// The session does not exist on this router (and the hello did not ask to create it).
     pub const UNKNOWN_SESSION: Code = Code(2002);
     /// A frame could not be decoded.
@@ -516,12 +589,16 @@ impl Code {
     pub const PROTOCOL_VIOLATION: Code = Code(2004);
     /// A send over the payload limit.
     pub const PAYLOAD_TOO_LARGE: Code = Code(2005);
-    /// The same replica id connected again; this older connection is closed.
-    pub const REPLACED: Code = Code(2006);
-    /// The role does not allow this (an observer sent).
+    /// The role does not allow this (an observer sent, a non-admin sent an admin command).
     pub const NOT_PERMITTED: Code = Code(2007);
     /// The replica resumes from a seq this session never reached: the session it knew is gone.
     pub const SESSION_RESET: Code = Code(2008);
+    /// The island's admin removed this replica.
+    pub const KICKED: Code = Code(2009);
+    /// The island's admin closed the island.
+    pub const CLOSED: Code = Code(2010);
+    /// This router does not create islands for this requester (its `create` setting).
+    pub const CREATE_NOT_ALLOWED: Code = Code(2011);
 
     /// Whether trying again can succeed.
     pub fn is_retryable(self) -> bool {
@@ -538,15 +615,18 @@ impl Code {
             Code::IDLE_TIMEOUT => "idle timeout",
             Code::NO_SNAPSHOT => "no snapshot",
             Code::FELL_BEHIND => "fell behind",
+            Code::REPLACED => "replaced",
             Code::UNSUPPORTED_VERSION => "unsupported version",
-            Code::BAD_TOKEN => "bad token",
+            Code::BAD_CREDENTIALS => "bad credentials",
             Code::UNKNOWN_SESSION => "unknown session",
             Code::MALFORMED => "malformed",
             Code::PROTOCOL_VIOLATION => "protocol violation",
             Code::PAYLOAD_TOO_LARGE => "payload too large",
-            Code::REPLACED => "replaced",
             Code::NOT_PERMITTED => "not permitted",
             Code::SESSION_RESET => "session reset",
+            Code::KICKED => "removed by the admin",
+            Code::CLOSED => "island closed",
+            Code::CREATE_NOT_ALLOWED => "creation not allowed",
             c if c.is_retryable() => "unknown (retryable)",
             _ => "unknown (fatal)",
         }
@@ -579,15 +659,30 @@ mod tests {
     use proptest::prelude::*;
     use uuid::Uuid;
 
+    fn hello_body(session: u128, resume: Option<u64>, name: String) -> HelloBody {
+        let keys = IslandKeys {
+            admin: PublicKey([1; 32]),
+            participant: PublicKey([2; 32]),
+            observer: PublicKey([3; 32]),
+        };
+        HelloBody {
+            session: SessionId(Uuid::from_u128(session)),
+            keys,
+            replica: ReplicaId(Uuid::from_u128(2)),
+            replica_key: PublicKey([4; 32]),
+            name,
+            role: Role::Replica,
+            resume_from: resume.map(Seq),
+            create: Some(CreateOptions::default()),
+            control: false,
+        }
+    }
+
     fn hello() -> ClientFrame {
         ClientFrame::Hello(Hello {
-            session: SessionId(Uuid::from_u128(1)),
-            token: JoinToken([7; 32]),
-            replica: ReplicaId(Uuid::from_u128(2)),
-            name: "ada".into(),
-            role: Role::Replica,
-            resume_from: Some(Seq(9)),
-            create: Some(CreateOptions::default()),
+            body: hello_body(1, Some(9), "ada".into()),
+            role_sig: Signature([7; 64]),
+            replica_sig: Signature([8; 64]),
         })
     }
 
@@ -672,14 +767,11 @@ mod tests {
                 any::<Option<u64>>(),
                 any::<bool>()
             )
-                .prop_map(|(s, r, name, resume, create)| ClientFrame::Hello(Hello {
-                    session: SessionId(Uuid::from_u128(s)),
-                    token: JoinToken([3; 32]),
-                    replica: ReplicaId(Uuid::from_u128(r)),
-                    name,
-                    role: Role::Observer,
-                    resume_from: resume.map(Seq),
-                    create: create.then_some(CreateOptions {
+                .prop_map(|(s, r, name, resume, create)| {
+                    let mut body = hello_body(s, resume, name);
+                    body.replica = ReplicaId(Uuid::from_u128(r));
+                    body.role = Role::Observer;
+                    body.create = create.then_some(CreateOptions {
                         tick_interval_ms: Some(20),
                         announce_membership: true,
                         announce: Some(Announce {
@@ -687,8 +779,13 @@ mod tests {
                             destination: None,
                             secret: Some([4; 32]),
                         }),
-                    }),
-                })),
+                    });
+                    ClientFrame::Hello(Hello {
+                        body,
+                        role_sig: Signature([5; 64]),
+                        replica_sig: Signature([6; 64]),
+                    })
+                }),
             (any::<u64>(), arb_bytes()).prop_map(|(client_seq, payload)| ClientFrame::Send {
                 client_seq,
                 payload
@@ -706,6 +803,19 @@ mod tests {
                 .prop_map(|(s, hash)| ClientFrame::Digest { seq: Seq(s), hash }),
             any::<u64>().prop_map(|nonce| ClientFrame::Ping { nonce }),
             Just(ClientFrame::Leave),
+            (any::<u64>(), any::<u32>(), any::<u128>()).prop_map(|(seq, ms, r)| {
+                ClientFrame::Admin {
+                    seq,
+                    command: match ms % 3 {
+                        0 => AdminCommand::SetTick { ms },
+                        1 => AdminCommand::Kick {
+                            replica: ReplicaId(Uuid::from_u128(r)),
+                        },
+                        _ => AdminCommand::Close,
+                    },
+                    sig: Signature([ms as u8; 64]),
+                }
+            }),
         ]
     }
 
