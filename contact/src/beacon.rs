@@ -17,7 +17,7 @@ use uuid::Uuid;
 /// First bytes of every beacon packet.
 pub const BEACON_MAGIC: [u8; 8] = *b"ISTHBEAC";
 /// Beacon format version.
-pub const BEACON_VERSION: u8 = 1;
+pub const BEACON_VERSION: u8 = 2;
 /// Largest packet sent: under the 1280-byte IPv6 minimum MTU, so no link fragments it.
 pub const MAX_PACKET_BYTES: usize = 1200;
 /// The beacon's UDP port.
@@ -38,7 +38,10 @@ pub struct BeaconIsland {
     pub name: String,
     /// Where to arrive, if anywhere.
     pub destination: Option<Uuid>,
-    /// The join secret of a LAN-open island; `None` for a private one.
+    /// The island's admin public key: with the participant secret it makes a whole participant
+    /// postcard (the other two keys derive from the secret).
+    pub admin_key: isthmus_router::auth::PublicKey,
+    /// The participant secret of a LAN-open island; `None` for a private one.
     pub secret: Option<[u8; 32]>,
 }
 
