@@ -1,5 +1,6 @@
 //! The `isthmus` command end to end: real processes, real loopback sockets.
 
+mod capture;
 mod island;
 mod lan;
 mod nat;

@@ -47,7 +47,8 @@ fn ip(args: &[&str]) -> Result<Output, String> {
     }
 }
 
-fn required() -> bool {
+/// True when a test that cannot build its lab must fail instead of skipping (CI sets it).
+pub fn required() -> bool {
     std::env::var(REQUIRE_VAR).is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
