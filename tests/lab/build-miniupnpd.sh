@@ -36,8 +36,10 @@ apt_opts=(
   -o "Dir::Cache::Archives=$apt_dir/archives"
 )
 apt-get "${apt_opts[@]}" update -qq >&2
-(cd "$work" && apt-get "${apt_opts[@]}" source -qq "miniupnpd=2.3.9*" >&2 || \
-  (cd "$work" && apt-get "${apt_opts[@]}" source -qq miniupnpd >&2))
+# Ask for 2.3.9 first; if the archive has moved on, take trixie's current version instead. The
+# first attempt's "E: Can not find version" is an expected fallback, not an error: keep it quiet.
+(cd "$work" && apt-get "${apt_opts[@]}" source -qq "miniupnpd=2.3.9*" >/dev/null 2>&1) || \
+  (cd "$work" && apt-get "${apt_opts[@]}" source -qq miniupnpd >&2)
 src=$(find "$work" -maxdepth 1 -type d -name 'miniupnp*' | head -1)
 # The Debian source package keeps the daemon in a subdirectory in some versions.
 [ -f "$src/configure" ] || src=$(dirname "$(find "$work" -name configure -path '*miniupnpd*' | head -1)")

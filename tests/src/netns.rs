@@ -67,20 +67,10 @@ impl NetLab {
                 let _ = ip(&["netns", "del", &probe]);
                 Some(lab)
             }
-            Err(e) => {
-                let msg = format!(
-                    "SKIPPED {test}: needs root and network namespaces ({e}). \
-                     Run as root (as .ci/run does) to exercise it."
-                );
-                if required() {
-                    panic!("{msg} ({REQUIRE_VAR} is set, so this is a failure)");
-                }
-                // Straight to the stderr handle: the test harness captures eprintln! output of
-                // passing tests, and a skip must be seen.
-                use std::io::Write;
-                let _ = writeln!(std::io::stderr(), "\n!!!!!!!! {msg}\n");
-                None
-            }
+            Err(e) => skip(&format!(
+                "SKIPPED {test}: needs root and network namespaces ({e}). \
+                 Run as root (as .ci/run does) to exercise it."
+            )),
         }
     }
 
@@ -175,23 +165,40 @@ impl NetLab {
     }
 }
 
-/// The miniupnpd 2.3.9 binary, built once per machine by `tests/lab/build-miniupnpd.sh`.
+/// Says loudly that a test cannot run here and returns `None`, or fails when CI requires it.
+/// The line starts with `!!!!!!!! SKIPPED` so `.ci/run` can count skips apart from passes.
+pub fn skip<T>(msg: &str) -> Option<T> {
+    if required() {
+        panic!("{msg} ({REQUIRE_VAR} is set, so this is a failure)");
+    }
+    // Straight to the stderr handle: the test harness captures eprintln! output of passing
+    // tests, and a skip must be seen.
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "\n!!!!!!!! {msg}\n");
+    None
+}
+
+/// Where `tests/lab/build-miniupnpd.sh` leaves the miniupnpd 2.3.9 binary (the same rule as the
+/// script: `$ISTHMUS_LAB_CACHE`, else the user's cache directory).
+fn miniupnpd_path() -> std::path::PathBuf {
+    let cache = std::env::var_os("ISTHMUS_LAB_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(|c| std::path::PathBuf::from(c).join("isthmus-lab"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| std::path::PathBuf::from(h).join(".cache").join("isthmus-lab"))
+        })
+        .unwrap_or_else(|| std::path::PathBuf::from("/nonexistent"));
+    cache.join("miniupnpd-2.3.9")
+}
+
+/// The lab's miniupnpd binary. Tests never build or install anything: `.ci/run` (or
+/// `bash tests/lab/build-miniupnpd.sh` by hand) prepares it, and [`HomeNet`] skips without it.
 pub fn miniupnpd() -> String {
-    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/lab/build-miniupnpd.sh");
-        let out = Command::new("bash")
-            .arg(script)
-            .output()
-            .expect("run build-miniupnpd.sh");
-        assert!(
-            out.status.success(),
-            "building miniupnpd failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    })
-    .clone()
+    miniupnpd_path().to_string_lossy().into_owned()
 }
 
 /// A home network: `lan` (10.210.1.2) behind `gw` (10.210.1.1 inside, 203.0.113.1 outside,
@@ -246,6 +253,13 @@ impl HomeNet {
 
     fn build(test: &str, gw_wan_ip: &str, wan_ip: &str) -> Option<HomeNet> {
         let mut lab = NetLab::new(test)?;
+        if !miniupnpd_path().is_file() {
+            return skip(&format!(
+                "SKIPPED {test}: needs the lab's miniupnpd 2.3.9 at {}; build it once with \
+                 `bash tests/lab/build-miniupnpd.sh` (as root; .ci/run does this)",
+                miniupnpd_path().display()
+            ));
+        }
         let lan = lab.host("lan");
         let gw = lab.host("gw");
         let wan = lab.host("wan");
