@@ -113,9 +113,9 @@ fn upnp_maps_renews_serves_a_remote_user_and_unmaps_on_sigterm() {
     assert_eq!(fields["external"], format!("{GW_WAN_IP}:7470").as_str());
     remote_join(&net, &card);
 
-    // Outlive the 4 s lease: the mapping must still be there, renewed.
-    let wait = Duration::from_millis(6500).saturating_sub(started.elapsed());
-    std::thread::sleep(wait);
+    // Outlive the 4 s lease: the mapping must still be there, renewed every 2 s.
+    router.wait_stderr("UPnP mapping renewed", 3);
+    assert!(started.elapsed() > Duration::from_secs(4), "past the first lease");
     assert!(
         net.nat_rules().contains(&format!("{LAN_IP}:7470")),
         "renewed, not expired"
@@ -338,7 +338,7 @@ fn a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which() {
     assert_ne!(external.port(), 7471, "not the taken port");
     remote_join(&net, &card);
     // Renewals (every second) keep that port: the postcard already handed out stays good.
-    std::thread::sleep(Duration::from_secs(3));
+    router.wait_stderr("UPnP mapping renewed", 3);
     let rule = format!("dport {} dnat ip to {LAN_IP}:7470", external.port());
     assert!(net.nat_rules().contains(&rule), "{}", net.nat_rules());
     remote_join(&net, &card);
@@ -380,7 +380,9 @@ fn a_gateway_that_comes_back_on_another_port_is_found_again() {
     let _ = upnp.wait();
     let mut upnp = net.start_upnp_on(5566, &conf);
     // Renewals every second find it again; the mapping (and the postcard) keep working.
-    std::thread::sleep(Duration::from_secs(4));
+    let log = router.wait_stderr("searching for the gateway again", 1);
+    let before = log.matches("UPnP mapping renewed").count();
+    router.wait_stderr("UPnP mapping renewed", before + 1);
     remote_join(&net, &card);
     router.signal("TERM");
     let (status, _, err) = router.finish();

@@ -29,6 +29,8 @@ pub fn no_prefs() -> std::path::PathBuf {
 pub struct Proc {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// Everything written to stderr so far, so a test can wait for a log line as it happens.
+    err: std::sync::Arc<(std::sync::Mutex<(String, bool)>, std::sync::Condvar)>,
 }
 
 impl Proc {
@@ -47,6 +49,26 @@ impl Proc {
             .spawn()
             .expect("start isthmus");
         let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        let err = std::sync::Arc::new((
+            std::sync::Mutex::new((String::new(), false)),
+            std::sync::Condvar::new(),
+        ));
+        let sink = err.clone();
+        std::thread::spawn(move || {
+            let (text, changed) = &*sink;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(mut t) = text.lock() {
+                    t.0.push_str(&line);
+                    t.0.push('\n');
+                }
+                changed.notify_all();
+            }
+            if let Ok(mut t) = text.lock() {
+                t.1 = true;
+            }
+            changed.notify_all();
+        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -55,7 +77,31 @@ impl Proc {
                 }
             }
         });
-        Proc { child, lines: rx }
+        Proc {
+            child,
+            lines: rx,
+            err,
+        }
+    }
+
+    /// Waits until stderr holds `needle` at least `times` times (or panics after `PATIENCE`):
+    /// tests wait on what the process says, never on a guess of how long it takes.
+    pub fn wait_stderr(&self, needle: &str, times: usize) -> String {
+        let (text, changed) = &*self.err;
+        let deadline = std::time::Instant::now() + PATIENCE;
+        let mut t = text.lock().expect("stderr buffer");
+        loop {
+            if t.0.matches(needle).count() >= times {
+                return t.0.clone();
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero() && !t.1,
+                "waited for {times} x {needle:?} on stderr; got:\n{}",
+                t.0
+            );
+            t = changed.wait_timeout(t, left).expect("stderr buffer").0;
+        }
     }
 
     pub fn next_line(&self) -> String {
@@ -87,13 +133,21 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
+        // The reader thread sees end of file once the process has exited: wait for that, so
+        // the last lines are in.
         let lines = self.lines.try_iter().collect();
-        (status, lines, err)
+        let (text, changed) = &*self.err;
+        let mut t = text.lock().expect("stderr buffer");
+        while !t.1 {
+            let (next, timeout) = changed
+                .wait_timeout(t, PATIENCE)
+                .expect("stderr buffer");
+            t = next;
+            if timeout.timed_out() {
+                break;
+            }
+        }
+        (status, lines, t.0.clone())
     }
 }
 
