@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 mod island;
 mod prefs_cmd;
+mod tui;
 
 #[derive(Parser)]
 #[command(
