@@ -3,8 +3,12 @@
 use crate::replica::{Closed, Event, FrameError, Replica, ReplicaConfig};
 use crate::{ClientError, Island};
 use bytes::{Bytes, BytesMut};
+use isthmus_contact::Postcard;
+use isthmus_router::auth::{self, KeyPair, NONCE_LEN};
 use isthmus_router::ids::Seq;
-use isthmus_router::wire::{self, ClientFrame, Code, DecodeError, ServerFrame, PREAMBLE_LEN};
+use isthmus_router::wire::{
+    self, AdminCommand, ClientFrame, Code, DecodeError, HelloBody, Role, ServerFrame, PREAMBLE_LEN,
+};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -143,28 +147,44 @@ pub async fn connect<I: Island>(
     Ok((ClientHandle { cmds: cmd_tx }, event_rx))
 }
 
-/// Opens the first candidate to answer with an Isthmus preamble, trying the next one every
-/// `race_delay` while earlier ones are still pending.
+/// A connection whose preambles were exchanged.
+struct Opened {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// The router's nonce for this connection, which the hello's signatures cover.
+    nonce: [u8; NONCE_LEN],
+}
+
+/// Opens the first candidate to answer with an Isthmus preamble and a nonce, trying the next
+/// one every `race_delay` while earlier ones are still pending. `all` names the addresses in
+/// the error.
 async fn open(
-    cfg: &ClientConfig,
+    connect_timeout: Duration,
+    race_delay: Duration,
+    all: &[SocketAddr],
     candidates: &[SocketAddr],
-) -> Result<(TcpStream, SocketAddr), ClientError> {
+) -> Result<Opened, ClientError> {
     if candidates.is_empty() {
         return Err(ClientError::NoAddress);
     }
     let mut attempts = JoinSet::new();
     for (i, addr) in candidates.iter().copied().enumerate() {
-        let delay = cfg.race_delay * i as u32;
-        let limit = cfg.connect_timeout;
+        let delay = race_delay * i as u32;
         attempts.spawn(async move {
             tokio::time::sleep(delay).await;
-            let r = tokio::time::timeout(limit, async {
+            let r = tokio::time::timeout(connect_timeout, async {
                 let mut stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
                 stream.write_all(&wire::preamble()).await?;
                 let mut pre = [0u8; PREAMBLE_LEN];
                 stream.read_exact(&mut pre).await?;
-                Ok::<_, std::io::Error>((stream, pre))
+                // A router of another version sends its 10 bytes and no nonce: check first.
+                if let Err(e) = wire::check_preamble(&pre) {
+                    return Ok(Err(e));
+                }
+                let mut nonce = [0u8; NONCE_LEN];
+                stream.read_exact(&mut nonce).await?;
+                Ok::<_, std::io::Error>(Ok((stream, nonce)))
             })
             .await;
             (addr, r)
@@ -174,24 +194,23 @@ async fn open(
     while let Some(done) = attempts.join_next().await {
         let Ok((addr, result)) = done else { continue };
         match result {
-            Ok(Ok((stream, pre))) => match wire::check_preamble(&pre) {
-                Ok(()) => return Ok((stream, addr)),
-                Err(DecodeError::UnsupportedVersion { theirs, ours }) => {
-                    return Err(ClientError::Version(format!(
-                        "router at {addr} speaks {theirs}, this client {ours}"
-                    )))
-                }
-                Err(e) => failures.push(format!("{addr}: {e}")),
-            },
+            Ok(Ok(Ok((stream, nonce)))) => {
+                return Ok(Opened {
+                    stream,
+                    addr,
+                    nonce,
+                })
+            }
+            Ok(Ok(Err(DecodeError::UnsupportedVersion { theirs, ours }))) => {
+                return Err(ClientError::Version { addr, theirs, ours })
+            }
+            Ok(Ok(Err(e))) => failures.push(format!("{addr}: {e}")),
             Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-            Err(_) => failures.push(format!(
-                "{addr}: no answer within {:?}",
-                cfg.connect_timeout
-            )),
+            Err(_) => failures.push(format!("{addr}: no answer within {connect_timeout:?}")),
         }
     }
     Err(ClientError::Unreachable {
-        addrs: cfg.routers.clone(),
+        addrs: all.to_vec(),
         detail: failures.join("; "),
     })
 }
@@ -205,10 +224,20 @@ async fn establish<I: Island>(
 ) -> Result<Conn, ClientError> {
     let mut candidates = cfg.routers.clone();
     loop {
-        let (stream, addr) = open(cfg, &candidates).await?;
-        match handshake(cfg, replica, stream).await {
+        let Opened {
+            stream,
+            addr,
+            nonce,
+        } = open(
+            cfg.connect_timeout,
+            cfg.race_delay,
+            &cfg.routers,
+            &candidates,
+        )
+        .await?;
+        match handshake(cfg, replica, stream, &nonce).await {
             Err(ClientError::Refused { code, reason })
-                if matches!(code, Code::UNKNOWN_SESSION | Code::BAD_TOKEN)
+                if matches!(code, Code::UNKNOWN_SESSION | Code::BAD_CREDENTIALS)
                     && candidates.len() > 1 =>
             {
                 tracing::debug!(%addr, "refused ({code}: {reason}); trying the other addresses");
@@ -223,10 +252,11 @@ async fn handshake<I: Island>(
     cfg: &ClientConfig,
     replica: &mut Replica<I>,
     stream: TcpStream,
+    nonce: &[u8; NONCE_LEN],
 ) -> Result<Conn, ClientError> {
     let (mut reader, mut write) = stream.into_split();
     write
-        .write_all(&replica.hello())
+        .write_all(&replica.hello(nonce))
         .await
         .map_err(|e| unreachable(cfg, e))?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -513,5 +543,131 @@ fn closed_ending(code: Code, reason: String) -> Ending {
         Ending::Retry(format!("{reason} ({code})"))
     } else {
         Ending::Lost(format!("{reason} ({code})"))
+    }
+}
+
+/// Reads one frame within `limit`, or says plainly why not.
+async fn read_frame(
+    reader: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_frame_bytes: usize,
+    limit: Duration,
+) -> Result<ServerFrame, String> {
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(frame) =
+                wire::decode::<ServerFrame>(buf, max_frame_bytes).map_err(|e| e.to_string())?
+            {
+                return Ok(frame);
+            }
+            if reader.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("the router closed the connection".to_string());
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("no answer from the router within {limit:?}"))?
+}
+
+/// Carries out one admin command: opens a control connection to the island on `card` (which
+/// must be its admin postcard), signed with the admin key and a fresh replica key, waits for the
+/// welcome, sends `command` signed over this connection's nonce, and returns the router's
+/// answer. The router's refusal comes back as [`ClientError::AdminRefused`] in its own words.
+pub async fn admin(
+    routers: &[SocketAddr],
+    card: &Postcard,
+    command: AdminCommand,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    if card.role() != Role::Admin {
+        return Err(ClientError::NotAdmin(auth::role_name(card.role())));
+    }
+    let session = card.keys.session_id();
+    let me = KeyPair::random();
+    let mut candidates = routers.to_vec();
+    loop {
+        let Opened {
+            mut stream,
+            addr,
+            nonce,
+        } = open(timeout, DEFAULT_RACE_DELAY, routers, &candidates).await?;
+        let unreachable = |detail: String| ClientError::Unreachable {
+            addrs: routers.to_vec(),
+            detail,
+        };
+        let body = HelloBody {
+            session,
+            keys: card.keys,
+            replica: auth::replica_id_for(&me.public()),
+            replica_key: me.public(),
+            name: "admin".into(),
+            role: Role::Admin,
+            resume_from: None,
+            create: None,
+            control: true,
+        };
+        let hello = auth::sign_hello(&nonce, body, &card.capability.key_pair(), &me);
+        stream
+            .write_all(&wire::encode(&ClientFrame::Hello(hello)))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let max = wire::DEFAULT_MAX_FRAME_BYTES;
+        let mut sent = false;
+        loop {
+            let frame = read_frame(&mut stream, &mut buf, max, timeout)
+                .await
+                .map_err(unreachable)?;
+            match frame {
+                ServerFrame::Welcome(_) if !sent => {
+                    let seq = 1;
+                    let sig = card
+                        .capability
+                        .key_pair()
+                        .sign(&auth::admin_transcript(&nonce, session, seq, &command));
+                    let frame = ClientFrame::Admin {
+                        seq,
+                        command: command.clone(),
+                        sig,
+                    };
+                    stream
+                        .write_all(&wire::encode(&frame))
+                        .await
+                        .map_err(|e| unreachable(e.to_string()))?;
+                    sent = true;
+                }
+                ServerFrame::AdminDone {
+                    seq: 1,
+                    ok,
+                    message,
+                } => {
+                    let _ = stream.write_all(&wire::encode(&ClientFrame::Leave)).await;
+                    return if ok {
+                        Ok(message)
+                    } else {
+                        Err(ClientError::AdminRefused(message))
+                    };
+                }
+                ServerFrame::Refuse { code, reason } | ServerFrame::Goodbye { code, reason } => {
+                    // Another router on a stale address does not know the island: try the rest.
+                    if !sent && code == Code::UNKNOWN_SESSION && candidates.len() > 1 {
+                        candidates.retain(|a| *a != addr);
+                        break;
+                    }
+                    // Closing the island ends this connection too, possibly before the answer.
+                    if sent && code == Code::CLOSED && matches!(command, AdminCommand::Close) {
+                        return Ok(reason);
+                    }
+                    return Err(ClientError::Refused { code, reason });
+                }
+                ServerFrame::Ping { nonce } => {
+                    let _ = stream
+                        .write_all(&wire::encode(&ClientFrame::Pong { nonce }))
+                        .await;
+                }
+                // A control connection gets no messages; anything else is not for it.
+                _ => {}
+            }
+        }
     }
 }
