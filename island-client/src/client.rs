@@ -671,3 +671,205 @@ pub async fn admin(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ChatIsland;
+    use isthmus_contact::ContactPoint;
+    use isthmus_router::auth::Capability;
+    use isthmus_router::ids::{ReplicaId, RouterTime, SessionId};
+    use isthmus_router::wire::{Contacts, Welcome};
+    use tokio::net::TcpListener;
+
+    fn admin_card() -> Postcard {
+        let contact = ContactPoint::new(SessionId::random(), "garden", vec![]);
+        Postcard::for_new_island(contact, Capability::new_island()).expect("card")
+    }
+
+    fn welcome(session: SessionId, replica: ReplicaId) -> ServerFrame {
+        ServerFrame::Welcome(Welcome {
+            session,
+            replica,
+            created: false,
+            last_seq: Seq(0),
+            time: RouterTime(0),
+            tick_interval_us: 50_000,
+            last_client_seq: 0,
+            max_payload_bytes: 1000,
+            contacts: Contacts::default(),
+        })
+    }
+
+    async fn read_client_frame(s: &mut TcpStream, buf: &mut BytesMut) -> ClientFrame {
+        loop {
+            if let Some(f) = wire::decode::<ClientFrame>(buf, usize::MAX).expect("decodes") {
+                return f;
+            }
+            assert!(s.read_buf(buf).await.expect("read") > 0, "closed early");
+        }
+    }
+
+    /// A one-connection router: checks the hello and the admin command as the real one does,
+    /// then answers with `ok`.
+    async fn fake_router(ok: bool) -> (SocketAddr, tokio::task::JoinHandle<AdminCommand>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut pre = [0u8; PREAMBLE_LEN];
+            s.read_exact(&mut pre).await.expect("preamble");
+            wire::check_preamble(&pre).expect("ours");
+            let nonce = [3u8; NONCE_LEN];
+            s.write_all(&wire::router_preamble(&nonce))
+                .await
+                .expect("write");
+            let mut buf = BytesMut::new();
+            let ClientFrame::Hello(h) = read_client_frame(&mut s, &mut buf).await else {
+                panic!("hello first")
+            };
+            auth::verify_hello(&nonce, &h).expect("a valid hello");
+            assert!(h.body.control);
+            assert_eq!(h.body.role, Role::Admin);
+            s.write_all(&wire::encode(&welcome(h.body.session, h.body.replica)))
+                .await
+                .expect("write");
+            let ClientFrame::Admin { seq, command, sig } =
+                read_client_frame(&mut s, &mut buf).await
+            else {
+                panic!("an admin frame")
+            };
+            auth::verify_admin(&h.body.keys, &nonce, h.body.session, seq, &command, &sig)
+                .expect("signed by the admin key");
+            let done = ServerFrame::AdminDone {
+                seq,
+                ok,
+                message: if ok {
+                    "tick set".into()
+                } else {
+                    "out of range".into()
+                },
+            };
+            s.write_all(&wire::encode(&done)).await.expect("write");
+            command
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn an_admin_command_is_signed_and_answered() {
+        let (addr, router) = fake_router(true).await;
+        let card = admin_card();
+        let said = admin(
+            &[addr],
+            &card,
+            AdminCommand::SetTick { ms: 20 },
+            DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await
+        .expect("done");
+        assert_eq!(said, "tick set");
+        assert_eq!(
+            router.await.expect("router"),
+            AdminCommand::SetTick { ms: 20 }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_admin_command_carries_the_routers_words() {
+        let (addr, router) = fake_router(false).await;
+        let err = admin(
+            &[addr],
+            &admin_card(),
+            AdminCommand::Close,
+            DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(err.to_string(), "the router did not do it: out of range");
+        router.await.expect("router");
+    }
+
+    #[tokio::test]
+    async fn only_an_admin_postcard_gives_admin_commands() {
+        let card = admin_card().participant().expect("participant");
+        let err = admin(
+            &["127.0.0.1:9".parse().expect("addr")],
+            &card,
+            AdminCommand::Close,
+            DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await
+        .expect_err("not admin");
+        assert!(matches!(err, ClientError::NotAdmin("participant")), "{err}");
+    }
+
+    /// A router that answers the preamble with `answer` and then, if given, one frame.
+    async fn scripted_router(answer: Vec<u8>, then: Option<ServerFrame>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut pre = [0u8; PREAMBLE_LEN];
+            s.read_exact(&mut pre).await.expect("preamble");
+            s.write_all(&answer).await.expect("write");
+            if let Some(f) = then {
+                let mut buf = BytesMut::new();
+                let _hello = read_client_frame(&mut s, &mut buf).await;
+                s.write_all(&wire::encode(&f)).await.expect("write");
+            }
+            // Hold the connection until the client is done with it.
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        addr
+    }
+
+    fn replica_cfg(addr: SocketAddr) -> ClientConfig {
+        let card = admin_card().participant().expect("participant");
+        ClientConfig::new(vec![addr], ReplicaConfig::from_postcard(&card, "ada"))
+    }
+
+    #[tokio::test]
+    async fn a_router_of_another_version_is_named_with_both_versions() {
+        let addr = scripted_router(wire::preamble_for(1).to_vec(), None).await;
+        let err = connect(replica_cfg(addr), ChatIsland::default())
+            .await
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(
+            matches!(
+                err,
+                ClientError::Version {
+                    theirs: 1,
+                    ours: 2,
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("version 1") && text.contains("version 2"),
+            "{text}"
+        );
+        assert!(text.contains("upgrade the older side"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_busy_router_says_so_rather_than_unreachable() {
+        let busy = ServerFrame::Refuse {
+            code: Code::BUSY,
+            reason: "too many connections".into(),
+        };
+        let addr =
+            scripted_router(wire::router_preamble(&[1; NONCE_LEN]).to_vec(), Some(busy)).await;
+        let err = connect(replica_cfg(addr), ChatIsland::default())
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "the router is busy: too many connections; try again later"
+        );
+    }
+}
