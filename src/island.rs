@@ -330,12 +330,7 @@ pub async fn run_join(args: JoinArgs) -> Result<u8> {
         (None, Some(name)) => {
             let name = (!name.is_empty()).then_some(name.as_str());
             let heard = discover_one(&args.lan, name).await?;
-            heard.postcard().ok_or_else(|| {
-                anyhow!(
-                    "island {:?} is private: ask whoever runs it for its postcard",
-                    heard.island.name
-                )
-            })?
+            heard_postcard(&heard, "ask whoever runs it for its postcard")?
         }
         (None, None) => anyhow::bail!("give a postcard, or --discover [NAME]"),
     };
@@ -354,6 +349,19 @@ fn parse_postcard(text: &str) -> Result<Postcard> {
             format!("cannot read the postcard: {e}"),
         ))
     })
+}
+
+/// The participant postcard of a heard island, or why there is none.
+fn heard_postcard(heard: &Heard, private_hint: &str) -> Result<Postcard> {
+    let name = &heard.island.name;
+    match heard.postcard() {
+        Some(card) => Ok(card),
+        None if heard.is_open() => Err(anyhow!(
+            "island {name:?} was announced with a secret that does not belong to it (a forged or broken announcement from {}); ask whoever runs it for its postcard",
+            heard.router
+        )),
+        None => Err(anyhow!("island {name:?} is private: {private_hint}")),
+    }
 }
 
 fn listen_for(secs: f64) -> Result<Duration> {
@@ -555,9 +563,7 @@ pub async fn run_postcard(args: PostcardArgs) -> Result<u8> {
         }
         (None, Some(name)) => {
             let heard = discover_one(&args.lan, Some(&name)).await?;
-            let card = heard.postcard().ok_or_else(|| {
-                anyhow!("island {name:?} is private: only its owner can hand out its postcard")
-            })?;
+            let card = heard_postcard(&heard, "only its owner can hand out its postcard")?;
             println!("{card}");
             Ok(0)
         }

@@ -756,6 +756,22 @@ mod tests {
         (addr, task)
     }
 
+    #[test]
+    fn replaced_and_busy_are_retried_kicked_and_closed_are_not() {
+        for code in [Code::REPLACED, Code::BUSY, Code(1999)] {
+            assert!(
+                matches!(closed_ending(code, "r".into()), Ending::Retry(_)),
+                "{code}"
+            );
+        }
+        for code in [Code::KICKED, Code::CLOSED, Code::BAD_CREDENTIALS] {
+            assert!(
+                matches!(closed_ending(code, "r".into()), Ending::Lost(_)),
+                "{code}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn an_admin_command_is_signed_and_answered() {
         let (addr, router) = fake_router(true).await;
