@@ -1,22 +1,27 @@
-//! `isthmus island new` and `isthmus join`: a replica of the demo chat island on the terminal.
+//! `isthmus island new|close|kick|tick`, `isthmus join` and `isthmus postcard`: a replica of the
+//! demo chat island on the terminal, and the island's admin commands.
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use isthmus_contact::beacon::{Discovery, Heard};
 use isthmus_contact::lan::Listener;
-use isthmus_contact::{ContactPoint, JoinSecret, Postcard};
+use isthmus_contact::{ContactPoint, Postcard, POSTCARD_KIND};
 use isthmus_island_client::chat::ChatIsland;
 use isthmus_island_client::client::{self, ClientHandle};
 use isthmus_island_client::{ClientConfig, ClientError, Event, ReplicaConfig};
+use isthmus_router::auth::{self, Capability};
 use isthmus_router::ids::{ReplicaId, Seq, SessionId};
-use isthmus_router::wire::{Announce, CreateOptions, Message, Origin, Role};
+use isthmus_router::wire::{AdminCommand, Announce, CreateOptions, Message, Origin, Role};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 use tokio::io::AsyncBufReadExt;
 
-/// Exit code for a join string that cannot be read.
+/// Exit code for a join string (postcard, or an ISLAND argument) that cannot be read.
 pub const EXIT_BAD_JOIN_STRING: u8 = 2;
+/// Time an admin command may take, connection and answer each.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Exit code when the router lost the island.
 pub const EXIT_SESSION_LOST: u8 = 3;
 
@@ -33,8 +38,42 @@ impl std::error::Error for ExitCode {}
 
 #[derive(Subcommand)]
 pub enum IslandCommand {
-    /// Create a new island and join it as its first replica; prints its postcard first.
+    /// Create a new island and join it as its first replica; prints its participant postcard
+    /// first and keeps the admin postcard in the data directory.
     New(NewArgs),
+    /// Close the island: every replica is told and the router forgets it.
+    Close {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Remove one replica from the island.
+    Kick {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// The replica's id (a UUID, as shown in `--json` output's "from").
+        #[arg(value_name = "REPLICA_UUID")]
+        replica: uuid::Uuid,
+    },
+    /// Set the island's tick interval: a tick after this many idle milliseconds.
+    Tick {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Milliseconds.
+        #[arg(value_name = "MS")]
+        ms: u32,
+    },
+}
+
+/// Which island an admin command is for, and where its router is.
+#[derive(Args)]
+pub struct AdminTarget {
+    /// The island's admin postcard, or its session id when its admin postcard is kept in the
+    /// data directory (the machine that created it).
+    #[arg(value_name = "ISLAND")]
+    island: String,
+    /// The router to talk to, as ADDR:PORT (default: the addresses on the admin postcard).
+    #[arg(long)]
+    router: Option<String>,
 }
 
 #[derive(Args)]
@@ -45,8 +84,8 @@ pub struct NewArgs {
     /// The router to create it on, as ADDR:PORT (or HOST:PORT).
     #[arg(long)]
     router: String,
-    /// Keep the join secret out of the LAN beacon: the island is listed, but only its postcard
-    /// lets anyone in.
+    /// Keep the participant secret out of the LAN beacon: the island is listed, but only its
+    /// postcard lets anyone in, and the router holds no secret of it.
     #[arg(long)]
     private: bool,
     #[command(flatten)]
@@ -55,7 +94,7 @@ pub struct NewArgs {
 
 #[derive(Args)]
 pub struct JoinArgs {
-    /// The postcard (join string) of the island.
+    /// The postcard (join string) of the island. An observer postcard joins to watch only.
     #[arg(required_unless_present = "discover")]
     join_string: Option<String>,
     /// Join a LAN-open island heard on the LAN: the one named, or the only one.
@@ -107,13 +146,24 @@ pub struct PostcardArgs {
 
 #[derive(Subcommand)]
 pub enum PostcardCommand {
-    /// Print what a postcard holds (never the whole secret).
+    /// Print what a postcard holds and the role it grants (never its secret).
     Show {
         /// The postcard.
         postcard: String,
         /// As one JSON object.
         #[arg(long)]
         json: bool,
+    },
+    /// Print the observer postcard of an island: it lets its holder watch, never send.
+    Observer {
+        /// Any postcard of the island (admin, participant or observer).
+        postcard: String,
+    },
+    /// Print the admin postcard of an island created on this machine.
+    Admin {
+        /// The island's session id (or its admin postcard).
+        #[arg(value_name = "ISLAND")]
+        island: String,
     },
 }
 
@@ -137,22 +187,141 @@ pub async fn run_island(cmd: IslandCommand) -> Result<u8> {
     match cmd {
         IslandCommand::New(args) => {
             let routers = resolve(&args.router).await?;
-            let card = Postcard {
-                contact: ContactPoint::new(SessionId::random(), args.island, routers),
-                secret: JoinSecret::random(),
-            };
-            card.validate().map_err(|e| anyhow!("{e}"))?;
+            let admin = Capability::new_island();
+            let contact = ContactPoint::new(SessionId::random(), args.island, routers);
+            let card = Postcard::for_new_island(contact, admin).map_err(|e| anyhow!("{e}"))?;
+            let participant = card
+                .participant()
+                .context("an admin capability derives the participant's")?;
             let create = CreateOptions {
                 announce: Some(Announce {
                     name: card.contact.name.clone(),
                     destination: card.contact.destination,
-                    secret: (!args.private).then_some(card.secret.0),
+                    // LAN-open: the router announces the participant secret on its LAN.
+                    secret: (!args.private).then_some(*participant.capability.secret()),
                 }),
                 ..CreateOptions::default()
             };
             run_replica(card, args.replica, Some(create)).await
         }
+        IslandCommand::Close { target } => run_admin(target, AdminCommand::Close).await,
+        IslandCommand::Kick { target, replica } => {
+            run_admin(
+                target,
+                AdminCommand::Kick {
+                    replica: ReplicaId(replica),
+                },
+            )
+            .await
+        }
+        IslandCommand::Tick { target, ms } => {
+            if ms == 0 {
+                anyhow::bail!("the tick interval must be at least 1 ms");
+            }
+            run_admin(target, AdminCommand::SetTick { ms }).await
+        }
     }
+}
+
+async fn run_admin(target: AdminTarget, command: AdminCommand) -> Result<u8> {
+    let card = admin_postcard(&target.island)?;
+    let routers = match &target.router {
+        Some(r) => resolve(r).await?,
+        None => card.contact.addresses(),
+    };
+    let said = client::admin(&routers, &card, command, ADMIN_TIMEOUT)
+        .await
+        .map_err(|e: ClientError| anyhow!("{e}"))?;
+    println!("{said}");
+    Ok(0)
+}
+
+/// Where isthmus keeps what it must remember: `$ISTHMUS_DATA_DIR`, else the platform's data
+/// directory.
+fn data_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("ISTHMUS_DATA_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    dirs::data_dir()
+        .map(|d| d.join("isthmus"))
+        .context("this platform has no data directory; set ISTHMUS_DATA_DIR to one")
+}
+
+fn admin_path(session: SessionId) -> Result<PathBuf> {
+    Ok(data_dir()?.join("islands").join(format!("{session}.admin")))
+}
+
+/// Keeps an island's admin postcard where only this user can read it.
+fn keep_admin_postcard(card: &Postcard) -> Result<PathBuf> {
+    use std::io::Write;
+    let path = admin_path(card.session())?;
+    let dir = path.parent().context("the admin file has a directory")?;
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder
+        .create(dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(file, "{card}").with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+fn bad_island(text: String) -> anyhow::Error {
+    anyhow::Error::new(ExitCode(EXIT_BAD_JOIN_STRING, text))
+}
+
+/// An ISLAND argument: an admin postcard, or the session id of an island whose admin postcard
+/// is kept in the data directory.
+fn admin_postcard(island: &str) -> Result<Postcard> {
+    let trimmed = island.trim();
+    if trimmed.to_ascii_lowercase().starts_with(POSTCARD_KIND) {
+        let card = parse_postcard(trimmed)?;
+        if card.role() != Role::Admin {
+            return Err(bad_island(format!(
+                "this is a {} postcard; admin commands need the island's admin postcard (`isthmus postcard admin SESSION` prints it on the machine that created the island)",
+                auth::role_name(card.role())
+            )));
+        }
+        return Ok(card);
+    }
+    let Ok(id) = uuid::Uuid::parse_str(trimmed) else {
+        return Err(bad_island(format!(
+            "{trimmed:?} is neither an admin postcard nor an island's session id"
+        )));
+    };
+    let session = SessionId(id);
+    let path = admin_path(session)?;
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad_island(format!(
+                "no admin postcard for island {session} is kept here ({} does not exist); give the admin postcard itself, or run this on the machine that created the island",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
+    };
+    let card: Postcard = text.trim().parse().map_err(|e| {
+        bad_island(format!(
+            "the admin postcard kept in {} cannot be read: {e}",
+            path.display()
+        ))
+    })?;
+    if card.role() != Role::Admin || card.session() != session {
+        return Err(bad_island(format!(
+            "{} does not hold the admin postcard of island {session}",
+            path.display()
+        )));
+    }
+    Ok(card)
 }
 
 pub async fn run_join(args: JoinArgs) -> Result<u8> {
@@ -161,15 +330,15 @@ pub async fn run_join(args: JoinArgs) -> Result<u8> {
         (None, Some(name)) => {
             let name = (!name.is_empty()).then_some(name.as_str());
             let heard = discover_one(&args.lan, name).await?;
-            heard.postcard().ok_or_else(|| {
-                anyhow!(
-                    "island {:?} is private: ask whoever runs it for its postcard",
-                    heard.island.name
-                )
-            })?
+            heard_postcard(&heard, "ask whoever runs it for its postcard")?
         }
         (None, None) => anyhow::bail!("give a postcard, or --discover [NAME]"),
     };
+    if card.role() == Role::Observer && !args.replica.send.is_empty() {
+        anyhow::bail!(
+            "observers cannot send: this is an observer postcard, it only lets you watch (drop --send, or ask for a participant postcard)"
+        );
+    }
     run_replica(card, args.replica, None).await
 }
 
@@ -180,6 +349,19 @@ fn parse_postcard(text: &str) -> Result<Postcard> {
             format!("cannot read the postcard: {e}"),
         ))
     })
+}
+
+/// The participant postcard of a heard island, or why there is none.
+fn heard_postcard(heard: &Heard, private_hint: &str) -> Result<Postcard> {
+    let name = &heard.island.name;
+    match heard.postcard() {
+        Some(card) => Ok(card),
+        None if heard.is_open() => Err(anyhow!(
+            "island {name:?} was announced with a secret that does not belong to it (a forged or broken announcement from {}); ask whoever runs it for its postcard",
+            heard.router
+        )),
+        None => Err(anyhow!("island {name:?} is private: {private_hint}")),
+    }
 }
 
 fn listen_for(secs: f64) -> Result<Duration> {
@@ -367,11 +549,21 @@ pub async fn run_postcard(args: PostcardArgs) -> Result<u8> {
             show_postcard(&card, json);
             Ok(0)
         }
+        (Some(PostcardCommand::Observer { postcard }), _) => {
+            let card = parse_postcard(&postcard)?;
+            let observer = card
+                .observer()
+                .context("every postcard derives its island's observer postcard")?;
+            println!("{observer}");
+            Ok(0)
+        }
+        (Some(PostcardCommand::Admin { island }), _) => {
+            println!("{}", admin_postcard(&island)?);
+            Ok(0)
+        }
         (None, Some(name)) => {
             let heard = discover_one(&args.lan, Some(&name)).await?;
-            let card = heard.postcard().ok_or_else(|| {
-                anyhow!("island {name:?} is private: only its owner can hand out its postcard")
-            })?;
+            let card = heard_postcard(&heard, "only its owner can hand out its postcard")?;
             println!("{card}");
             Ok(0)
         }
@@ -392,12 +584,13 @@ fn show_postcard(card: &Postcard, json: bool) {
             "external": c.external.map(|e| e.to_string()),
             "router": c.router.map(|r| r.to_string()),
             "destination": c.destination.map(|d| d.to_string()),
-            "secret": format!("{}...", card.secret.fingerprint()),
+            "role": auth::role_name(card.role()),
         });
         println!("{v}");
     } else {
         let none = || "none".to_string();
         println!("island:      {}", c.name);
+        println!("role:        {}", role_words(card.role()));
         println!("session:     {}", c.session);
         println!("internal:    {}", list(&c.internal).join(", "));
         println!(
@@ -412,10 +605,14 @@ fn show_postcard(card: &Postcard, json: bool) {
             "destination: {}",
             c.destination.map_or_else(none, |d| d.to_string())
         );
-        println!(
-            "secret:      {}... (not shown in full)",
-            card.secret.fingerprint()
-        );
+    }
+}
+
+fn role_words(role: Role) -> &'static str {
+    match role {
+        Role::Admin => "admin (join, send, and close the island, remove replicas, set its tick)",
+        Role::Replica => "participant (join and send)",
+        Role::Observer => "observer (watch only)",
     }
 }
 
@@ -444,25 +641,23 @@ async fn run_replica(
 ) -> Result<u8> {
     let creating = create.is_some();
     let name = args.name.clone().unwrap_or_else(default_name);
-    let session = card.contact.session;
-    let replica = ReplicaConfig {
-        session,
-        token: card.secret.join_token(session),
-        replica: ReplicaId::random(),
-        name: name.clone(),
-        role: Role::Replica,
-        create,
-        digest_every: isthmus_island_client::replica::DEFAULT_DIGEST_EVERY,
-        max_pending_sends: isthmus_island_client::replica::DEFAULT_MAX_PENDING_SENDS,
-        stop_after: args.exit_after_seq.map(Seq),
-    };
+    let observer = card.role() == Role::Observer;
+    let mut replica = ReplicaConfig::from_postcard(&card, name.clone());
+    replica.create = create;
+    replica.stop_after = args.exit_after_seq.map(Seq);
+    let first_router = card.contact.internal.first().copied();
     let cfg = ClientConfig::new(card.contact.addresses(), replica);
     let (handle, mut events) = client::connect(cfg, ChatIsland::default())
         .await
         .map_err(|e: ClientError| anyhow!("{e}"))?;
     let out = Output { json: args.json };
     let interactive = !args.json && std::io::stdin().is_terminal();
-    let mut stdin = (!args.json).then(|| tokio::io::BufReader::new(tokio::io::stdin()).lines());
+    // An observer has nothing to type: its lines could never be sent.
+    let mut stdin =
+        (!args.json && !observer).then(|| tokio::io::BufReader::new(tokio::io::stdin()).lines());
+    if observer && interactive {
+        eprintln!("watching as an observer: this postcard does not let you send");
+    }
     let mut to_send = args.send.clone();
     let mut printed_upto = 0u64;
     let mut postcard_printed = false;
@@ -479,14 +674,37 @@ async fn run_replica(
                             // The router knows its own contact points better than the address
                             // we happened to use: both go into the postcard.
                             if !contacts.internal.is_empty() {
-                                card.contact.internal = contacts.internal;
+                                let mut internal = contacts.internal;
+                                // The address this creator reached goes first: a postcard
+                                // keeps only the first few.
+                                if let Some(pos) = first_router.and_then(|f| internal.iter().position(|a| *a == f)) {
+                                    let reached = internal.remove(pos);
+                                    internal.insert(0, reached);
+                                }
+                                card.contact.internal = internal;
                             }
                             card.contact.external = contacts.external;
                             card.contact.router = Some(contacts.router);
-                            // The join string is the first line of stdout, always.
-                            println!("{card}");
+                            let admin = Postcard::new(card.contact.clone(), card.capability, card.keys)
+                                .map_err(|e| anyhow!("{e}"))?;
+                            let participant = admin
+                                .participant()
+                                .context("an admin capability derives the participant's")?;
+                            // The participant postcard is the first line of stdout, always.
+                            println!("{participant}");
+                            match keep_admin_postcard(&admin) {
+                                Ok(path) => eprintln!(
+                                    "the admin postcard of {:?} is kept in {} (`isthmus postcard admin {}` prints it; `isthmus island close|kick|tick` use it)",
+                                    admin.contact.name,
+                                    path.display(),
+                                    admin.session()
+                                ),
+                                Err(e) => eprintln!(
+                                    "warning: the admin postcard could not be kept ({e:#}); nobody will be able to close this island or remove replicas"
+                                ),
+                            }
                             if interactive {
-                                eprintln!("island {:?} created; paste the line above to invite someone", card.contact.name);
+                                eprintln!("island {:?} created; paste the first line above to invite someone", admin.contact.name);
                             }
                         }
                     }
@@ -512,6 +730,13 @@ async fn run_replica(
                         for text in to_send.drain(..) {
                             handle.send(ChatIsland::payload(&name, &text)).await?;
                         }
+                    }
+                    Event::Undecryptable { seq, origin } => {
+                        let from = match origin {
+                            Origin::Replica(r) => r.to_string(),
+                            Origin::Router => "the router".to_string(),
+                        };
+                        eprintln!("warning: message {seq} from {from} does not open with this island's key (sealed under another key, or changed on the way); skipped");
                     }
                     Event::Divergence(d) => {
                         eprintln!("warning: replicas diverged at seq {}: {} different states", d.seq, d.groups.len());

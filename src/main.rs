@@ -30,14 +30,15 @@ struct Cli {
 enum Command {
     /// Run a router (dispatcher) in the foreground.
     Router(RouterArgs),
-    /// Create islands.
+    /// Create islands, and close them, remove replicas or set their tick as their admin.
     #[command(subcommand)]
     Island(island::IslandCommand),
     /// Join an island as a replica of its chat.
     Join(island::JoinArgs),
     /// List the islands announced on the LAN.
     Discover(island::DiscoverArgs),
-    /// Read a postcard, or make one for an island heard on the LAN.
+    /// Read a postcard, derive its observer postcard, print a kept admin postcard, or make one for
+    /// an island heard on the LAN.
     Postcard(island::PostcardArgs),
     /// Saved router profiles.
     #[command(subcommand)]

@@ -5,9 +5,10 @@
 //! stays within [`MAX_PACKET_BYTES`] so it is never fragmented; a router with many islands sends
 //! several.
 
-use crate::postcard::{ContactPoint, Postcard};
-use crate::secret::JoinSecret;
+use crate::postcard::{assemble_keys, ContactPoint, Postcard};
+use isthmus_router::auth::Capability;
 use isthmus_router::ids::SessionId;
+use isthmus_router::wire::Role;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -169,12 +170,16 @@ impl Heard {
         }
     }
 
-    /// A postcard for a LAN-open island; `None` for a private one.
+    /// A participant postcard for a LAN-open island; `None` for a private one, and `None` for an
+    /// entry whose secret does not belong to the announced island (the keys it gives do not hash
+    /// to the session): beacons are unauthenticated, so such an entry is forged or broken.
     pub fn postcard(&self) -> Option<Postcard> {
-        Some(Postcard {
-            contact: self.contact(),
-            secret: JoinSecret(self.island.secret?),
-        })
+        let capability = Capability::from_parts(Role::Replica, self.island.secret?);
+        let keys = assemble_keys(&capability, &[self.island.admin_key])?;
+        if keys.session_id() != self.island.session {
+            return None;
+        }
+        Postcard::new(self.contact(), capability, keys).ok()
     }
 }
 
@@ -239,12 +244,56 @@ mod tests {
     use proptest::prelude::*;
 
     fn island(i: u128, open: bool) -> BeaconIsland {
+        let admin = Capability::from_parts(Role::Admin, [i as u8; 32]);
+        let keys = isthmus_router::auth::island_keys(&admin).expect("admin");
+        let participant = admin.weaker().expect("participant");
         BeaconIsland {
-            session: SessionId(Uuid::from_u128(i)),
+            session: keys.session_id(),
             name: format!("island number {i:>40}"),
             destination: Some(Uuid::from_u128(i + 1)),
-            secret: open.then_some([i as u8; 32]),
+            admin_key: keys.admin,
+            secret: open.then_some(*participant.secret()),
         }
+    }
+
+    #[test]
+    fn an_open_island_gives_a_participant_postcard_for_its_session() {
+        let mut d = Discovery::default();
+        let src: SocketAddr = "192.168.1.5:55555".parse().expect("addr");
+        let good = island(7, true);
+        for p in encode(&head(), std::slice::from_ref(&good)) {
+            d.handle_packet(src, &p, Instant::now());
+        }
+        let card = d.islands()[0].postcard().expect("open");
+        assert_eq!(card.role(), Role::Replica);
+        assert_eq!(card.session(), good.session);
+        assert_eq!(card.contact.session, good.session);
+        assert_eq!(
+            card.contact.internal,
+            vec!["192.168.1.5:7470".parse().expect("addr")]
+        );
+    }
+
+    #[test]
+    fn a_secret_that_does_not_match_the_session_is_dropped_as_forged() {
+        let mut forged = island(7, true);
+        // Another island's participant secret under this island's session and admin key.
+        forged.secret = island(8, true).secret;
+        let heard = Heard {
+            island: forged,
+            router: "192.168.1.5:7470".parse().expect("addr"),
+            external: None,
+            instance: Uuid::from_u128(1),
+            expires: Instant::now(),
+        };
+        assert!(heard.postcard().is_none());
+        let mut wrong_admin = island(7, true);
+        wrong_admin.admin_key = island(8, true).admin_key;
+        let heard = Heard {
+            island: wrong_admin,
+            ..heard
+        };
+        assert!(heard.postcard().is_none());
     }
 
     fn head() -> Beacon {

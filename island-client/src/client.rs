@@ -3,8 +3,12 @@
 use crate::replica::{Closed, Event, FrameError, Replica, ReplicaConfig};
 use crate::{ClientError, Island};
 use bytes::{Bytes, BytesMut};
+use isthmus_contact::Postcard;
+use isthmus_router::auth::{self, KeyPair, NONCE_LEN};
 use isthmus_router::ids::Seq;
-use isthmus_router::wire::{self, ClientFrame, Code, DecodeError, ServerFrame, PREAMBLE_LEN};
+use isthmus_router::wire::{
+    self, AdminCommand, ClientFrame, Code, DecodeError, HelloBody, Role, ServerFrame, PREAMBLE_LEN,
+};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -143,28 +147,44 @@ pub async fn connect<I: Island>(
     Ok((ClientHandle { cmds: cmd_tx }, event_rx))
 }
 
-/// Opens the first candidate to answer with an Isthmus preamble, trying the next one every
-/// `race_delay` while earlier ones are still pending.
+/// A connection whose preambles were exchanged.
+struct Opened {
+    stream: TcpStream,
+    addr: SocketAddr,
+    /// The router's nonce for this connection, which the hello's signatures cover.
+    nonce: [u8; NONCE_LEN],
+}
+
+/// Opens the first candidate to answer with an Isthmus preamble and a nonce, trying the next
+/// one every `race_delay` while earlier ones are still pending. `all` names the addresses in
+/// the error.
 async fn open(
-    cfg: &ClientConfig,
+    connect_timeout: Duration,
+    race_delay: Duration,
+    all: &[SocketAddr],
     candidates: &[SocketAddr],
-) -> Result<(TcpStream, SocketAddr), ClientError> {
+) -> Result<Opened, ClientError> {
     if candidates.is_empty() {
         return Err(ClientError::NoAddress);
     }
     let mut attempts = JoinSet::new();
     for (i, addr) in candidates.iter().copied().enumerate() {
-        let delay = cfg.race_delay * i as u32;
-        let limit = cfg.connect_timeout;
+        let delay = race_delay * i as u32;
         attempts.spawn(async move {
             tokio::time::sleep(delay).await;
-            let r = tokio::time::timeout(limit, async {
+            let r = tokio::time::timeout(connect_timeout, async {
                 let mut stream = TcpStream::connect(addr).await?;
                 stream.set_nodelay(true)?;
                 stream.write_all(&wire::preamble()).await?;
                 let mut pre = [0u8; PREAMBLE_LEN];
                 stream.read_exact(&mut pre).await?;
-                Ok::<_, std::io::Error>((stream, pre))
+                // A router of another version sends its 10 bytes and no nonce: check first.
+                if let Err(e) = wire::check_preamble(&pre) {
+                    return Ok(Err(e));
+                }
+                let mut nonce = [0u8; NONCE_LEN];
+                stream.read_exact(&mut nonce).await?;
+                Ok::<_, std::io::Error>(Ok((stream, nonce)))
             })
             .await;
             (addr, r)
@@ -174,24 +194,23 @@ async fn open(
     while let Some(done) = attempts.join_next().await {
         let Ok((addr, result)) = done else { continue };
         match result {
-            Ok(Ok((stream, pre))) => match wire::check_preamble(&pre) {
-                Ok(()) => return Ok((stream, addr)),
-                Err(DecodeError::UnsupportedVersion { theirs, ours }) => {
-                    return Err(ClientError::Version(format!(
-                        "router at {addr} speaks {theirs}, this client {ours}"
-                    )))
-                }
-                Err(e) => failures.push(format!("{addr}: {e}")),
-            },
+            Ok(Ok(Ok((stream, nonce)))) => {
+                return Ok(Opened {
+                    stream,
+                    addr,
+                    nonce,
+                })
+            }
+            Ok(Ok(Err(DecodeError::UnsupportedVersion { theirs, ours }))) => {
+                return Err(ClientError::Version { addr, theirs, ours })
+            }
+            Ok(Ok(Err(e))) => failures.push(format!("{addr}: {e}")),
             Ok(Err(e)) => failures.push(format!("{addr}: {e}")),
-            Err(_) => failures.push(format!(
-                "{addr}: no answer within {:?}",
-                cfg.connect_timeout
-            )),
+            Err(_) => failures.push(format!("{addr}: no answer within {connect_timeout:?}")),
         }
     }
     Err(ClientError::Unreachable {
-        addrs: cfg.routers.clone(),
+        addrs: all.to_vec(),
         detail: failures.join("; "),
     })
 }
@@ -205,10 +224,20 @@ async fn establish<I: Island>(
 ) -> Result<Conn, ClientError> {
     let mut candidates = cfg.routers.clone();
     loop {
-        let (stream, addr) = open(cfg, &candidates).await?;
-        match handshake(cfg, replica, stream).await {
+        let Opened {
+            stream,
+            addr,
+            nonce,
+        } = open(
+            cfg.connect_timeout,
+            cfg.race_delay,
+            &cfg.routers,
+            &candidates,
+        )
+        .await?;
+        match handshake(cfg, replica, stream, &nonce).await {
             Err(ClientError::Refused { code, reason })
-                if matches!(code, Code::UNKNOWN_SESSION | Code::BAD_TOKEN)
+                if matches!(code, Code::UNKNOWN_SESSION | Code::BAD_CREDENTIALS)
                     && candidates.len() > 1 =>
             {
                 tracing::debug!(%addr, "refused ({code}: {reason}); trying the other addresses");
@@ -223,10 +252,11 @@ async fn handshake<I: Island>(
     cfg: &ClientConfig,
     replica: &mut Replica<I>,
     stream: TcpStream,
+    nonce: &[u8; NONCE_LEN],
 ) -> Result<Conn, ClientError> {
     let (mut reader, mut write) = stream.into_split();
     write
-        .write_all(&replica.hello())
+        .write_all(&replica.hello(nonce))
         .await
         .map_err(|e| unreachable(cfg, e))?;
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -513,5 +543,349 @@ fn closed_ending(code: Code, reason: String) -> Ending {
         Ending::Retry(format!("{reason} ({code})"))
     } else {
         Ending::Lost(format!("{reason} ({code})"))
+    }
+}
+
+/// Reads one frame within `limit`, or says plainly why not.
+async fn read_frame(
+    reader: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_frame_bytes: usize,
+    limit: Duration,
+) -> Result<ServerFrame, String> {
+    tokio::time::timeout(limit, async {
+        loop {
+            if let Some(frame) =
+                wire::decode::<ServerFrame>(buf, max_frame_bytes).map_err(|e| e.to_string())?
+            {
+                return Ok(frame);
+            }
+            if reader.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
+                return Err("the router closed the connection".to_string());
+            }
+        }
+    })
+    .await
+    .map_err(|_| format!("no answer from the router within {limit:?}"))?
+}
+
+/// Carries out one admin command: opens a control connection to the island on `card` (which
+/// must be its admin postcard), signed with the admin key and a fresh replica key, waits for the
+/// welcome, sends `command` signed over this connection's nonce, and returns the router's
+/// answer. The router's refusal comes back as [`ClientError::AdminRefused`] in its own words.
+pub async fn admin(
+    routers: &[SocketAddr],
+    card: &Postcard,
+    command: AdminCommand,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    if card.role() != Role::Admin {
+        return Err(ClientError::NotAdmin(auth::role_name(card.role())));
+    }
+    let session = card.keys.session_id();
+    let me = KeyPair::random();
+    let mut candidates = routers.to_vec();
+    loop {
+        let Opened {
+            mut stream,
+            addr,
+            nonce,
+        } = open(timeout, DEFAULT_RACE_DELAY, routers, &candidates).await?;
+        let unreachable = |detail: String| ClientError::Unreachable {
+            addrs: routers.to_vec(),
+            detail,
+        };
+        let body = HelloBody {
+            session,
+            keys: card.keys,
+            replica: auth::replica_id_for(&me.public()),
+            replica_key: me.public(),
+            name: "admin".into(),
+            role: Role::Admin,
+            resume_from: None,
+            create: None,
+            control: true,
+        };
+        let hello = auth::sign_hello(&nonce, body, &card.capability.key_pair(), &me);
+        stream
+            .write_all(&wire::encode(&ClientFrame::Hello(hello)))
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let mut buf = BytesMut::with_capacity(4096);
+        let max = wire::DEFAULT_MAX_FRAME_BYTES;
+        let mut sent = false;
+        loop {
+            let frame = read_frame(&mut stream, &mut buf, max, timeout)
+                .await
+                .map_err(unreachable)?;
+            match frame {
+                ServerFrame::Welcome(_) if !sent => {
+                    let seq = 1;
+                    let sig = card
+                        .capability
+                        .key_pair()
+                        .sign(&auth::admin_transcript(&nonce, session, seq, &command));
+                    let frame = ClientFrame::Admin {
+                        seq,
+                        command: command.clone(),
+                        sig,
+                    };
+                    stream
+                        .write_all(&wire::encode(&frame))
+                        .await
+                        .map_err(|e| unreachable(e.to_string()))?;
+                    sent = true;
+                }
+                ServerFrame::AdminDone {
+                    seq: 1,
+                    ok,
+                    message,
+                } => {
+                    let _ = stream.write_all(&wire::encode(&ClientFrame::Leave)).await;
+                    return if ok {
+                        Ok(message)
+                    } else {
+                        Err(ClientError::AdminRefused(message))
+                    };
+                }
+                ServerFrame::Refuse { code, reason } | ServerFrame::Goodbye { code, reason } => {
+                    // Another router on a stale address does not know the island: try the rest.
+                    if !sent && code == Code::UNKNOWN_SESSION && candidates.len() > 1 {
+                        candidates.retain(|a| *a != addr);
+                        break;
+                    }
+                    // Closing the island ends this connection too, possibly before the answer.
+                    if sent && code == Code::CLOSED && matches!(command, AdminCommand::Close) {
+                        return Ok(reason);
+                    }
+                    return Err(ClientError::Refused { code, reason });
+                }
+                ServerFrame::Ping { nonce } => {
+                    let _ = stream
+                        .write_all(&wire::encode(&ClientFrame::Pong { nonce }))
+                        .await;
+                }
+                // A control connection gets no messages; anything else is not for it.
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::ChatIsland;
+    use isthmus_contact::ContactPoint;
+    use isthmus_router::auth::Capability;
+    use isthmus_router::ids::{ReplicaId, RouterTime, SessionId};
+    use isthmus_router::wire::{Contacts, Welcome};
+    use tokio::net::TcpListener;
+
+    fn admin_card() -> Postcard {
+        let contact = ContactPoint::new(SessionId::random(), "garden", vec![]);
+        Postcard::for_new_island(contact, Capability::new_island()).expect("card")
+    }
+
+    fn welcome(session: SessionId, replica: ReplicaId) -> ServerFrame {
+        ServerFrame::Welcome(Welcome {
+            session,
+            replica,
+            created: false,
+            last_seq: Seq(0),
+            time: RouterTime(0),
+            tick_interval_us: 50_000,
+            last_client_seq: 0,
+            max_payload_bytes: 1000,
+            contacts: Contacts::default(),
+        })
+    }
+
+    async fn read_client_frame(s: &mut TcpStream, buf: &mut BytesMut) -> ClientFrame {
+        loop {
+            if let Some(f) = wire::decode::<ClientFrame>(buf, usize::MAX).expect("decodes") {
+                return f;
+            }
+            assert!(s.read_buf(buf).await.expect("read") > 0, "closed early");
+        }
+    }
+
+    /// A one-connection router: checks the hello and the admin command as the real one does,
+    /// then answers with `ok`.
+    async fn fake_router(ok: bool) -> (SocketAddr, tokio::task::JoinHandle<AdminCommand>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut pre = [0u8; PREAMBLE_LEN];
+            s.read_exact(&mut pre).await.expect("preamble");
+            wire::check_preamble(&pre).expect("ours");
+            let nonce = [3u8; NONCE_LEN];
+            s.write_all(&wire::router_preamble(&nonce))
+                .await
+                .expect("write");
+            let mut buf = BytesMut::new();
+            let ClientFrame::Hello(h) = read_client_frame(&mut s, &mut buf).await else {
+                panic!("hello first")
+            };
+            auth::verify_hello(&nonce, &h).expect("a valid hello");
+            assert!(h.body.control);
+            assert_eq!(h.body.role, Role::Admin);
+            s.write_all(&wire::encode(&welcome(h.body.session, h.body.replica)))
+                .await
+                .expect("write");
+            let ClientFrame::Admin { seq, command, sig } =
+                read_client_frame(&mut s, &mut buf).await
+            else {
+                panic!("an admin frame")
+            };
+            auth::verify_admin(&h.body.keys, &nonce, h.body.session, seq, &command, &sig)
+                .expect("signed by the admin key");
+            let done = ServerFrame::AdminDone {
+                seq,
+                ok,
+                message: if ok {
+                    "tick set".into()
+                } else {
+                    "out of range".into()
+                },
+            };
+            s.write_all(&wire::encode(&done)).await.expect("write");
+            command
+        });
+        (addr, task)
+    }
+
+    #[test]
+    fn replaced_and_busy_are_retried_kicked_and_closed_are_not() {
+        for code in [Code::REPLACED, Code::BUSY, Code(1999)] {
+            assert!(
+                matches!(closed_ending(code, "r".into()), Ending::Retry(_)),
+                "{code}"
+            );
+        }
+        for code in [Code::KICKED, Code::CLOSED, Code::BAD_CREDENTIALS] {
+            assert!(
+                matches!(closed_ending(code, "r".into()), Ending::Lost(_)),
+                "{code}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_admin_command_is_signed_and_answered() {
+        let (addr, router) = fake_router(true).await;
+        let card = admin_card();
+        let said = admin(
+            &[addr],
+            &card,
+            AdminCommand::SetTick { ms: 20 },
+            DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await
+        .expect("done");
+        assert_eq!(said, "tick set");
+        assert_eq!(
+            router.await.expect("router"),
+            AdminCommand::SetTick { ms: 20 }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_admin_command_carries_the_routers_words() {
+        let (addr, router) = fake_router(false).await;
+        let err = admin(
+            &[addr],
+            &admin_card(),
+            AdminCommand::Close,
+            DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(err.to_string(), "the router did not do it: out of range");
+        router.await.expect("router");
+    }
+
+    #[tokio::test]
+    async fn only_an_admin_postcard_gives_admin_commands() {
+        let card = admin_card().participant().expect("participant");
+        let err = admin(
+            &["127.0.0.1:9".parse().expect("addr")],
+            &card,
+            AdminCommand::Close,
+            DEFAULT_CONNECT_TIMEOUT,
+        )
+        .await
+        .expect_err("not admin");
+        assert!(matches!(err, ClientError::NotAdmin("participant")), "{err}");
+    }
+
+    /// A router that answers the preamble with `answer` and then, if given, one frame.
+    async fn scripted_router(answer: Vec<u8>, then: Option<ServerFrame>) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.expect("accept");
+            let mut pre = [0u8; PREAMBLE_LEN];
+            s.read_exact(&mut pre).await.expect("preamble");
+            s.write_all(&answer).await.expect("write");
+            if let Some(f) = then {
+                let mut buf = BytesMut::new();
+                let _hello = read_client_frame(&mut s, &mut buf).await;
+                s.write_all(&wire::encode(&f)).await.expect("write");
+            }
+            // Hold the connection until the client is done with it.
+            let _ = s.read(&mut [0u8; 1]).await;
+        });
+        addr
+    }
+
+    fn replica_cfg(addr: SocketAddr) -> ClientConfig {
+        let card = admin_card().participant().expect("participant");
+        ClientConfig::new(vec![addr], ReplicaConfig::from_postcard(&card, "ada"))
+    }
+
+    #[tokio::test]
+    async fn a_router_of_another_version_is_named_with_both_versions() {
+        let addr = scripted_router(wire::preamble_for(1).to_vec(), None).await;
+        let err = connect(replica_cfg(addr), ChatIsland::default())
+            .await
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(
+            matches!(
+                err,
+                ClientError::Version {
+                    theirs: 1,
+                    ours: 2,
+                    ..
+                }
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("version 1") && text.contains("version 2"),
+            "{text}"
+        );
+        assert!(text.contains("upgrade the older side"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_busy_router_says_so_rather_than_unreachable() {
+        let busy = ServerFrame::Refuse {
+            code: Code::BUSY,
+            reason: "too many connections".into(),
+        };
+        let addr =
+            scripted_router(wire::router_preamble(&[1; NONCE_LEN]).to_vec(), Some(busy)).await;
+        let err = connect(replica_cfg(addr), ChatIsland::default())
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            err.to_string(),
+            "the router is busy: too many connections; try again later"
+        );
     }
 }

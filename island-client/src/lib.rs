@@ -10,25 +10,16 @@
 //! - [`client`]: the tokio driver: races candidate addresses, handshakes, keeps the connection
 //!   alive with pings and a liveness timeout, and reconnects with exponential back-off and
 //!   jitter. A lost session is reported, never papered over.
+//! - [`seal`]: end-to-end sealing: payloads and snapshots travel as XChaCha20-Poly1305
+//!   ciphertext under a key derived from the island's capability, which the router never holds.
+//!   The [`Island`] only ever sees plaintext.
 //! - [`chat`]: the demo island, a replicated chat log.
 //!
 //! ```no_run
 //! use isthmus_island_client::{chat::ChatIsland, client, ClientConfig, Event, ReplicaConfig};
-//! use isthmus_router::{ids::ReplicaId, wire::Role};
 //! # async fn demo(postcard: &str) -> Result<(), Box<dyn std::error::Error>> {
 //! let card: isthmus_contact::Postcard = postcard.parse()?;
-//! let session = card.contact.session;
-//! let me = ReplicaConfig {
-//!     session,
-//!     token: card.secret.join_token(session),
-//!     replica: ReplicaId::random(),
-//!     name: "ada".into(),
-//!     role: Role::Replica,
-//!     create: None,
-//!     digest_every: 100,
-//!     max_pending_sends: 10_000,
-//!     stop_after: None,
-//! };
+//! let me = ReplicaConfig::from_postcard(&card, "ada");
 //! let cfg = ClientConfig::new(card.contact.addresses(), me);
 //! let (handle, mut events) = client::connect(cfg, ChatIsland::default()).await?;
 //! handle.send(ChatIsland::payload("ada", "hello")).await?;
@@ -43,6 +34,7 @@
 pub mod chat;
 pub mod client;
 pub mod replica;
+pub mod seal;
 
 pub use client::{ClientConfig, ClientHandle};
 pub use replica::{Event, ReplicaConfig};
@@ -89,8 +81,24 @@ pub enum ClientError {
         reason: String,
     },
     /// The router speaks another protocol version.
-    #[error("the router speaks another protocol version ({0}); upgrade the older side")]
-    Version(String),
+    #[error("the router at {addr} speaks protocol version {theirs} and this isthmus speaks version {ours}; upgrade the older side")]
+    Version {
+        /// The router's address.
+        addr: SocketAddr,
+        /// The router's version.
+        theirs: u16,
+        /// This build's version.
+        ours: u16,
+    },
+    /// An observer tried to send.
+    #[error("observers cannot send; this postcard only lets you watch")]
+    ObserverCannotSend,
+    /// An admin command needs the admin postcard.
+    #[error("this needs the island's admin postcard; a {0} postcard cannot give admin commands")]
+    NotAdmin(&'static str),
+    /// The router did not carry out an admin command.
+    #[error("the router did not do it: {0}")]
+    AdminRefused(String),
     /// The client task has ended (left, stopped, or the session was lost).
     #[error("the replica is no longer connected to its island")]
     Ended,
@@ -120,9 +128,12 @@ fn list(addrs: &[SocketAddr]) -> String {
 
 fn refusal_text(code: Code, reason: &str) -> String {
     match code {
-        Code::BAD_TOKEN => {
-            "the router refused the join secret: this postcard does not open that island (ask for a fresh postcard)".to_string()
+        Code::BAD_CREDENTIALS => {
+            format!("the router refused this postcard: {reason} (ask for a fresh postcard)")
         }
+        Code::BUSY => format!("the router is busy: {reason}; try again later"),
+        Code::KICKED => format!("an admin removed this replica from the island: {reason}"),
+        Code::CLOSED => format!("the island was closed by its admin: {reason}"),
         Code::UNKNOWN_SESSION => {
             format!("the router does not have this island (it may have ended, or the router restarted): {reason}")
         }

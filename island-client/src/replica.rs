@@ -1,11 +1,14 @@
 //! The replica side of the protocol as a deterministic state machine: it turns router frames
 //! into island updates and events, and sends into frames, without any I/O.
 
+use crate::seal::{Sealer, SNAPSHOT_OVERHEAD, TAG_LEN};
 use crate::Island;
 use bytes::{Bytes, BytesMut};
+use isthmus_contact::Postcard;
+use isthmus_router::auth::{self, Capability, IslandKeys, KeyPair, NONCE_LEN};
 use isthmus_router::ids::{ReplicaId, RouterTime, Seq, SessionId};
 use isthmus_router::wire::{
-    self, ClientFrame, Code, CreateOptions, Divergence, Hello, JoinToken, Message, Origin, Role,
+    self, ClientFrame, Code, CreateOptions, Divergence, HelloBody, Message, Origin, Role,
     ServerFrame,
 };
 use std::collections::VecDeque;
@@ -17,28 +20,78 @@ pub const SNAPSHOT_UPLOAD_CHUNK: usize = 128 * 1024;
 pub const DEFAULT_MAX_PENDING_SENDS: usize = 10_000;
 /// Report a state digest after every this many messages.
 pub const DEFAULT_DIGEST_EVERY: u64 = 100;
+/// Largest snapshot a replica accepts from the router: the router's default snapshot limit plus
+/// what sealing adds. A bigger `SyncBegin` is a protocol error, so a hostile router cannot make a
+/// replica buffer without bound.
+pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize =
+    isthmus_router::session::DEFAULT_MAX_SNAPSHOT_BYTES + SNAPSHOT_OVERHEAD;
 
 /// Who this replica is and how it joins.
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
-    /// The session to join.
-    pub session: SessionId,
-    /// Derived from the join secret.
-    pub token: JoinToken,
-    /// Stable across reconnects.
-    pub replica: ReplicaId,
+    /// The island's public keys; the session id is their hash.
+    pub keys: IslandKeys,
+    /// What this replica holds. Any capability at least as strong as participant joins as a
+    /// participant ([`Role::Replica`]); an observer capability joins as an observer.
+    pub capability: Capability,
+    /// The replica's own key, random per process and kept across reconnects: its replica id is
+    /// the hash of the public half, so nobody else can take the id over.
+    pub key: KeyPair,
     /// Display name.
     pub name: String,
-    /// Replica or observer.
-    pub role: Role,
     /// Create the session on first contact (never on a reconnect).
     pub create: Option<CreateOptions>,
     /// Digest reporting period in messages (0: never).
     pub digest_every: u64,
     /// Bound on sends not yet echoed.
     pub max_pending_sends: usize,
+    /// Largest (sealed) snapshot accepted from the router.
+    pub max_snapshot_bytes: usize,
     /// Stop applying once this seq is applied.
     pub stop_after: Option<Seq>,
+}
+
+impl ReplicaConfig {
+    /// A replica of the island on `card`, with a fresh replica key and default limits.
+    pub fn from_postcard(card: &Postcard, name: impl Into<String>) -> ReplicaConfig {
+        ReplicaConfig {
+            keys: card.keys,
+            capability: card.capability,
+            key: KeyPair::random(),
+            name: name.into(),
+            create: None,
+            digest_every: DEFAULT_DIGEST_EVERY,
+            max_pending_sends: DEFAULT_MAX_PENDING_SENDS,
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
+            stop_after: None,
+        }
+    }
+
+    /// The session: the hash of the keys.
+    pub fn session(&self) -> SessionId {
+        self.keys.session_id()
+    }
+
+    /// This replica's id, from its key.
+    pub fn replica(&self) -> ReplicaId {
+        auth::replica_id_for(&self.key.public())
+    }
+
+    /// The role it joins with: participant if the capability allows, else observer.
+    pub fn role(&self) -> Role {
+        if self.capability.derive(Role::Replica).is_some() {
+            Role::Replica
+        } else {
+            Role::Observer
+        }
+    }
+
+    /// The capability whose key signs the hello for [`ReplicaConfig::role`].
+    fn role_capability(&self) -> Capability {
+        self.capability
+            .derive(self.role())
+            .unwrap_or(self.capability)
+    }
 }
 
 /// What the application sees, in order.
@@ -59,8 +112,17 @@ pub enum Event {
     },
     /// The island state was reset to its initial state; the whole order follows.
     StartedFresh,
-    /// A message was applied to the island.
+    /// A message was applied to the island (its payload opened: what the island saw).
     Message(Message),
+    /// A message that did not open with this island's key (sealed under another key, or changed
+    /// on the way). It was not applied, but its seq counts, so every replica that holds the same
+    /// key skips the same message and they stay in step.
+    Undecryptable {
+        /// Its place in the order.
+        seq: Seq,
+        /// Who the router says sent it.
+        origin: Origin,
+    },
     /// Island time moved on.
     Tick(RouterTime),
     /// Caught up: from here on messages are live.
@@ -125,6 +187,8 @@ struct SyncProgress {
 /// The replica state machine. Feed it frames, drain frames and events.
 pub struct Replica<I> {
     cfg: ReplicaConfig,
+    replica: ReplicaId,
+    sealer: Sealer,
     island: I,
     last_seq: u64,
     /// The island state is consistent at `last_seq` (synced once, not mid-sync).
@@ -143,7 +207,14 @@ pub struct Replica<I> {
 impl<I: Island> Replica<I> {
     /// A replica with its island in the initial state.
     pub fn new(cfg: ReplicaConfig, island: I) -> Self {
+        let session = cfg.session();
+        let key = cfg
+            .capability
+            .payload_key(session)
+            .expect("every capability derives the observer's payload key");
         Replica {
+            replica: cfg.replica(),
+            sealer: Sealer::new(&key, session),
             cfg,
             island,
             last_seq: 0,
@@ -185,24 +256,39 @@ impl<I: Island> Replica<I> {
         self.unconfirmed.len()
     }
 
-    /// The hello for a new connection (sent after the preamble exchange). Resumes when the state is consistent, and
-    /// asks to create the session only before the first welcome: after a router restart the
-    /// replica must learn the session is gone, not silently start a new one.
-    pub fn hello(&self) -> Bytes {
-        let hello = ClientFrame::Hello(Hello {
-            session: self.cfg.session,
-            token: self.cfg.token,
-            replica: self.cfg.replica,
+    /// This replica's id.
+    pub fn replica_id(&self) -> ReplicaId {
+        self.replica
+    }
+
+    /// The hello for a new connection, signed over the router's `nonce` (sent after the
+    /// preamble exchange). Resumes when the state is consistent, and asks to create the session
+    /// only before the first welcome: after a router restart the replica must learn the session
+    /// is gone, not silently start a new one.
+    pub fn hello(&self, nonce: &[u8; NONCE_LEN]) -> Bytes {
+        let role = self.cfg.role();
+        let body = HelloBody {
+            session: self.cfg.session(),
+            keys: self.cfg.keys,
+            replica: self.replica,
+            replica_key: self.cfg.key.public(),
             name: self.cfg.name.clone(),
-            role: self.cfg.role,
+            role,
             resume_from: self.valid.then_some(Seq(self.last_seq)),
-            create: if self.welcomed_once {
+            create: if self.welcomed_once || !role.may_send() {
                 None
             } else {
                 self.cfg.create.clone()
             },
-        });
-        wire::encode(&hello)
+            control: false,
+        };
+        let hello = auth::sign_hello(
+            nonce,
+            body,
+            &self.cfg.role_capability().key_pair(),
+            &self.cfg.key,
+        );
+        wire::encode(&ClientFrame::Hello(hello))
     }
 
     /// The connection is gone. A sync in progress leaves the island inconsistent, so the next
@@ -214,12 +300,21 @@ impl<I: Island> Replica<I> {
         }
     }
 
-    /// Queues a payload for the order. Returns its client seq.
+    /// Largest plaintext payload [`Replica::send`] takes: the router's limit less the tag.
+    pub fn max_payload(&self) -> usize {
+        self.max_payload.saturating_sub(TAG_LEN)
+    }
+
+    /// Seals a payload and queues it for the order. Returns its client seq. The sealed bytes are
+    /// what is kept for a resend, so a resend is byte-identical.
     pub fn send(&mut self, payload: Bytes) -> Result<u64, crate::ClientError> {
-        if payload.len() > self.max_payload {
+        if !self.cfg.role().may_send() {
+            return Err(crate::ClientError::ObserverCannotSend);
+        }
+        if payload.len() > self.max_payload() {
             return Err(crate::ClientError::PayloadTooLarge {
                 len: payload.len(),
-                max: self.max_payload,
+                max: self.max_payload(),
             });
         }
         if self.unconfirmed.len() >= self.cfg.max_pending_sends {
@@ -229,6 +324,7 @@ impl<I: Island> Replica<I> {
         }
         self.next_client_seq += 1;
         let client_seq = self.next_client_seq;
+        let payload = Bytes::from(self.sealer.seal_payload(self.replica, client_seq, &payload));
         self.unconfirmed.push_back((client_seq, payload.clone()));
         if self.welcomed {
             self.out.push_back(wire::encode(&ClientFrame::Send {
@@ -281,6 +377,14 @@ impl<I: Island> Replica<I> {
                 return Err(FrameError::Closed(Closed { code, reason }));
             }
             ServerFrame::SyncBegin { at, snapshot_len } => {
+                if let Some(len) = snapshot_len {
+                    if len > self.cfg.max_snapshot_bytes as u64 {
+                        return Err(FrameError::Protocol(format!(
+                            "a snapshot of {len} bytes was announced; this replica accepts at most {}",
+                            self.cfg.max_snapshot_bytes
+                        )));
+                    }
+                }
                 self.valid = false;
                 if snapshot_len.is_none() {
                     if at.0 != 0 {
@@ -301,7 +405,7 @@ impl<I: Island> Replica<I> {
                     return Err(FrameError::Protocol("snapshot data outside a sync".into()));
                 };
                 let expect = s.expect.unwrap_or(0);
-                if (s.data.len() + data.len()) as u64 > expect {
+                if (s.data.len() as u64).saturating_add(data.len() as u64) > expect {
                     return Err(FrameError::Protocol(
                         "more snapshot data than announced".into(),
                     ));
@@ -343,6 +447,8 @@ impl<I: Island> Replica<I> {
                 .out
                 .push_back(wire::encode(&ClientFrame::Pong { nonce })),
             ServerFrame::Pong { .. } => {}
+            // Only a control connection asks for these; a replica ignores a stray one.
+            ServerFrame::AdminDone { .. } => {}
         }
         Ok(())
     }
@@ -367,35 +473,71 @@ impl<I: Island> Replica<I> {
         }
         let data = std::mem::take(&mut s.data);
         let at = s.at;
-        self.island.restore(&data).map_err(FrameError::Restore)?;
+        let plain = self.sealer.open_snapshot(Seq(at), &data).ok_or_else(|| {
+            FrameError::Restore(
+                "it does not open with this island's key (sealed under another key, or changed on the way)"
+                    .into(),
+            )
+        })?;
+        self.island.restore(&plain).map_err(FrameError::Restore)?;
         self.last_seq = at;
         self.events.push_back(Event::Restored { at: Seq(at) });
         self.check_stop();
         Ok(())
     }
 
-    fn apply(&mut self, m: Message) -> Result<(), FrameError> {
+    fn apply(&mut self, mut m: Message) -> Result<(), FrameError> {
         if self.stopped {
             return Ok(());
         }
-        if m.seq.0 != self.last_seq + 1 {
+        let Some(next) = self.last_seq.checked_add(1) else {
             return Err(FrameError::Protocol(format!(
-                "expected seq {}, got {}",
-                self.last_seq + 1,
+                "a message after seq {}, the last there can be",
+                self.last_seq
+            )));
+        };
+        if m.seq.0 != next {
+            return Err(FrameError::Protocol(format!(
+                "expected seq {next}, got {}",
                 m.seq.0
             )));
         }
-        self.island.apply(&m);
+        let opened = match m.origin {
+            // The router's own messages (joins, leaves) are plaintext: it holds no key.
+            Origin::Router => Some(m.payload.clone()),
+            Origin::Replica(origin) => self
+                .sealer
+                .open_payload(origin, m.client_seq, &m.payload)
+                .map(Bytes::from),
+        };
         self.last_seq = m.seq.0;
-        if m.origin == Origin::Replica(self.cfg.replica) {
+        if m.origin == Origin::Replica(self.replica) {
             self.confirm_upto(m.client_seq);
         }
+        let event = match opened {
+            Some(plain) => {
+                m.payload = plain;
+                self.island.apply(&m);
+                Event::Message(m.clone())
+            }
+            None => {
+                tracing::warn!(
+                    seq = m.seq.0,
+                    origin = ?m.origin,
+                    "a message does not open with this island's key; it is skipped (sealed under another key, or changed on the way)"
+                );
+                Event::Undecryptable {
+                    seq: m.seq,
+                    origin: m.origin,
+                }
+            }
+        };
         if self.cfg.digest_every > 0 && m.seq.0 % self.cfg.digest_every == 0 {
             let hash = Bytes::from(self.island.digest());
             self.out
                 .push_back(wire::encode(&ClientFrame::Digest { seq: m.seq, hash }));
         }
-        self.events.push_back(Event::Message(m));
+        self.events.push_back(event);
         self.check_stop();
         Ok(())
     }
@@ -413,7 +555,7 @@ impl<I: Island> Replica<I> {
     }
 
     fn upload_snapshot(&mut self, request: u64, at: Seq) {
-        let data = Bytes::from(self.island.snapshot());
+        let data = Bytes::from(self.sealer.seal_snapshot(at, &self.island.snapshot()));
         let total = data.len() as u64;
         let mut offset = 0;
         loop {
@@ -438,20 +580,38 @@ impl<I: Island> Replica<I> {
 mod tests {
     use super::*;
     use crate::chat::ChatIsland;
-    use isthmus_router::wire::Welcome;
+    use isthmus_router::auth::Capability;
+    use isthmus_router::wire::{Hello, Welcome};
 
-    fn cfg(stop_after: Option<Seq>) -> ReplicaConfig {
+    const NONCE: [u8; NONCE_LEN] = [4; NONCE_LEN];
+
+    fn admin_of(island: u8) -> Capability {
+        Capability::from_parts(Role::Admin, [island; 32])
+    }
+
+    fn cfg_with(
+        capability: Capability,
+        keys: IslandKeys,
+        stop_after: Option<Seq>,
+    ) -> ReplicaConfig {
         ReplicaConfig {
-            session: SessionId::random(),
-            token: JoinToken([1; 32]),
-            replica: ReplicaId(uuid::Uuid::from_u128(5)),
+            keys,
+            capability,
+            key: KeyPair::random(),
             name: "t".into(),
-            role: Role::Replica,
             create: Some(CreateOptions::default()),
             digest_every: 2,
             max_pending_sends: 3,
+            max_snapshot_bytes: DEFAULT_MAX_SNAPSHOT_BYTES,
             stop_after,
         }
+    }
+
+    /// A participant of island 1.
+    fn cfg(stop_after: Option<Seq>) -> ReplicaConfig {
+        let admin = admin_of(1);
+        let keys = auth::island_keys(&admin).expect("admin");
+        cfg_with(admin.weaker().expect("participant"), keys, stop_after)
     }
 
     fn welcome(last_client_seq: u64) -> ServerFrame {
@@ -468,12 +628,13 @@ mod tests {
         })
     }
 
-    fn msg(seq: u64, origin: Origin, client_seq: u64) -> ServerFrame {
+    /// A router message (plaintext: the router holds no key).
+    fn msg(seq: u64) -> ServerFrame {
         ServerFrame::Message(Message {
             seq: Seq(seq),
-            time: RouterTime(seq * 10),
-            origin,
-            client_seq,
+            time: RouterTime(seq.wrapping_mul(10)),
+            origin: Origin::Router,
+            client_seq: 0,
             payload: ChatIsland::payload("x", &format!("m{seq}")),
         })
     }
@@ -486,37 +647,178 @@ mod tests {
         .expect("fresh");
     }
 
+    fn synced(r: &mut Replica<ChatIsland>, seq: u64) {
+        r.handle_frame(ServerFrame::Synced {
+            seq: Seq(seq),
+            last_client_seq: 0,
+        })
+        .expect("synced");
+    }
+
+    /// Welcomed, synced from the empty state, frames and events drained.
+    fn live(cfg: ReplicaConfig) -> Replica<ChatIsland> {
+        let mut r = Replica::new(cfg, ChatIsland::default());
+        r.handle_frame(welcome(0)).expect("welcome");
+        start_fresh(&mut r);
+        synced(&mut r, 0);
+        drain(&mut r);
+        r
+    }
+
+    fn drain(r: &mut Replica<ChatIsland>) {
+        while r.poll_transmit().is_some() {}
+        while r.poll_event().is_some() {}
+    }
+
+    fn frames(r: &mut Replica<ChatIsland>) -> Vec<ClientFrame> {
+        std::iter::from_fn(|| r.poll_transmit())
+            .map(|b| {
+                let mut buf = BytesMut::from(&b[..]);
+                wire::decode::<ClientFrame>(&mut buf, usize::MAX)
+                    .expect("decodes")
+                    .expect("whole")
+            })
+            .collect()
+    }
+
+    fn events(r: &mut Replica<ChatIsland>) -> Vec<Event> {
+        std::iter::from_fn(|| r.poll_event()).collect()
+    }
+
     fn hello_of(r: &Replica<ChatIsland>) -> Hello {
-        let mut buf = BytesMut::from(&r.hello()[..]);
+        let mut buf = BytesMut::from(&r.hello(&NONCE)[..]);
         match wire::decode::<ClientFrame>(&mut buf, usize::MAX) {
             Ok(Some(ClientFrame::Hello(h))) => h,
             other => panic!("{other:?}"),
         }
     }
 
+    /// Plays the router: stamps every send `from` wrote as the next message and hands it to
+    /// every replica in `to`. Returns the stamped messages.
+    fn relay(
+        from: &mut Replica<ChatIsland>,
+        next_seq: &mut u64,
+        to: &mut [&mut Replica<ChatIsland>],
+    ) -> Vec<Message> {
+        let origin = Origin::Replica(from.replica_id());
+        let mut stamped = Vec::new();
+        for f in frames(from) {
+            if let ClientFrame::Send {
+                client_seq,
+                payload,
+            } = f
+            {
+                *next_seq += 1;
+                stamped.push(Message {
+                    seq: Seq(*next_seq),
+                    time: RouterTime(*next_seq),
+                    origin,
+                    client_seq,
+                    payload,
+                });
+            }
+        }
+        for m in &stamped {
+            from.handle_frame(ServerFrame::Message(m.clone()))
+                .expect("own echo");
+            for r in to.iter_mut() {
+                r.handle_frame(ServerFrame::Message(m.clone()))
+                    .expect("message");
+            }
+        }
+        stamped
+    }
+
     #[test]
     fn creates_only_before_the_first_welcome_and_resumes_only_when_consistent() {
         let mut r = Replica::new(cfg(None), ChatIsland::default());
         let h = hello_of(&r);
-        assert!(h.create.is_some() && h.resume_from.is_none());
+        assert!(h.body.create.is_some() && h.body.resume_from.is_none());
         r.handle_frame(welcome(0)).expect("welcome");
         start_fresh(&mut r);
-        r.handle_frame(msg(1, Origin::Router, 0)).expect("m1");
+        r.handle_frame(msg(1)).expect("m1");
         // Dropped mid-sync: the state is partial, so no resume.
         r.disconnected();
         let h = hello_of(&r);
-        assert!(h.create.is_none(), "never create on a reconnect");
-        assert_eq!(h.resume_from, None);
+        assert!(h.body.create.is_none(), "never create on a reconnect");
+        assert_eq!(h.body.resume_from, None);
         r.handle_frame(welcome(0)).expect("welcome");
         start_fresh(&mut r);
-        r.handle_frame(msg(1, Origin::Router, 0)).expect("m1");
-        r.handle_frame(ServerFrame::Synced {
-            seq: Seq(1),
-            last_client_seq: 0,
-        })
-        .expect("synced");
+        r.handle_frame(msg(1)).expect("m1");
+        synced(&mut r, 1);
         r.disconnected();
-        assert_eq!(hello_of(&r).resume_from, Some(Seq(1)));
+        assert_eq!(hello_of(&r).body.resume_from, Some(Seq(1)));
+    }
+
+    #[test]
+    fn the_hello_is_signed_for_the_role_the_capability_allows() {
+        let admin = admin_of(1);
+        let keys = auth::island_keys(&admin).expect("admin");
+        let observer = admin.derive(Role::Observer).expect("observer");
+        for (cap, role) in [
+            (admin, Role::Replica),
+            (admin.weaker().expect("participant"), Role::Replica),
+            (observer, Role::Observer),
+        ] {
+            let c = cfg_with(cap, keys, None);
+            let id = c.replica();
+            let r = Replica::new(c, ChatIsland::default());
+            let h = hello_of(&r);
+            assert_eq!(h.body.role, role);
+            assert_eq!(h.body.session, keys.session_id());
+            assert_eq!(h.body.replica, id);
+            assert!(!h.body.control);
+            assert_eq!(auth::verify_hello(&NONCE, &h), Ok(()));
+            assert!(auth::verify_hello(&[5; NONCE_LEN], &h).is_err());
+            if role == Role::Observer {
+                assert!(h.body.create.is_none(), "observers never create");
+            }
+        }
+    }
+
+    #[test]
+    fn the_replica_key_is_kept_across_reconnects() {
+        let mut r = Replica::new(cfg(None), ChatIsland::default());
+        let first = hello_of(&r);
+        r.handle_frame(welcome(0)).expect("welcome");
+        r.disconnected();
+        let second = hello_of(&r);
+        assert_eq!(first.body.replica, second.body.replica);
+        assert_eq!(first.body.replica_key, second.body.replica_key);
+    }
+
+    #[test]
+    fn observers_cannot_send() {
+        let admin = admin_of(1);
+        let keys = auth::island_keys(&admin).expect("admin");
+        let mut r = live(cfg_with(
+            admin.derive(Role::Observer).expect("observer"),
+            keys,
+            None,
+        ));
+        let err = r
+            .send(ChatIsland::payload("x", "hi"))
+            .expect_err("observer");
+        assert_eq!(
+            err.to_string(),
+            "observers cannot send; this postcard only lets you watch"
+        );
+        assert!(frames(&mut r).is_empty());
+    }
+
+    #[test]
+    fn the_payload_limit_leaves_room_for_the_tag() {
+        let mut r = live(cfg(None));
+        assert_eq!(r.max_payload(), 1000 - TAG_LEN);
+        assert!(r.send(Bytes::from(vec![0; 1000 - TAG_LEN])).is_ok());
+        assert!(matches!(
+            r.send(Bytes::from(vec![0; 1000 - TAG_LEN + 1])),
+            Err(crate::ClientError::PayloadTooLarge { max, .. }) if max == 1000 - TAG_LEN
+        ));
+        match &frames(&mut r)[..] {
+            [ClientFrame::Send { payload, .. }] => assert_eq!(payload.len(), 1000),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -525,14 +827,77 @@ mod tests {
         r.handle_frame(welcome(0)).expect("welcome");
         start_fresh(&mut r);
         assert!(matches!(
-            r.handle_frame(msg(2, Origin::Router, 0)),
+            r.handle_frame(msg(2)),
             Err(FrameError::Protocol(_))
         ));
     }
 
     #[test]
-    fn sends_are_confirmed_by_client_seq_and_resent_after_a_welcome() {
-        let me = Origin::Replica(ReplicaId(uuid::Uuid::from_u128(5)));
+    fn hostile_seqs_are_refused_without_overflow() {
+        let provider = live(cfg(None));
+        let snap = provider
+            .sealer
+            .seal_snapshot(Seq(u64::MAX), &provider.island().snapshot());
+        let mut r = Replica::new(cfg(None), ChatIsland::default());
+        r.handle_frame(welcome(0)).expect("welcome");
+        r.handle_frame(ServerFrame::SyncBegin {
+            at: Seq(u64::MAX),
+            snapshot_len: Some(snap.len() as u64),
+        })
+        .expect("sync");
+        r.handle_frame(ServerFrame::SnapshotData {
+            data: Bytes::from(snap),
+        })
+        .expect("data");
+        assert!(matches!(
+            r.handle_frame(msg(u64::MAX)),
+            Err(FrameError::Protocol(_))
+        ));
+        assert_eq!(r.last_seq(), Seq(u64::MAX));
+        let mut fresh = live(cfg(None));
+        assert!(matches!(
+            fresh.handle_frame(msg(u64::MAX)),
+            Err(FrameError::Protocol(_))
+        ));
+        assert!(matches!(
+            fresh.handle_frame(ServerFrame::Synced {
+                seq: Seq(u64::MAX),
+                last_client_seq: u64::MAX
+            }),
+            Err(FrameError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn an_oversized_snapshot_is_refused_before_anything_is_buffered() {
+        let mut c = cfg(None);
+        c.max_snapshot_bytes = 100;
+        let mut r = Replica::new(c, ChatIsland::default());
+        r.handle_frame(welcome(0)).expect("welcome");
+        assert!(matches!(
+            r.handle_frame(ServerFrame::SyncBegin {
+                at: Seq(3),
+                snapshot_len: Some(101),
+            }),
+            Err(FrameError::Protocol(_))
+        ));
+        let mut r = Replica::new(cfg(None), ChatIsland::default());
+        r.handle_frame(welcome(0)).expect("welcome");
+        assert!(matches!(
+            r.handle_frame(ServerFrame::SyncBegin {
+                at: Seq(3),
+                snapshot_len: Some(u64::MAX),
+            }),
+            Err(FrameError::Protocol(_))
+        ));
+        assert_eq!(
+            DEFAULT_MAX_SNAPSHOT_BYTES,
+            64 * 1024 * 1024 + SNAPSHOT_OVERHEAD
+        );
+    }
+
+    #[test]
+    fn sends_are_confirmed_by_client_seq_and_resent_byte_identical_after_a_welcome() {
         let mut r = Replica::new(cfg(None), ChatIsland::default());
         r.handle_frame(welcome(0)).expect("welcome");
         while r.poll_transmit().is_some() {}
@@ -543,28 +908,209 @@ mod tests {
             r.send(ChatIsland::payload("x", "d")),
             Err(crate::ClientError::TooManyPending(3))
         ));
+        let first: Vec<ClientFrame> = frames(&mut r);
         start_fresh(&mut r);
-        r.handle_frame(ServerFrame::Synced {
-            seq: Seq(0),
-            last_client_seq: 0,
-        })
-        .expect("synced");
-        r.handle_frame(msg(1, me, 1)).expect("echo of a");
+        synced(&mut r, 0);
+        let ClientFrame::Send { payload, .. } = &first[0] else {
+            panic!("{first:?}")
+        };
+        r.handle_frame(ServerFrame::Message(Message {
+            seq: Seq(1),
+            time: RouterTime(1),
+            origin: Origin::Replica(r.replica_id()),
+            client_seq: 1,
+            payload: payload.clone(),
+        }))
+        .expect("echo of a");
         assert_eq!(r.pending_sends(), 2);
         r.disconnected();
-        // The router says it stamped up to client seq 2: only c is resent.
+        // The router says it stamped up to client seq 2: only c is resent, byte for byte.
         while r.poll_transmit().is_some() {}
         r.handle_frame(welcome(2)).expect("welcome");
-        let resent: Vec<u64> = std::iter::from_fn(|| r.poll_transmit())
-            .filter_map(|b| {
-                let mut buf = BytesMut::from(&b[..]);
-                match wire::decode::<ClientFrame>(&mut buf, usize::MAX) {
-                    Ok(Some(ClientFrame::Send { client_seq, .. })) => Some(client_seq),
-                    _ => None,
-                }
-            })
+        let resent: Vec<ClientFrame> = frames(&mut r)
+            .into_iter()
+            .filter(|f| matches!(f, ClientFrame::Send { .. }))
             .collect();
-        assert_eq!(resent, vec![3]);
+        assert_eq!(resent, vec![first[2].clone()]);
+    }
+
+    #[test]
+    fn two_replicas_with_the_same_capability_read_each_other() {
+        let admin = admin_of(1);
+        let keys = auth::island_keys(&admin).expect("admin");
+        let mut a = live(cfg_with(admin, keys, None));
+        let mut b = live(cfg_with(admin.weaker().expect("participant"), keys, None));
+        let mut seq = 0;
+        a.send(ChatIsland::payload("ada", "hello")).expect("send");
+        relay(&mut a, &mut seq, &mut [&mut b]);
+        b.send(ChatIsland::payload("bob", "hi ada")).expect("send");
+        relay(&mut b, &mut seq, &mut [&mut a]);
+        for r in [&a, &b] {
+            let said: Vec<String> = r.island().lines().map(|l| l.text.clone()).collect();
+            assert_eq!(said, vec!["hello", "hi ada"]);
+        }
+        assert_eq!(a.island().digest(), b.island().digest());
+        let got: Vec<Event> = events(&mut b);
+        assert!(got.iter().any(|e| matches!(e,
+            Event::Message(m) if ChatIsland::parse(&m.payload) == ("ada".into(), "hello".into()))));
+    }
+
+    #[test]
+    fn ciphertext_never_contains_the_plaintext() {
+        let mut a = live(cfg(None));
+        let text = "a rather distinctive secret sentence";
+        a.send(Bytes::from(text)).expect("send");
+        match &frames(&mut a)[..] {
+            [ClientFrame::Send { payload, .. }] => {
+                assert_eq!(payload.len(), text.len() + TAG_LEN);
+                assert!(!payload
+                    .windows(8)
+                    .any(|w| text.as_bytes().windows(8).any(|t| t == w)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_message_under_another_islands_key_is_skipped_by_everyone_in_step() {
+        let admin = admin_of(1);
+        let keys = auth::island_keys(&admin).expect("admin");
+        let mut a = live(cfg_with(admin, keys, None));
+        let mut b = live(cfg_with(admin.weaker().expect("participant"), keys, None));
+        // A stranger holding island 2's capability but speaking island 1's keys.
+        let mut stranger = live(cfg_with(admin_of(2), keys, None));
+        let mut seq = 0;
+        stranger
+            .send(ChatIsland::payload("eve", "forged"))
+            .expect("send");
+        relay(&mut stranger, &mut seq, &mut [&mut a, &mut b]);
+        a.send(ChatIsland::payload("ada", "still here"))
+            .expect("send");
+        relay(&mut a, &mut seq, &mut [&mut b]);
+        for r in [&mut a, &mut b] {
+            let evs = events(r);
+            assert!(evs.contains(&Event::Undecryptable {
+                seq: Seq(1),
+                origin: Origin::Replica(stranger.replica_id()),
+            }));
+            assert_eq!(r.last_seq(), Seq(2));
+            let said: Vec<String> = r.island().lines().map(|l| l.text.clone()).collect();
+            assert_eq!(said, vec!["still here"]);
+            // The digest at seq 2 went out like any other.
+            let digests: Vec<ClientFrame> = frames(r)
+                .into_iter()
+                .filter(|f| matches!(f, ClientFrame::Digest { .. }))
+                .collect();
+            assert_eq!(digests.len(), 1);
+        }
+        assert_eq!(a.island().digest(), b.island().digest());
+    }
+
+    #[test]
+    fn a_tampered_payload_is_undecryptable_and_not_applied() {
+        let mut a = live(cfg(None));
+        let mut b = live(cfg(None));
+        a.send(ChatIsland::payload("ada", "pay bob 5"))
+            .expect("send");
+        let ClientFrame::Send {
+            client_seq,
+            payload,
+        } = frames(&mut a).remove(0)
+        else {
+            panic!("a send")
+        };
+        let mut bent = payload.to_vec();
+        bent[0] ^= 1;
+        let origin = Origin::Replica(a.replica_id());
+        b.handle_frame(ServerFrame::Message(Message {
+            seq: Seq(1),
+            time: RouterTime(1),
+            origin,
+            client_seq,
+            payload: Bytes::from(bent),
+        }))
+        .expect("skipped, not an error");
+        assert_eq!(
+            events(&mut b),
+            vec![Event::Undecryptable {
+                seq: Seq(1),
+                origin
+            }]
+        );
+        assert_eq!(b.island().lines().count(), 0);
+        // Moved to another client seq of the same sender: also caught.
+        let mut c = live(cfg(None));
+        c.handle_frame(ServerFrame::Message(Message {
+            seq: Seq(1),
+            time: RouterTime(1),
+            origin,
+            client_seq: client_seq + 1,
+            payload,
+        }))
+        .expect("skipped");
+        assert!(matches!(events(&mut c)[..], [Event::Undecryptable { .. }]));
+    }
+
+    #[test]
+    fn snapshots_are_sealed_on_upload_and_opened_on_restore() {
+        let mut provider = live(cfg(None));
+        let mut seq = 0;
+        for t in ["one", "two", "three"] {
+            provider.send(ChatIsland::payload("p", t)).expect("send");
+        }
+        relay(&mut provider, &mut seq, &mut []);
+        drain(&mut provider);
+        provider
+            .handle_frame(ServerFrame::SnapshotRequest {
+                request: 7,
+                at: Seq(3),
+            })
+            .expect("request");
+        let mut sealed = Vec::new();
+        for f in frames(&mut provider) {
+            if let ClientFrame::SnapshotChunk {
+                request, at, data, ..
+            } = f
+            {
+                assert_eq!((request, at), (7, Seq(3)));
+                sealed.extend_from_slice(&data);
+            }
+        }
+        let plain = provider.island().snapshot();
+        assert_eq!(sealed.len(), plain.len() + SNAPSHOT_OVERHEAD);
+        assert!(!sealed.windows(plain.len()).any(|w| w == plain.as_slice()));
+
+        let restore = |c: ReplicaConfig, at: u64, data: &[u8]| {
+            let mut j = Replica::new(c, ChatIsland::default());
+            j.handle_frame(welcome(0)).expect("welcome");
+            j.handle_frame(ServerFrame::SyncBegin {
+                at: Seq(at),
+                snapshot_len: Some(data.len() as u64),
+            })
+            .expect("sync");
+            j.handle_frame(ServerFrame::SnapshotData {
+                data: Bytes::copy_from_slice(data),
+            })
+            .expect("data");
+            j.handle_frame(ServerFrame::Synced {
+                seq: Seq(at),
+                last_client_seq: 0,
+            })
+            .map(|()| j)
+        };
+        let joiner = restore(cfg(None), 3, &sealed).expect("restores");
+        assert_eq!(joiner.island().digest(), provider.island().digest());
+        // Another seq than the one it was taken after, or another island's key: refused.
+        assert!(matches!(
+            restore(cfg(None), 2, &sealed),
+            Err(FrameError::Restore(_))
+        ));
+        let other = admin_of(2);
+        let other_keys = auth::island_keys(&other).expect("admin");
+        assert!(matches!(
+            restore(cfg_with(other, other_keys, None), 3, &sealed),
+            Err(FrameError::Restore(_))
+        ));
     }
 
     #[test]
@@ -573,21 +1119,28 @@ mod tests {
         provider.handle_frame(welcome(0)).expect("welcome");
         start_fresh(&mut provider);
         for s in 1..=4 {
-            provider
-                .handle_frame(msg(s, Origin::Router, 0))
-                .expect("msg");
+            provider.handle_frame(msg(s)).expect("msg");
         }
-        let digests = std::iter::from_fn(|| provider.poll_transmit())
-            .filter(|b| {
-                let mut buf = BytesMut::from(&b[..]);
-                matches!(
-                    wire::decode::<ClientFrame>(&mut buf, usize::MAX),
-                    Ok(Some(ClientFrame::Digest { .. }))
-                )
-            })
+        let digests = frames(&mut provider)
+            .into_iter()
+            .filter(|f| matches!(f, ClientFrame::Digest { .. }))
             .count();
         assert_eq!(digests, 2, "every 2 messages");
-        let snap = provider.island().snapshot();
+        synced(&mut provider, 4);
+        provider
+            .handle_frame(ServerFrame::SnapshotRequest {
+                request: 1,
+                at: Seq(4),
+            })
+            .expect("request");
+        let snap: Vec<u8> = frames(&mut provider)
+            .into_iter()
+            .filter_map(|f| match f {
+                ClientFrame::SnapshotChunk { data, .. } => Some(data.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
 
         let mut joiner = Replica::new(cfg(Some(Seq(3))), ChatIsland::default());
         joiner.handle_frame(welcome(0)).expect("welcome");
@@ -602,14 +1155,10 @@ mod tests {
                 data: Bytes::from(snap),
             })
             .expect("data");
-        joiner
-            .handle_frame(ServerFrame::Synced {
-                seq: Seq(4),
-                last_client_seq: 0,
-            })
-            .expect("synced");
+        synced(&mut joiner, 4);
         assert!(joiner.is_stopped());
-        let stopped = std::iter::from_fn(|| joiner.poll_event())
+        let stopped = events(&mut joiner)
+            .into_iter()
             .find_map(|e| match e {
                 Event::Stopped { seq, digest } => Some((seq, digest)),
                 _ => None,

@@ -1,4 +1,4 @@
-use crate::proc::{Proc, BIN};
+use crate::proc::{isthmus, test_data_dir, Proc, BIN, PATIENCE};
 use crate::router::spawn_router;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -60,7 +60,7 @@ fn creator_joiners_and_a_late_joiner_end_with_one_history_and_one_digest() {
         n.clone(),
     ]);
     let postcard = creator.next_line();
-    assert!(postcard.starts_with("isthmus1:"), "{postcard}");
+    assert!(postcard.starts_with("isthmus2:"), "{postcard}");
     let joiners: Vec<Proc> = (0..3)
         .map(|j| {
             let mut args = vec!["join".to_string(), postcard.clone()];
@@ -166,18 +166,48 @@ fn join_strings_that_cannot_work_fail_with_one_clear_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("damaged"));
 
-    // The wrong secret for a real island: refused, non-zero, one line.
-    use isthmus_contact::{JoinSecret, Postcard};
-    let mut card: Postcard = postcard.parse().expect("postcard");
-    card.secret = JoinSecret::random();
+    // A postcard made by an older isthmus: exit 2, and it says to ask for a new one.
     let out = Command::new(BIN)
-        .args(["join", &card.to_string()])
+        .args([
+            "join",
+            "isthmus1:aebagbafaydqqcikbmga2dqpcaireeyuculbogazdinryhi6d4qa",
+        ])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("older isthmus (protocol 1)"), "{err}");
+
+    // Another secret with this router's address: the session id is the hash of the keys, so
+    // it is another island, one this router does not have. Refused, non-zero, one line.
+    use isthmus_contact::Postcard;
+    use isthmus_router::auth::Capability;
+    let card: Postcard = postcard.parse().expect("postcard");
+    let stranger = Postcard::for_new_island(card.contact.clone(), Capability::new_island())
+        .expect("postcard")
+        .participant()
+        .expect("participant");
+    assert_ne!(stranger.session(), card.session());
+    let out = isthmus()
+        .args(["join", &stranger.to_string()])
         .output()
         .expect("run");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("secret"), "{err}");
+    assert!(err.contains("does not have this island"), "{err}");
+
+    // An observer asked to send: exit 1, one plain line, before anything is sent.
+    let observer = card.observer().expect("observer").to_string();
+    let out = isthmus()
+        .args(["join", &observer, "--send", "hi"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("observers cannot send"), "{err}");
 
     // An unreachable router: non-zero, one line naming the address.
     let _ = router.kill();
@@ -202,6 +232,7 @@ fn on_a_terminal_typed_lines_are_sent_and_delivered_lines_print_with_seq_and_sen
     let mut child = Command::new("script")
         .args(["-qfec", &command, "/dev/null"])
         .env("ISTHMUS_PREFS", crate::proc::no_prefs())
+        .env("ISTHMUS_DATA_DIR", test_data_dir())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -221,7 +252,7 @@ fn on_a_terminal_typed_lines_are_sent_and_delivered_lines_print_with_seq_and_sen
     };
     let postcard = loop {
         let line = next();
-        if line.starts_with("isthmus1:") {
+        if line.starts_with("isthmus2:") {
             break line;
         }
     };
@@ -244,6 +275,168 @@ fn on_a_terminal_typed_lines_are_sent_and_delivered_lines_print_with_seq_and_sen
     assert!(lines[0].contains("\"text\":\"ahoy there\""), "{lines:?}");
     let _ = child.kill();
     let _ = child.wait();
+    let _ = router.kill();
+    let _ = router.wait();
+}
+
+fn run_ok(args: &[&str]) -> String {
+    let out = isthmus().args(args).output().expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "isthmus {args:?}: {err}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn postcards_derive_down_and_show_their_role_but_never_a_secret() {
+    use isthmus_contact::Postcard;
+    use isthmus_router::auth::Capability;
+    use isthmus_router::wire::Role;
+    let admin = Postcard::for_new_island(
+        isthmus_contact::ContactPoint::new(
+            isthmus_router::ids::SessionId::random(),
+            "atoll",
+            vec!["127.0.0.1:7470".parse().expect("addr")],
+        ),
+        Capability::new_island(),
+    )
+    .expect("postcard");
+    let participant = admin.participant().expect("participant").to_string();
+
+    let observer = run_ok(&["postcard", "observer", &participant]);
+    let observer = observer.trim();
+    let card: Postcard = observer.parse().expect("an observer postcard");
+    assert_eq!(card.role(), Role::Observer);
+    assert_eq!(card.session(), admin.session());
+    // An observer's observer postcard is itself; nothing derives upwards.
+    assert_eq!(run_ok(&["postcard", "observer", observer]).trim(), observer);
+
+    for (text, role) in [
+        (admin.to_string(), "admin"),
+        (participant.clone(), "participant"),
+        (observer.to_string(), "observer"),
+    ] {
+        let shown = run_ok(&["postcard", "show", &text, "--json"]);
+        let v: Value = serde_json::from_str(shown.trim()).expect("json");
+        assert_eq!(v["role"], role, "{shown}");
+        assert_eq!(v["session"], admin.session().to_string());
+        assert!(v.get("secret").is_none(), "{shown}");
+        let plain = run_ok(&["postcard", "show", &text]);
+        assert!(plain.contains(&format!("role:        {role}")), "{plain}");
+        assert!(!plain.to_lowercase().contains("secret"), "{plain}");
+        // No run of the postcard's body (where the secret is) appears in either form.
+        let body = &text["isthmus2:".len()..];
+        for chunk in body.as_bytes().chunks(10).filter(|c| c.len() == 10) {
+            let chunk = std::str::from_utf8(chunk).expect("ascii");
+            assert!(!shown.contains(chunk) && !plain.contains(chunk));
+        }
+    }
+
+    // A damaged postcard names the position in what was pasted.
+    let mut damaged: Vec<char> = participant.chars().collect();
+    damaged[20] = '0';
+    let damaged: String = damaged.into_iter().collect();
+    let out = isthmus()
+        .args(["postcard", "observer", &damaged])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("character 21"), "{err}");
+}
+
+#[test]
+fn the_admin_postcard_is_kept_and_ticks_kicks_and_closes_the_island() {
+    use isthmus_contact::Postcard;
+    use isthmus_router::wire::Role;
+    let (mut router, addr) = spawn_router(&[]);
+    let creator = Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "cove".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+    ]);
+    let postcard = creator.next_line();
+    let card: Postcard = postcard.parse().expect("postcard");
+    assert_eq!(
+        card.role(),
+        Role::Replica,
+        "the printed postcard is a participant's"
+    );
+    let session = card.session().to_string();
+
+    // The admin postcard is kept, readable by this user only.
+    let path = test_data_dir()
+        .join("islands")
+        .join(format!("{session}.admin"));
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !path.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never written",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let admin_text = run_ok(&["postcard", "admin", &session]);
+    let admin: Postcard = admin_text.trim().parse().expect("admin postcard");
+    assert_eq!(admin.role(), Role::Admin);
+    assert_eq!(admin.session(), card.session());
+    assert_eq!(admin.participant().expect("participant"), card);
+
+    // Admin commands need the admin capability: the participant postcard is refused (exit 2).
+    let out = isthmus()
+        .args(["island", "close", &postcard])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("admin postcard"), "{err}");
+    // A session id with no kept admin postcard: exit 2, and it says what to give instead.
+    let out = isthmus()
+        .args(["island", "close", &uuid::Uuid::new_v4().to_string()])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2));
+
+    // Tick by session id (the kept postcard); the router's answer is printed.
+    let said = run_ok(&["island", "tick", &session, "20"]);
+    assert!(!said.trim().is_empty());
+
+    // Kick a joiner, named by the id its own message carries; it ends with exit 3.
+    let joiner = Proc::spawn(&[
+        "join".into(),
+        postcard.clone(),
+        "--send".into(),
+        "here".into(),
+        "--json".into(),
+    ]);
+    let joiner_id = loop {
+        let v: Value = serde_json::from_str(&joiner.next_line()).expect("json");
+        if v["text"] == "here" {
+            break v["from"].as_str().expect("from").to_string();
+        }
+    };
+    run_ok(&["island", "kick", admin_text.trim(), &joiner_id]);
+    let (status, _, err) = joiner.finish();
+    assert_eq!(status.code(), Some(3), "{err}");
+
+    // Close: the creator is told and ends too; the island is gone from the router.
+    run_ok(&["island", "close", &session]);
+    let (status, _, err) = creator.finish();
+    assert_eq!(status.code(), Some(3), "{err}");
+    let out = isthmus().args(["join", &postcard]).output().expect("run");
+    assert!(!out.status.success());
     let _ = router.kill();
     let _ = router.wait();
 }

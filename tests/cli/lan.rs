@@ -11,6 +11,7 @@ const B_IP: &str = "10.201.0.2";
 
 fn in_ns(lab: &NetLab, ns: &str, args: &[&str]) -> Proc {
     let mut cmd = lab.command(ns, BIN);
+    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
     cmd.args(args);
     Proc::from_command(cmd)
 }
@@ -74,16 +75,19 @@ fn islands_are_found_by_broadcast_and_joined_from_another_host() {
     );
     let private_card = private.next_line();
 
-    // The creator's postcard carries the router's LAN address.
+    // The creator's postcard is a participant's and carries the router's LAN address.
+    assert!(open_card.starts_with("isthmus2:"), "{open_card}");
     let shown = in_ns(&lab, &a, &["postcard", "show", &open_card, "--json"]);
     let (status, lines, err) = shown.finish();
     assert!(status.success(), "{err}");
     let v = &json_lines(&lines)[0];
     assert_eq!(v["island"], "lagoon");
+    assert_eq!(v["role"], "participant");
     assert_eq!(v["internal"][0], router_addr.as_str());
+    assert!(v.get("secret").is_none(), "no secret, not even a part: {v}");
     assert!(
         !lines[0].contains(&open_card[12..40]),
-        "the secret is not printed"
+        "the postcard's body is not printed"
     );
 
     // Host B hears both within 5 s, with A's LAN address.
@@ -129,10 +133,28 @@ fn islands_are_found_by_broadcast_and_joined_from_another_host() {
         "the creator got it too"
     );
 
-    // A LAN-open island's postcard can be fetched from the LAN, ready to paste.
+    // A LAN-open island's postcard can be fetched from the LAN, ready to paste: a participant
+    // postcard of the same island (the beacon's secret is checked against the session).
     let (status, lines, err) = in_ns(&lab, &b, &["postcard", "--discover", "lagoon"]).finish();
     assert!(status.success(), "{err}");
-    assert!(lines[0].starts_with("isthmus1:"));
+    assert!(lines[0].starts_with("isthmus2:"));
+    let heard_card: isthmus_contact::Postcard = lines[0].parse().expect("reads");
+    let open_parsed: isthmus_contact::Postcard = open_card.parse().expect("reads");
+    assert_eq!(heard_card.session(), open_parsed.session());
+    assert_eq!(heard_card.role(), isthmus_router::wire::Role::Replica);
+
+    // An observer postcard of the open island watches: it sees what was said, and may not send.
+    let (status, lines, err) = in_ns(&lab, &b, &["postcard", "observer", &open_card]).finish();
+    assert!(status.success(), "{err}");
+    let observer_card = lines[0].clone();
+    let (status, lines, err) = in_ns(
+        &lab,
+        &b,
+        &["join", &observer_card, "--json", "--exit-after-seq", "1"],
+    )
+    .finish();
+    assert!(status.success(), "{err}");
+    assert_eq!(json_lines(&lines)[0]["text"], "hello from b");
 
     // The private island is listed but not joinable without its postcard...
     let (status, _, err) = in_ns(&lab, &b, &["join", "--discover", "grotto"]).finish();

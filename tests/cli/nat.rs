@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 fn in_ns(net: &HomeNet, ns: &str, args: &[&str]) -> Proc {
     let mut cmd = net.lab.command(ns, BIN);
+    // Islands created here keep their admin postcards in the test run's data dir.
+    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
     cmd.args(args);
     Proc::from_command(cmd)
 }

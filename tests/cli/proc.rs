@@ -11,11 +11,18 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_isthmus");
 pub const PATIENCE: Duration = Duration::from_secs(60);
 
 /// A running `isthmus` replica whose stdout lines arrive on a channel.
-/// The binary, isolated from the developer's own prefs file.
+/// The binary, isolated from the developer's own prefs file and data directory.
 pub fn isthmus() -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env("ISTHMUS_PREFS", no_prefs());
+    cmd.env("ISTHMUS_DATA_DIR", test_data_dir());
     cmd
+}
+
+/// A data directory of this test run's own, so islands created by tests never land among the
+/// developer's kept admin postcards.
+pub fn test_data_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("isthmus-tests-{}-data", std::process::id()))
 }
 
 /// A prefs path that does not exist, so only built-in profiles apply.

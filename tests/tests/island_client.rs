@@ -1,34 +1,29 @@
 //! The island client against a real router over loopback: resume after a cut connection,
-//! a silently dead path, and a router restart.
+//! a silently dead path, a router restart, sealed payloads, observers and admin commands.
 
-use isthmus_contact::JoinSecret;
+use isthmus_contact::{ContactPoint, Postcard};
 use isthmus_dispatcher::DispatcherConfig;
 use isthmus_island_client::chat::ChatIsland;
 use isthmus_island_client::client::{self, ClientHandle};
-use isthmus_island_client::replica::{DEFAULT_DIGEST_EVERY, DEFAULT_MAX_PENDING_SENDS};
-use isthmus_island_client::{ClientConfig, Event, ReplicaConfig};
-use isthmus_router::ids::{ReplicaId, Seq, SessionId};
-use isthmus_router::wire::{CreateOptions, Role};
+use isthmus_island_client::{ClientConfig, ClientError, Event, ReplicaConfig};
+use isthmus_router::auth::Capability;
+use isthmus_router::ids::{Seq, SessionId};
+use isthmus_router::wire::{AdminCommand, Code, CreateOptions};
 use isthmus_tests::{start_router, Proxy, PATIENCE};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-fn config(addr: SocketAddr, session: SessionId, secret: &JoinSecret, create: bool) -> ClientConfig {
-    let mut cfg = ClientConfig::new(
-        vec![addr],
-        ReplicaConfig {
-            session,
-            token: secret.join_token(session),
-            replica: ReplicaId::random(),
-            name: "t".into(),
-            role: Role::Replica,
-            create: create.then(CreateOptions::default),
-            digest_every: DEFAULT_DIGEST_EVERY,
-            max_pending_sends: DEFAULT_MAX_PENDING_SENDS,
-            stop_after: None,
-        },
-    );
+/// The admin postcard of a fresh island (addresses come from each test's config).
+fn island() -> Postcard {
+    let contact = ContactPoint::new(SessionId::random(), "t", vec![]);
+    Postcard::for_new_island(contact, Capability::new_island()).expect("postcard")
+}
+
+fn config(addr: SocketAddr, card: &Postcard, create: bool) -> ClientConfig {
+    let mut replica = ReplicaConfig::from_postcard(card, "t");
+    replica.create = create.then(CreateOptions::default);
+    let mut cfg = ClientConfig::new(vec![addr], replica);
     cfg.backoff_initial = Duration::from_millis(50);
     cfg.backoff_max = Duration::from_millis(400);
     cfg
@@ -70,20 +65,15 @@ async fn digest(h: &ClientHandle<ChatIsland>) -> (Seq, String) {
 async fn a_cut_connection_resumes_without_gaps_or_duplicates() {
     let router = start_router(DispatcherConfig::default()).await;
     let proxy = Proxy::start(router.addr).await;
-    let session = SessionId::random();
-    let secret = JoinSecret::random();
-    let (a, mut a_events) = client::connect(
-        config(router.addr, session, &secret, true),
-        ChatIsland::default(),
-    )
-    .await
-    .expect("creator connects");
-    let (b, mut b_events) = client::connect(
-        config(proxy.addr, session, &secret, false),
-        ChatIsland::default(),
-    )
-    .await
-    .expect("joiner connects through the proxy");
+    let card = island();
+    let (a, mut a_events) =
+        client::connect(config(router.addr, &card, true), ChatIsland::default())
+            .await
+            .expect("creator connects");
+    let (b, mut b_events) =
+        client::connect(config(proxy.addr, &card, false), ChatIsland::default())
+            .await
+            .expect("joiner connects through the proxy");
     let total = 400u64;
     let sender = tokio::spawn(async move {
         for k in 0..total / 2 {
@@ -155,9 +145,8 @@ async fn a_cut_connection_resumes_without_gaps_or_duplicates() {
 async fn a_silently_dead_path_is_noticed_and_replaced() {
     let router = start_router(DispatcherConfig::default()).await;
     let proxy = Proxy::start(router.addr).await;
-    let session = SessionId::random();
-    let secret = JoinSecret::random();
-    let mut cfg = config(proxy.addr, session, &secret, true);
+    let card = island();
+    let mut cfg = config(proxy.addr, &card, true);
     cfg.liveness_timeout = Duration::from_millis(600);
     cfg.ping_interval = Duration::from_millis(200);
     let (a, mut events) = client::connect(cfg, ChatIsland::default())
@@ -196,12 +185,10 @@ async fn a_silently_dead_path_is_noticed_and_replaced() {
 async fn a_router_restart_is_reported_as_a_lost_session() {
     let router = start_router(DispatcherConfig::default()).await;
     let addr = router.addr;
-    let session = SessionId::random();
-    let secret = JoinSecret::random();
-    let (a, mut events) =
-        client::connect(config(addr, session, &secret, true), ChatIsland::default())
-            .await
-            .expect("connect");
+    let card = island();
+    let (a, mut events) = client::connect(config(addr, &card, true), ChatIsland::default())
+        .await
+        .expect("connect");
     a.send(ChatIsland::payload("a", "hello"))
         .await
         .expect("send");
@@ -269,9 +256,8 @@ async fn candidate_addresses_are_raced_so_a_dead_one_does_not_stall_the_join() {
             held.push(s);
         }
     });
-    let session = SessionId::random();
-    let secret = JoinSecret::random();
-    let mut cfg = config(silent_addr, session, &secret, true);
+    let card = island();
+    let mut cfg = config(silent_addr, &card, true);
     cfg.routers = vec![silent_addr, router.addr];
     cfg.connect_timeout = Duration::from_secs(20);
     let started = std::time::Instant::now();
@@ -291,15 +277,11 @@ async fn candidate_addresses_are_raced_so_a_dead_one_does_not_stall_the_join() {
 async fn a_router_that_does_not_know_the_island_hands_over_to_the_next_address() {
     let real = start_router(DispatcherConfig::default()).await;
     let other = start_router(DispatcherConfig::default()).await;
-    let session = SessionId::random();
-    let secret = JoinSecret::random();
-    let (a, _a_events) = client::connect(
-        config(real.addr, session, &secret, true),
-        ChatIsland::default(),
-    )
-    .await
-    .expect("creator");
-    let mut cfg = config(other.addr, session, &secret, false);
+    let card = island();
+    let (a, _a_events) = client::connect(config(real.addr, &card, true), ChatIsland::default())
+        .await
+        .expect("creator");
+    let mut cfg = config(other.addr, &card, false);
     cfg.routers = vec![other.addr, real.addr];
     let (b, mut events) = client::connect(cfg, ChatIsland::default())
         .await
@@ -309,4 +291,100 @@ async fn a_router_that_does_not_know_the_island_hands_over_to_the_next_address()
     assert_eq!(seqs, vec![1]);
     a.leave().await;
     b.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_travel_sealed_and_observers_read_but_cannot_send() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let card = island();
+    let (a, mut a_events) =
+        client::connect(config(router.addr, &card, true), ChatIsland::default())
+            .await
+            .expect("creator");
+    let participant = card.participant().expect("participant");
+    let (b, mut b_events) = client::connect(
+        config(router.addr, &participant, false),
+        ChatIsland::default(),
+    )
+    .await
+    .expect("participant");
+    let observer = card.observer().expect("observer");
+    let (o, mut o_events) =
+        client::connect(config(router.addr, &observer, false), ChatIsland::default())
+            .await
+            .expect("observer");
+    a.send(ChatIsland::payload("a", "sealed hello"))
+        .await
+        .expect("send");
+    b.send(ChatIsland::payload("b", "sealed reply"))
+        .await
+        .expect("send");
+    until_seq(&mut a_events, 2).await;
+    until_seq(&mut b_events, 2).await;
+    until_seq(&mut o_events, 2).await;
+    let da = digest(&a).await;
+    assert_eq!(digest(&b).await, da);
+    assert_eq!(digest(&o).await, da, "the observer opened what it saw");
+    let err = o
+        .send(ChatIsland::payload("o", "let me in"))
+        .await
+        .expect_err("observers cannot send");
+    assert!(matches!(err, ClientError::ObserverCannotSend), "{err}");
+    a.leave().await;
+    b.leave().await;
+    o.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_set_the_tick_kick_a_replica_and_close_the_island() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let card = island();
+    let addrs = [router.addr];
+    let (a, mut a_events) =
+        client::connect(config(router.addr, &card, true), ChatIsland::default())
+            .await
+            .expect("creator");
+    let participant = card.participant().expect("participant");
+    let b_cfg = config(router.addr, &participant, false);
+    let b_id = b_cfg.replica.replica();
+    let (_b, mut b_events) = client::connect(b_cfg, ChatIsland::default())
+        .await
+        .expect("joiner");
+    let limit = Duration::from_secs(5);
+
+    client::admin(&addrs, &card, AdminCommand::SetTick { ms: 20 }, limit)
+        .await
+        .expect("tick set");
+    // Only the admin postcard gives admin commands.
+    assert!(matches!(
+        client::admin(&addrs, &participant, AdminCommand::Close, limit).await,
+        Err(ClientError::NotAdmin(_))
+    ));
+
+    client::admin(&addrs, &card, AdminCommand::Kick { replica: b_id }, limit)
+        .await
+        .expect("kicked");
+    let lost = wait_lost(&mut b_events).await;
+    assert!(lost.contains(&Code::KICKED.0.to_string()), "{lost}");
+
+    client::admin(&addrs, &card, AdminCommand::Close, limit)
+        .await
+        .expect("closed");
+    let lost = wait_lost(&mut a_events).await;
+    assert!(lost.contains(&Code::CLOSED.0.to_string()), "{lost}");
+    drop(a);
+}
+
+async fn wait_lost(events: &mut mpsc::Receiver<Event>) -> String {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.recv().await {
+                Some(Event::SessionLost { reason }) => return reason,
+                Some(_) => {}
+                None => panic!("ended without a lost session"),
+            }
+        }
+    })
+    .await
+    .expect("the end is reported")
 }
