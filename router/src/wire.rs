@@ -419,6 +419,9 @@ pub struct Divergence {
 }
 
 /// Frames a replica sends to the router.
+// The hello (keys and signatures) is far larger than the rest, but frames live one at a time on
+// their way from a reader to the session core, so boxing it would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientFrame {
     /// Always the first frame.
