@@ -70,7 +70,10 @@ impl<'de> Deserialize<'de> for Signature {
                     .map_err(|_| E::invalid_length(v.len(), &self))?;
                 Ok(Signature(arr))
             }
-            fn visit_borrowed_bytes<E: serde::de::Error>(self, v: &'de [u8]) -> Result<Signature, E> {
+            fn visit_borrowed_bytes<E: serde::de::Error>(
+                self,
+                v: &'de [u8],
+            ) -> Result<Signature, E> {
                 self.visit_bytes(v)
             }
         }
@@ -454,7 +457,12 @@ mod tests {
         let obs = part.weaker().expect("observer");
         let me = KeyPair::random();
         let nonce = [5; NONCE_LEN];
-        let good = sign_hello(&nonce, body(&part, &me, Role::Replica), &part.key_pair(), &me);
+        let good = sign_hello(
+            &nonce,
+            body(&part, &me, Role::Replica),
+            &part.key_pair(),
+            &me,
+        );
         assert_eq!(verify_hello(&nonce, &good), Ok(()));
         // Replayed on another connection.
         assert!(verify_hello(&[6; NONCE_LEN], &good).is_err());

@@ -73,6 +73,9 @@ pub struct Attach {
     pub guard: Option<Box<dyn Send + Sync>>,
 }
 
+// A frame event is as large as a `ClientFrame`; the events only pass through a bounded channel,
+// and boxing each frame would cost an allocation per message on the hot path.
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Frame(ConnId, ClientFrame),
     Gone(ConnId, String),

@@ -12,9 +12,11 @@
 //!   per-connection reader and writer tasks around it.
 //!
 //! ```no_run
-//! use isthmus_router::{session::{Session, SessionConfig}, ids::SessionId};
+//! use isthmus_router::auth::{island_keys, Capability};
+//! use isthmus_router::session::{Session, SessionConfig};
 //! use std::time::Instant;
-//! let mut core = Session::new(SessionId::random(), SessionConfig::default(), Instant::now());
+//! let keys = island_keys(&Capability::new_island()).expect("a new island's admin capability");
+//! let mut core = Session::new(keys.session_id(), keys, SessionConfig::default(), Instant::now());
 //! while let Some(output) = core.poll_output() {
 //!     // write frames, close connections, log notices
 //!     let _ = output;

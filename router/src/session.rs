@@ -8,16 +8,16 @@
 //! Frames leave the core already encoded: a stamped message is encoded once and the same `Bytes`
 //! goes to every replica and into the history.
 
+use crate::auth::{IslandKeys, NONCE_LEN};
+use crate::budget::MemoryBudget;
 use crate::ids::{ConnId, ReplicaId, RouterTime, Seq, SessionId};
 use crate::wire::{
     self, Code, CreateOptions, DigestGroup, Divergence, Message, Origin, Role, RouterEvent,
     ServerFrame, Welcome, MAX_DIGEST_BYTES,
 };
-use crate::auth::{IslandKeys, NONCE_LEN};
-use crate::budget::MemoryBudget;
 use bytes::{Bytes, BytesMut};
-use std::sync::Arc;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Default idle time before a tick: 20 ticks a second keeps island time smooth for animation.

@@ -419,6 +419,9 @@ pub struct Divergence {
 }
 
 /// Frames a replica sends to the router.
+// The hello (two keys sets and two signatures) is the largest variant, but it is sent once per
+// connection and frames are moved, not stored in bulk: boxing it would only complicate matches.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientFrame {
     /// Always the first frame.
