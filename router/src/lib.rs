@@ -7,7 +7,11 @@
 //! - [`session`]: the sans-IO session core that stamps every message with a gap-free seq and a
 //!   never-decreasing router time, reflects it to every replica in one order, ticks idle sessions,
 //!   syncs late joiners (snapshot + backlog + live), resumes reconnecting replicas, compares state
-//!   digests and disconnects slow consumers. Deterministic: it is fed `now` and never reads a clock.
+//!   digests and disconnects slow consumers; it carries out signed admin commands and keeps its
+//!   history and snapshots within a router-wide memory budget. Deterministic: it is fed `now`
+//!   and never reads a clock.
+//! - [`auth`]: capability secrets, the island's keys, signed hellos and admin commands.
+//! - [`budget`]: the byte budget every session's history and snapshots share.
 //! - `driver` (feature `server`, on by default): the tokio task that runs one session core and the
 //!   per-connection reader and writer tasks around it.
 //!

@@ -7,6 +7,32 @@
 //!
 //! Frames leave the core already encoded: a stamped message is encoded once and the same `Bytes`
 //! goes to every replica and into the history.
+//!
+//! Roles: [`Role::Replica`] and [`Role::Admin`] are participants (they send and may be asked for
+//! snapshots); [`Role::Observer`] only follows. An admin may also send signed admin commands
+//! (`SetTick`, `Kick`, `Close`): each must come from an admin member, carry a seq above the
+//! connection's previous one, and verify with the admin key over the connection's nonce; the
+//! core answers with `AdminDone`. After `Close` everyone gets goodbye 2010,
+//! [`Session::is_closed`] turns true and joins are refused.
+//!
+//! Control connections (`JoinRequest::control`, admin only) are welcomed and then sent nothing
+//! but pongs, admin answers and a goodbye: no sync, messages, ticks or divergence reports; they
+//! never provide snapshots and their coming and going is not stamped. They count as attached
+//! (the idle timeout applies, and they keep an empty session from lingering out).
+//!
+//! A join is checked whole before it replaces the same replica's old connection (1007), so a
+//! refused hello changes nothing. A client seq of 0, or not above the highest seen from that
+//! replica, is a protocol violation (honest replicas resend only what `Welcome` and `Synced`
+//! did not confirm). Divergence is broadcast when a new digest group appears at a seq, at most
+//! [`MAX_DIVERGENCE_REPORTS_PER_SEQ`] times per seq.
+//!
+//! Memory: every history entry, stored snapshot and snapshot upload is reserved in the
+//! router-wide [`MemoryBudget`] (`SessionConfig::budget`) before it is kept, and released when
+//! dropped (also when the session is dropped), so all sessions together never pass its limit.
+//! Under pressure a session asks for a snapshot early; when an entry does not fit it cuts its
+//! own history from the front, and failing that delivers the message live without keeping it
+//! (joiners then need a snapshot). An upload that does not fit is abandoned and the joiners
+//! waiting for it are told [`Code::BUSY`] unless a stored snapshot or a fresh start serves them.
 
 use crate::auth::{self, IslandKeys, Signature, NONCE_LEN};
 use crate::budget::MemoryBudget;
