@@ -4,8 +4,16 @@
 //! Readers decode frames and send them to the session task over a bounded channel, so a flood
 //! from one replica slows that replica's socket, not the router. The session task never awaits a
 //! replica: it pushes encoded frames into each connection's [`Outbox`] and moves on. Each wake of a
-//! connection's writer takes everything queued and writes it with one `write_all`; coalescing
-//! is what lets one core deliver millions of small messages a second.
+//! connection's writer takes everything queued and writes it as one batch; coalescing is what
+//! lets one core deliver millions of small messages a second.
+//!
+//! Ending a connection never cuts a frame in half. A slow consumer's close drops what is queued
+//! for it, but the batch being written is cut at the end of the frame in progress, which gets up
+//! to [`SHUTDOWN_GRACE`] to finish; then the goodbye (1003) is written and the stream shut down.
+//!
+//! When the core reports its island closed by the admin ([`Session::is_closed`]), the task
+//! writes out the goodbyes, refuses attaches already on their way, calls its [`Retire`] with
+//! [`Ending::Closed`] and ends.
 
 use crate::auth::IslandKeys;
 use crate::ids::{ConnId, SessionId};
@@ -73,6 +81,9 @@ pub struct Attach {
     pub guard: Option<Box<dyn Send + Sync>>,
 }
 
+// A frame event is as large as a `ClientFrame`; the events only pass through a bounded channel,
+// and boxing each frame would cost an allocation per message on the hot path.
+#[allow(clippy::large_enum_variant)]
 enum Event {
     Frame(ConnId, ClientFrame),
     Gone(ConnId, String),
@@ -239,6 +250,18 @@ impl SessionTask {
             if shutting_down {
                 break;
             }
+            if self.core.is_closed() {
+                // The owner forgets the session now, so no new attach can come; the ones already
+                // on their way are refused (the core says CLOSED) rather than dropped unanswered.
+                retire(Ending::Closed, &|| !attach_rx.is_empty());
+                attach_rx.close();
+                while let Ok(attach) = attach_rx.try_recv() {
+                    self.attach(attach);
+                }
+                self.apply_outputs();
+                info!(session = %id, "session closed by its admin");
+                break;
+            }
             if self.core.is_expired(now()) && retire(Ending::Expired, &|| !attach_rx.is_empty()) {
                 info!(session = %id, "session expired after lingering empty");
                 break;
@@ -333,11 +356,10 @@ impl SessionTask {
                     discard_queued,
                 } => {
                     if let Some(c) = self.conns.remove(&conn) {
+                        // A slow consumer's writer cuts its batch at the end of the frame it is
+                        // writing, so the stream stays whole and the goodbye still arrives; it
+                        // stops the reader when it is done.
                         c.outbox.close(goodbye, discard_queued);
-                        if discard_queued {
-                            // A slow consumer: stop any write in progress.
-                            c.cancel.cancel();
-                        }
                     }
                 }
                 Output::Notice(n) => log_notice(id, &n),
@@ -406,6 +428,9 @@ pub struct Outbox {
 struct OutboxState {
     frames: VecDeque<Bytes>,
     closing: Option<Option<Bytes>>,
+    /// Closed as a slow consumer: what is queued is dropped, and a write in progress stops at
+    /// the end of its current frame.
+    discard: bool,
 }
 
 impl Outbox {
@@ -422,10 +447,15 @@ impl Outbox {
         if let Ok(mut s) = self.state.lock() {
             if discard {
                 s.frames.clear();
+                s.discard = true;
             }
             s.closing = Some(goodbye);
         }
         self.wake.notify_one();
+    }
+
+    fn discarding(&self) -> bool {
+        self.state.lock().map_or(true, |s| s.discard)
     }
 
     fn take(&self, into: &mut Vec<Bytes>) -> Option<Option<Bytes>> {
@@ -502,47 +532,34 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
     } = ctx;
     let mut frames = Vec::new();
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut ends = Vec::new();
     loop {
         let closing = outbox.take(&mut frames);
         if frames.is_empty() && closing.is_none() {
             tokio::select! {
                 _ = outbox.wake.notified() => continue,
-                _ = cancel.cancelled() => {
-                    // Cancelled without a close: the connection is gone already.
-                    if outbox.take(&mut frames).is_none() {
-                        return;
-                    }
-                    continue;
-                }
+                // Cancelled without a close: the connection is gone already.
+                _ = cancel.cancelled() => return,
             }
         }
         buf.clear();
+        ends.clear();
         for f in frames.drain(..) {
             buf.extend_from_slice(&f);
+            ends.push(buf.len());
         }
         if !buf.is_empty() {
-            let written = tokio::select! {
-                r = tokio::time::timeout(write_timeout, writer.write_all(&buf)) => r,
-                // Interrupted mid-write: the stream may hold half a frame, so no goodbye.
-                _ = cancel.cancelled(), if closing.is_none() => return,
-            };
-            match written {
-                Ok(Ok(())) => flushes.report(conn, &outbox, buf.len()),
-                Ok(Err(e)) => {
-                    let _ = events
-                        .send(Event::Gone(conn, format!("write failed: {e}")))
-                        .await;
+            match write_frames(&mut writer, &buf, &ends, &outbox, write_timeout, &cancel).await {
+                Written::All => flushes.report(conn, &outbox, buf.len()),
+                // Closed as a slow consumer mid-batch: the next round finds the goodbye.
+                Written::Cut if closing.is_none() => continue,
+                Written::Cut => {}
+                Written::Failed(why) => {
+                    let _ = events.send(Event::Gone(conn, why)).await;
+                    cancel.cancel();
                     return;
                 }
-                Err(_) => {
-                    let _ = events
-                        .send(Event::Gone(
-                            conn,
-                            format!("write stalled for {write_timeout:?}"),
-                        ))
-                        .await;
-                    return;
-                }
+                Written::Cancelled => return,
             }
         }
         if let Some(goodbye) = closing {
@@ -553,5 +570,72 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
             cancel.cancel();
             return;
         }
+    }
+}
+
+/// How a batch of frames went out.
+enum Written {
+    /// Every byte.
+    All,
+    /// Up to the end of the frame being written when the connection was closed as a slow
+    /// consumer; the rest was dropped.
+    Cut,
+    /// The peer is gone or stalled; the stream may end mid-frame.
+    Failed(String),
+    /// The connection is gone already.
+    Cancelled,
+}
+
+/// Writes `buf`, whose frames end at `ends`. A write that makes no progress for
+/// `write_timeout` fails. When the outbox is closed as a slow consumer meanwhile, the batch is
+/// cut at the end of the frame being written (so the peer never sees half a frame before the
+/// goodbye), and that frame gets at most [`SHUTDOWN_GRACE`] to finish.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    buf: &[u8],
+    ends: &[usize],
+    outbox: &Outbox,
+    write_timeout: Duration,
+    cancel: &CancellationToken,
+) -> Written {
+    let mut pos = 0;
+    let mut limit = buf.len();
+    let mut grace: Option<Instant> = None;
+    while pos < limit {
+        let stall = Instant::now() + write_timeout;
+        let deadline = grace.map_or(stall, |g| g.min(stall));
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Written::Cancelled,
+            _ = outbox.wake.notified(), if grace.is_none() => {
+                if outbox.discarding() {
+                    let at_boundary = pos == 0 || ends.binary_search(&pos).is_ok();
+                    limit = if at_boundary {
+                        pos
+                    } else {
+                        ends.iter().copied().find(|&e| e > pos).unwrap_or(buf.len())
+                    };
+                    grace = Some(Instant::now() + SHUTDOWN_GRACE);
+                }
+            }
+            // A pending `write` has written nothing, so dropping it for the branch above loses
+            // no bytes.
+            r = tokio::time::timeout_at(deadline, writer.write(&buf[pos..limit])) => match r {
+                Ok(Ok(0)) => return Written::Failed("the connection accepts no more bytes".into()),
+                Ok(Ok(n)) => pos += n,
+                Ok(Err(e)) => return Written::Failed(format!("write failed: {e}")),
+                Err(_) if grace.is_some() => {
+                    return Written::Failed(format!(
+                        "the frame being written at close did not finish within {SHUTDOWN_GRACE:?}"
+                    ))
+                }
+                Err(_) => return Written::Failed(format!("write stalled for {write_timeout:?}")),
+            }
+        }
+    }
+    if grace.is_some() {
+        Written::Cut
+    } else {
+        Written::All
     }
 }

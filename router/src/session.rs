@@ -7,13 +7,39 @@
 //!
 //! Frames leave the core already encoded: a stamped message is encoded once and the same `Bytes`
 //! goes to every replica and into the history.
+//!
+//! Roles: [`Role::Replica`] and [`Role::Admin`] are participants (they send and may be asked for
+//! snapshots); [`Role::Observer`] only follows. An admin may also send signed admin commands
+//! (`SetTick`, `Kick`, `Close`): each must come from an admin member, carry a seq above the
+//! connection's previous one, and verify with the admin key over the connection's nonce; the
+//! core answers with `AdminDone`. After `Close` everyone gets goodbye 2010,
+//! [`Session::is_closed`] turns true and joins are refused.
+//!
+//! Control connections (`JoinRequest::control`, admin only) are welcomed and then sent nothing
+//! but pongs, admin answers and a goodbye: no sync, messages, ticks or divergence reports; they
+//! never provide snapshots and their coming and going is not stamped. They count as attached
+//! (the idle timeout applies, and they keep an empty session from lingering out).
+//!
+//! A join is checked whole before it replaces the same replica's old connection (1007), so a
+//! refused hello changes nothing. A client seq of 0, or not above the highest seen from that
+//! replica, is a protocol violation (honest replicas resend only what `Welcome` and `Synced`
+//! did not confirm). Divergence is broadcast when a new digest group appears at a seq, at most
+//! [`MAX_DIVERGENCE_REPORTS_PER_SEQ`] times per seq.
+//!
+//! Memory: every history entry, stored snapshot and snapshot upload is reserved in the
+//! router-wide [`MemoryBudget`] (`SessionConfig::budget`) before it is kept, and released when
+//! dropped (also when the session is dropped), so all sessions together never pass its limit.
+//! Under pressure a session asks for a snapshot early; when an entry does not fit it cuts its
+//! own history from the front, and failing that delivers the message live without keeping it
+//! (joiners then need a snapshot). An upload that does not fit is abandoned and the joiners
+//! waiting for it are told [`Code::BUSY`] unless a stored snapshot or a fresh start serves them.
 
-use crate::auth::{IslandKeys, NONCE_LEN};
+use crate::auth::{self, IslandKeys, Signature, NONCE_LEN};
 use crate::budget::MemoryBudget;
 use crate::ids::{ConnId, ReplicaId, RouterTime, Seq, SessionId};
 use crate::wire::{
-    self, Code, CreateOptions, DigestGroup, Divergence, Message, Origin, Role, RouterEvent,
-    ServerFrame, Welcome, MAX_DIGEST_BYTES,
+    self, AdminCommand, Code, CreateOptions, DigestGroup, Divergence, Message, Origin, Role,
+    RouterEvent, ServerFrame, Welcome, MAX_DIGEST_BYTES,
 };
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -53,6 +79,14 @@ pub const DEFAULT_MIN_TICK_INTERVAL: Duration = Duration::from_millis(10);
 pub const MAX_TICK_INTERVAL: Duration = Duration::from_secs(60);
 /// Replicas whose last client seq is remembered for duplicate detection after they left.
 pub const DEFAULT_MAX_REMEMBERED_REPLICAS: usize = 4096;
+/// Divergence frames broadcast for one seq at most. Each new digest group at a seq is news, but
+/// a population that splits many ways (or replicas reporting garbage) must not turn one
+/// checkpoint into a flood to every member: a few reports name the odd ones out.
+pub const MAX_DIVERGENCE_REPORTS_PER_SEQ: usize = 4;
+/// While the shared memory budget is under pressure, a session asks for an early snapshot once
+/// its history holds at least this many bytes: below it, a snapshot would free too little to be
+/// worth a provider's upload (and a snapshot after every message would be a storm).
+pub const PRESSURE_SNAPSHOT_MIN_HISTORY_BYTES: usize = 256 * 1024;
 
 /// Limits and timings of one session. Every bound on memory fed by the network is here.
 #[derive(Clone, Debug)]
@@ -176,6 +210,9 @@ pub enum Output {
     Notice(Notice),
 }
 
+/// Why a joiner waiting for a snapshot is closed when the upload did not fit the memory budget.
+const BUDGET_EXHAUSTED: &str = "the router's memory budget is exhausted; try again later";
+
 /// Events of interest to logs and metrics; they change nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Notice {
@@ -241,6 +278,8 @@ enum SyncState {
     Backlog { next: u64 },
     /// Gets every new message as it is stamped.
     Live,
+    /// An admin's control connection: never synced, sent nothing but answers and goodbyes.
+    Control,
 }
 
 #[derive(Debug)]
@@ -254,12 +293,31 @@ struct Member {
     last_heard: Instant,
     /// Set when the member must be disconnected; acted on by `reap`.
     doomed: Option<(Code, String, bool)>,
+    /// The nonce of the router's preamble on this connection: admin commands are signed over it.
+    nonce: [u8; NONCE_LEN],
+    /// The highest admin command seq carried out on this connection; each must be higher, so a
+    /// recorded command cannot be replayed.
+    admin_seq: u64,
 }
 
 impl Member {
     fn is_live(&self) -> bool {
         matches!(self.state, SyncState::Live) && self.doomed.is_none()
     }
+
+    /// Participants (admins included) that are live may be asked for a snapshot; observers and
+    /// control connections never are.
+    fn may_provide(&self) -> bool {
+        self.is_live() && self.role.may_send()
+    }
+}
+
+/// The digests reported for one checkpoint.
+#[derive(Debug, Default)]
+struct DigestReports {
+    reports: Vec<(ReplicaId, Bytes)>,
+    /// Divergence frames broadcast for this seq so far.
+    broadcasts: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -289,8 +347,10 @@ pub struct Session {
     pending: Option<PendingSnapshot>,
     provider_cursor: usize,
     next_request: u64,
-    digests: BTreeMap<u64, Vec<(ReplicaId, Bytes)>>,
+    digests: BTreeMap<u64, DigestReports>,
     empty_since: Option<Instant>,
+    /// The admin closed the island: everyone was told, and joins are refused.
+    closed: bool,
     out: VecDeque<Output>,
 }
 
@@ -317,6 +377,7 @@ impl Session {
             next_request: 1,
             digests: BTreeMap::new(),
             empty_since: Some(now),
+            closed: false,
             out: VecDeque::new(),
         }
     }
@@ -341,7 +402,7 @@ impl Session {
         Seq(self.last_seq)
     }
 
-    /// Replicas attached now.
+    /// Connections attached now, control connections included.
     pub fn member_count(&self) -> usize {
         self.members.len()
     }
@@ -349,6 +410,12 @@ impl Session {
     /// Entries and bytes in the history.
     pub fn history_len(&self) -> (usize, usize) {
         (self.history.len(), self.history_bytes)
+    }
+
+    /// True once the admin closed the island: every member has been told (goodbyes are among the
+    /// outputs) and joins are refused; the driver flushes the outputs and drops the session.
+    pub fn is_closed(&self) -> bool {
+        self.closed
     }
 
     /// True once the session has been empty for its linger time: the driver drops it.
@@ -383,8 +450,17 @@ impl Session {
         next
     }
 
-    /// Attaches a replica whose token the dispatcher has checked.
+    /// Attaches a replica whose hello the dispatcher has verified.
+    ///
+    /// The whole join is checked before anything changes: a refused hello leaves an existing
+    /// connection of the same replica in place. Only an accepted one replaces it (code 1007).
     pub fn handle_join(&mut self, conn: ConnId, req: JoinRequest, now: Instant) {
+        if let Err((code, reason)) = self.check_join(conn, &req) {
+            return self.refuse(conn, req.replica, code, reason);
+        }
+        if req.control {
+            return self.join_control(conn, req, now);
+        }
         if let Some(&old) = self.by_replica.get(&req.replica) {
             self.doom(
                 old,
@@ -394,49 +470,15 @@ impl Session {
             );
             self.reap(now);
         }
-        if req.name.len() > wire::MAX_NAME_BYTES {
-            return self.refuse(conn, req.replica, Code::PROTOCOL_VIOLATION, "name too long");
-        }
-        if self.members.len() >= self.cfg.max_members {
-            return self.refuse(
-                conn,
-                req.replica,
-                Code::BUSY,
-                format!(
-                    "the session has its maximum of {} replicas",
-                    self.cfg.max_members
-                ),
-            );
-        }
-        let plan = match self.plan_sync(conn, req.resume_from) {
+        // The replaced connection is gone now; the plan checked above excluded it already, so
+        // this agrees with it unless its leaving changed the session (e.g. a stamped leave).
+        let plan = match self.plan_sync(conn, None, req.resume_from) {
             Ok(plan) => plan,
             Err((code, reason)) => return self.refuse(conn, req.replica, code, reason),
         };
-        let welcome = Welcome {
-            session: self.id,
-            replica: req.replica,
-            created: req.created,
-            last_seq: Seq(self.last_seq),
-            time: RouterTime(self.router_time(now)),
-            tick_interval_us: self.cfg.tick_interval.as_micros() as u64,
-            last_client_seq: self.client_seqs.get(&req.replica).map_or(0, |e| e.last),
-            max_payload_bytes: self.cfg.max_payload_bytes as u32,
-            contacts: req.contacts,
-        };
-        self.members.insert(
-            conn,
-            Member {
-                replica: req.replica,
-                name: req.name.clone(),
-                role: req.role,
-                state: SyncState::AwaitingSnapshot,
-                unflushed: 0,
-                last_heard: now,
-                doomed: None,
-            },
-        );
+        let welcome = self.welcome(&req, now);
+        self.insert_member(conn, &req, SyncState::AwaitingSnapshot, now);
         self.by_replica.insert(req.replica, conn);
-        self.empty_since = None;
         self.send_to(conn, wire::encode(&ServerFrame::Welcome(welcome)));
         let resumed = matches!(plan, Plan::Resume(_));
         self.start_sync(conn, plan, now);
@@ -456,6 +498,93 @@ impl Session {
         self.reap(now);
     }
 
+    /// Everything that may refuse a join, checked without changing anything.
+    fn check_join(&self, conn: ConnId, req: &JoinRequest) -> Result<(), (Code, String)> {
+        if self.closed {
+            return Err((Code::CLOSED, "the island was closed by its admin".into()));
+        }
+        if req.name.len() > wire::MAX_NAME_BYTES {
+            return Err((
+                Code::PROTOCOL_VIOLATION,
+                format!(
+                    "name of {} bytes is longer than the limit of {}",
+                    req.name.len(),
+                    wire::MAX_NAME_BYTES
+                ),
+            ));
+        }
+        if req.control && req.role != Role::Admin {
+            return Err((
+                Code::PROTOCOL_VIOLATION,
+                "only the island's admin may open a control connection".into(),
+            ));
+        }
+        // A control connection replaces nobody; a replica's new connection replaces its old one.
+        let replaced = (!req.control)
+            .then(|| self.by_replica.get(&req.replica).copied())
+            .flatten();
+        let attached = self.members.len() - usize::from(replaced.is_some());
+        if attached >= self.cfg.max_members {
+            return Err((
+                Code::BUSY,
+                format!(
+                    "the session has its maximum of {} replicas",
+                    self.cfg.max_members
+                ),
+            ));
+        }
+        if !req.control {
+            self.plan_sync(conn, replaced, req.resume_from)?;
+        }
+        Ok(())
+    }
+
+    fn welcome(&mut self, req: &JoinRequest, now: Instant) -> Welcome {
+        Welcome {
+            session: self.id,
+            replica: req.replica,
+            created: req.created,
+            last_seq: Seq(self.last_seq),
+            time: RouterTime(self.router_time(now)),
+            tick_interval_us: self.cfg.tick_interval.as_micros() as u64,
+            last_client_seq: self.client_seqs.get(&req.replica).map_or(0, |e| e.last),
+            max_payload_bytes: self.cfg.max_payload_bytes as u32,
+            contacts: req.contacts.clone(),
+        }
+    }
+
+    fn insert_member(&mut self, conn: ConnId, req: &JoinRequest, state: SyncState, now: Instant) {
+        self.members.insert(
+            conn,
+            Member {
+                replica: req.replica,
+                name: req.name.clone(),
+                role: req.role,
+                state,
+                unflushed: 0,
+                last_heard: now,
+                doomed: None,
+                nonce: req.nonce,
+                admin_seq: 0,
+            },
+        );
+        self.empty_since = None;
+    }
+
+    /// An admin's control connection: welcomed and then left alone. It is not in `by_replica`
+    /// (it replaces nobody and cannot be kicked by replica id) and its joining is not stamped.
+    fn join_control(&mut self, conn: ConnId, req: JoinRequest, now: Instant) {
+        let welcome = self.welcome(&req, now);
+        self.insert_member(conn, &req, SyncState::Control, now);
+        self.send_to(conn, wire::encode(&ServerFrame::Welcome(welcome)));
+        self.out.push_back(Output::Notice(Notice::Joined {
+            replica: req.replica,
+            conn,
+            resumed: false,
+        }));
+        self.reap(now);
+    }
+
     /// A frame from an attached replica.
     pub fn handle_frame(&mut self, conn: ConnId, frame: wire::ClientFrame, now: Instant) {
         let Some(m) = self.members.get_mut(&conn) else {
@@ -467,9 +596,30 @@ impl Session {
         m.last_heard = now;
         let replica = m.replica;
         let role = m.role;
+        let control = matches!(m.state, SyncState::Control);
         match frame {
             wire::ClientFrame::Hello(_) => {
                 self.doom(conn, Code::PROTOCOL_VIOLATION, "second hello", false)
+            }
+            wire::ClientFrame::Ping { nonce } => {
+                self.send_to(conn, wire::encode(&ServerFrame::Pong { nonce }));
+            }
+            wire::ClientFrame::Pong { .. } => {}
+            wire::ClientFrame::Leave => self.remove_member(conn, None, false, now),
+            wire::ClientFrame::Admin { seq, command, sig } => {
+                self.on_admin(conn, seq, command, &sig, now)
+            }
+            wire::ClientFrame::Send { .. }
+            | wire::ClientFrame::SnapshotChunk { .. }
+            | wire::ClientFrame::Digest { .. }
+                if control =>
+            {
+                self.doom(
+                    conn,
+                    Code::PROTOCOL_VIOLATION,
+                    "a control connection carries only admin commands and pings",
+                    false,
+                )
             }
             wire::ClientFrame::Send {
                 client_seq,
@@ -484,7 +634,15 @@ impl Session {
                         self.cfg.max_payload_bytes
                     );
                     self.doom(conn, Code::PAYLOAD_TOO_LARGE, reason, false);
-                } else if self.accept_client_seq(replica, client_seq) {
+                } else if let Err(last) = self.accept_client_seq(replica, client_seq) {
+                    // An honest replica resends only what Welcome and Synced did not confirm,
+                    // so a repeat is a bug or an attack, never something to drop silently.
+                    let reason = format!(
+                        "client seq {client_seq} is not above {last}, the highest already seen \
+                         from this replica (client seqs count from 1)"
+                    );
+                    self.doom(conn, Code::PROTOCOL_VIOLATION, reason, false);
+                } else {
                     self.stamp(Origin::Replica(replica), client_seq, payload, now);
                 }
             }
@@ -502,17 +660,84 @@ impl Session {
                     self.on_digest(replica, seq.0, hash);
                 }
             }
-            wire::ClientFrame::Ping { nonce } => {
-                self.send_to(conn, wire::encode(&ServerFrame::Pong { nonce }));
+        }
+        self.reap(now);
+    }
+
+    /// An admin command: only from the admin role, in increasing seq order on the connection,
+    /// signed with the admin key over the connection's nonce.
+    fn on_admin(
+        &mut self,
+        conn: ConnId,
+        seq: u64,
+        command: AdminCommand,
+        sig: &Signature,
+        now: Instant,
+    ) {
+        let Some(m) = self.members.get(&conn) else {
+            return;
+        };
+        if m.role != Role::Admin {
+            let reason = format!(
+                "only the island's admin may send admin commands; this connection joined as {}",
+                auth::role_name(m.role)
+            );
+            return self.doom(conn, Code::NOT_PERMITTED, reason, false);
+        }
+        if seq <= m.admin_seq {
+            let reason = format!(
+                "admin command seq {seq} is not above {}, the previous one on this connection",
+                m.admin_seq
+            );
+            return self.doom(conn, Code::PROTOCOL_VIOLATION, reason, false);
+        }
+        if let Err(e) = auth::verify_admin(&self.keys, &m.nonce, self.id, seq, &command, sig) {
+            return self.doom(conn, Code::BAD_CREDENTIALS, e.to_string(), false);
+        }
+        if let Some(m) = self.members.get_mut(&conn) {
+            m.admin_seq = seq;
+        }
+        let done =
+            |ok: bool, message: String| wire::encode(&ServerFrame::AdminDone { seq, ok, message });
+        match command {
+            AdminCommand::SetTick { ms } => {
+                let interval = Duration::from_millis(u64::from(ms));
+                let (min, max) = (self.cfg.min_tick_interval, MAX_TICK_INTERVAL);
+                let answer = if interval < min || interval > max {
+                    done(
+                        false,
+                        format!(
+                            "a tick interval of {ms} ms is outside the allowed {} to {} ms",
+                            min.as_millis(),
+                            max.as_millis()
+                        ),
+                    )
+                } else {
+                    self.cfg.tick_interval = interval;
+                    done(true, format!("ticks now come after {ms} idle ms"))
+                };
+                self.send_to(conn, answer);
             }
-            wire::ClientFrame::Pong { .. } => {}
-            wire::ClientFrame::Leave => self.remove_member(conn, None, false, now),
-            wire::ClientFrame::Admin { .. } => self.doom(
-                conn,
-                Code::NOT_PERMITTED,
-                "admin commands are not handled yet",
-                false,
-            ),
+            AdminCommand::Kick { replica } => match self.by_replica.get(&replica).copied() {
+                Some(target) => {
+                    self.send_to(conn, done(true, format!("replica {replica} was removed")));
+                    self.doom(target, Code::KICKED, "removed by the island's admin", false);
+                }
+                None => {
+                    let message = format!("no replica {replica} is attached to this island");
+                    self.send_to(conn, done(false, message));
+                }
+            },
+            AdminCommand::Close => {
+                self.send_to(conn, done(true, "the island is closed".into()));
+                self.closed = true;
+                let conns: Vec<ConnId> = self.members.keys().copied().collect();
+                for c in conns {
+                    self.doom(c, Code::CLOSED, "the island was closed by its admin", false);
+                }
+                // Nothing is kept for a closed island.
+                self.drop_history_and_snapshots();
+            }
         }
         self.reap(now);
     }
@@ -559,7 +784,7 @@ impl Session {
             .as_ref()
             .is_some_and(|p| now >= p.asked_at + self.cfg.snapshot_timeout)
         {
-            self.pending = None;
+            self.drop_pending();
             self.renew_snapshot_request(now);
         }
         self.reap(now);
@@ -582,7 +807,14 @@ impl Session {
 
     // ---- joining -------------------------------------------------------------------------
 
-    fn plan_sync(&self, conn: ConnId, resume_from: Option<Seq>) -> Result<Plan, (Code, String)> {
+    /// How a joiner on `conn` would be synced; `replaced` is a connection that will be gone by
+    /// then (the same replica's old one), so it cannot be the snapshot provider.
+    fn plan_sync(
+        &self,
+        conn: ConnId,
+        replaced: Option<ConnId>,
+        resume_from: Option<Seq>,
+    ) -> Result<Plan, (Code, String)> {
         if let Some(Seq(n)) = resume_from {
             if n > self.last_seq {
                 return Err((
@@ -600,7 +832,7 @@ impl Session {
         if self.last_seq == 0 && self.snapshot.is_none() {
             return Ok(Plan::Fresh);
         }
-        if self.has_provider(Some(conn)) {
+        if self.has_provider(&[Some(conn), replaced]) {
             return Ok(Plan::AwaitSnapshot);
         }
         if let Some(snap) = self.usable_snapshot() {
@@ -691,7 +923,7 @@ impl Session {
                 return;
             }
             let frame = match &mut m.state {
-                SyncState::AwaitingSnapshot | SyncState::Live => return,
+                SyncState::AwaitingSnapshot | SyncState::Live | SyncState::Control => return,
                 SyncState::SendingSnapshot { snap, offset } => {
                     let end = (*offset + chunk).min(snap.data.len());
                     let data = snap.data.slice(*offset..end);
@@ -739,14 +971,18 @@ impl Session {
         self.last_time
     }
 
-    fn accept_client_seq(&mut self, replica: ReplicaId, client_seq: u64) -> bool {
+    /// Records a send's client seq, or returns the highest seen so far when it is not above it.
+    fn accept_client_seq(&mut self, replica: ReplicaId, client_seq: u64) -> Result<(), u64> {
         if let Some(entry) = self.client_seqs.get_mut(&replica) {
             if client_seq <= entry.last {
-                return false;
+                return Err(entry.last);
             }
             entry.last = client_seq;
             entry.at_seq = self.last_seq + 1;
-            return true;
+            return Ok(());
+        }
+        if client_seq == 0 {
+            return Err(0);
         }
         if self.client_seqs.len() >= self.cfg.max_remembered_replicas {
             let evict = self
@@ -766,7 +1002,7 @@ impl Session {
                 at_seq: self.last_seq + 1,
             },
         );
-        true
+        Ok(())
     }
 
     fn stamp(&mut self, origin: Origin, client_seq: u64, payload: Bytes, now: Instant) {
@@ -781,10 +1017,39 @@ impl Session {
         }));
         self.last_seq = seq;
         self.last_activity = now;
-        self.history_bytes += frame.len();
-        self.history.push_back(frame.clone());
+        self.keep(frame.clone(), now);
         self.broadcast_live(&frame);
         self.bound_history(now);
+    }
+
+    /// Keeps the newest stamped frame in the history if the shared budget allows. If not, this
+    /// session gives up its own oldest entries first; with nothing of its own left to give, the
+    /// message is delivered live but not kept, and joiners need a snapshot from after it.
+    fn keep(&mut self, frame: Bytes, now: Instant) {
+        let len = frame.len();
+        let mut cut = false;
+        let kept = loop {
+            if self.cfg.budget.try_reserve(len) {
+                break true;
+            }
+            if !self.pop_history() {
+                break false;
+            }
+            cut = true;
+            if self.usable_snapshot().is_none() {
+                self.set_snapshot(None);
+            }
+        };
+        if kept {
+            self.history_bytes += len;
+            self.history.push_back(frame);
+        } else {
+            self.history_first = self.last_seq + 1;
+            cut = true;
+        }
+        if cut {
+            self.after_cut(now);
+        }
     }
 
     fn broadcast_live(&mut self, frame: &Bytes) {
@@ -823,7 +1088,9 @@ impl Session {
 
     fn bound_history(&mut self, now: Instant) {
         let wants_snapshot = self.history.len() * 10 >= self.cfg.max_history_messages * 6
-            || self.history_bytes * 10 >= self.cfg.max_history_bytes * 6;
+            || self.history_bytes * 10 >= self.cfg.max_history_bytes * 6
+            || (self.cfg.budget.under_pressure()
+                && self.history_bytes >= PRESSURE_SNAPSHOT_MIN_HISTORY_BYTES);
         if wants_snapshot && self.pending.is_none() {
             self.request_snapshot(now);
         }
@@ -831,27 +1098,29 @@ impl Session {
         while self.history.len() > self.cfg.max_history_messages
             || self.history_bytes > self.cfg.max_history_bytes
         {
-            let Some(frame) = self.history.pop_front() else {
+            if !self.pop_history() {
                 break;
-            };
-            self.history_bytes -= frame.len();
-            self.history_first += 1;
+            }
             dropped = true;
         }
-        if !dropped {
-            return;
+        if dropped {
+            self.after_cut(now);
         }
-        // Whatever depended on the dropped entries cannot complete: joiners still syncing from
-        // an older point must start over, and a stale stored or pending snapshot is useless.
+    }
+
+    /// The history lost entries from its front: whatever depended on them cannot complete.
+    /// Joiners still syncing from an older point must start over, and a stale stored or pending
+    /// snapshot is useless.
+    fn after_cut(&mut self, now: Instant) {
         if self.usable_snapshot().is_none() {
-            self.snapshot = None;
+            self.set_snapshot(None);
         }
         if self
             .pending
             .as_ref()
             .is_some_and(|p| p.at + 1 < self.history_first)
         {
-            self.pending = None;
+            self.drop_pending();
             self.renew_snapshot_request(now);
         }
         let first = self.history_first;
@@ -871,10 +1140,45 @@ impl Session {
         }
     }
 
-    fn has_provider(&self, except: Option<ConnId>) -> bool {
+    // ---- the memory budget: every kept byte is reserved first and released when dropped ----
+
+    /// Drops the oldest history entry; false when the history is empty.
+    fn pop_history(&mut self) -> bool {
+        let Some(frame) = self.history.pop_front() else {
+            return false;
+        };
+        self.history_bytes -= frame.len();
+        self.history_first += 1;
+        self.cfg.budget.release(frame.len());
+        true
+    }
+
+    /// Replaces the stored snapshot; a new one's bytes are already reserved (as the upload).
+    fn set_snapshot(&mut self, snap: Option<Snapshot>) {
+        if let Some(old) = std::mem::replace(&mut self.snapshot, snap) {
+            self.cfg.budget.release(old.data.len());
+        }
+    }
+
+    /// Forgets the snapshot being uploaded, if any.
+    fn drop_pending(&mut self) {
+        if let Some(p) = self.pending.take() {
+            self.cfg.budget.release(p.buf.len());
+        }
+    }
+
+    /// Gives back everything this session keeps.
+    fn drop_history_and_snapshots(&mut self) {
+        while self.pop_history() {}
+        self.history_first = self.last_seq + 1;
+        self.set_snapshot(None);
+        self.drop_pending();
+    }
+
+    fn has_provider(&self, except: &[Option<ConnId>]) -> bool {
         self.members
             .iter()
-            .any(|(c, m)| Some(*c) != except && m.is_live() && m.role == Role::Replica)
+            .any(|(c, m)| !except.contains(&Some(*c)) && m.may_provide())
     }
 
     /// Asks the next live replica, in turn, for a snapshot at the current seq.
@@ -882,12 +1186,13 @@ impl Session {
         let providers: Vec<ConnId> = self
             .members
             .iter()
-            .filter(|(_, m)| m.is_live() && m.role == Role::Replica)
+            .filter(|(_, m)| m.may_provide())
             .map(|(c, _)| *c)
             .collect();
         if providers.is_empty() {
             return false;
         }
+        self.drop_pending();
         let provider = providers[self.provider_cursor % providers.len()];
         self.provider_cursor = self.provider_cursor.wrapping_add(1);
         let at = self.last_seq;
@@ -925,18 +1230,23 @@ impl Session {
         if waiting.is_empty() || self.request_snapshot(now) {
             return;
         }
+        self.serve_waiting(
+            waiting,
+            Code::NO_SNAPSHOT,
+            "the replica providing the snapshot left and no other can; try again",
+        );
+    }
+
+    /// Syncs joiners waiting for a snapshot that will not come from a stored snapshot or from
+    /// the start of the order if either can serve them, or closes them with `code`.
+    fn serve_waiting(&mut self, waiting: Vec<ConnId>, code: Code, reason: &str) {
         for conn in waiting {
             let state = if let Some(snap) = self.usable_snapshot() {
                 self.begin_snapshot_send(conn, snap)
             } else if self.history_first == 1 {
                 self.begin_fresh(conn)
             } else {
-                self.doom(
-                    conn,
-                    Code::NO_SNAPSHOT,
-                    "the replica providing the snapshot left and no other can; try again",
-                    false,
-                );
+                self.doom(conn, code, reason, false);
                 continue;
             };
             if let Some(m) = self.members.get_mut(&conn) {
@@ -965,7 +1275,7 @@ impl Session {
             return;
         }
         if p.at != at {
-            self.pending = None;
+            self.drop_pending();
             self.doom(
                 conn,
                 Code::PROTOCOL_VIOLATION,
@@ -992,9 +1302,17 @@ impl Session {
             None
         };
         if let Some(reason) = problem {
-            self.pending = None;
+            self.drop_pending();
             self.doom(conn, Code::PROTOCOL_VIOLATION, reason, false);
             self.renew_snapshot_request(now);
+            return;
+        }
+        if !self.cfg.budget.try_reserve(data.len()) {
+            // The upload does not fit the router's memory: abandon it (later pieces are ignored
+            // by request id) and serve the joiners another way if there is one.
+            self.drop_pending();
+            let waiting = self.awaiting_snapshot();
+            self.serve_waiting(waiting, Code::BUSY, BUDGET_EXHAUSTED);
             return;
         }
         p.total = Some(total);
@@ -1013,7 +1331,7 @@ impl Session {
             at: Seq(snap.at),
             bytes: snap.data.len(),
         }));
-        self.snapshot = Some(snap.clone());
+        self.set_snapshot(Some(snap.clone()));
         let waiting = self.awaiting_snapshot();
         for conn in &waiting {
             let state = self.begin_snapshot_send(*conn, snap.clone());
@@ -1042,16 +1360,16 @@ impl Session {
             .unwrap_or(u64::MAX);
         let cut = upto.min(needed);
         while self.history_first < cut {
-            let Some(frame) = self.history.pop_front() else {
+            if !self.pop_history() {
                 break;
-            };
-            self.history_bytes -= frame.len();
-            self.history_first += 1;
+            }
         }
     }
 
     // ---- digests -------------------------------------------------------------------------
 
+    /// Records a digest; broadcasts a divergence when a report starts a new digest group at a
+    /// seq, at most [`MAX_DIVERGENCE_REPORTS_PER_SEQ`] times per seq.
     fn on_digest(&mut self, replica: ReplicaId, seq: u64, hash: Bytes) {
         if seq == 0 || seq > self.last_seq {
             return;
@@ -1064,29 +1382,23 @@ impl Session {
         {
             return;
         }
-        let reports = self.digests.entry(seq).or_default();
-        if reports.iter().any(|(r, _)| *r == replica) {
-            return;
+        // Reports per seq are bounded like the members: departed replicas' reports stay, and a
+        // stream of new replica ids must not grow the list without end.
+        let max_reports = self.cfg.max_members;
+        let entry = self.digests.entry(seq).or_default();
+        let mut divergence = None;
+        if entry.reports.len() < max_reports && !entry.reports.iter().any(|(r, _)| *r == replica) {
+            let new_group = !entry.reports.iter().any(|(_, h)| *h == hash);
+            let diverged = new_group && !entry.reports.is_empty();
+            entry.reports.push((replica, hash));
+            if diverged && entry.broadcasts < MAX_DIVERGENCE_REPORTS_PER_SEQ {
+                entry.broadcasts += 1;
+                divergence = Some(Divergence {
+                    seq: Seq(seq),
+                    groups: digest_groups(&entry.reports),
+                });
+            }
         }
-        reports.push((replica, hash));
-        let disagree = reports.iter().any(|(_, h)| *h != reports[0].1);
-        let divergence = disagree.then(|| {
-            let mut groups: Vec<DigestGroup> = Vec::new();
-            for (r, h) in reports.iter() {
-                match groups.iter_mut().find(|g| g.hash == *h) {
-                    Some(g) => g.replicas.push(*r),
-                    None => groups.push(DigestGroup {
-                        hash: h.clone(),
-                        replicas: vec![*r],
-                    }),
-                }
-            }
-            groups.sort_by_key(|g| std::cmp::Reverse(g.replicas.len()));
-            Divergence {
-                seq: Seq(seq),
-                groups,
-            }
-        });
         while self.digests.len() > self.cfg.digest_window {
             self.digests.pop_first();
         }
@@ -1132,6 +1444,7 @@ impl Session {
         let Some(m) = self.members.remove(&conn) else {
             return;
         };
+        let control = matches!(m.state, SyncState::Control);
         if self.by_replica.get(&m.replica) == Some(&conn) {
             self.by_replica.remove(&m.replica);
         }
@@ -1150,10 +1463,10 @@ impl Session {
             self.empty_since = Some(now);
         }
         if self.pending.as_ref().is_some_and(|p| p.provider == conn) {
-            self.pending = None;
+            self.drop_pending();
             self.renew_snapshot_request(now);
         }
-        if self.cfg.announce_membership && !self.members.is_empty() {
+        if self.cfg.announce_membership && !self.members.is_empty() && !control && !self.closed {
             let event = RouterEvent::Left { replica: m.replica };
             self.stamp(Origin::Router, 0, router_event_payload(&event), now);
         }
@@ -1161,7 +1474,33 @@ impl Session {
 
     /// The replicas attached now, with their display names.
     pub fn members(&self) -> impl Iterator<Item = (ReplicaId, &str)> {
-        self.members.values().map(|m| (m.replica, m.name.as_str()))
+        self.members
+            .values()
+            .filter(|m| !matches!(m.state, SyncState::Control))
+            .map(|m| (m.replica, m.name.as_str()))
+    }
+}
+
+/// The reports grouped by digest, largest group first.
+fn digest_groups(reports: &[(ReplicaId, Bytes)]) -> Vec<DigestGroup> {
+    let mut groups: Vec<DigestGroup> = Vec::new();
+    for (r, h) in reports {
+        match groups.iter_mut().find(|g| g.hash == *h) {
+            Some(g) => g.replicas.push(*r),
+            None => groups.push(DigestGroup {
+                hash: h.clone(),
+                replicas: vec![*r],
+            }),
+        }
+    }
+    groups.sort_by_key(|g| std::cmp::Reverse(g.replicas.len()));
+    groups
+}
+
+impl Drop for Session {
+    /// The shared budget outlives the session: give back what it kept.
+    fn drop(&mut self) {
+        self.drop_history_and_snapshots();
     }
 }
 

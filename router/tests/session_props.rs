@@ -8,11 +8,14 @@
 //! every attached replica holds the whole order.
 
 use bytes::{Bytes, BytesMut};
-use isthmus_router::ids::{ConnId, ReplicaId, Seq, SessionId};
+use isthmus_router::auth::{self, Capability, IslandKeys, KeyPair};
+use isthmus_router::budget::MemoryBudget;
+use isthmus_router::ids::{ConnId, ReplicaId, Seq};
 use isthmus_router::session::{JoinRequest, Output, Session, SessionConfig};
-use isthmus_router::wire::{self, ClientFrame, Code, Origin, Role, ServerFrame};
+use isthmus_router::wire::{self, AdminCommand, ClientFrame, Code, Origin, Role, ServerFrame};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
@@ -34,6 +37,20 @@ struct Replica {
     /// A snapshot owed to the router: (request, at, bytes, offset sent so far).
     owed: Option<(u64, u64, Vec<u8>, usize)>,
     closed_with: Option<Code>,
+    /// The reason of the last goodbye or refusal.
+    closed_reason: String,
+    /// Joins with this role (a participant when `None`).
+    role: Option<Role>,
+    /// Joins as an admin control connection.
+    control: bool,
+    /// The nonce of the current connection's router preamble.
+    nonce: [u8; 32],
+    /// Divergence reports received.
+    divergences: Vec<wire::Divergence>,
+    /// Answers to admin commands: (seq, ok, message).
+    admin_done: Vec<(u64, bool, String)>,
+    /// The kind of every frame received, in order.
+    received: Vec<&'static str>,
 }
 
 struct SyncProgress {
@@ -80,6 +97,11 @@ fn decode_log(mut b: &[u8]) -> Vec<Entry> {
     log
 }
 
+/// The public keys of a test island whose admin secret is `n` repeated.
+fn test_keys(n: u8) -> IslandKeys {
+    auth::island_keys(&Capability::from_parts(Role::Admin, [n; 32])).expect("an admin capability")
+}
+
 struct World {
     core: Session,
     now: Instant,
@@ -97,7 +119,10 @@ impl World {
     fn new(n: usize, cfg: SessionConfig) -> Self {
         let now = Instant::now();
         World {
-            core: Session::new(SessionId(Uuid::from_u128(1)), cfg, now),
+            core: {
+                let keys = test_keys(1);
+                Session::new(keys.session_id(), keys, cfg, now)
+            },
             now,
             replicas: (0..n).map(|_| Replica::default()).collect(),
             ids: (0..n)
@@ -152,15 +177,20 @@ impl World {
         }
     }
 
-    fn join(&mut self, i: usize, resume: bool) {
+    /// Connects replica `i` if it is not connected, and reads the router's first answer (a
+    /// welcome or a refusal) as a client does before it resends anything. True if it joined.
+    fn join(&mut self, i: usize, resume: bool) -> bool {
         if self.replicas[i].conn.is_some() {
-            return;
+            return false;
         }
         let conn = ConnId(self.next_conn);
         self.next_conn += 1;
         let r = &mut self.replicas[i];
         r.conn = Some(conn);
         r.closed_with = None;
+        // A distinct nonce per connection, as the router's preamble gives.
+        r.nonce = [0; 32];
+        r.nonce[..8].copy_from_slice(&conn.0.to_le_bytes());
         let resume_from = (resume && r.valid).then(|| Seq(r.log.last().map_or(0, |e| e.0)));
         if resume_from.is_none() {
             r.valid = false;
@@ -168,13 +198,23 @@ impl World {
         let req = JoinRequest {
             replica: self.ids[i],
             name: format!("r{i}"),
-            role: Role::Replica,
+            role: r.role.unwrap_or(Role::Replica),
             resume_from,
             contacts: wire::Contacts::default(),
             created: false,
+            nonce: r.nonce,
+            control: r.control,
         };
         self.core.handle_join(conn, req, self.now);
         self.drain();
+        if self.replicas[i].conn != Some(conn) {
+            return false; // refused
+        }
+        let welcome = self.replicas[i].inbox.pop_front().expect("a welcome");
+        self.apply(i, &welcome);
+        self.core.handle_flushed(conn, welcome.len(), self.now);
+        self.drain();
+        true
     }
 
     fn frame(&mut self, i: usize, frame: ClientFrame) {
@@ -202,7 +242,8 @@ impl World {
         );
     }
 
-    /// After a reconnect the replica resends everything not yet confirmed, as a client would.
+    /// After a reconnect the replica resends everything the welcome did not confirm, as a
+    /// client would. (Resending a confirmed send is a protocol violation.)
     fn resend(&mut self, i: usize) {
         let pending: Vec<(u64, Bytes)> = self.replicas[i].unconfirmed.iter().cloned().collect();
         for (client_seq, payload) in pending {
@@ -264,6 +305,7 @@ impl World {
         assert!(buf.is_empty(), "one frame per transmit");
         let me = self.ids[i];
         let r = &mut self.replicas[i];
+        r.received.push(frame_kind(&frame));
         match frame {
             ServerFrame::Welcome(w) => {
                 assert_eq!(w.replica, me);
@@ -353,12 +395,23 @@ impl World {
                 );
                 r.owed = Some((request, at.0, encode_log(&r.log), 0));
             }
-            ServerFrame::Goodbye { code, .. } | ServerFrame::Refuse { code, .. } => {
+            ServerFrame::Goodbye { code, reason } | ServerFrame::Refuse { code, reason } => {
                 r.closed_with = Some(code);
+                r.closed_reason = reason;
                 self.closes.push(code);
             }
-            ServerFrame::Divergence(_) | ServerFrame::Ping { .. } | ServerFrame::Pong { .. } => {}
+            ServerFrame::AdminDone { seq, ok, message } => r.admin_done.push((seq, ok, message)),
+            ServerFrame::Divergence(d) => r.divergences.push(d),
+            ServerFrame::Ping { .. } | ServerFrame::Pong { .. } => {}
         }
+    }
+
+    /// Sends an admin command signed with `key` over the connection's nonce.
+    fn admin(&mut self, i: usize, seq: u64, command: AdminCommand, key: &KeyPair) {
+        let nonce = self.replicas[i].nonce;
+        let transcript = auth::admin_transcript(&nonce, self.core.id(), seq, &command);
+        let sig = key.sign(&transcript);
+        self.frame(i, ClientFrame::Admin { seq, command, sig });
     }
 
     fn check_prefixes(&self) {
@@ -391,6 +444,24 @@ impl World {
                 return;
             }
         }
+    }
+}
+
+fn frame_kind(frame: &ServerFrame) -> &'static str {
+    match frame {
+        ServerFrame::Welcome(_) => "welcome",
+        ServerFrame::Refuse { .. } => "refuse",
+        ServerFrame::Message(_) => "message",
+        ServerFrame::Tick { .. } => "tick",
+        ServerFrame::SnapshotRequest { .. } => "snapshot request",
+        ServerFrame::SyncBegin { .. } => "sync begin",
+        ServerFrame::SnapshotData { .. } => "snapshot data",
+        ServerFrame::Synced { .. } => "synced",
+        ServerFrame::Divergence(_) => "divergence",
+        ServerFrame::Ping { .. } => "ping",
+        ServerFrame::Pong { .. } => "pong",
+        ServerFrame::Goodbye { .. } => "goodbye",
+        ServerFrame::AdminDone { .. } => "admin done",
     }
 }
 
@@ -443,8 +514,9 @@ fn run(ops: &[Op], cfg: SessionConfig) -> World {
                 w.join(i, false);
             }
             Op::Resume(i) => {
-                w.join(i, true);
-                w.resend(i);
+                if w.join(i, true) {
+                    w.resend(i);
+                }
             }
             Op::Leave(i) => w.frame(i, ClientFrame::Leave),
             Op::Drop(i) => {
@@ -472,8 +544,9 @@ fn run(ops: &[Op], cfg: SessionConfig) -> World {
     }
     // Everyone still away comes back and resends; then the world settles.
     for i in 0..n {
-        w.join(i, true);
-        w.resend(i);
+        if w.join(i, true) {
+            w.resend(i);
+        }
     }
     w.settle();
     w
@@ -489,6 +562,12 @@ fn check_final(w: &World) {
         "the observed order has gaps"
     );
     assert!(observed <= last);
+    // Honest replicas never break the protocol, resends after reconnects included.
+    assert!(
+        !w.closes.contains(&Code::PROTOCOL_VIOLATION),
+        "closes: {:?}",
+        w.closes
+    );
     // Exactly-once: no payload stamped twice.
     let mut seen = HashMap::new();
     for (seq, (origin, payload)) in &w.truth {
@@ -660,7 +739,11 @@ fn resend_after_reconnect_is_not_stamped_twice() {
     w.replicas[0].inbox.clear();
     w.core.handle_disconnect(conn, w.now);
     w.drain();
-    w.join(0, true);
+    assert!(w.join(0, true));
+    assert!(
+        w.replicas[0].unconfirmed.is_empty(),
+        "the welcome confirmed both sends"
+    );
     w.resend(0);
     w.flush(0);
     assert_eq!(w.core.last_seq(), Seq(2));
@@ -756,7 +839,8 @@ fn empty_session_lingers_then_expires_keeping_history_meanwhile() {
     w.frame(1, ClientFrame::Leave);
     w.now += Duration::from_secs(10);
     assert!(w.core.is_expired(w.now));
-    assert_eq!(w.core.poll_timeout(), None.or(w.core.poll_timeout()));
+    // Nobody is attached: the only timer left is the end of the linger, 10 s after the leave.
+    assert_eq!(w.core.poll_timeout(), Some(w.now));
 }
 
 #[test]
@@ -807,6 +891,8 @@ fn an_observer_follows_but_may_not_send() {
             resume_from: None,
             contacts: wire::Contacts::default(),
             created: false,
+            nonce: [0; 32],
+            control: false,
         },
         w.now,
     );
@@ -817,4 +903,688 @@ fn an_observer_follows_but_may_not_send() {
     w.send(1);
     assert_eq!(w.replicas[1].closed_with, Some(Code::NOT_PERMITTED));
     assert_eq!(w.core.last_seq(), Seq(1), "nothing was stamped for it");
+}
+
+// ---- roles, digests, client seqs, replacement ----------------------------------------------
+
+fn admin_key() -> KeyPair {
+    Capability::from_parts(Role::Admin, [1; 32]).key_pair()
+}
+
+fn participant_key() -> KeyPair {
+    Capability::from_parts(Role::Admin, [1; 32])
+        .weaker()
+        .expect("an admin capability has a participant one")
+        .key_pair()
+}
+
+fn outputs(core: &mut Session) -> Vec<Output> {
+    std::iter::from_fn(|| core.poll_output()).collect()
+}
+
+fn decode_frame(bytes: &Bytes) -> ServerFrame {
+    let mut buf = BytesMut::from(&bytes[..]);
+    wire::decode(&mut buf, usize::MAX)
+        .expect("core emits valid frames")
+        .expect("core emits whole frames")
+}
+
+#[test]
+fn an_admin_sends_and_provides_snapshots_like_a_participant() {
+    let mut w = World::new(2, SessionConfig::default());
+    w.replicas[0].role = Some(Role::Admin);
+    assert!(w.join(0, false));
+    w.send(0);
+    w.flush(0);
+    assert_eq!(w.core.last_seq(), Seq(1));
+    assert_eq!(w.replicas[0].log.len(), 1, "the admin's send is stamped");
+    assert!(w.join(1, false));
+    w.flush(0);
+    assert!(
+        w.replicas[0].owed.is_some(),
+        "the admin is asked for the snapshot"
+    );
+    w.upload(0, true);
+    w.flush(1);
+    assert!(w.replicas[1].valid);
+    assert_eq!(w.replicas[1].log.len(), 1);
+}
+
+#[test]
+fn one_odd_digest_among_1024_replicas_is_reported_once_and_named() {
+    let n = 1024;
+    let odd = 700;
+    let mut w = World::new(n, SessionConfig::default());
+    for i in 0..n {
+        assert!(w.join(i, false), "replica {i} joins");
+    }
+    w.send(0);
+    for i in 0..n {
+        w.flush(i);
+    }
+    for i in 0..n {
+        let hash: &'static [u8] = if i == odd { b"odd" } else { b"even" };
+        w.frame(
+            i,
+            ClientFrame::Digest {
+                seq: Seq(1),
+                hash: Bytes::from_static(hash),
+            },
+        );
+    }
+    for i in 0..n {
+        w.flush(i);
+    }
+    for (i, r) in w.replicas.iter().enumerate() {
+        assert_eq!(r.closed_with, None);
+        // Two digest groups: one new group after the first, so exactly one report.
+        assert_eq!(
+            r.divergences.len(),
+            1,
+            "replica {i}: {:?}",
+            r.divergences.len()
+        );
+        let d = &r.divergences[0];
+        assert_eq!(d.seq, Seq(1));
+        assert_eq!(d.groups.len(), 2);
+        assert_eq!(d.groups[0].hash, Bytes::from_static(b"even"));
+        assert_eq!(
+            d.groups[0].replicas.len(),
+            odd,
+            "the replicas that reported before it"
+        );
+        assert_eq!(
+            d.groups[1].replicas,
+            vec![w.ids[odd]],
+            "the odd one is named"
+        );
+    }
+}
+
+#[test]
+fn a_population_split_every_way_gets_at_most_the_capped_divergence_reports() {
+    let n = 40;
+    let mut w = World::new(n, SessionConfig::default());
+    for i in 0..n {
+        assert!(w.join(i, false));
+    }
+    w.send(0);
+    for i in 0..n {
+        w.flush(i);
+        let hash = Bytes::from(format!("digest-{i}"));
+        w.frame(i, ClientFrame::Digest { seq: Seq(1), hash });
+    }
+    for i in 0..n {
+        w.flush(i);
+    }
+    let cap = isthmus_router::session::MAX_DIVERGENCE_REPORTS_PER_SEQ;
+    // Every replica was live before the first report; each saw exactly the capped number.
+    for (i, r) in w.replicas.iter().enumerate() {
+        assert_eq!(r.divergences.len(), cap, "replica {i}");
+        for (k, d) in r.divergences.iter().enumerate() {
+            assert_eq!(d.groups.len(), k + 2, "report {k} has one group more");
+        }
+    }
+}
+
+#[test]
+fn a_zero_or_repeated_client_seq_is_a_protocol_violation_naming_both_numbers() {
+    let mut w = World::new(2, SessionConfig::default());
+    assert!(w.join(0, false));
+    w.frame(
+        0,
+        ClientFrame::Send {
+            client_seq: 0,
+            payload: Bytes::from_static(b"zero"),
+        },
+    );
+    assert_eq!(w.replicas[0].closed_with, Some(Code::PROTOCOL_VIOLATION));
+    assert!(
+        w.replicas[0]
+            .closed_reason
+            .starts_with("client seq 0 is not above 0,"),
+        "{}",
+        w.replicas[0].closed_reason
+    );
+    assert_eq!(w.core.last_seq(), Seq(0), "nothing stamped");
+
+    assert!(w.join(1, false));
+    for client_seq in [1, 5, 3] {
+        w.frame(
+            1,
+            ClientFrame::Send {
+                client_seq,
+                payload: Bytes::from(format!("m{client_seq}")),
+            },
+        );
+    }
+    assert_eq!(w.replicas[1].closed_with, Some(Code::PROTOCOL_VIOLATION));
+    assert!(
+        w.replicas[1]
+            .closed_reason
+            .starts_with("client seq 3 is not above 5,"),
+        "{}",
+        w.replicas[1].closed_reason
+    );
+    assert_eq!(w.core.last_seq(), Seq(2), "1 and 5 stamped, 3 not");
+}
+
+#[test]
+fn a_refused_hello_replaces_nothing() {
+    let mut w = World::new(1, SessionConfig::default());
+    assert!(w.join(0, false));
+    w.send(0);
+    w.flush(0);
+    let old = w.replicas[0].conn.expect("connected");
+    let base = JoinRequest {
+        replica: w.ids[0],
+        name: "again".into(),
+        role: Role::Replica,
+        resume_from: None,
+        contacts: wire::Contacts::default(),
+        created: false,
+        nonce: [9; 32],
+        control: false,
+    };
+    let cases = [
+        (
+            JoinRequest {
+                name: "n".repeat(wire::MAX_NAME_BYTES + 1),
+                ..base.clone()
+            },
+            Code::PROTOCOL_VIOLATION,
+        ),
+        (
+            JoinRequest {
+                control: true,
+                ..base.clone()
+            },
+            Code::PROTOCOL_VIOLATION,
+        ),
+        (
+            JoinRequest {
+                resume_from: Some(Seq(99)),
+                ..base.clone()
+            },
+            Code::SESSION_RESET,
+        ),
+    ];
+    for (k, (req, code)) in cases.into_iter().enumerate() {
+        let conn = ConnId(1000 + k as u64);
+        w.core.handle_join(conn, req, w.now);
+        let outs = outputs(&mut w.core);
+        let mut refused = false;
+        for out in &outs {
+            match out {
+                Output::Close {
+                    conn: c,
+                    goodbye: Some(g),
+                    ..
+                } if *c == conn => {
+                    assert!(
+                        matches!(decode_frame(g), ServerFrame::Refuse { code: got, .. } if got == code)
+                    );
+                    refused = true;
+                }
+                Output::Close { conn: c, .. } | Output::Transmit { conn: c, .. } => {
+                    panic!("case {k}: output for {c:?}: {out:?}")
+                }
+                Output::Notice(_) => {}
+            }
+        }
+        assert!(refused, "case {k} refused with {code:?}");
+    }
+    assert_eq!(w.core.member_count(), 1);
+    assert_eq!(w.replicas[0].conn, Some(old));
+    w.send(0);
+    w.flush(0);
+    assert_eq!(
+        w.replicas[0].closed_with, None,
+        "the old connection lives on"
+    );
+    assert_eq!(w.replicas[0].log.len(), 2);
+}
+
+#[test]
+fn a_new_connection_of_the_same_replica_replaces_the_old_one_with_1007() {
+    // At its member cap: the replacement frees the old one's place, so it is not refused.
+    let cfg = SessionConfig {
+        max_members: 1,
+        ..SessionConfig::default()
+    };
+    let mut w = World::new(1, cfg);
+    assert!(w.join(0, false));
+    let old = w.replicas[0].conn.expect("connected");
+    let new = ConnId(500);
+    w.core.handle_join(
+        new,
+        JoinRequest {
+            replica: w.ids[0],
+            name: "again".into(),
+            role: Role::Replica,
+            resume_from: Some(Seq(0)),
+            contacts: wire::Contacts::default(),
+            created: false,
+            nonce: [9; 32],
+            control: false,
+        },
+        w.now,
+    );
+    let outs = outputs(&mut w.core);
+    let goodbye = outs
+        .iter()
+        .find_map(|o| match o {
+            Output::Close {
+                conn,
+                goodbye: Some(g),
+                ..
+            } if *conn == old => Some(decode_frame(g)),
+            _ => None,
+        })
+        .expect("the old connection is closed");
+    assert!(
+        matches!(goodbye, ServerFrame::Goodbye { code, .. } if code == Code::REPLACED),
+        "{goodbye:?}"
+    );
+    assert_eq!(Code::REPLACED, Code(1007));
+    assert!(outs.iter().any(|o| matches!(o,
+        Output::Transmit { conn, frame } if *conn == new
+            && matches!(decode_frame(frame), ServerFrame::Welcome(_)))));
+    assert_eq!(w.core.member_count(), 1);
+}
+
+// ---- control connections -------------------------------------------------------------------
+
+#[test]
+fn a_control_connection_gets_a_welcome_and_then_only_answers() {
+    let cfg = SessionConfig {
+        announce_membership: true,
+        ..SessionConfig::default()
+    };
+    let mut w = World::new(3, cfg);
+    assert!(w.join(0, false));
+    w.replicas[1].role = Some(Role::Admin);
+    w.replicas[1].control = true;
+    assert!(w.join(1, false));
+    w.send(0);
+    w.send(0);
+    w.flush(0);
+    // A joiner needs a snapshot: the participant is asked, never the control connection.
+    assert!(w.join(2, false));
+    w.flush(0);
+    assert!(w.replicas[0].owed.is_some());
+    w.upload(0, true);
+    w.flush(2);
+    assert!(w.replicas[2].valid);
+    for (i, hash) in [(0, "a"), (2, "b")] {
+        let hash = Bytes::from(hash);
+        w.frame(i, ClientFrame::Digest { seq: Seq(1), hash });
+    }
+    w.now += Duration::from_millis(200);
+    w.core.handle_timeout(w.now);
+    w.drain();
+    w.frame(1, ClientFrame::Ping { nonce: 7 });
+    for i in 0..3 {
+        w.flush(i);
+    }
+    assert!(w.replicas[0].received.contains(&"divergence"));
+    assert!(w.replicas[0].received.contains(&"tick"));
+    assert_eq!(w.replicas[1].received, vec!["welcome", "pong"]);
+    // Its coming and going are not stamped into the order.
+    w.frame(1, ClientFrame::Leave);
+    w.flush(0);
+    let mentioned: Vec<ReplicaId> =
+        w.truth
+            .values()
+            .filter(|(o, _)| *o == Origin::Router)
+            .map(
+                |(_, p)| match isthmus_router::session::parse_router_event(p).expect("an event") {
+                    wire::RouterEvent::Joined { replica, .. }
+                    | wire::RouterEvent::Left { replica } => replica,
+                },
+            )
+            .collect();
+    assert_eq!(mentioned, vec![w.ids[0], w.ids[2]]);
+    assert_eq!(
+        w.core.members().count(),
+        2,
+        "control connections are not listed"
+    );
+}
+
+#[test]
+fn a_control_connection_needs_the_admin_role_and_carries_no_sends() {
+    let mut w = World::new(2, SessionConfig::default());
+    w.replicas[0].control = true;
+    assert!(!w.join(0, false));
+    assert_eq!(w.replicas[0].closed_with, Some(Code::PROTOCOL_VIOLATION));
+    w.replicas[1].role = Some(Role::Admin);
+    w.replicas[1].control = true;
+    assert!(w.join(1, false));
+    w.send(1);
+    assert_eq!(w.replicas[1].closed_with, Some(Code::PROTOCOL_VIOLATION));
+    assert_eq!(w.core.last_seq(), Seq(0));
+}
+
+#[test]
+fn a_control_connection_keeps_the_session_until_it_idles_out() {
+    let mut w = World::new(2, SessionConfig::default());
+    w.replicas[0].role = Some(Role::Admin);
+    w.replicas[0].control = true;
+    assert!(w.join(0, false));
+    assert!(w.join(1, false));
+    w.frame(1, ClientFrame::Leave);
+    w.now += Duration::from_secs(30);
+    w.core.handle_timeout(w.now);
+    w.drain();
+    assert!(
+        !w.core.is_expired(w.now),
+        "an open control connection holds it"
+    );
+    w.now += Duration::from_secs(30);
+    w.core.handle_timeout(w.now);
+    w.drain();
+    assert_eq!(w.replicas[0].closed_with, Some(Code::IDLE_TIMEOUT));
+    w.now += SessionConfig::default().linger;
+    assert!(w.core.is_expired(w.now));
+}
+
+// ---- admin commands ------------------------------------------------------------------------
+
+/// Replica 0 a participant, replica 1 an admin participant, replica 2 an admin control
+/// connection; all attached.
+fn admin_world(cfg: SessionConfig) -> World {
+    let mut w = World::new(3, cfg);
+    w.replicas[1].role = Some(Role::Admin);
+    w.replicas[2].role = Some(Role::Admin);
+    w.replicas[2].control = true;
+    for i in 0..3 {
+        assert!(w.join(i, false));
+    }
+    for i in 0..3 {
+        w.flush(i);
+    }
+    w
+}
+
+#[test]
+fn set_tick_changes_the_interval_within_the_allowed_range() {
+    let mut w = admin_world(SessionConfig::default());
+    w.admin(2, 1, AdminCommand::SetTick { ms: 200 }, &admin_key());
+    w.flush(2);
+    assert!(matches!(
+        w.replicas[2].admin_done.as_slice(),
+        [(1, true, _)]
+    ));
+    w.now += Duration::from_millis(150);
+    w.core.handle_timeout(w.now);
+    w.drain();
+    w.flush(0);
+    assert!(
+        !w.replicas[0].received.contains(&"tick"),
+        "no tick at 150 ms"
+    );
+    w.now += Duration::from_millis(50);
+    w.core.handle_timeout(w.now);
+    w.drain();
+    w.flush(0);
+    assert_eq!(w.replicas[0].last_time, 200_000, "a tick at 200 ms");
+    for (seq, ms) in [(2, 9), (3, 60_001)] {
+        w.admin(2, seq, AdminCommand::SetTick { ms }, &admin_key());
+        w.flush(2);
+        let (got, ok, message) = w.replicas[2].admin_done.last().expect("an answer");
+        assert_eq!((*got, *ok), (seq, false));
+        assert!(
+            message.contains("10 to 60000 ms"),
+            "names the range: {message}"
+        );
+    }
+    assert_eq!(w.replicas[2].closed_with, None);
+}
+
+#[test]
+fn kick_removes_a_replica_and_says_when_there_is_none() {
+    let mut w = admin_world(SessionConfig::default());
+    let target = w.ids[0];
+    w.admin(1, 1, AdminCommand::Kick { replica: target }, &admin_key());
+    assert_eq!(w.replicas[0].closed_with, Some(Code::KICKED));
+    assert_eq!(w.replicas[0].closed_reason, "removed by the island's admin");
+    w.admin(1, 2, AdminCommand::Kick { replica: target }, &admin_key());
+    w.flush(1);
+    let answers: Vec<(u64, bool)> = w.replicas[1]
+        .admin_done
+        .iter()
+        .map(|(s, ok, _)| (*s, *ok))
+        .collect();
+    assert_eq!(answers, vec![(1, true), (2, false)]);
+    assert_eq!(w.replicas[1].closed_with, None);
+}
+
+#[test]
+fn close_says_goodbye_to_everyone_and_refuses_later_joins() {
+    let budget = Arc::new(MemoryBudget::new(1 << 20));
+    let cfg = SessionConfig {
+        budget: budget.clone(),
+        ..SessionConfig::default()
+    };
+    let mut w = admin_world(cfg);
+    w.send(0);
+    w.send(1);
+    assert!(budget.used() > 0, "the history is in the budget");
+    w.admin(2, 1, AdminCommand::Close, &admin_key());
+    assert!(w.core.is_closed());
+    for i in 0..3 {
+        assert_eq!(w.replicas[i].closed_with, Some(Code::CLOSED), "replica {i}");
+        assert_eq!(
+            w.replicas[i].closed_reason,
+            "the island was closed by its admin"
+        );
+    }
+    assert!(matches!(
+        w.replicas[2].admin_done.as_slice(),
+        [(1, true, _)]
+    ));
+    assert_eq!(
+        w.replicas[2].received,
+        vec!["welcome", "admin done", "goodbye"]
+    );
+    assert_eq!(w.core.member_count(), 0);
+    assert_eq!(budget.used(), 0, "a closed island keeps nothing");
+    assert!(!w.join(0, false));
+    assert_eq!(w.replicas[0].closed_with, Some(Code::CLOSED));
+}
+
+#[test]
+fn admin_frames_need_the_admin_role_key_connection_and_a_fresh_seq() {
+    // Signed with the participant key: bad credentials.
+    let mut w = admin_world(SessionConfig::default());
+    w.admin(2, 1, AdminCommand::Close, &participant_key());
+    assert_eq!(w.replicas[2].closed_with, Some(Code::BAD_CREDENTIALS));
+    assert!(!w.core.is_closed());
+
+    // From a participant, even with a good signature: not permitted.
+    let mut w = admin_world(SessionConfig::default());
+    w.admin(0, 1, AdminCommand::Close, &admin_key());
+    assert_eq!(w.replicas[0].closed_with, Some(Code::NOT_PERMITTED));
+    assert!(
+        w.replicas[0]
+            .closed_reason
+            .starts_with("only the island's admin may"),
+        "{}",
+        w.replicas[0].closed_reason
+    );
+    assert!(!w.core.is_closed());
+
+    // A replayed seq: protocol violation.
+    let mut w = admin_world(SessionConfig::default());
+    w.admin(2, 1, AdminCommand::SetTick { ms: 100 }, &admin_key());
+    w.admin(2, 1, AdminCommand::SetTick { ms: 100 }, &admin_key());
+    assert_eq!(w.replicas[2].closed_with, Some(Code::PROTOCOL_VIOLATION));
+
+    // Signed over another connection's nonce: bad credentials.
+    let mut w = admin_world(SessionConfig::default());
+    let other = w.replicas[1].nonce;
+    let command = AdminCommand::Close;
+    let sig = admin_key().sign(&auth::admin_transcript(&other, w.core.id(), 1, &command));
+    w.frame(
+        2,
+        ClientFrame::Admin {
+            seq: 1,
+            command,
+            sig,
+        },
+    );
+    assert_eq!(w.replicas[2].closed_with, Some(Code::BAD_CREDENTIALS));
+    assert!(!w.core.is_closed());
+}
+
+// ---- the shared memory budget --------------------------------------------------------------
+
+#[test]
+fn a_snapshot_upload_past_the_budget_is_abandoned_and_its_joiner_told_busy() {
+    let budget = Arc::new(MemoryBudget::new(300));
+    let cfg = SessionConfig {
+        budget: budget.clone(),
+        max_history_messages: 5,
+        ..SessionConfig::default()
+    };
+    let mut w = World::new(2, cfg);
+    w.chunk = 1000;
+    assert!(w.join(0, false));
+    for _ in 0..10 {
+        w.send(0);
+        w.flush(0);
+    }
+    let (entries, bytes) = w.core.history_len();
+    assert_eq!(
+        entries, 5,
+        "the history fits the budget; only its own bound cut it"
+    );
+    assert_eq!(budget.used(), bytes);
+    assert!(w.join(1, false));
+    w.flush(0);
+    assert!(w.replicas[0].owed.is_some(), "asked for a snapshot");
+    w.upload(0, true);
+    w.flush(1);
+    assert_eq!(w.replicas[1].closed_with, Some(Code::BUSY));
+    assert_eq!(
+        w.replicas[1].closed_reason,
+        "the router's memory budget is exhausted; try again later"
+    );
+    assert_eq!(budget.used(), bytes, "the abandoned upload holds nothing");
+    assert_eq!(w.replicas[0].closed_with, None);
+}
+
+#[test]
+fn two_hundred_sessions_share_one_budget_and_never_pass_it() {
+    const SESSIONS: usize = 200;
+    let budget = Arc::new(MemoryBudget::new(256 << 20));
+    let cfg = SessionConfig {
+        budget: budget.clone(),
+        ..SessionConfig::default()
+    };
+    let payload = Bytes::from(vec![7u8; cfg.max_payload_bytes]);
+    let now = Instant::now();
+    let conn = ConnId(1);
+    let replica = ReplicaId(Uuid::from_u128(7));
+    let mut sessions: Vec<Session> = (0..SESSIONS)
+        .map(|k| {
+            let keys = test_keys(k as u8);
+            let mut core = Session::new(keys.session_id(), keys, cfg.clone(), now);
+            core.handle_join(
+                conn,
+                JoinRequest {
+                    replica,
+                    name: "sender".into(),
+                    role: Role::Replica,
+                    resume_from: None,
+                    contacts: wire::Contacts::default(),
+                    created: true,
+                    nonce: [0; 32],
+                    control: false,
+                },
+                now,
+            );
+            let written: usize = outputs(&mut core)
+                .iter()
+                .map(|o| match o {
+                    Output::Transmit { frame, .. } => frame.len(),
+                    Output::Close { .. } => panic!("session {k} refused its replica"),
+                    Output::Notice(_) => 0,
+                })
+                .sum();
+            core.handle_flushed(conn, written, now);
+            core
+        })
+        .collect();
+    // What a stamped message of this replica looks like up to its payload: the encoding of the
+    // same message with an empty payload, less the payload's length byte.
+    let head = |seq: u64| {
+        let empty = wire::encode(&ServerFrame::Message(wire::Message {
+            seq: Seq(seq),
+            time: isthmus_router::ids::RouterTime(0),
+            origin: Origin::Replica(replica),
+            client_seq: seq,
+            payload: Bytes::new(),
+        }));
+        empty.slice(wire::LENGTH_PREFIX_LEN..empty.len() - 1)
+    };
+    let frame_len = |seq: u64| {
+        wire::encode(&ServerFrame::Message(wire::Message {
+            seq: Seq(seq),
+            time: isthmus_router::ids::RouterTime(0),
+            origin: Origin::Replica(replica),
+            client_seq: seq,
+            payload: payload.clone(),
+        }))
+        .len()
+    };
+    let sends = (cfg.max_history_bytes / frame_len(1)) as u64;
+    for seq in 1..=sends {
+        let (head, frame_len) = (head(seq), frame_len(seq));
+        for (k, core) in sessions.iter_mut().enumerate() {
+            core.handle_frame(
+                conn,
+                ClientFrame::Send {
+                    client_seq: seq,
+                    payload: payload.clone(),
+                },
+                now,
+            );
+            let mut delivered = 0;
+            let mut written = 0;
+            for out in outputs(core) {
+                match out {
+                    Output::Transmit { frame, .. } => {
+                        written += frame.len();
+                        let body = &frame[wire::LENGTH_PREFIX_LEN..];
+                        if frame.len() == frame_len && body.starts_with(&head) {
+                            delivered += 1;
+                        }
+                    }
+                    Output::Close { .. } => panic!("session {k} closed its replica at {seq}"),
+                    Output::Notice(_) => {}
+                }
+            }
+            assert_eq!(core.last_seq(), Seq(seq), "session {k} stamped send {seq}");
+            assert_eq!(delivered, 1, "session {k} delivered send {seq}");
+            core.handle_flushed(conn, written, now);
+            assert!(
+                budget.used() <= budget.limit(),
+                "{budget:?} after send {seq} of session {k}"
+            );
+        }
+    }
+    let kept: usize = sessions.iter().map(|s| s.history_len().1).sum();
+    assert_eq!(
+        budget.used(),
+        kept,
+        "the budget counts exactly the kept history"
+    );
+    assert!(
+        kept > budget.limit() / 2,
+        "the budget was used, not starved: {kept}"
+    );
+    drop(sessions);
+    assert_eq!(budget.used(), 0, "dropped sessions give everything back");
 }
