@@ -532,7 +532,7 @@ impl<I: Island> Replica<I> {
                 }
             }
         };
-        if self.cfg.digest_every > 0 && m.seq.0 % self.cfg.digest_every == 0 {
+        if self.cfg.digest_every > 0 && m.seq.0.is_multiple_of(self.cfg.digest_every) {
             let hash = Bytes::from(self.island.digest());
             self.out
                 .push_back(wire::encode(&ClientFrame::Digest { seq: m.seq, hash }));
