@@ -5,7 +5,7 @@
 //! - [`Island`]: the trait the application implements for its deterministic state (apply a
 //!   message, take and restore a snapshot, compute a digest).
 //! - [`replica`]: the sans-IO replica state machine: frames in, island updates, events and frames
-//!   out. It resumes after reconnects, resends unconfirmed sends (the router drops duplicates),
+//!   out. It resumes after reconnects, resends only the sends the welcome did not confirm,
 //!   uploads snapshots when asked and reports digests every K messages.
 //! - [`client`]: the tokio driver: races candidate addresses, handshakes, keeps the connection
 //!   alive with pings and a liveness timeout, and reconnects with exponential back-off and

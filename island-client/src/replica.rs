@@ -361,7 +361,8 @@ impl<I: Island> Replica<I> {
                 self.welcomed = true;
                 self.max_payload = w.max_payload_bytes as usize;
                 self.confirm_upto(w.last_client_seq);
-                // Resend what the router has not stamped; it drops any duplicates.
+                // Resend only what the router has not stamped: a client seq at or below the one
+                // it confirmed is a protocol violation.
                 for (client_seq, payload) in self.unconfirmed.clone() {
                     self.out.push_back(wire::encode(&ClientFrame::Send {
                         client_seq,
