@@ -30,6 +30,10 @@ pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
 /// With ticks every 50 ms and pongs every 5 s, this much silence means the router is gone.
 pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a replica keeps trying to get back to its router before it gives up: long enough
+/// for a router restart or a Wi-Fi hiccup, short enough that a replica whose router is gone for
+/// good says so.
+pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(300);
 /// Events buffered for the application before the client stops reading the socket.
 pub const DEFAULT_EVENT_QUEUE: usize = 1024;
 
@@ -56,6 +60,11 @@ pub struct ClientConfig {
     pub max_frame_bytes: usize,
     /// Events buffered for the application.
     pub event_queue: usize,
+    /// Time without a connection after which the client stops retrying (`Event::GaveUp`).
+    pub give_up_after: Duration,
+    /// Payloads queued before the first connection, sent in order once welcomed; a replica with
+    /// a `stop_after` seq does not stop before they are stamped.
+    pub initial_sends: Vec<Bytes>,
 }
 
 impl ClientConfig {
@@ -72,6 +81,8 @@ impl ClientConfig {
             liveness_timeout: DEFAULT_LIVENESS_TIMEOUT,
             max_frame_bytes: wire::HARD_MAX_FRAME_BYTES,
             event_queue: DEFAULT_EVENT_QUEUE,
+            give_up_after: DEFAULT_GIVE_UP_AFTER,
+            initial_sends: Vec::new(),
         }
     }
 }
@@ -140,6 +151,9 @@ pub async fn connect<I: Island>(
     island: I,
 ) -> Result<(ClientHandle<I>, mpsc::Receiver<Event>), ClientError> {
     let mut replica = Replica::new(cfg.replica.clone(), island);
+    for payload in &cfg.initial_sends {
+        replica.send(payload.clone())?;
+    }
     let conn = establish(&cfg, &mut replica).await?;
     let (cmd_tx, cmd_rx) = mpsc::channel(64);
     let (event_tx, event_rx) = mpsc::channel(cfg.event_queue.max(1));
@@ -363,14 +377,23 @@ async fn run<I: Island>(
         };
         replica.disconnected();
         let _ = events.send(Event::Disconnected { reason }).await;
-        match reconnect(&cfg, &mut replica, &mut cmds).await {
+        match reconnect(&cfg, &mut replica, &mut cmds, &events).await {
             Ok(Some(c)) => {
                 conn = c;
                 let _ = events.send(Event::Reconnected).await;
             }
             Ok(None) => return,
-            Err(reason) => {
+            Err(Retrying::Lost(reason)) => {
                 let _ = events.send(Event::SessionLost { reason }).await;
+                return;
+            }
+            Err(Retrying::GaveUp(last_error)) => {
+                let _ = events
+                    .send(Event::GaveUp {
+                        after: cfg.give_up_after,
+                        last_error,
+                    })
+                    .await;
                 return;
             }
         }
@@ -395,16 +418,39 @@ async fn stay_inspectable<I: Island>(
     }
 }
 
+/// Why reconnecting stopped without a connection.
+enum Retrying {
+    /// The router answered that the session is gone (a fatal refusal).
+    Lost(String),
+    /// No way back within `give_up_after`; the last error seen.
+    GaveUp(String),
+}
+
 /// Tries again with exponential back-off and jitter until it gets back in, the session turns
-/// out to be gone (`Err`), or the application leaves (`Ok(None)`).
+/// out to be gone, the give-up time passes (`Err`), or the application leaves (`Ok(None)`).
+/// Each attempt is announced with `Event::Reconnecting`, so a person sees what is going on.
 async fn reconnect<I: Island>(
     cfg: &ClientConfig,
     replica: &mut Replica<I>,
     cmds: &mut mpsc::Receiver<Command<I>>,
-) -> Result<Option<Conn>, String> {
+    events: &mpsc::Sender<Event>,
+) -> Result<Option<Conn>, Retrying> {
     let mut delay = cfg.backoff_initial;
-    loop {
-        let wake = Instant::now() + jitter(delay);
+    let give_up = Instant::now() + cfg.give_up_after;
+    let mut last_error = String::from("the connection was lost");
+    for attempt in 1u32.. {
+        let pause = jitter(delay);
+        if Instant::now() + pause > give_up {
+            return Err(Retrying::GaveUp(last_error));
+        }
+        let _ = events
+            .send(Event::Reconnecting {
+                attempt,
+                delay: pause,
+                routers: cfg.routers.clone(),
+            })
+            .await;
+        let wake = Instant::now() + pause;
         // Keep serving the application while waiting: sends queue up, inspections answer.
         loop {
             tokio::select! {
@@ -420,14 +466,16 @@ async fn reconnect<I: Island>(
         match establish(cfg, replica).await {
             Ok(conn) => return Ok(Some(conn)),
             Err(ClientError::Refused { code, reason }) if !code.is_retryable() => {
-                return Err(format!("{reason} ({code})"));
+                return Err(Retrying::Lost(format!("{reason} ({code})")));
             }
             Err(e) => {
                 tracing::debug!("reconnect failed: {e}");
+                last_error = e.to_string();
                 delay = (delay * 2).min(cfg.backoff_max);
             }
         }
     }
+    Err(Retrying::GaveUp(last_error))
 }
 
 fn jitter(d: Duration) -> Duration {

@@ -47,7 +47,8 @@ pub struct ReplicaConfig {
     pub max_pending_sends: usize,
     /// Largest (sealed) snapshot accepted from the router.
     pub max_snapshot_bytes: usize,
-    /// Stop applying once this seq is applied.
+    /// Stop applying once this seq is applied and none of this replica's sends is waiting to
+    /// be stamped (so sends made before stopping always make it into the order).
     pub stop_after: Option<Seq>,
 }
 
@@ -139,6 +140,22 @@ pub enum Event {
     },
     /// Reconnected and resumed (or resynced) without losing anything.
     Reconnected,
+    /// The connection is gone and the client waits `delay` before attempt number `attempt`.
+    Reconnecting {
+        /// Counts from 1 for each loss of the connection.
+        attempt: u32,
+        /// The pause before this attempt (with jitter).
+        delay: std::time::Duration,
+        /// Where it will try.
+        routers: Vec<std::net::SocketAddr>,
+    },
+    /// No connection could be made within the client's give-up time; the client has stopped.
+    GaveUp {
+        /// The give-up time.
+        after: std::time::Duration,
+        /// The last error seen.
+        last_error: String,
+    },
     /// The router no longer has the session (e.g. it restarted). Continuity is gone.
     SessionLost {
         /// What the router said.
@@ -545,7 +562,7 @@ impl<I: Island> Replica<I> {
 
     fn check_stop(&mut self) {
         if let Some(stop) = self.cfg.stop_after {
-            if self.last_seq >= stop.0 && !self.stopped {
+            if self.last_seq >= stop.0 && self.unconfirmed.is_empty() && !self.stopped {
                 self.stopped = true;
                 self.events.push_back(Event::Stopped {
                     seq: Seq(self.last_seq),
@@ -1112,6 +1129,33 @@ mod tests {
             restore(cfg_with(other, other_keys, None), 3, &sealed),
             Err(FrameError::Restore(_))
         ));
+    }
+
+    #[test]
+    fn a_stop_seq_already_passed_waits_until_the_replicas_own_sends_are_stamped() {
+        // Sent before the first connection, as `--send` does; the island is already past the
+        // stop seq when the replica arrives.
+        let mut me = Replica::new(cfg(Some(Seq(1))), ChatIsland::default());
+        me.send(ChatIsland::payload("me", "was this sent?"))
+            .expect("queued before welcome");
+        me.handle_frame(welcome(0)).expect("welcome");
+        start_fresh(&mut me);
+        for s in 1..=3 {
+            me.handle_frame(msg(s)).expect("msg");
+        }
+        assert!(!me.is_stopped(), "the send is not stamped yet");
+        let mut next = 3;
+        let stamped = relay(&mut me, &mut next, &mut []);
+        assert_eq!(stamped.len(), 1, "the queued send went out on welcome");
+        assert!(me.is_stopped());
+        let stopped: Vec<Seq> = events(&mut me)
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Stopped { seq, .. } => Some(seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stopped, vec![Seq(4)], "stops right at its own message");
     }
 
     #[test]
