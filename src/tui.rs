@@ -190,8 +190,14 @@ pub fn render(view: &ChatView, frame: &mut Frame) {
         .skip(skip)
         .map(|l| match l {
             ViewLine::Chat { seq, name, text } => Line::from(vec![
-                Span::styled(format!("[{seq}] "), Style::default().add_modifier(Modifier::DIM)),
-                Span::styled(format!("{name}: "), Style::default().add_modifier(Modifier::BOLD)),
+                Span::styled(
+                    format!("[{seq}] "),
+                    Style::default().add_modifier(Modifier::DIM),
+                ),
+                Span::styled(
+                    format!("{name}: "),
+                    Style::default().add_modifier(Modifier::BOLD),
+                ),
                 Span::raw(text.clone()),
             ]),
             ViewLine::Note(note) => Line::styled(
@@ -201,9 +207,11 @@ pub fn render(view: &ChatView, frame: &mut Frame) {
         })
         .collect();
     frame.render_widget(
-        Paragraph::new(lines)
-            .wrap(Wrap { trim: false })
-            .block(Block::default().borders(Borders::ALL).title(format!(" {} ", view.island))),
+        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+            Block::default()
+                .borders(Borders::ALL)
+                .title(format!(" {} ", view.island)),
+        ),
         top[0],
     );
     let members: Vec<ListItem> = view
@@ -241,7 +249,10 @@ pub fn render(view: &ChatView, frame: &mut Frame) {
         rows[2],
     );
     let cursor_x = rows[2].x + 3 + shown.chars().count() as u16;
-    frame.set_cursor_position((cursor_x.min(rows[2].right().saturating_sub(2)), rows[2].y + 1));
+    frame.set_cursor_position((
+        cursor_x.min(rows[2].right().saturating_sub(2)),
+        rows[2].y + 1,
+    ));
 }
 
 /// Owns the terminal while the chat runs: raw mode and the alternate screen, given back when
@@ -286,7 +297,10 @@ mod tests {
 
     fn typed(view: &mut ChatView, text: &str) {
         for c in text.chars() {
-            assert_eq!(view.handle_event(&key(KeyCode::Char(c), KeyModifiers::NONE)), None);
+            assert_eq!(
+                view.handle_event(&key(KeyCode::Char(c), KeyModifiers::NONE)),
+                None
+            );
         }
     }
 
@@ -299,13 +313,19 @@ mod tests {
         v.push_chat(1, "bob", "hello");
         assert_eq!(v.input(), "hi there");
         // Ctrl-D with text typed does not leave (it would lose the line).
-        assert_eq!(v.handle_event(&key(KeyCode::Char('d'), KeyModifiers::CONTROL)), None);
+        assert_eq!(
+            v.handle_event(&key(KeyCode::Char('d'), KeyModifiers::CONTROL)),
+            None
+        );
         assert_eq!(
             v.handle_event(&key(KeyCode::Enter, KeyModifiers::NONE)),
             Some(Action::Send("hi there".into()))
         );
         assert_eq!(v.input(), "");
-        assert_eq!(v.handle_event(&key(KeyCode::Enter, KeyModifiers::NONE)), None);
+        assert_eq!(
+            v.handle_event(&key(KeyCode::Enter, KeyModifiers::NONE)),
+            None
+        );
         assert_eq!(
             v.handle_event(&key(KeyCode::Char('d'), KeyModifiers::CONTROL)),
             Some(Action::Quit)

@@ -480,6 +480,7 @@ impl Session {
         self.insert_member(conn, &req, SyncState::AwaitingSnapshot, now);
         self.by_replica.insert(req.replica, conn);
         self.send_to(conn, wire::encode(&ServerFrame::Welcome(welcome)));
+        self.announce_presence(conn, &req);
         let resumed = matches!(plan, Plan::Resume(_));
         self.start_sync(conn, plan, now);
         self.out.push_back(Output::Notice(Notice::Joined {
@@ -1466,9 +1467,62 @@ impl Session {
             self.drop_pending();
             self.renew_snapshot_request(now);
         }
+        if !control && !self.closed {
+            let frame = wire::encode(&ServerFrame::Presence {
+                joined: Vec::new(),
+                left: vec![m.replica],
+            });
+            self.send_to_present(None, &frame);
+        }
         if self.cfg.announce_membership && !self.members.is_empty() && !control && !self.closed {
             let event = RouterEvent::Left { replica: m.replica };
             self.stamp(Origin::Router, 0, router_event_payload(&event), now);
+        }
+    }
+
+    /// Tells a joiner who is here (itself included) and everyone else that it arrived.
+    fn announce_presence(&mut self, conn: ConnId, req: &JoinRequest) {
+        let everyone: Vec<wire::Present> = self
+            .members
+            .values()
+            .filter(|m| !matches!(m.state, SyncState::Control) && m.doomed.is_none())
+            .map(|m| wire::Present {
+                replica: m.replica,
+                name: m.name.clone(),
+                role: m.role,
+            })
+            .collect();
+        self.send_to(
+            conn,
+            wire::encode(&ServerFrame::Presence {
+                joined: everyone,
+                left: Vec::new(),
+            }),
+        );
+        let arrived = wire::encode(&ServerFrame::Presence {
+            joined: vec![wire::Present {
+                replica: req.replica,
+                name: req.name.clone(),
+                role: req.role,
+            }],
+            left: Vec::new(),
+        });
+        self.send_to_present(Some(conn), &arrived);
+    }
+
+    /// Queues a presence frame to every attached replica (syncing ones too) except `except`
+    /// and control connections.
+    fn send_to_present(&mut self, except: Option<ConnId>, frame: &Bytes) {
+        let to: Vec<ConnId> = self
+            .members
+            .iter()
+            .filter(|(c, m)| {
+                Some(**c) != except && !matches!(m.state, SyncState::Control) && m.doomed.is_none()
+            })
+            .map(|(c, _)| *c)
+            .collect();
+        for c in to {
+            self.send_to(c, frame.clone());
         }
     }
 

@@ -358,6 +358,17 @@ pub struct Welcome {
     pub contacts: Contacts,
 }
 
+/// One replica attached to a session, as presence frames name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Present {
+    /// Its id.
+    pub replica: ReplicaId,
+    /// Its display name.
+    pub name: String,
+    /// Participant, observer or admin.
+    pub role: Role,
+}
+
 /// Who put a message into the order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Origin {
@@ -544,6 +555,15 @@ pub enum ServerFrame {
         code: Code,
         /// For people.
         reason: String,
+    },
+    /// Who is attached to the session now (a change, or the whole list right after a
+    /// welcome). Not numbered and not part of the order: presence is the router's knowledge,
+    /// not island state, so it costs no seq and never enters a snapshot.
+    Presence {
+        /// Replicas that arrived (right after a welcome: everyone attached, this one included).
+        joined: Vec<Present>,
+        /// Replicas that left.
+        left: Vec<ReplicaId>,
     },
     /// The outcome of an admin command.
     AdminDone {

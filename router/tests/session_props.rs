@@ -47,6 +47,10 @@ struct Replica {
     nonce: [u8; 32],
     /// Divergence reports received.
     divergences: Vec<wire::Divergence>,
+    /// Who the router says is attached, from presence frames.
+    present: std::collections::BTreeSet<ReplicaId>,
+    /// The next presence frame is the whole list (it follows a welcome).
+    presence_is_whole: bool,
     /// Answers to admin commands: (seq, ok, message).
     admin_done: Vec<(u64, bool, String)>,
     /// The kind of every frame received, in order.
@@ -132,6 +136,22 @@ impl World {
             truth: BTreeMap::new(),
             chunk: 40,
             closes: Vec::new(),
+        }
+    }
+
+    /// Every attached participant's presence list names exactly the attached participants.
+    fn check_presence(&self) {
+        let attached: std::collections::BTreeSet<ReplicaId> = self
+            .replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.conn.is_some() && !r.control)
+            .map(|(j, _)| self.ids[j])
+            .collect();
+        for (i, r) in self.replicas.iter().enumerate() {
+            if r.conn.is_some() && !r.control {
+                assert_eq!(r.present, attached, "replica {i}'s presence list");
+            }
         }
     }
 
@@ -307,7 +327,21 @@ impl World {
         let r = &mut self.replicas[i];
         r.received.push(frame_kind(&frame));
         match frame {
+            ServerFrame::Presence { joined, left } => {
+                if std::mem::take(&mut r.presence_is_whole) {
+                    r.present.clear();
+                    assert!(
+                        joined.iter().any(|p| p.replica == me),
+                        "the whole list names the joiner itself"
+                    );
+                }
+                r.present.extend(joined.iter().map(|p| p.replica));
+                for gone in left {
+                    r.present.remove(&gone);
+                }
+            }
             ServerFrame::Welcome(w) => {
+                r.presence_is_whole = true;
                 assert_eq!(w.replica, me);
                 // Drop what the router already stamped; the rest is resent.
                 r.unconfirmed.retain(|(cs, _)| *cs > w.last_client_seq);
@@ -462,6 +496,7 @@ fn frame_kind(frame: &ServerFrame) -> &'static str {
         ServerFrame::Pong { .. } => "pong",
         ServerFrame::Goodbye { .. } => "goodbye",
         ServerFrame::AdminDone { .. } => "admin done",
+        ServerFrame::Presence { .. } => "presence",
     }
 }
 
@@ -542,6 +577,10 @@ fn run(ops: &[Op], cfg: SessionConfig) -> World {
         }
         w.check_prefixes();
     }
+    // Before anyone returns: what each attached replica was told about presence is the truth,
+    // leaves included.
+    w.settle();
+    w.check_presence();
     // Everyone still away comes back and resends; then the world settles.
     for i in 0..n {
         if w.join(i, true) {
@@ -578,6 +617,7 @@ fn check_final(w: &World) {
             panic!("payload {payload:?} stamped twice, at {prev} and {seq}");
         }
     }
+    w.check_presence();
     for (i, r) in w.replicas.iter().enumerate() {
         if r.conn.is_none() {
             // Refused for a retryable reason (e.g. no snapshot provider): nothing to compare.

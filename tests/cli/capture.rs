@@ -59,10 +59,7 @@ impl Capture {
             assert!(Instant::now() < deadline, "tcpdump did not start");
             match err.read(&mut byte) {
                 Ok(1) => seen.push(byte[0]),
-                _ => panic!(
-                    "tcpdump ended early: {}",
-                    String::from_utf8_lossy(&seen)
-                ),
+                _ => panic!("tcpdump ended early: {}", String::from_utf8_lossy(&seen)),
             }
         }
         std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
@@ -107,13 +104,17 @@ fn streams(pcap: &[u8]) -> HashMap<(SocketAddr, SocketAddr), Vec<u8>> {
         let caplen = u32_at(pcap, at + 8) as usize;
         let pkt = &pcap[at + 16..(at + 16 + caplen).min(pcap.len())];
         at += 16 + caplen;
-        let Some(ip) = pkt.get(link_len..) else { continue };
+        let Some(ip) = pkt.get(link_len..) else {
+            continue;
+        };
         if ip.len() < 20 || ip[0] >> 4 != 4 || ip[9] != 6 {
             continue;
         }
         let ihl = usize::from(ip[0] & 0x0f) * 4;
         let total = usize::from(u16::from_be_bytes([ip[2], ip[3]])).min(ip.len());
-        let Some(tcp) = ip.get(ihl..total) else { continue };
+        let Some(tcp) = ip.get(ihl..total) else {
+            continue;
+        };
         if tcp.len() < 20 {
             continue;
         }

@@ -117,7 +117,10 @@ fn upnp_maps_renews_serves_a_remote_user_and_unmaps_on_sigterm() {
 
     // Outlive the 4 s lease: the mapping must still be there, renewed every 2 s.
     router.wait_stderr("UPnP mapping renewed", 3);
-    assert!(started.elapsed() > Duration::from_secs(4), "past the first lease");
+    assert!(
+        started.elapsed() > Duration::from_secs(4),
+        "past the first lease"
+    );
     assert!(
         net.nat_rules().contains(&format!("{LAN_IP}:7470")),
         "renewed, not expired"

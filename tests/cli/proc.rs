@@ -146,9 +146,7 @@ impl Proc {
         let (text, changed) = &*self.err;
         let mut t = text.lock().expect("stderr buffer");
         while !t.1 {
-            let (next, timeout) = changed
-                .wait_timeout(t, PATIENCE)
-                .expect("stderr buffer");
+            let (next, timeout) = changed.wait_timeout(t, PATIENCE).expect("stderr buffer");
             t = next;
             if timeout.timed_out() {
                 break;

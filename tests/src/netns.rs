@@ -188,8 +188,11 @@ fn miniupnpd_path() -> std::path::PathBuf {
                 .map(|c| std::path::PathBuf::from(c).join("isthmus-lab"))
         })
         .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| std::path::PathBuf::from(h).join(".cache").join("isthmus-lab"))
+            std::env::var_os("HOME").map(|h| {
+                std::path::PathBuf::from(h)
+                    .join(".cache")
+                    .join("isthmus-lab")
+            })
         })
         .unwrap_or_else(|| std::path::PathBuf::from("/nonexistent"));
     cache.join("miniupnpd-2.3.9")
