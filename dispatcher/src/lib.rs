@@ -1174,6 +1174,36 @@ mod tests {
         assert!(s.admit(ip("127.0.0.3")).is_ok());
     }
 
+    #[tokio::test]
+    async fn the_beacon_lists_announced_islands_with_their_admin_key() {
+        let admin = Capability::new_island();
+        let keys = auth::island_keys(&admin).expect("admin capability");
+        let id = keys.session_id();
+        let (handle, join) =
+            spawn_session(id, keys, DriverConfig::default(), Box::new(|_, _| true));
+        let registry: Registry = Arc::default();
+        lock(&registry).sessions.insert(
+            id,
+            Slot {
+                handle: handle.clone(),
+                keys,
+                join: None,
+                announce: Some(Announce {
+                    name: "den".into(),
+                    destination: None,
+                    secret: None,
+                }),
+            },
+        );
+        let listed = announced(&registry);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].session, id);
+        assert_eq!(listed[0].admin_key, keys.admin);
+        assert_eq!(listed[0].secret, None);
+        handle.shutdown().await;
+        join.await.expect("session ends");
+    }
+
     fn ip(s: &str) -> IpAddr {
         s.parse().expect("literal")
     }
