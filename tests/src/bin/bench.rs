@@ -25,9 +25,9 @@ use tokio::net::TcpStream;
 fn core_bench(members: usize, payload: usize, messages: u64) -> (f64, f64) {
     let now = Instant::now();
     let cfg = SessionConfig {
-        max_outbound_bytes: usize::MAX / 4,
-        max_history_messages: usize::MAX / 4,
-        max_history_bytes: usize::MAX / 4,
+        max_outbound_bytes: usize::MAX / 16,
+        max_history_messages: usize::MAX / 16,
+        max_history_bytes: usize::MAX / 16,
         ..SessionConfig::default()
     };
     let keys = keys_of(&Capability::new_island());
@@ -136,8 +136,8 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
     let mut cfg = DispatcherConfig::default();
     // Room for a burst: this measures throughput, not the slow-consumer policy.
     cfg.driver.session.max_outbound_bytes = 256 * 1024 * 1024;
-    cfg.driver.session.max_history_messages = usize::MAX / 4;
-    cfg.driver.session.max_history_bytes = usize::MAX / 4;
+    cfg.driver.session.max_history_messages = usize::MAX / 16;
+    cfg.driver.session.max_history_bytes = usize::MAX / 16;
     let router = start_router(cfg).await;
     let island = Capability::new_island();
     let counters: Vec<Arc<AtomicU64>> =
