@@ -39,7 +39,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -73,6 +73,10 @@ pub const TURN_AWAY_TIMEOUT: Duration = Duration::from_millis(500);
 /// Turned-away connections being answered at once; past this the refusal is written only if
 /// the socket takes it without waiting, and the connection is closed.
 pub const MAX_TURNING_AWAY: usize = 1024;
+/// Connections the kernel queues for the accept loop (capped by the system's `somaxconn`).
+/// The usual 128 overflows under a burst of a few hundred connects: the excess SYNs are dropped
+/// and retried a second later, before the router can even turn them away.
+pub const LISTEN_BACKLOG: u32 = 4096;
 /// Bytes read and discarded from a turned-away connection, unparsed: room for a preamble and
 /// a largest hello, nothing more.
 const TURN_AWAY_DRAIN_BYTES: usize = 8 * 1024;
@@ -410,13 +414,10 @@ impl Dispatcher {
     pub async fn bind(mut cfg: DispatcherConfig) -> Result<Dispatcher, DispatchError> {
         let budget = Arc::new(MemoryBudget::new(cfg.memory_budget_bytes));
         cfg.driver.session.budget = budget.clone();
-        let listener =
-            TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|source| DispatchError::Bind {
-                    addr: cfg.listen,
-                    source,
-                })?;
+        let listener = listen(cfg.listen).map_err(|source| DispatchError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
         let local = listener
             .local_addr()
             .map_err(|source| DispatchError::Bind {
@@ -956,6 +957,21 @@ fn check_hello(nonce: &[u8; NONCE_LEN], hello: &Hello) -> Result<(), (Code, Stri
         ));
     }
     Ok(())
+}
+
+/// Binds the listening socket with a backlog of [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As std does: a restarted router rebinds its port while old connections linger in
+    // TIME_WAIT. (On Windows the option means something else, and is not needed.)
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Writes a refusal, closes our side, and reads and discards what the peer already sent (a
