@@ -73,6 +73,8 @@ pub const TURN_AWAY_TIMEOUT: Duration = Duration::from_millis(500);
 /// Turned-away connections being answered at once; past this the refusal is written only if
 /// the socket takes it without waiting, and the connection is closed.
 pub const MAX_TURNING_AWAY: usize = 1024;
+/// At most one log line per this period summarises the connections turned away at bounds.
+const TURN_AWAY_REPORT: Duration = Duration::from_secs(10);
 /// Connections the kernel queues for the accept loop (capped by the system's `somaxconn`).
 /// The usual 128 overflows under a burst of a few hundred connects: the excess SYNs are dropped
 /// and retried a second later, before the router can even turn them away.
@@ -556,6 +558,10 @@ impl Dispatcher {
         // MAX_TURNING_AWAY), so this set is too.
         let mut handshakes = JoinSet::new();
         let mut backoff = Duration::from_millis(5);
+        // Turn-aways are logged in summary, at most once per TURN_AWAY_REPORT: a flood must
+        // not flood the log too.
+        let mut turned_away = 0u64;
+        let mut reported = tokio::time::Instant::now();
         loop {
             // Accept even when a bound is reached: the peer hears why at once instead of
             // waiting in the listen backlog for an answer that never comes.
@@ -577,6 +583,15 @@ impl Dispatcher {
                         }
                         Err(reason) => {
                             debug!(%peer, "turned away: {reason}");
+                            turned_away += 1;
+                            if reported.elapsed() >= TURN_AWAY_REPORT {
+                                warn!(
+                                    "turned away {turned_away} connections at a bound in the last {:?}; the latest from {peer}: {reason}",
+                                    reported.elapsed()
+                                );
+                                turned_away = 0;
+                                reported = tokio::time::Instant::now();
+                            }
                             self.shared.turn_away(stream, reason, &mut handshakes);
                         }
                     }
