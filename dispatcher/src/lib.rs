@@ -25,7 +25,7 @@ use bytes::BytesMut;
 use isthmus_contact::beacon::{Beacon, BeaconIsland};
 use isthmus_router::auth::{self, IslandKeys, NONCE_LEN};
 use isthmus_router::budget::MemoryBudget;
-use isthmus_router::driver::{spawn_session, Attach, DriverConfig, Ending, SessionHandle};
+use isthmus_router::driver::{spawn_session, Attach, DriverConfig, Ending, Retire, SessionHandle};
 use isthmus_router::ids::{ConnId, SessionId};
 use isthmus_router::session::JoinRequest;
 use isthmus_router::wire::{
@@ -826,26 +826,7 @@ impl Shared {
             }
             let mut driver = self.cfg.driver.clone();
             driver.session = driver.session.with_create_options(opts);
-            let registry = Arc::downgrade(&self.registry);
-            let retire = Box::new(move |ending: Ending, attach_pending: &dyn Fn() -> bool| {
-                let Some(registry) = registry.upgrade() else {
-                    return true;
-                };
-                let mut reg = lock(&registry);
-                match ending {
-                    Ending::Expired => {
-                        if attach_pending() {
-                            return false;
-                        }
-                        reg.sessions.remove(&id);
-                    }
-                    Ending::Closed => {
-                        reg.sessions.remove(&id);
-                        reg.closed.insert(id);
-                    }
-                }
-                true
-            });
+            let retire = retire_from(Arc::downgrade(&self.registry), id);
             let (handle, join) = spawn_session(id, body.keys, driver, retire);
             info!(session = %id, "session created");
             attach.request.created = true;
@@ -949,6 +930,30 @@ impl Shared {
             }
         }
     }
+}
+
+/// What a session asks before it ends: an expired one goes unless an attach is on its way; a
+/// closed one always goes, and its id is remembered so it is not created again.
+fn retire_from(registry: std::sync::Weak<Mutex<Reg>>, id: SessionId) -> Retire {
+    Box::new(move |ending: Ending, attach_pending: &dyn Fn() -> bool| {
+        let Some(registry) = registry.upgrade() else {
+            return true;
+        };
+        let mut reg = lock(&registry);
+        match ending {
+            Ending::Expired => {
+                if attach_pending() {
+                    return false;
+                }
+                reg.sessions.remove(&id);
+            }
+            Ending::Closed => {
+                reg.sessions.remove(&id);
+                reg.closed.insert(id);
+            }
+        }
+        true
+    })
 }
 
 /// The checks of a hello that need no registry: its signatures over this connection's nonce
@@ -1233,6 +1238,72 @@ mod tests {
         assert_eq!(listed[0].secret, None);
         handle.shutdown().await;
         join.await.expect("session ends");
+    }
+
+    fn attach_for(body: &HelloBody) -> Attach {
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        Attach {
+            conn: ConnId(1),
+            request: JoinRequest {
+                replica: body.replica,
+                name: body.name.clone(),
+                role: body.role,
+                resume_from: None,
+                contacts: Default::default(),
+                created: false,
+                nonce: [0; NONCE_LEN],
+                control: false,
+            },
+            stream: Box::new(ours),
+            leftover: BytesMut::new(),
+            guard: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_island_closed_by_its_admin_is_not_created_again() {
+        let cfg = DispatcherConfig {
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::bind(cfg).await.expect("bind");
+        let s = &d.shared;
+        let admin = Capability::new_island();
+        let part = admin.weaker().expect("participant");
+        let mut body = hello(&part, &admin, &[0; NONCE_LEN]).body;
+        body.create = Some(wire::CreateOptions::default());
+        let id = body.session;
+        assert!(s.route(&body, true, attach_for(&body)).is_ok(), "created");
+        assert_eq!(d.session_count(), 1);
+
+        // An expired session waits for an attach on its way, then goes and may come back.
+        let retire = retire_from(Arc::downgrade(&s.registry), id);
+        assert!(!retire(Ending::Expired, &|| true));
+        assert_eq!(d.session_count(), 1);
+        // Closed by its admin: it goes whatever is pending, and is remembered.
+        assert!(retire(Ending::Closed, &|| true));
+        assert_eq!(d.session_count(), 0);
+        for create in [true, false] {
+            let mut b = body.clone();
+            if !create {
+                b.create = None;
+            }
+            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b)) else {
+                panic!("a closed island was routed");
+            };
+            assert_eq!(code, Code::CLOSED, "{reason}");
+        }
+        // Another island is created as usual.
+        let other = Capability::new_island();
+        let mut b = hello(
+            &other.weaker().expect("participant"),
+            &other,
+            &[0; NONCE_LEN],
+        )
+        .body;
+        b.create = Some(wire::CreateOptions::default());
+        assert!(s.route(&b, true, attach_for(&b)).is_ok());
+        d.shared.shutdown().await;
     }
 
     fn ip(s: &str) -> IpAddr {
