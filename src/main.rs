@@ -3,7 +3,9 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use isthmus_dispatcher::portmap::{Fallback, UpnpConfig};
-use isthmus_dispatcher::{BeaconConfig, Dispatcher, DispatcherConfig, Forwarding, DEFAULT_PORT};
+use isthmus_dispatcher::{
+    BeaconConfig, CreatePolicy, Dispatcher, DispatcherConfig, Forwarding, DEFAULT_PORT,
+};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +79,45 @@ struct RouterArgs {
     /// Milliseconds an empty session is kept before it is dropped (default 10000).
     #[arg(long)]
     linger_ms: Option<u64>,
+    /// Who may create islands: lan = peers on loopback or this machine's own subnets, any =
+    /// anyone who reaches the router, none = nobody (default lan).
+    #[arg(long, value_enum)]
+    create: Option<CreateArg>,
+    /// Sessions alive at once; past it creating is refused as busy (default 10000).
+    #[arg(long, value_name = "N")]
+    max_sessions: Option<u64>,
+    /// Connections open at once from one address, an IPv6 /64 counting as one (default 256).
+    #[arg(long, value_name = "N")]
+    max_connections_per_ip: Option<u64>,
+    /// Connections from one address still in their handshake (default 16).
+    #[arg(long, value_name = "N")]
+    max_handshakes_per_ip: Option<u64>,
+    /// MiB for every session's history and snapshots together; past 90% no new sessions are
+    /// created (default 2048).
+    #[arg(long, value_name = "MIB")]
+    memory_budget_mb: Option<u64>,
+    /// The shortest tick interval a creator or admin may ask for, in ms (default 10).
+    #[arg(long, value_name = "MS")]
+    min_tick_ms: Option<u64>,
+}
+
+// The defaults the help text above states.
+const _: () = assert!(isthmus_dispatcher::DEFAULT_MAX_SESSIONS == 10_000);
+const _: () = assert!(isthmus_dispatcher::DEFAULT_MAX_CONNECTIONS_PER_IP == 256);
+const _: () = assert!(isthmus_dispatcher::DEFAULT_MAX_HANDSHAKES_PER_IP == 16);
+const _: () = assert!(isthmus_dispatcher::DEFAULT_MEMORY_BUDGET_BYTES == 2048 * 1024 * 1024);
+const _: () = assert!(isthmus_router::session::DEFAULT_MIN_TICK_INTERVAL.as_millis() == 10);
+// The frame-size range of the prefs is the wire's.
+const _: () =
+    assert!(isthmus_prefs::MIN_FRAME_BYTES == isthmus_router::wire::MAX_HELLO_BYTES as u64);
+const _: () =
+    assert!(isthmus_prefs::MAX_FRAME_BYTES == isthmus_router::wire::HARD_MAX_FRAME_BYTES as u64);
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum CreateArg {
+    Lan,
+    Any,
+    None,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -154,15 +195,34 @@ fn router_config(
         Some(l) => listen_addr(l, port)?,
         None => SocketAddr::new(p.listen.unwrap_or(cfg.listen.ip()), port),
     };
-    let tick_ms = args.tick_ms.or(p.tick_ms).unwrap_or(50);
-    if tick_ms == 0 {
-        anyhow::bail!("--tick-ms must be at least 1");
-    }
+    // A flag obeys the same range as the profile key it overrides.
+    let flag = |name: &str, key: &str, v: Option<u64>| -> Result<Option<u64>> {
+        if let Some(n) = v {
+            isthmus_prefs::check_number(key, n).map_err(|m| anyhow::anyhow!("--{name} {m}"))?;
+        }
+        Ok(v)
+    };
+    let l = &p.limits;
+    let tick_ms = flag("tick-ms", "tick_ms", args.tick_ms)?
+        .or(p.tick_ms)
+        .unwrap_or(50);
+    let linger_ms = flag("linger-ms", "linger_ms", args.linger_ms)?
+        .or(p.linger_ms)
+        .unwrap_or(10_000);
     let s = &mut cfg.driver.session;
     s.tick_interval = Duration::from_millis(tick_ms);
-    s.linger = Duration::from_millis(args.linger_ms.or(p.linger_ms).unwrap_or(10_000));
-    let l = &p.limits;
-    let size = |v: Option<u64>, d: usize| v.map_or(d, |v| v as usize);
+    s.linger = Duration::from_millis(linger_ms);
+    if let Some(ms) = flag("min-tick-ms", "limits.min_tick_ms", args.min_tick_ms)?.or(l.min_tick_ms)
+    {
+        s.min_tick_interval = Duration::from_millis(ms);
+    }
+    if s.tick_interval < s.min_tick_interval {
+        anyhow::bail!(
+            "the tick interval ({tick_ms} ms) is below the tick floor ({} ms): raise --tick-ms (tick_ms) or lower --min-tick-ms (limits.min_tick_ms)",
+            s.min_tick_interval.as_millis()
+        );
+    }
+    let size = |v: Option<u64>, d: usize| v.map_or(d, |v| usize::try_from(v).unwrap_or(usize::MAX));
     s.max_payload_bytes = size(l.max_payload_bytes, s.max_payload_bytes);
     s.max_outbound_bytes = size(l.max_outbound_bytes, s.max_outbound_bytes);
     s.max_history_messages = size(l.max_history_messages, s.max_history_messages);
@@ -181,6 +241,48 @@ fn router_config(
             "limits.max_outbound_bytes must be at least twice limits.max_frame_bytes, or one large frame would count as a slow consumer"
         );
     }
+    cfg.max_sessions = size(
+        flag("max-sessions", "limits.max_sessions", args.max_sessions)?.or(l.max_sessions),
+        cfg.max_sessions,
+    );
+    cfg.max_connections_per_ip = size(
+        flag(
+            "max-connections-per-ip",
+            "limits.max_connections_per_ip",
+            args.max_connections_per_ip,
+        )?
+        .or(l.max_connections_per_ip),
+        cfg.max_connections_per_ip,
+    );
+    cfg.max_handshakes_per_ip = size(
+        flag(
+            "max-handshakes-per-ip",
+            "limits.max_handshakes_per_ip",
+            args.max_handshakes_per_ip,
+        )?
+        .or(l.max_handshakes_per_ip),
+        cfg.max_handshakes_per_ip,
+    );
+    if let Some(mb) = flag(
+        "memory-budget-mb",
+        "limits.memory_budget_mb",
+        args.memory_budget_mb,
+    )?
+    .or(l.memory_budget_mb)
+    {
+        cfg.memory_budget_bytes =
+            usize::try_from(mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+    }
+    cfg.create = match args.create {
+        Some(CreateArg::Lan) => CreatePolicy::Lan,
+        Some(CreateArg::Any) => CreatePolicy::Any,
+        Some(CreateArg::None) => CreatePolicy::None,
+        None => match p.create {
+            Some(isthmus_prefs::CreateMode::Any) => CreatePolicy::Any,
+            Some(isthmus_prefs::CreateMode::None) => CreatePolicy::None,
+            Some(isthmus_prefs::CreateMode::Lan) | None => CreatePolicy::Lan,
+        },
+    };
 
     use isthmus_prefs::ForwardingMode as M;
     let mode = match args.forwarding {
@@ -221,13 +323,13 @@ fn router_config(
     };
     let beacon_on = !args.no_beacon && p.beacon.unwrap_or(true);
     if beacon_on {
-        let interval = args
-            .beacon_interval_ms
-            .or(p.beacon_interval_ms)
-            .unwrap_or(2000);
-        if interval < 100 {
-            anyhow::bail!("the beacon interval must be at least 100 ms");
-        }
+        let interval = flag(
+            "beacon-interval-ms",
+            "beacon_interval_ms",
+            args.beacon_interval_ms,
+        )?
+        .or(p.beacon_interval_ms)
+        .unwrap_or(2000);
         cfg.beacon = Some(BeaconConfig {
             port: args
                 .beacon_port

@@ -65,6 +65,15 @@ pub fn local_addrs() -> Vec<LocalAddr> {
         .collect()
 }
 
+/// Whether `peer` is on this router's own network: loopback, or inside the subnet of one of the
+/// host's interfaces. Such a peer is "local" for the contact points, may create islands under the
+/// default create policy, and may hand the router a LAN-open island's secret.
+pub fn is_lan_peer(peer: IpAddr, host: &[LocalAddr]) -> bool {
+    // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d.
+    let peer = peer.to_canonical();
+    peer.is_loopback() || host.iter().any(|a| !a.ip.is_loopback() && a.contains(peer))
+}
+
 /// The contact points for a requester at `peer` who reached this router at `local`.
 ///
 /// Internal addresses are the interfaces the router listens on (all of them for an unspecified
@@ -110,14 +119,10 @@ pub fn contacts_for(
             internal.push(a);
         }
     }
-    let local_peer = peer.ip().is_loopback()
-        || host
-            .iter()
-            .any(|a| !a.ip.is_loopback() && a.contains(peer.ip()));
     Contacts {
         internal,
         external,
-        remote: !local_peer,
+        remote: !is_lan_peer(peer.ip(), host),
         router,
     }
 }
@@ -149,6 +154,19 @@ mod tests {
 
     fn sa(s: &str) -> SocketAddr {
         s.parse().expect("literal")
+    }
+
+    #[test]
+    fn lan_peers_are_loopback_or_on_an_interface_subnet() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("literal");
+        assert!(is_lan_peer(ip("127.0.0.2"), &host()));
+        assert!(is_lan_peer(ip("::1"), &host()));
+        assert!(is_lan_peer(ip("192.168.1.200"), &host()));
+        assert!(is_lan_peer(ip("::ffff:10.0.200.1"), &host()));
+        assert!(!is_lan_peer(ip("192.168.2.1"), &host()));
+        assert!(!is_lan_peer(ip("198.51.100.20"), &host()));
+        // The loopback interface's /8 does not make every address "local".
+        assert!(!is_lan_peer(ip("8.8.8.8"), &[host()[0]]));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! # isthmus-dispatcher
 //!
-//! Owns the one well-known TCP port: it accepts connections, reads the preamble and hello within
-//! a handshake timeout, finds the session by its UUID (or creates it when the hello asks and the
-//! router allows it), checks the join token, and hands the connection to that session's task.
+//! Owns the one well-known TCP port: it admits connections within per-source and global bounds
+//! (turning the excess away at once with a `Refuse` BUSY that names the bound), answers the
+//! preamble with a fresh nonce, reads the hello within a handshake timeout and verifies it
+//! completely (the island keys hash to the session id, the role's and the replica's signatures
+//! cover the nonce), then finds the session by its id, or creates it when the hello asks and the
+//! create policy and global bounds allow, and hands the connection to that session's task.
 //! It also owns the port-forwarding mode and shutdown: on Ctrl-C or SIGTERM every replica gets a
 //! goodbye before the process exits.
 //!
@@ -20,23 +23,24 @@ pub mod portmap;
 
 use bytes::BytesMut;
 use isthmus_contact::beacon::{Beacon, BeaconIsland};
-use isthmus_router::driver::{spawn_session, Attach, DriverConfig, SessionHandle};
+use isthmus_router::auth::{self, IslandKeys, NONCE_LEN};
+use isthmus_router::budget::MemoryBudget;
+use isthmus_router::driver::{spawn_session, Attach, DriverConfig, Ending, Retire, SessionHandle};
 use isthmus_router::ids::{ConnId, SessionId};
 use isthmus_router::session::JoinRequest;
 use isthmus_router::wire::{
-    self, Announce, ClientFrame, Code, DecodeError, Hello, JoinToken, ServerFrame, MAX_HELLO_BYTES,
-    PREAMBLE_LEN,
+    self, Announce, ClientFrame, Code, DecodeError, Hello, HelloBody, Role, ServerFrame,
+    MAX_HELLO_BYTES, MAX_NAME_BYTES, PREAMBLE_LEN,
 };
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -47,6 +51,94 @@ pub const DEFAULT_PORT: u16 = 7470;
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections open at once, handshaking or attached; each costs two tasks and two buffers.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Connections open at once from one source address (an IPv6 source is its /64): enough for a
+/// household or an office behind one NAT, far too few to take the router's whole
+/// connection budget.
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: usize = 256;
+/// Connections from one source address still in their handshake (preamble and hello not yet
+/// read): honest replicas finish theirs in a round trip, so a pile of them is a slowloris.
+pub const DEFAULT_MAX_HANDSHAKES_PER_IP: usize = 16;
+/// Sessions alive at once; each costs a task and its history.
+pub const DEFAULT_MAX_SESSIONS: usize = 10_000;
+/// Bytes of every session's history and snapshots together (2 GiB). Sessions reserve from it
+/// before they keep anything; past 90% the router creates no new sessions.
+pub const DEFAULT_MEMORY_BUDGET_BYTES: usize = 2 * 1024 * 1024 * 1024;
+/// Islands closed by their admin that the router remembers, newest first, so they cannot be
+/// created again right away by a participant (the oldest are forgotten past this).
+pub const MAX_REMEMBERED_CLOSED: usize = 4096;
+/// Time allowed to write a refusal to a connection turned away at a bound (and to read and
+/// discard what it already sent, so closing does not reset the connection before the refusal
+/// arrives).
+pub const TURN_AWAY_TIMEOUT: Duration = Duration::from_millis(500);
+/// Turned-away connections being answered at once; past this the refusal is written only if
+/// the socket takes it without waiting, and the connection is closed.
+pub const MAX_TURNING_AWAY: usize = 1024;
+/// At most one log line per this period summarises the connections turned away at bounds.
+const TURN_AWAY_REPORT: Duration = Duration::from_secs(10);
+/// Connections the kernel queues for the accept loop (capped by the system's `somaxconn`).
+/// The usual 128 overflows under a burst of a few hundred connects: the excess SYNs are dropped
+/// and retried a second later, before the router can even turn them away.
+pub const LISTEN_BACKLOG: u32 = 4096;
+/// Bytes read and discarded from a turned-away connection, unparsed: room for a preamble and
+/// a largest hello, nothing more.
+const TURN_AWAY_DRAIN_BYTES: usize = 8 * 1024;
+
+/// Who may create an island on this router: creating costs a session (a task and memory), so an
+/// Internet-facing router should not let everyone do it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CreatePolicy {
+    /// Peers on loopback or on one of the router's own interface subnets (the default): the
+    /// household creates, friends from afar join with postcards.
+    #[default]
+    Lan,
+    /// Anyone who can reach the router (a public router).
+    Any,
+    /// Nobody: the router serves only the islands that exist (none after a restart).
+    None,
+}
+
+impl CreatePolicy {
+    /// Whether a peer may create, or a refusal that says what this router allows.
+    pub fn check(self, lan_peer: bool) -> Result<(), String> {
+        match self {
+            CreatePolicy::Any => Ok(()),
+            CreatePolicy::Lan if lan_peer => Ok(()),
+            CreatePolicy::Lan => Err(
+                "this router creates islands only for its own network (create = \"lan\"); create the island on a router near you, or ask its operator to allow \"any\""
+                    .into(),
+            ),
+            CreatePolicy::None => Err(
+                "this router creates no islands (create = \"none\"); it only serves islands that already exist on it"
+                    .into(),
+            ),
+        }
+    }
+}
+
+impl fmt::Display for CreatePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CreatePolicy::Lan => "lan",
+            CreatePolicy::Any => "any",
+            CreatePolicy::None => "none",
+        })
+    }
+}
+
+impl std::str::FromStr for CreatePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "lan" => Ok(CreatePolicy::Lan),
+            "any" => Ok(CreatePolicy::Any),
+            "none" => Ok(CreatePolicy::None),
+            other => Err(format!(
+                "create policy {other:?} is not one of \"lan\", \"any\" or \"none\""
+            )),
+        }
+    }
+}
 
 /// How the router is reachable from outside the LAN.
 #[derive(Clone, Debug, Default)]
@@ -106,10 +198,22 @@ pub struct DispatcherConfig {
     pub listen: SocketAddr,
     /// Time allowed for preamble and hello.
     pub handshake_timeout: Duration,
-    /// Cap on open connections.
+    /// Cap on open connections, handshaking or attached ([`DEFAULT_MAX_CONNECTIONS`]).
     pub max_connections: usize,
-    /// Whether a hello may create an unknown session.
-    pub allow_create: bool,
+    /// Cap on open connections from one source address ([`DEFAULT_MAX_CONNECTIONS_PER_IP`]).
+    pub max_connections_per_ip: usize,
+    /// Cap on connections from one source address still in their handshake
+    /// ([`DEFAULT_MAX_HANDSHAKES_PER_IP`]).
+    pub max_handshakes_per_ip: usize,
+    /// Cap on sessions alive at once ([`DEFAULT_MAX_SESSIONS`]).
+    pub max_sessions: usize,
+    /// Bytes of every session's history and snapshots together
+    /// ([`DEFAULT_MEMORY_BUDGET_BYTES`]). The dispatcher makes one budget of this size and puts
+    /// it in every session's `driver.session.budget` (whatever that held). The tick floor is
+    /// `driver.session.min_tick_interval`.
+    pub memory_budget_bytes: usize,
+    /// Who may create islands.
+    pub create: CreatePolicy,
     /// How the router is reachable from outside.
     pub forwarding: Forwarding,
     /// Settings of every session.
@@ -124,7 +228,11 @@ impl Default for DispatcherConfig {
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
-            allow_create: true,
+            max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+            max_handshakes_per_ip: DEFAULT_MAX_HANDSHAKES_PER_IP,
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            memory_budget_bytes: DEFAULT_MEMORY_BUDGET_BYTES,
+            create: CreatePolicy::Lan,
             forwarding: Forwarding::LanOnly,
             driver: DriverConfig::default(),
             beacon: None,
@@ -169,12 +277,114 @@ enum HandshakeError {
 
 struct Slot {
     handle: SessionHandle,
-    verifier: [u8; 32],
+    keys: IslandKeys,
     join: Option<tokio::task::JoinHandle<()>>,
     announce: Option<Announce>,
 }
 
-type Registry = Arc<Mutex<HashMap<SessionId, Slot>>>;
+/// Islands closed by their admin, newest last, at most [`MAX_REMEMBERED_CLOSED`].
+#[derive(Default)]
+struct ClosedIslands {
+    order: VecDeque<SessionId>,
+    set: HashSet<SessionId>,
+}
+
+impl ClosedIslands {
+    fn insert(&mut self, id: SessionId) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > MAX_REMEMBERED_CLOSED {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, id: &SessionId) -> bool {
+        self.set.contains(id)
+    }
+}
+
+#[derive(Default)]
+struct Reg {
+    sessions: HashMap<SessionId, Slot>,
+    closed: ClosedIslands,
+}
+
+type Registry = Arc<Mutex<Reg>>;
+
+/// A lock that survives a panic elsewhere: the maps stay consistent between statements.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Connections counted against one source.
+#[derive(Default)]
+struct SourceCount {
+    connections: usize,
+    handshakes: usize,
+}
+
+type Sources = Arc<Mutex<HashMap<IpAddr, SourceCount>>>;
+
+/// The address a source is counted under: an IPv4 address (also when it arrives IPv4-mapped),
+/// or an IPv6 address's /64, which one host or household usually holds whole.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !(u128::MAX >> 64);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+/// Held while a connection is open: a global permit and the source's connection count.
+struct ConnGuard {
+    _permit: OwnedSemaphorePermit,
+    sources: Sources,
+    source: IpAddr,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        release(&self.sources, self.source, |c| {
+            c.connections = c.connections.saturating_sub(1)
+        });
+    }
+}
+
+/// Held while a connection is in its handshake.
+struct HandshakeGuard {
+    sources: Sources,
+    source: IpAddr,
+}
+
+impl Drop for HandshakeGuard {
+    fn drop(&mut self) {
+        release(&self.sources, self.source, |c| {
+            c.handshakes = c.handshakes.saturating_sub(1)
+        });
+    }
+}
+
+fn release(sources: &Sources, source: IpAddr, f: impl FnOnce(&mut SourceCount)) {
+    let mut map = lock(sources);
+    if let Some(c) = map.get_mut(&source) {
+        f(c);
+        // Forget idle sources: the map holds only sources with open connections.
+        if c.connections == 0 && c.handshakes == 0 {
+            map.remove(&source);
+        }
+    }
+}
+
+/// What admission hands a new connection.
+struct Admission {
+    conn: ConnGuard,
+    handshake: HandshakeGuard,
+}
 
 /// A bound listener with its sessions.
 pub struct Dispatcher {
@@ -191,19 +401,25 @@ struct Shared {
     external: External,
     registry: Registry,
     next_conn: AtomicU64,
+    /// One per open connection, up to `max_connections`.
     permits: Arc<Semaphore>,
+    /// Connections and handshakes per source.
+    sources: Sources,
+    /// Turn-aways being answered.
+    turning_away: Arc<Semaphore>,
+    /// Shared by every session.
+    budget: Arc<MemoryBudget>,
 }
 
 impl Dispatcher {
     /// Binds the listening socket.
-    pub async fn bind(cfg: DispatcherConfig) -> Result<Dispatcher, DispatchError> {
-        let listener =
-            TcpListener::bind(cfg.listen)
-                .await
-                .map_err(|source| DispatchError::Bind {
-                    addr: cfg.listen,
-                    source,
-                })?;
+    pub async fn bind(mut cfg: DispatcherConfig) -> Result<Dispatcher, DispatchError> {
+        let budget = Arc::new(MemoryBudget::new(cfg.memory_budget_bytes));
+        cfg.driver.session.budget = budget.clone();
+        let listener = listen(cfg.listen).map_err(|source| DispatchError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
         let local = listener
             .local_addr()
             .map_err(|source| DispatchError::Bind {
@@ -247,10 +463,13 @@ impl Dispatcher {
             how,
             shared: Arc::new(Shared {
                 permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
+                sources: Arc::default(),
+                turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
+                budget,
                 instance: uuid::Uuid::new_v4(),
                 external,
                 cfg,
-                registry: Arc::new(Mutex::new(HashMap::new())),
+                registry: Arc::default(),
                 next_conn: AtomicU64::new(1),
             }),
         })
@@ -301,7 +520,12 @@ impl Dispatcher {
 
     /// Sessions alive now.
     pub fn session_count(&self) -> usize {
-        self.shared.registry.lock().map(|r| r.len()).unwrap_or(0)
+        lock(&self.shared.registry).sessions.len()
+    }
+
+    /// The memory budget every session reserves from (to watch it, or to fill it in tests).
+    pub fn budget(&self) -> Arc<MemoryBudget> {
+        self.shared.budget.clone()
     }
 
     /// Accepts connections until `shutdown` fires, then says goodbye to every replica.
@@ -330,16 +554,17 @@ impl Dispatcher {
                 }
             });
         }
+        // Handshakes and turn-aways; both bounded (by the connection permits and by
+        // MAX_TURNING_AWAY), so this set is too.
         let mut handshakes = JoinSet::new();
         let mut backoff = Duration::from_millis(5);
+        // Turn-aways are logged in summary, at most once per TURN_AWAY_REPORT: a flood must
+        // not flood the log too.
+        let mut turned_away = 0u64;
+        let mut reported = tokio::time::Instant::now();
         loop {
-            let permit = tokio::select! {
-                p = self.shared.permits.clone().acquire_owned() => match p {
-                    Ok(p) => p,
-                    Err(_) => break,
-                },
-                _ = shutdown.cancelled() => break,
-            };
+            // Accept even when a bound is reached: the peer hears why at once instead of
+            // waiting in the listen backlog for an answer that never comes.
             let accepted = tokio::select! {
                 r = self.listener.accept() => r,
                 _ = shutdown.cancelled() => break,
@@ -349,10 +574,27 @@ impl Dispatcher {
                 Ok((stream, peer)) => {
                     backoff = Duration::from_millis(5);
                     let _ = stream.set_nodelay(true);
-                    let shared = self.shared.clone();
-                    handshakes.spawn(async move {
-                        shared.serve(stream, peer, Box::new(permit)).await;
-                    });
+                    match self.shared.admit(peer.ip()) {
+                        Ok(admission) => {
+                            let shared = self.shared.clone();
+                            handshakes.spawn(async move {
+                                shared.serve(stream, peer, admission).await;
+                            });
+                        }
+                        Err(reason) => {
+                            debug!(%peer, "turned away: {reason}");
+                            turned_away += 1;
+                            if reported.elapsed() >= TURN_AWAY_REPORT {
+                                warn!(
+                                    "turned away {turned_away} connections at a bound in the last {:?}; the latest from {peer}: {reason}",
+                                    reported.elapsed()
+                                );
+                                turned_away = 0;
+                                reported = tokio::time::Instant::now();
+                            }
+                            self.shared.turn_away(stream, reason, &mut handshakes);
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -372,12 +614,87 @@ impl Dispatcher {
 }
 
 impl Shared {
-    async fn serve(&self, mut stream: TcpStream, peer: SocketAddr, guard: Box<dyn Send + Sync>) {
+    /// Counts a new connection against the global and per-source bounds, or says which bound
+    /// it meets.
+    fn admit(&self, ip: IpAddr) -> Result<Admission, String> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            return Err(format!(
+                "this router is at its limit of {} open connections; try again later",
+                self.cfg.max_connections
+            ));
+        };
+        let source = source_of(ip);
+        let mut map = lock(&self.sources);
+        let (connections, handshakes) = map
+            .get(&source)
+            .map_or((0, 0), |c| (c.connections, c.handshakes));
+        if connections >= self.cfg.max_connections_per_ip {
+            return Err(format!(
+                "{source} already has {connections} connections open to this router, its limit per address; close some and try again"
+            ));
+        }
+        if handshakes >= self.cfg.max_handshakes_per_ip {
+            return Err(format!(
+                "{source} already has {handshakes} handshakes in progress with this router, its limit per address; try again in a moment"
+            ));
+        }
+        let count = map.entry(source).or_default();
+        count.connections += 1;
+        count.handshakes += 1;
+        drop(map);
+        Ok(Admission {
+            conn: ConnGuard {
+                _permit: permit,
+                sources: self.sources.clone(),
+                source,
+            },
+            handshake: HandshakeGuard {
+                sources: self.sources.clone(),
+                source,
+            },
+        })
+    }
+
+    /// Answers a connection past a bound with our preamble and a `Refuse` BUSY, without reading
+    /// its hello; the work is bounded in time ([`TURN_AWAY_TIMEOUT`]), bytes and concurrency
+    /// ([`MAX_TURNING_AWAY`]).
+    fn turn_away(&self, stream: TcpStream, reason: String, tasks: &mut JoinSet<()>) {
+        // A refused connection never signs anything, so its nonce needs no randomness.
+        let mut frame = BytesMut::from(&wire::router_preamble(&[0; NONCE_LEN])[..]);
+        wire::encode_into(
+            &ServerFrame::Refuse {
+                code: Code::BUSY,
+                reason,
+            },
+            &mut frame,
+        );
+        match self.turning_away.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    turn_away(stream, &frame).await;
+                });
+            }
+            Err(_) => {
+                // A fresh socket's send buffer takes a hundred bytes without waiting.
+                let _ = stream.try_write(&frame);
+            }
+        }
+    }
+
+    async fn serve(&self, mut stream: TcpStream, peer: SocketAddr, admission: Admission) {
+        let Admission { conn, handshake } = admission;
         let timeout = self.cfg.handshake_timeout;
+        let nonce = auth::fresh_nonce();
         let mut greeted = false;
         let result = tokio::time::timeout(
             timeout,
-            handshake(&mut stream, self.cfg.driver.max_frame_bytes, &mut greeted),
+            read_hello(
+                &mut stream,
+                &nonce,
+                self.cfg.driver.max_frame_bytes,
+                &mut greeted,
+            ),
         )
         .await
         .unwrap_or(Err(HandshakeError::Timeout(timeout)));
@@ -404,32 +721,42 @@ impl Shared {
                 return;
             }
         };
+        let session = hello.body.session;
+        if let Err((code, reason)) = check_hello(&nonce, &hello) {
+            info!(%peer, %session, "refused: {code}: {reason}");
+            refuse(&mut stream, code, &reason).await;
+            return;
+        }
+        let body = hello.body;
         let local = stream.local_addr().unwrap_or(self.cfg.listen);
+        let host = contacts::local_addrs();
+        let lan = contacts::is_lan_peer(peer.ip(), &host);
         let contacts = contacts::contacts_for(
             self.cfg.listen,
             local,
             peer,
-            &contacts::local_addrs(),
+            &host,
             self.external.current(),
             self.instance,
         );
-        let conn = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
-        let session = hello.session;
+        let conn_id = ConnId(self.next_conn.fetch_add(1, Ordering::Relaxed));
         let attach = Attach {
-            conn,
+            conn: conn_id,
             request: JoinRequest {
-                replica: hello.replica,
-                name: hello.name.clone(),
-                role: hello.role,
-                resume_from: hello.resume_from,
+                replica: body.replica,
+                name: body.name.clone(),
+                role: body.role,
+                resume_from: body.resume_from,
                 contacts,
                 created: false,
+                nonce,
+                control: body.control,
             },
             stream: Box::new(stream),
             leftover,
-            guard: Some(guard),
+            guard: Some(Box::new(conn)),
         };
-        if let Err((mut attach, code, reason)) = self.route(&hello, attach) {
+        if let Err((mut attach, code, reason)) = self.route(&body, lan, attach) {
             info!(%peer, %session, "refused: {code}: {reason}");
             let stream = &mut attach.stream;
             let frame = wire::encode(&ServerFrame::Refuse { code, reason });
@@ -439,111 +766,157 @@ impl Shared {
             })
             .await;
         } else {
-            debug!(%peer, %session, ?conn, "attached");
+            debug!(%peer, %session, conn = ?conn_id, "attached");
+        }
+        drop(handshake);
+    }
+
+    /// Finds or creates the session and hands it the connection, or says why not. The hello
+    /// has been verified; `lan` says whether the peer is on the router's own network.
+    #[allow(clippy::result_large_err)]
+    fn route(
+        &self,
+        body: &HelloBody,
+        lan: bool,
+        mut attach: Attach,
+    ) -> Result<(), (Attach, Code, String)> {
+        let id = body.session;
+        loop {
+            let mut reg = lock(&self.registry);
+            if let Some(slot) = reg.sessions.get(&id) {
+                // The id commits to the keys, so this holds for any verified hello; checked
+                // anyway because the registry must never mix two islands.
+                if slot.keys != body.keys {
+                    return Err((
+                        attach,
+                        Code::BAD_CREDENTIALS,
+                        "the island keys do not match this session's; the postcard is not for this island".into(),
+                    ));
+                }
+                match slot.handle.attach(attach) {
+                    Ok(()) => return Ok(()),
+                    Err(back) => {
+                        // The session ended between lookup and attach: forget it, try again.
+                        attach = *back;
+                        reg.sessions.remove(&id);
+                        continue;
+                    }
+                }
+            }
+            if reg.closed.contains(&id) {
+                return Err((
+                    attach,
+                    Code::CLOSED,
+                    format!(
+                        "island {id} was closed by its admin; it cannot be joined or created again"
+                    ),
+                ));
+            }
+            let Some(opts) = body.create.as_ref().filter(|_| !body.control) else {
+                return Err((
+                    attach,
+                    Code::UNKNOWN_SESSION,
+                    format!(
+                        "this router has no session {id}; it may have ended or the router restarted (a participant can create it again)"
+                    ),
+                ));
+            };
+            if let Err((code, reason)) = self.may_create(body, opts, lan, reg.sessions.len()) {
+                return Err((attach, code, reason));
+            }
+            let mut driver = self.cfg.driver.clone();
+            driver.session = driver.session.with_create_options(opts);
+            let retire = retire_from(Arc::downgrade(&self.registry), id);
+            let (handle, join) = spawn_session(id, body.keys, driver, retire);
+            info!(session = %id, "session created");
+            attach.request.created = true;
+            if let Err(back) = handle.attach(attach) {
+                return Err((*back, Code::BUSY, "session failed to start".into()));
+            }
+            reg.sessions.insert(
+                id,
+                Slot {
+                    handle,
+                    keys: body.keys,
+                    join: Some(join),
+                    announce: opts.announce.clone(),
+                },
+            );
+            return Ok(());
         }
     }
 
-    /// Finds or creates the session and hands it the connection, or says why not.
-    #[allow(clippy::result_large_err)]
-    fn route(&self, hello: &Hello, mut attach: Attach) -> Result<(), (Attach, Code, String)> {
-        let offered = verifier(&hello.token);
-        loop {
-            let Ok(mut reg) = self.registry.lock() else {
-                return Err((attach, Code::BUSY, "router state poisoned".into()));
-            };
-            match reg.get(&hello.session) {
-                Some(slot) => {
-                    if !bool::from(slot.verifier.ct_eq(&offered)) {
-                        return Err((
-                            attach,
-                            Code::BAD_TOKEN,
-                            "the join token does not match this island's; ask for a fresh postcard"
-                                .into(),
-                        ));
-                    }
-                    match slot.handle.attach(attach) {
-                        Ok(()) => return Ok(()),
-                        Err(back) => {
-                            // The session ended between lookup and attach: forget it, try again.
-                            attach = *back;
-                            reg.remove(&hello.session);
-                            continue;
-                        }
-                    }
+    /// Whether this verified hello may create its island now, or the refusal.
+    fn may_create(
+        &self,
+        body: &HelloBody,
+        opts: &wire::CreateOptions,
+        lan: bool,
+        sessions: usize,
+    ) -> Result<(), (Code, String)> {
+        if !body.role.may_send() {
+            return Err((
+                Code::PROTOCOL_VIOLATION,
+                "observers cannot create an island; a participant or the admin must create it first".into(),
+            ));
+        }
+        self.cfg
+            .create
+            .check(lan)
+            .map_err(|r| (Code::CREATE_NOT_ALLOWED, r))?;
+        if let Some(a) = &opts.announce {
+            if a.name.len() > isthmus_contact::MAX_ISLAND_NAME_BYTES {
+                return Err((
+                    Code::PROTOCOL_VIOLATION,
+                    format!(
+                        "island names are at most {} bytes",
+                        isthmus_contact::MAX_ISLAND_NAME_BYTES
+                    ),
+                ));
+            }
+            if let Some(secret) = &a.secret {
+                if !lan {
+                    return Err((
+                        Code::PROTOCOL_VIOLATION,
+                        "a LAN-open island's secret is accepted only from the router's own network; from afar, announce the island without it (private)".into(),
+                    ));
                 }
-                None => {
-                    let Some(opts) = &hello.create else {
-                        return Err((
-                            attach,
-                            Code::UNKNOWN_SESSION,
-                            format!(
-                                "this router has no session {}; it may have ended or the router restarted",
-                                hello.session
-                            ),
-                        ));
-                    };
-                    if !self.cfg.allow_create {
-                        return Err((
-                            attach,
-                            Code::UNKNOWN_SESSION,
-                            "this router does not create sessions".into(),
-                        ));
-                    }
-                    if let Some(a) = &opts.announce {
-                        if a.name.len() > isthmus_contact::MAX_ISLAND_NAME_BYTES {
-                            return Err((
-                                attach,
-                                Code::PROTOCOL_VIOLATION,
-                                format!(
-                                    "island names are at most {} bytes",
-                                    isthmus_contact::MAX_ISLAND_NAME_BYTES
-                                ),
-                            ));
-                        }
-                    }
-                    let mut driver = self.cfg.driver.clone();
-                    driver.session = driver.session.with_create_options(opts);
-                    let registry = Arc::downgrade(&self.registry);
-                    let id = hello.session;
-                    let retire = Box::new(move |attach_pending: &dyn Fn() -> bool| {
-                        let Some(registry) = registry.upgrade() else {
-                            return true;
-                        };
-                        let Ok(mut reg) = registry.lock() else {
-                            return true;
-                        };
-                        if attach_pending() {
-                            return false;
-                        }
-                        reg.remove(&id);
-                        true
-                    });
-                    let (handle, join) = spawn_session(id, driver, retire);
-                    info!(session = %id, "session created");
-                    attach.request.created = true;
-                    if let Err(back) = handle.attach(attach) {
-                        return Err((*back, Code::BUSY, "session failed to start".into()));
-                    }
-                    reg.insert(
-                        id,
-                        Slot {
-                            handle,
-                            verifier: offered,
-                            join: Some(join),
-                            announce: opts.announce.clone(),
-                        },
-                    );
-                    return Ok(());
+                if !auth::is_participant_secret(&body.keys, secret) {
+                    return Err((
+                        Code::PROTOCOL_VIOLATION,
+                        "the announced secret is not this island's participant secret".into(),
+                    ));
                 }
             }
         }
+        if sessions >= self.cfg.max_sessions {
+            return Err((
+                Code::BUSY,
+                format!(
+                    "this router is at its limit of {} sessions; try again later or use another router",
+                    self.cfg.max_sessions
+                ),
+            ));
+        }
+        if self.budget.nearly_full() {
+            return Err((
+                Code::BUSY,
+                format!(
+                    "this router's memory budget for histories and snapshots is nearly used up ({} of {} MiB); it creates no sessions until some end",
+                    self.budget.used() / (1024 * 1024),
+                    self.budget.limit() / (1024 * 1024)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     async fn shutdown(&self) {
-        let slots: Vec<Slot> = match self.registry.lock() {
-            Ok(mut reg) => reg.drain().map(|(_, s)| s).collect(),
-            Err(_) => Vec::new(),
-        };
+        let slots: Vec<Slot> = lock(&self.registry)
+            .sessions
+            .drain()
+            .map(|(_, s)| s)
+            .collect();
         info!(
             sessions = slots.len(),
             "shutting down: saying goodbye to every replica"
@@ -559,26 +932,109 @@ impl Shared {
     }
 }
 
-/// The islands to put in the beacon now.
-fn announced(registry: &Mutex<HashMap<SessionId, Slot>>) -> Vec<BeaconIsland> {
-    let Ok(reg) = registry.lock() else {
-        return Vec::new();
+/// What a session asks before it ends: an expired one goes unless an attach is on its way; a
+/// closed one always goes, and its id is remembered so it is not created again.
+fn retire_from(registry: std::sync::Weak<Mutex<Reg>>, id: SessionId) -> Retire {
+    Box::new(move |ending: Ending, attach_pending: &dyn Fn() -> bool| {
+        let Some(registry) = registry.upgrade() else {
+            return true;
+        };
+        let mut reg = lock(&registry);
+        match ending {
+            Ending::Expired => {
+                if attach_pending() {
+                    return false;
+                }
+                reg.sessions.remove(&id);
+            }
+            Ending::Closed => {
+                reg.sessions.remove(&id);
+                reg.closed.insert(id);
+            }
+        }
+        true
+    })
+}
+
+/// The checks of a hello that need no registry: its signatures over this connection's nonce
+/// (which also prove the keys commit to the session id), its size limits and its role.
+fn check_hello(nonce: &[u8; NONCE_LEN], hello: &Hello) -> Result<(), (Code, String)> {
+    auth::verify_hello(nonce, hello).map_err(|e| (Code::BAD_CREDENTIALS, e.to_string()))?;
+    let body = &hello.body;
+    if body.name.len() > MAX_NAME_BYTES {
+        return Err((
+            Code::PROTOCOL_VIOLATION,
+            format!(
+                "name too long: {} bytes, at most {MAX_NAME_BYTES}",
+                body.name.len()
+            ),
+        ));
+    }
+    if body.control && body.role != Role::Admin {
+        return Err((
+            Code::PROTOCOL_VIOLATION,
+            "only the admin may open a control connection".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Binds the listening socket with a backlog of [`LISTEN_BACKLOG`].
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
     };
-    reg.iter()
+    // As std does: a restarted router rebinds its port while old connections linger in
+    // TIME_WAIT. (On Windows the option means something else, and is not needed.)
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Writes a refusal, closes our side, and reads and discards what the peer already sent (a
+/// bounded amount, never parsed) so the close does not reset the connection first.
+async fn turn_away(mut stream: TcpStream, frame: &[u8]) {
+    let _ = tokio::time::timeout(TURN_AWAY_TIMEOUT, async {
+        stream.write_all(frame).await?;
+        stream.shutdown().await?;
+        let mut buf = [0u8; 1024];
+        let mut drained = 0;
+        while drained < TURN_AWAY_DRAIN_BYTES {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => drained += n,
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
+/// The islands to put in the beacon now.
+fn announced(registry: &Mutex<Reg>) -> Vec<BeaconIsland> {
+    lock(registry)
+        .sessions
+        .iter()
         .filter_map(|(id, slot)| {
             slot.announce.as_ref().map(|a| BeaconIsland {
                 session: *id,
                 name: a.name.clone(),
                 destination: a.destination,
+                admin_key: slot.keys.admin,
                 secret: a.secret,
             })
         })
         .collect()
 }
 
-/// Reads and checks the preamble, answers with ours, then reads the hello.
-async fn handshake(
+/// Reads and checks the preamble, answers with ours and this connection's nonce, then reads the
+/// hello (not yet verified).
+async fn read_hello(
     stream: &mut TcpStream,
+    nonce: &[u8; NONCE_LEN],
     max_frame: usize,
     greeted: &mut bool,
 ) -> Result<(Hello, BytesMut), HandshakeError> {
@@ -586,13 +1042,13 @@ async fn handshake(
     read_exact(stream, &mut pre).await?;
     if let Err(e) = wire::check_preamble(&pre) {
         if matches!(e, DecodeError::UnsupportedVersion { .. }) {
-            // Our preamble tells an old or new peer which version we speak.
+            // Our plain preamble tells an old or new peer which version we speak.
             stream.write_all(&wire::preamble()).await?;
             *greeted = true;
         }
         return Err(e.into());
     }
-    stream.write_all(&wire::preamble()).await?;
+    stream.write_all(&wire::router_preamble(nonce)).await?;
     *greeted = true;
     let mut buf = BytesMut::with_capacity(1024);
     loop {
@@ -629,10 +1085,228 @@ async fn refuse(stream: &mut TcpStream, code: Code, reason: &str) {
     .await;
 }
 
-/// What the router keeps of a join token: its hash, compared in constant time.
-fn verifier(token: &JoinToken) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(b"isthmus join token verifier v1");
-    h.update(token.0);
-    h.finalize().into()
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_router::auth::{Capability, KeyPair};
+
+    fn hello(cap: &Capability, admin: &Capability, nonce: &[u8; NONCE_LEN]) -> Hello {
+        let keys = auth::island_keys(admin).expect("admin capability");
+        let me = KeyPair::random();
+        let body = HelloBody {
+            session: keys.session_id(),
+            keys,
+            replica: auth::replica_id_for(&me.public()),
+            replica_key: me.public(),
+            name: "ada".into(),
+            role: cap.role(),
+            resume_from: None,
+            create: None,
+            control: false,
+        };
+        auth::sign_hello(nonce, body, &cap.key_pair(), &me)
+    }
+
+    #[test]
+    fn hellos_are_checked_for_signature_name_and_control() {
+        let admin = Capability::new_island();
+        let part = admin.weaker().expect("participant");
+        let nonce = auth::fresh_nonce();
+        assert_eq!(check_hello(&nonce, &hello(&part, &admin, &nonce)), Ok(()));
+        let replayed = check_hello(&auth::fresh_nonce(), &hello(&part, &admin, &nonce));
+        assert_eq!(replayed.map_err(|e| e.0), Err(Code::BAD_CREDENTIALS));
+
+        let mut h = hello(&part, &admin, &nonce);
+        h.body.name = "x".repeat(MAX_NAME_BYTES + 1);
+        let me = KeyPair::random();
+        h.body.replica_key = me.public();
+        h.body.replica = auth::replica_id_for(&me.public());
+        let h = auth::sign_hello(&nonce, h.body, &part.key_pair(), &me);
+        let (code, reason) = check_hello(&nonce, &h).expect_err("too long");
+        assert_eq!(code, Code::PROTOCOL_VIOLATION);
+        assert!(reason.contains("name too long"), "{reason}");
+
+        let mut h = hello(&part, &admin, &nonce);
+        h.body.control = true;
+        let me = KeyPair::random();
+        h.body.replica_key = me.public();
+        h.body.replica = auth::replica_id_for(&me.public());
+        let h = auth::sign_hello(&nonce, h.body, &part.key_pair(), &me);
+        assert_eq!(
+            check_hello(&nonce, &h).map_err(|e| e.0),
+            Err(Code::PROTOCOL_VIOLATION)
+        );
+    }
+
+    #[test]
+    fn the_create_policy_says_what_it_allows() {
+        assert!(CreatePolicy::Any.check(false).is_ok());
+        assert!(CreatePolicy::Lan.check(true).is_ok());
+        let lan = CreatePolicy::Lan.check(false).expect_err("remote");
+        assert!(lan.contains("own network"), "{lan}");
+        let none = CreatePolicy::None.check(true).expect_err("nobody");
+        assert!(none.contains("creates no islands"), "{none}");
+        for p in [CreatePolicy::Lan, CreatePolicy::Any, CreatePolicy::None] {
+            assert_eq!(p.to_string().parse::<CreatePolicy>(), Ok(p));
+        }
+        assert!("open".parse::<CreatePolicy>().is_err());
+    }
+
+    #[test]
+    fn closed_islands_are_remembered_up_to_the_bound() {
+        let mut closed = ClosedIslands::default();
+        let ids: Vec<SessionId> = (0..MAX_REMEMBERED_CLOSED as u128 + 10)
+            .map(|i| SessionId(uuid::Uuid::from_u128(i)))
+            .collect();
+        for id in &ids {
+            closed.insert(*id);
+            closed.insert(*id);
+        }
+        assert_eq!(closed.order.len(), MAX_REMEMBERED_CLOSED);
+        assert_eq!(closed.set.len(), MAX_REMEMBERED_CLOSED);
+        assert!(!closed.contains(&ids[9]), "the oldest are forgotten");
+        assert!(closed.contains(&ids[10]));
+        assert!(closed.contains(ids.last().expect("some")));
+    }
+
+    #[test]
+    fn sources_are_addresses_or_ipv6_slash_64s() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("literal");
+        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:bbbb::9")),
+            source_of(ip("2001:db8:1:2:aaaa::1"))
+        );
+    }
+
+    #[tokio::test]
+    async fn per_source_counts_are_bounded_and_released() {
+        let cfg = DispatcherConfig {
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            max_connections: 3,
+            max_connections_per_ip: 2,
+            max_handshakes_per_ip: 1,
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::bind(cfg).await.expect("bind");
+        let s = &d.shared;
+        let a = ip("127.0.0.1");
+        let b = ip("127.0.0.2");
+        let first = s.admit(a).expect("first");
+        let busy = s.admit(a).err().expect("second handshake");
+        assert!(busy.contains("handshakes in progress"), "{busy}");
+        drop(first.handshake);
+        let second = s.admit(a).expect("handshake slot free again");
+        drop(second.handshake);
+        let over = s.admit(a).err().expect("third connection");
+        assert!(over.contains("2 connections open"), "{over}");
+        let third = s.admit(b).expect("another source");
+        let full = s.admit(ip("127.0.0.3")).err().expect("global bound");
+        assert!(full.contains("limit of 3 open connections"), "{full}");
+        drop((first.conn, second.conn, third));
+        assert!(lock(&s.sources).is_empty(), "idle sources are forgotten");
+        assert!(s.admit(ip("127.0.0.3")).is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_beacon_lists_announced_islands_with_their_admin_key() {
+        let admin = Capability::new_island();
+        let keys = auth::island_keys(&admin).expect("admin capability");
+        let id = keys.session_id();
+        let (handle, join) =
+            spawn_session(id, keys, DriverConfig::default(), Box::new(|_, _| true));
+        let registry: Registry = Arc::default();
+        lock(&registry).sessions.insert(
+            id,
+            Slot {
+                handle: handle.clone(),
+                keys,
+                join: None,
+                announce: Some(Announce {
+                    name: "den".into(),
+                    destination: None,
+                    secret: None,
+                }),
+            },
+        );
+        let listed = announced(&registry);
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].session, id);
+        assert_eq!(listed[0].admin_key, keys.admin);
+        assert_eq!(listed[0].secret, None);
+        handle.shutdown().await;
+        join.await.expect("session ends");
+    }
+
+    fn attach_for(body: &HelloBody) -> Attach {
+        let (ours, _theirs) = tokio::io::duplex(1024);
+        Attach {
+            conn: ConnId(1),
+            request: JoinRequest {
+                replica: body.replica,
+                name: body.name.clone(),
+                role: body.role,
+                resume_from: None,
+                contacts: Default::default(),
+                created: false,
+                nonce: [0; NONCE_LEN],
+                control: false,
+            },
+            stream: Box::new(ours),
+            leftover: BytesMut::new(),
+            guard: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_island_closed_by_its_admin_is_not_created_again() {
+        let cfg = DispatcherConfig {
+            listen: "127.0.0.1:0".parse().expect("literal"),
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::bind(cfg).await.expect("bind");
+        let s = &d.shared;
+        let admin = Capability::new_island();
+        let part = admin.weaker().expect("participant");
+        let mut body = hello(&part, &admin, &[0; NONCE_LEN]).body;
+        body.create = Some(wire::CreateOptions::default());
+        let id = body.session;
+        assert!(s.route(&body, true, attach_for(&body)).is_ok(), "created");
+        assert_eq!(d.session_count(), 1);
+
+        // An expired session waits for an attach on its way, then goes and may come back.
+        let retire = retire_from(Arc::downgrade(&s.registry), id);
+        assert!(!retire(Ending::Expired, &|| true));
+        assert_eq!(d.session_count(), 1);
+        // Closed by its admin: it goes whatever is pending, and is remembered.
+        assert!(retire(Ending::Closed, &|| true));
+        assert_eq!(d.session_count(), 0);
+        for create in [true, false] {
+            let mut b = body.clone();
+            if !create {
+                b.create = None;
+            }
+            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b)) else {
+                panic!("a closed island was routed");
+            };
+            assert_eq!(code, Code::CLOSED, "{reason}");
+        }
+        // Another island is created as usual.
+        let other = Capability::new_island();
+        let mut b = hello(
+            &other.weaker().expect("participant"),
+            &other,
+            &[0; NONCE_LEN],
+        )
+        .body;
+        b.create = Some(wire::CreateOptions::default());
+        assert!(s.route(&b, true, attach_for(&b)).is_ok());
+        d.shared.shutdown().await;
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().expect("literal")
+    }
 }

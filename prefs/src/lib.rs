@@ -52,6 +52,17 @@ pub enum Fallback {
     Fail,
 }
 
+/// Who may create islands on the router (the dispatcher's create policy).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateMode {
+    /// Peers on loopback or the router's own subnets (the router's default).
+    Lan,
+    /// Anyone who reaches the router.
+    Any,
+    /// Nobody.
+    None,
+}
+
 /// UPnP settings of a profile.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpnpPrefs {
@@ -86,6 +97,16 @@ pub struct LimitPrefs {
     pub handshake_timeout_ms: Option<u64>,
     /// Silence after which a replica is dropped.
     pub idle_timeout_ms: Option<u64>,
+    /// Sessions alive at once.
+    pub max_sessions: Option<u64>,
+    /// Connections open at once from one source address.
+    pub max_connections_per_ip: Option<u64>,
+    /// Handshakes in progress at once from one source address.
+    pub max_handshakes_per_ip: Option<u64>,
+    /// MiB for every session's history and snapshots together.
+    pub memory_budget_mb: Option<u64>,
+    /// The shortest tick interval a creator or admin may ask for, in ms.
+    pub min_tick_ms: Option<u64>,
 }
 
 /// One profile. Unset fields take the router's defaults; command-line flags override both.
@@ -109,6 +130,8 @@ pub struct Profile {
     pub tick_ms: Option<u64>,
     /// Milliseconds an empty session lingers.
     pub linger_ms: Option<u64>,
+    /// Who may create islands.
+    pub create: Option<CreateMode>,
     /// UPnP settings.
     pub upnp: UpnpPrefs,
     /// Limits.
@@ -203,30 +226,41 @@ const BUILTINS: [&str; 2] = ["lan", "upnp"];
 enum Kind {
     Forwarding,
     Fallback,
+    Create,
     Addr,
     Ip,
     Port,
     Bool,
     U32,
-    U64,
+    /// A whole number within an inclusive range.
+    Range(u64, u64),
     Text,
 }
 
 impl Kind {
-    fn allowed(self) -> &'static str {
+    fn allowed(self) -> String {
         match self {
-            Kind::Forwarding => "\"lan-only\", \"manual\" or \"upnp\"",
-            Kind::Fallback => "\"lan-only\" or \"fail\"",
-            Kind::Addr => "an \"IP:PORT\" string",
-            Kind::Ip => "an IP address string, e.g. \"0.0.0.0\"",
-            Kind::Port => "a whole number from 1 to 65535",
-            Kind::Bool => "true or false",
-            Kind::U32 => "a whole number from 1 to 4294967295",
-            Kind::U64 => "a positive whole number",
-            Kind::Text => "a string of at most 64 characters",
+            Kind::Forwarding => "\"lan-only\", \"manual\" or \"upnp\"".into(),
+            Kind::Fallback => "\"lan-only\" or \"fail\"".into(),
+            Kind::Create => "\"lan\", \"any\" or \"none\"".into(),
+            Kind::Addr => "an \"IP:PORT\" string".into(),
+            Kind::Ip => "an IP address string, e.g. \"0.0.0.0\"".into(),
+            Kind::Port => "a whole number from 1 to 65535".into(),
+            Kind::Bool => "true or false".into(),
+            Kind::U32 => "a whole number from 1 to 4294967295".into(),
+            Kind::Range(lo, hi) => format!("a whole number from {lo} to {hi}"),
+            Kind::Text => "a string of at most 64 characters".into(),
         }
     }
 }
+
+const MIB: u64 = 1024 * 1024;
+
+/// The smallest `limits.max_frame_bytes`: a frame must hold the largest hello (the wire's
+/// `MAX_HELLO_BYTES`).
+pub const MIN_FRAME_BYTES: u64 = 4096;
+/// The largest `limits.max_frame_bytes` (the wire's `HARD_MAX_FRAME_BYTES`).
+pub const MAX_FRAME_BYTES: u64 = 16 * MIB;
 
 /// Every key a profile may have.
 const KEYS: &[(&str, Kind)] = &[
@@ -236,23 +270,48 @@ const KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Ip),
     ("beacon", Kind::Bool),
     ("beacon_port", Kind::Port),
-    ("beacon_interval_ms", Kind::U64),
-    ("tick_ms", Kind::U64),
-    ("linger_ms", Kind::U64),
+    ("beacon_interval_ms", Kind::Range(100, 3_600_000)),
+    ("tick_ms", Kind::Range(1, 60_000)),
+    ("linger_ms", Kind::Range(1, 86_400_000)),
+    ("create", Kind::Create),
     ("upnp.lease_secs", Kind::U32),
     ("upnp.external_port", Kind::Port),
     ("upnp.description", Kind::Text),
     ("upnp.fallback", Kind::Fallback),
-    ("limits.max_connections", Kind::U64),
-    ("limits.max_frame_bytes", Kind::U64),
-    ("limits.max_payload_bytes", Kind::U64),
-    ("limits.max_outbound_bytes", Kind::U64),
-    ("limits.max_history_messages", Kind::U64),
-    ("limits.max_history_bytes", Kind::U64),
-    ("limits.max_snapshot_bytes", Kind::U64),
-    ("limits.handshake_timeout_ms", Kind::U64),
-    ("limits.idle_timeout_ms", Kind::U64),
+    ("limits.max_connections", Kind::Range(1, 1_000_000)),
+    (
+        "limits.max_frame_bytes",
+        Kind::Range(MIN_FRAME_BYTES, MAX_FRAME_BYTES),
+    ),
+    ("limits.max_payload_bytes", Kind::Range(1, MAX_FRAME_BYTES)),
+    (
+        "limits.max_outbound_bytes",
+        Kind::Range(64 * 1024, 4096 * MIB),
+    ),
+    ("limits.max_history_messages", Kind::Range(16, 100_000_000)),
+    (
+        "limits.max_history_bytes",
+        Kind::Range(64 * 1024, 64 * 1024 * MIB),
+    ),
+    ("limits.max_snapshot_bytes", Kind::Range(4096, 4096 * MIB)),
+    ("limits.handshake_timeout_ms", Kind::Range(100, 600_000)),
+    ("limits.idle_timeout_ms", Kind::Range(1_000, 86_400_000)),
+    ("limits.max_sessions", Kind::Range(1, 1_000_000)),
+    ("limits.max_connections_per_ip", Kind::Range(1, 1_000_000)),
+    ("limits.max_handshakes_per_ip", Kind::Range(1, 100_000)),
+    ("limits.memory_budget_mb", Kind::Range(16, 1024 * 1024)),
+    ("limits.min_tick_ms", Kind::Range(1, 60_000)),
 ];
+
+/// Checks a number given for `key` on the command line against the range the file allows, so
+/// flags and profiles obey the same bounds. `Err` says what is allowed.
+pub fn check_number(key: &str, n: u64) -> Result<(), String> {
+    match kind_of(key) {
+        Some(Kind::Range(lo, hi)) if (lo..=hi).contains(&n) => Ok(()),
+        Some(kind @ Kind::Range(..)) => Err(format!("must be {}, not {n}", kind.allowed())),
+        _ => Err(format!("`{key}` is not a numeric setting")),
+    }
+}
 
 /// The names a profile may set, for help text.
 pub fn keys() -> impl Iterator<Item = &'static str> {
@@ -270,6 +329,9 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
             .as_str()
             .is_some_and(|s| matches!(s, "lan-only" | "manual" | "upnp")),
         Kind::Fallback => v.as_str().is_some_and(|s| matches!(s, "lan-only" | "fail")),
+        Kind::Create => v
+            .as_str()
+            .is_some_and(|s| matches!(s, "lan" | "any" | "none")),
         Kind::Addr => v.as_str().is_some_and(|s| s.parse::<SocketAddr>().is_ok()),
         Kind::Ip => v.as_str().is_some_and(|s| s.parse::<IpAddr>().is_ok()),
         Kind::Port => v.as_integer().is_some_and(|n| (1..=65535).contains(&n)),
@@ -277,7 +339,10 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
         Kind::U32 => v
             .as_integer()
             .is_some_and(|n| (1..=i64::from(u32::MAX)).contains(&n)),
-        Kind::U64 => v.as_integer().is_some_and(|n| n >= 1),
+        Kind::Range(lo, hi) => v
+            .as_integer()
+            .and_then(|n| u64::try_from(n).ok())
+            .is_some_and(|n| (lo..=hi).contains(&n)),
         Kind::Text => v.as_str().is_some_and(|s| s.chars().count() <= 64),
     };
     if ok {
@@ -310,6 +375,13 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "beacon_interval_ms" => p.beacon_interval_ms = Some(n()),
         "tick_ms" => p.tick_ms = Some(n()),
         "linger_ms" => p.linger_ms = Some(n()),
+        "create" => {
+            p.create = Some(match v.as_str() {
+                Some("any") => CreateMode::Any,
+                Some("none") => CreateMode::None,
+                _ => CreateMode::Lan,
+            })
+        }
         "upnp.lease_secs" => p.upnp.lease_secs = Some(n() as u32),
         "upnp.external_port" => p.upnp.external_port = Some(n() as u16),
         "upnp.description" => p.upnp.description = Some(s()),
@@ -329,6 +401,11 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "limits.max_snapshot_bytes" => p.limits.max_snapshot_bytes = Some(n()),
         "limits.handshake_timeout_ms" => p.limits.handshake_timeout_ms = Some(n()),
         "limits.idle_timeout_ms" => p.limits.idle_timeout_ms = Some(n()),
+        "limits.max_sessions" => p.limits.max_sessions = Some(n()),
+        "limits.max_connections_per_ip" => p.limits.max_connections_per_ip = Some(n()),
+        "limits.max_handshakes_per_ip" => p.limits.max_handshakes_per_ip = Some(n()),
+        "limits.memory_budget_mb" => p.limits.memory_budget_mb = Some(n()),
+        "limits.min_tick_ms" => p.limits.min_tick_ms = Some(n()),
         _ => {}
     }
 }
@@ -510,7 +587,7 @@ impl Prefs {
             )));
         }
         let v: Value = match kind {
-            Kind::Port | Kind::U32 | Kind::U64 => value
+            Kind::Port | Kind::U32 | Kind::Range(..) => value
                 .trim()
                 .parse::<i64>()
                 .map(Value::from)
@@ -674,6 +751,12 @@ impl fmt::Display for Profile {
         line(f, "beacon_interval_ms", &self.beacon_interval_ms, false)?;
         line(f, "tick_ms", &self.tick_ms, false)?;
         line(f, "linger_ms", &self.linger_ms, false)?;
+        let create = self.create.map(|c| match c {
+            CreateMode::Lan => "lan",
+            CreateMode::Any => "any",
+            CreateMode::None => "none",
+        });
+        line(f, "create", &create, true)?;
         line(f, "upnp.lease_secs", &self.upnp.lease_secs, false)?;
         line(f, "upnp.external_port", &self.upnp.external_port, false)?;
         line(f, "upnp.description", &self.upnp.description, true)?;
@@ -701,7 +784,22 @@ impl fmt::Display for Profile {
             &l.handshake_timeout_ms,
             false,
         )?;
-        line(f, "limits.idle_timeout_ms", &l.idle_timeout_ms, false)
+        line(f, "limits.idle_timeout_ms", &l.idle_timeout_ms, false)?;
+        line(f, "limits.max_sessions", &l.max_sessions, false)?;
+        line(
+            f,
+            "limits.max_connections_per_ip",
+            &l.max_connections_per_ip,
+            false,
+        )?;
+        line(
+            f,
+            "limits.max_handshakes_per_ip",
+            &l.max_handshakes_per_ip,
+            false,
+        )?;
+        line(f, "limits.memory_budget_mb", &l.memory_budget_mb, false)?;
+        line(f, "limits.min_tick_ms", &l.min_tick_ms, false)
     }
 }
 
@@ -786,12 +884,65 @@ port = 7471
         let (line, msg) = invalid("default = \"ghost\"\n");
         assert_eq!(line, 1);
         assert!(msg.contains("ghost"), "{msg}");
+        let (line, msg) =
+            invalid("[profiles.x]\nport = 7470\n\n[profiles.x.limits]\nmax_frame_bytes = 10\n");
+        assert_eq!(line, 5);
+        assert!(
+            msg.contains("`limits.max_frame_bytes`") && msg.contains("from 4096 to 16777216"),
+            "{msg}"
+        );
+        let (line, msg) = invalid("[profiles.x]\ncreate = \"everyone\"\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("\"lan\", \"any\" or \"none\""), "{msg}");
+        let (line, msg) = invalid("[profiles.x]\nlimits.memory_budget_mb = -5\n");
+        assert_eq!(line, 2);
+        assert!(msg.contains("from 16 to 1048576"), "{msg}");
         let (line, _) = invalid("[profiles.x]\nupnp = { lease_secs = 0 }\n");
         assert_eq!(line, 2);
         assert!(matches!(
             load("[profiles.x\n"),
             Err(PrefsError::Syntax { .. })
         ));
+    }
+
+    #[test]
+    fn every_limit_has_a_range_and_the_new_settings_load() {
+        for key in keys().filter(|k| k.starts_with("limits.")) {
+            assert!(
+                matches!(kind_of(key), Some(Kind::Range(lo, hi)) if lo >= 1 && lo < hi),
+                "{key} has no sane range"
+            );
+            let (line, msg) = invalid(&format!("[profiles.x]\n{key} = 0\n"));
+            assert_eq!(line, 2);
+            assert!(msg.contains("a whole number from"), "{key}: {msg}");
+        }
+        let p = load(
+            "[profiles.pub]\ncreate = \"any\"\n[profiles.pub.limits]\nmax_sessions = 50\nmax_connections_per_ip = 8\nmax_handshakes_per_ip = 4\nmemory_budget_mb = 512\nmin_tick_ms = 20\n",
+        )
+        .expect("valid");
+        let pub_ = p.profile("pub").expect("pub");
+        assert_eq!(pub_.create, Some(CreateMode::Any));
+        let l = &pub_.limits;
+        assert_eq!(
+            (
+                l.max_sessions,
+                l.max_connections_per_ip,
+                l.max_handshakes_per_ip,
+                l.memory_budget_mb,
+                l.min_tick_ms
+            ),
+            (Some(50), Some(8), Some(4), Some(512), Some(20))
+        );
+        // What is shown loads back to the same profile.
+        let shown = format!("[profiles.pub]\n{}", p.render("pub").expect("render"));
+        assert_eq!(
+            load(&shown).expect("reload").profile("pub").expect("pub"),
+            pub_
+        );
+        assert_eq!(check_number("limits.max_sessions", 10), Ok(()));
+        let err = check_number("limits.min_tick_ms", 0).expect_err("out of range");
+        assert!(err.contains("from 1 to 60000"), "{err}");
+        assert!(check_number("create", 1).is_err());
     }
 
     #[test]
@@ -808,6 +959,11 @@ port = 7471
             .expect("set");
         p.set("cabin", "forwarding", "manual").expect("set");
         p.set("cabin", "beacon", "false").expect("set");
+        p.set("cabin", "create", "none").expect("set");
+        let e = p
+            .set("cabin", "limits.max_frame_bytes", "10")
+            .expect_err("too small");
+        assert!(e.to_string().contains("from 4096 to"), "{e}");
         assert!(matches!(
             p.set("cabin", "port", "http"),
             Err(PrefsError::Edit(_))

@@ -9,16 +9,19 @@ pub mod netns;
 
 use bytes::{Bytes, BytesMut};
 use isthmus_dispatcher::{Dispatcher, DispatcherConfig};
+use isthmus_router::auth::{self, Capability, IslandKeys, KeyPair, NONCE_LEN};
+use isthmus_router::budget::MemoryBudget;
 use isthmus_router::ids::{ReplicaId, Seq, SessionId};
 use isthmus_router::wire::{
-    self, ClientFrame, Code, CreateOptions, Hello, JoinToken, Message, Role, ServerFrame, Welcome,
+    self, AdminCommand, ClientFrame, Code, CreateOptions, Hello, HelloBody, Message, Role,
+    ServerFrame, Welcome,
 };
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -30,20 +33,43 @@ pub struct TestRouter {
     pub shutdown: CancellationToken,
     /// Ends when the router has shut down.
     pub task: tokio::task::JoinHandle<()>,
+    /// The memory budget all its sessions share.
+    pub budget: Arc<MemoryBudget>,
 }
 
 /// Starts a dispatcher on 127.0.0.1 with an ephemeral port.
-pub async fn start_router(mut cfg: DispatcherConfig) -> TestRouter {
-    cfg.listen = "127.0.0.1:0".parse().expect("loopback address");
+pub async fn start_router(cfg: DispatcherConfig) -> TestRouter {
+    start_router_on(cfg, "127.0.0.1:0".parse().expect("loopback address")).await
+}
+
+/// Starts a dispatcher on `listen` (a loopback address; port 0 picks a free one).
+pub async fn start_router_on(mut cfg: DispatcherConfig, listen: SocketAddr) -> TestRouter {
+    cfg.listen = listen;
     let dispatcher = Dispatcher::bind(cfg).await.expect("bind loopback");
     let addr = dispatcher.local_addr();
+    let budget = dispatcher.budget();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(dispatcher.run(shutdown.clone()));
     TestRouter {
         addr,
         shutdown,
         task,
+        budget,
     }
+}
+
+/// Opens a TCP connection to `addr` from the loopback address `from` (e.g. 127.0.0.2, to act
+/// as another source).
+pub async fn connect_from(from: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if from.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    let stream = socket.connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
 }
 
 /// What a [`WireReplica`] has seen.
@@ -61,6 +87,8 @@ pub struct ReplicaState {
     pub ended: bool,
     /// Ticks received.
     pub ticks: u64,
+    /// Answers to admin commands: seq, ok, message.
+    pub admin: Vec<(u64, bool, String)>,
     /// Violations of ordering seen on the stream (should stay empty).
     pub violations: Vec<String>,
 }
@@ -71,36 +99,112 @@ pub struct WireReplica {
     writer: Arc<Mutex<OwnedWriteHalf>>,
     state: watch::Receiver<ReplicaState>,
     client_seq: u64,
+    admin_seq: u64,
+    nonce: [u8; NONCE_LEN],
+    opts: HelloOpts,
+    reader: tokio::task::JoinHandle<()>,
     /// This replica's id.
     pub id: ReplicaId,
 }
 
-/// How to say hello.
+impl Drop for WireReplica {
+    /// Dropping a replica closes its connection (the reader holds the socket otherwise).
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// A new island for a test: its admin capability (every other capability derives from it).
+pub fn new_island() -> Capability {
+    Capability::new_island()
+}
+
+/// The island keys of an admin capability.
+pub fn keys_of(admin: &Capability) -> IslandKeys {
+    auth::island_keys(admin).expect("an admin capability")
+}
+
+/// How to say hello. [`HelloOpts::new`] makes an honest participant; tests that lie change the
+/// fields (the hello is signed as they say, so a lie is caught by the router, not here).
 #[derive(Clone, Debug)]
 pub struct HelloOpts {
-    /// The session.
+    /// The session claimed; honestly the hash of `keys`.
     pub session: SessionId,
-    /// The token.
-    pub token: JoinToken,
-    /// The replica id.
+    /// The island's public keys.
+    pub keys: IslandKeys,
+    /// The capability whose key signs the hello for `role`.
+    pub cap: Capability,
+    /// The role claimed.
+    pub role: Role,
+    /// This replica's own key pair: keep it across reconnects to stay the same replica.
+    pub replica_key: KeyPair,
+    /// The replica id claimed; honestly the hash of `replica_key`.
     pub replica: ReplicaId,
-    /// Create the session if missing.
-    pub create: bool,
+    /// Display name.
+    pub name: String,
+    /// Create the session if missing, with these options.
+    pub create: Option<CreateOptions>,
     /// Resume from this seq.
     pub resume_from: Option<Seq>,
+    /// An admin control connection.
+    pub control: bool,
 }
 
 impl HelloOpts {
-    /// A hello for a new replica of `session`.
-    pub fn new(session: SessionId, create: bool) -> Self {
+    /// A hello for a new participant of the island whose admin capability is `island`.
+    pub fn new(island: &Capability, create: bool) -> Self {
+        let cap = island.derive(Role::Replica).expect("an admin capability");
+        Self::with_cap(keys_of(island), cap, create)
+    }
+
+    /// A hello for a new replica holding `cap` (its role is the capability's) of the island
+    /// with `keys`.
+    pub fn with_cap(keys: IslandKeys, cap: Capability, create: bool) -> Self {
+        let replica_key = KeyPair::random();
         HelloOpts {
-            session,
-            token: JoinToken([42; 32]),
-            replica: ReplicaId::random(),
-            create,
+            session: keys.session_id(),
+            keys,
+            cap,
+            role: cap.role(),
+            replica: auth::replica_id_for(&replica_key.public()),
+            replica_key,
+            name: "wire".into(),
+            create: create.then(CreateOptions::default),
             resume_from: None,
+            control: false,
         }
     }
+
+    /// The hello for a connection whose router preamble carried `nonce`.
+    pub fn sign(&self, nonce: &[u8; NONCE_LEN]) -> Hello {
+        let body = HelloBody {
+            session: self.session,
+            keys: self.keys,
+            replica: self.replica,
+            replica_key: self.replica_key.public(),
+            name: self.name.clone(),
+            role: self.role,
+            resume_from: self.resume_from,
+            create: self.create.clone(),
+            control: self.control,
+        };
+        auth::sign_hello(nonce, body, &self.cap.key_pair(), &self.replica_key)
+    }
+}
+
+/// Sends our preamble on `stream` and reads the router's, returning its nonce. A refusal that
+/// follows stays unread in the stream.
+pub async fn exchange_preambles(stream: &mut TcpStream) -> std::io::Result<[u8; NONCE_LEN]> {
+    stream.write_all(&wire::preamble()).await?;
+    let mut pre = [0u8; wire::ROUTER_PREAMBLE_LEN];
+    stream.read_exact(&mut pre).await?;
+    let mut head = [0u8; wire::PREAMBLE_LEN];
+    head.copy_from_slice(&pre[..wire::PREAMBLE_LEN]);
+    wire::check_preamble(&head)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&pre[wire::PREAMBLE_LEN..]);
+    Ok(nonce)
 }
 
 fn snapshot_bytes(log: &[Message]) -> Bytes {
@@ -124,27 +228,29 @@ impl WireReplica {
     pub async fn connect(addr: SocketAddr, opts: HelloOpts) -> std::io::Result<WireReplica> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
+        Self::on(stream, opts).await
+    }
+
+    /// Like [`WireReplica::connect`], from the loopback address `from`.
+    pub async fn connect_from(
+        from: IpAddr,
+        addr: SocketAddr,
+        opts: HelloOpts,
+    ) -> std::io::Result<WireReplica> {
+        Self::on(connect_from(from, addr).await?, opts).await
+    }
+
+    /// Says hello on an open connection and starts applying what arrives.
+    pub async fn on(mut stream: TcpStream, opts: HelloOpts) -> std::io::Result<WireReplica> {
+        let nonce = exchange_preambles(&mut stream).await?;
         let (mut read, mut write) = stream.into_split();
-        write.write_all(&wire::preamble()).await?;
-        let hello = ClientFrame::Hello(Hello {
-            session: opts.session,
-            token: opts.token,
-            replica: opts.replica,
-            name: "wire".into(),
-            role: Role::Replica,
-            resume_from: opts.resume_from,
-            create: opts.create.then(CreateOptions::default),
-        });
-        write.write_all(&wire::encode(&hello)).await?;
+        let hello = ClientFrame::Hello(opts.sign(&nonce));
+        // A router that refused at once may have closed already; the reader reports it.
+        let _ = write.write_all(&wire::encode(&hello)).await;
         let writer = Arc::new(Mutex::new(write));
         let (tx, rx) = watch::channel(ReplicaState::default());
         let snap_writer = writer.clone();
-        tokio::spawn(async move {
-            let mut pre = [0u8; wire::PREAMBLE_LEN];
-            if read.read_exact(&mut pre).await.is_err() {
-                tx.send_modify(|s| s.ended = true);
-                return;
-            }
+        let reader = tokio::spawn(async move {
             let mut buf = BytesMut::new();
             let mut sync: Option<(u64, Option<u64>, BytesMut)> = None;
             loop {
@@ -212,6 +318,7 @@ impl WireReplica {
                         reply = Some((request, at, data));
                     }
                     ServerFrame::Tick { .. } => s.ticks += 1,
+                    ServerFrame::AdminDone { seq, ok, message } => s.admin.push((seq, ok, message)),
                     ServerFrame::Divergence(_)
                     | ServerFrame::Ping { .. }
                     | ServerFrame::Pong { .. } => {}
@@ -245,7 +352,11 @@ impl WireReplica {
             writer,
             state: rx,
             client_seq: 0,
+            admin_seq: 0,
+            nonce,
             id: opts.replica,
+            opts,
+            reader,
         })
     }
 
@@ -257,6 +368,26 @@ impl WireReplica {
             payload: payload.into(),
         };
         self.write_raw(&wire::encode(&frame)).await
+    }
+
+    /// Sends an admin command signed with this replica's capability (which must be the admin's
+    /// for the router to carry it out); returns its seq, answered in [`ReplicaState::admin`].
+    pub async fn admin(&mut self, command: AdminCommand) -> std::io::Result<u64> {
+        self.admin_seq += 1;
+        let seq = self.admin_seq;
+        let transcript = auth::admin_transcript(&self.nonce, self.opts.session, seq, &command);
+        let frame = ClientFrame::Admin {
+            seq,
+            command,
+            sig: self.opts.cap.key_pair().sign(&transcript),
+        };
+        self.write_raw(&wire::encode(&frame)).await?;
+        Ok(seq)
+    }
+
+    /// How this replica said hello (its keys, to reconnect as the same replica).
+    pub fn opts(&self) -> &HelloOpts {
+        &self.opts
     }
 
     /// Writes raw bytes, for tests that misbehave on purpose.
@@ -301,6 +432,17 @@ impl WireReplica {
             s.log.last().is_some_and(|m| m.seq.0 >= n)
         })
         .await
+    }
+
+    /// Waits for the refusal or goodbye and returns its code.
+    pub async fn refused(&mut self, limit: Duration) -> Code {
+        let s = self
+            .wait_until(limit, "a refusal", |s| s.closed.is_some() || s.ended)
+            .await;
+        match s.closed {
+            Some((code, _)) => code,
+            None => panic!("the connection ended without a refusal"),
+        }
     }
 }
 

@@ -11,10 +11,11 @@
 
 use bytes::{Bytes, BytesMut};
 use isthmus_dispatcher::DispatcherConfig;
-use isthmus_router::ids::{ConnId, ReplicaId, SessionId};
+use isthmus_router::auth::{self, Capability};
+use isthmus_router::ids::{ConnId, ReplicaId};
 use isthmus_router::session::{JoinRequest, Output, Session, SessionConfig};
-use isthmus_router::wire::{self, ClientFrame, CreateOptions, Hello, JoinToken, Role};
-use isthmus_tests::start_router;
+use isthmus_router::wire::{self, ClientFrame, Role};
+use isthmus_tests::{exchange_preambles, keys_of, start_router, HelloOpts};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,12 +25,13 @@ use tokio::net::TcpStream;
 fn core_bench(members: usize, payload: usize, messages: u64) -> (f64, f64) {
     let now = Instant::now();
     let cfg = SessionConfig {
-        max_outbound_bytes: usize::MAX / 4,
-        max_history_messages: usize::MAX / 4,
-        max_history_bytes: usize::MAX / 4,
+        max_outbound_bytes: usize::MAX / 16,
+        max_history_messages: usize::MAX / 16,
+        max_history_bytes: usize::MAX / 16,
         ..SessionConfig::default()
     };
-    let mut s = Session::new(SessionId::random(), cfg, now);
+    let keys = keys_of(&Capability::new_island());
+    let mut s = Session::new(keys.session_id(), keys, cfg, now);
     for i in 0..members {
         s.handle_join(
             ConnId(i as u64),
@@ -40,6 +42,8 @@ fn core_bench(members: usize, payload: usize, messages: u64) -> (f64, f64) {
                 resume_from: None,
                 contacts: Default::default(),
                 created: i == 0,
+                nonce: auth::fresh_nonce(),
+                control: false,
             },
             now,
         );
@@ -78,31 +82,20 @@ fn core_bench(members: usize, payload: usize, messages: u64) -> (f64, f64) {
 /// A replica on a raw socket that counts message frames (variant 2) as they arrive.
 async fn counting_replica(
     addr: std::net::SocketAddr,
-    session: SessionId,
+    island: &Capability,
     create: bool,
     counter: Arc<AtomicU64>,
 ) -> tokio::net::tcp::OwnedWriteHalf {
-    let stream = TcpStream::connect(addr).await.expect("connect");
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.set_nodelay(true).expect("nodelay");
+    let nonce = exchange_preambles(&mut stream).await.expect("preambles");
+    let mut opts = HelloOpts::new(island, create);
+    opts.name = "bench".into();
     let (mut r, mut w) = stream.into_split();
-    let mut hello = BytesMut::from(&wire::preamble()[..]);
-    wire::encode_into(
-        &ClientFrame::Hello(Hello {
-            session,
-            token: JoinToken([1; 32]),
-            replica: ReplicaId::random(),
-            name: "bench".into(),
-            role: Role::Replica,
-            resume_from: None,
-            create: create.then(CreateOptions::default),
-        }),
-        &mut hello,
-    );
+    let hello = wire::encode(&ClientFrame::Hello(opts.sign(&nonce)));
     w.write_all(&hello).await.expect("hello");
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let mut pre = [0u8; wire::PREAMBLE_LEN];
-        r.read_exact(&mut pre).await.expect("preamble");
         let mut buf = BytesMut::with_capacity(1 << 20);
         let mut ready = Some(ready_tx);
         loop {
@@ -143,16 +136,16 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
     let mut cfg = DispatcherConfig::default();
     // Room for a burst: this measures throughput, not the slow-consumer policy.
     cfg.driver.session.max_outbound_bytes = 256 * 1024 * 1024;
-    cfg.driver.session.max_history_messages = usize::MAX / 4;
-    cfg.driver.session.max_history_bytes = usize::MAX / 4;
+    cfg.driver.session.max_history_messages = usize::MAX / 16;
+    cfg.driver.session.max_history_bytes = usize::MAX / 16;
     let router = start_router(cfg).await;
-    let session = SessionId::random();
+    let island = Capability::new_island();
     let counters: Vec<Arc<AtomicU64>> =
         (0..replicas).map(|_| Arc::new(AtomicU64::new(0))).collect();
-    let mut sender = counting_replica(router.addr, session, true, counters[0].clone()).await;
+    let mut sender = counting_replica(router.addr, &island, true, counters[0].clone()).await;
     let mut others = Vec::new();
     for c in &counters[1..] {
-        others.push(counting_replica(router.addr, session, false, c.clone()).await);
+        others.push(counting_replica(router.addr, &island, false, c.clone()).await);
     }
     let mut batch = BytesMut::new();
     let body = Bytes::from(vec![7u8; payload]);
