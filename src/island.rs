@@ -169,18 +169,37 @@ pub enum PostcardCommand {
 
 #[derive(Args, Clone)]
 pub struct ReplicaArgs {
-    /// Send this line once synced (repeatable; sent in order).
+    /// Send this line (repeatable; sent in order, as soon as the router welcomes the replica).
     #[arg(long = "send", value_name = "TEXT")]
     send: Vec<String>,
     /// Print one JSON object per delivered message, and a summary on exit.
     #[arg(long)]
     json: bool,
-    /// Exit 0 once this seq is applied (live or inside a snapshot).
+    /// Exit 0 once this seq is applied (live or inside a snapshot) and every --send line is
+    /// stamped.
     #[arg(long, value_name = "N")]
     exit_after_seq: Option<u64>,
-    /// Display name in the chat.
-    #[arg(long)]
+    /// Display name in the chat (default: $USER), at most 256 bytes.
+    #[arg(long, value_parser = display_name)]
     name: Option<String>,
+    /// Seconds to keep trying to get back to a router that went away, then exit 1.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    give_up_after: u64,
+}
+
+/// A display name the router will accept, checked before anything is sent.
+fn display_name(text: &str) -> Result<String, String> {
+    let max = isthmus_router::wire::MAX_NAME_BYTES;
+    if text.trim().is_empty() {
+        return Err("a display name cannot be empty".into());
+    }
+    if text.len() > max {
+        return Err(format!(
+            "a display name is at most {max} bytes; this one is {}",
+            text.len()
+        ));
+    }
+    Ok(text.to_string())
 }
 
 pub async fn run_island(cmd: IslandCommand) -> Result<u8> {
@@ -645,27 +664,40 @@ async fn run_replica(
     let mut replica = ReplicaConfig::from_postcard(&card, name.clone());
     replica.create = create;
     replica.stop_after = args.exit_after_seq.map(Seq);
+    let me = replica.replica();
     let first_router = card.contact.internal.first().copied();
-    let cfg = ClientConfig::new(card.contact.addresses(), replica);
+    let mut cfg = ClientConfig::new(card.contact.addresses(), replica);
+    cfg.give_up_after = Duration::from_secs(args.give_up_after);
+    // Queued before the first connection: they go out on the welcome, and a replica told to
+    // exit after some seq does not exit before they are stamped.
+    cfg.initial_sends = args
+        .send
+        .iter()
+        .map(|text| ChatIsland::payload(&name, text))
+        .collect();
     let (handle, mut events) = client::connect(cfg, ChatIsland::default())
         .await
         .map_err(|e: ClientError| anyhow!("{e}"))?;
-    let out = Output { json: args.json };
-    let interactive = !args.json && std::io::stdin().is_terminal();
-    // An observer has nothing to type: its lines could never be sent.
-    let mut stdin =
-        (!args.json && !observer).then(|| tokio::io::BufReader::new(tokio::io::stdin()).lines());
-    if observer && interactive {
-        eprintln!("watching as an observer: this postcard does not let you send");
+    // On a terminal the chat is a terminal UI, entered once the welcome is handled (so a
+    // creator's postcard is printed on the normal screen first, where it can be copied);
+    // pipes keep the line mode, where each line read is sent.
+    let mut want_tui =
+        !args.json && std::io::stdin().is_terminal() && std::io::stdout().is_terminal();
+    let mut face = if args.json { Face::Json } else { Face::Lines };
+    let mut stdin = (!want_tui && !args.json && !observer)
+        .then(|| tokio::io::BufReader::new(tokio::io::stdin()).lines());
+    let mut keys = None;
+    if observer {
+        face.note("watching as an observer: this postcard does not let you send");
     }
-    let mut to_send = args.send.clone();
     let mut printed_upto = 0u64;
     let mut postcard_printed = false;
-    loop {
-        tokio::select! {
+    let mut signal = std::pin::pin!(shutdown_signal());
+    let outcome: Result<Flow> = loop {
+        let flow = tokio::select! {
             event = events.recv() => {
                 let Some(event) = event else {
-                    return Err(anyhow!("the replica stopped unexpectedly"));
+                    break Err(anyhow!("the replica stopped unexpectedly"));
                 };
                 match event {
                     Event::Welcomed { contacts, .. } => {
@@ -685,27 +717,14 @@ async fn run_replica(
                             }
                             card.contact.external = contacts.external;
                             card.contact.router = Some(contacts.router);
-                            let admin = Postcard::new(card.contact.clone(), card.capability, card.keys)
-                                .map_err(|e| anyhow!("{e}"))?;
-                            let participant = admin
-                                .participant()
-                                .context("an admin capability derives the participant's")?;
-                            // The participant postcard is the first line of stdout, always.
-                            println!("{participant}");
-                            match keep_admin_postcard(&admin) {
-                                Ok(path) => eprintln!(
-                                    "the admin postcard of {:?} is kept in {} (`isthmus postcard admin {}` prints it; `isthmus island close|kick|tick` use it)",
-                                    admin.contact.name,
-                                    path.display(),
-                                    admin.session()
-                                ),
-                                Err(e) => eprintln!(
-                                    "warning: the admin postcard could not be kept ({e:#}); nobody will be able to close this island or remove replicas"
-                                ),
+                            match announce_created(&card, &mut face) {
+                                Ok(flow) => flow,
+                                Err(e) => break Err(e),
                             }
-                            if interactive {
-                                eprintln!("island {:?} created; paste the first line above to invite someone", admin.contact.name);
-                            }
+                        } else {
+                            face.connected(&card.contact.name, !postcard_printed);
+                            postcard_printed = true;
+                            Flow::Go
                         }
                     }
                     Event::Restored { at } => {
@@ -714,46 +733,85 @@ async fn run_replica(
                                 chat.lines().filter(|l| l.seq <= at.0).cloned().collect::<Vec<_>>()
                             })
                             .await?;
+                        face.clear_chat();
+                        let mut flow = Flow::Go;
                         for l in lines {
-                            out.line(l.seq, l.time_us, l.from, &l.name, &l.text);
+                            flow = flow.and(face.line(l.seq, l.time_us, l.from, &l.name, &l.text));
                         }
                         printed_upto = at.0;
+                        flow
                     }
-                    Event::StartedFresh => printed_upto = 0,
+                    Event::StartedFresh => {
+                        printed_upto = 0;
+                        face.clear_chat();
+                        Flow::Go
+                    }
                     Event::Message(m) => {
-                        if m.seq.0 > printed_upto {
-                            out.message(&m);
-                            printed_upto = m.seq.0;
-                        }
+                        let flow = if m.seq.0 > printed_upto { face.message(&m) } else { Flow::Go };
+                        printed_upto = printed_upto.max(m.seq.0);
+                        face.status(|s| {
+                            s.seq = m.seq.0;
+                            s.time_us = m.time.0;
+                        });
+                        flow
                     }
-                    Event::Synced { .. } => {
-                        for text in to_send.drain(..) {
-                            handle.send(ChatIsland::payload(&name, &text)).await?;
-                        }
+                    Event::Tick(time) => {
+                        face.status(|s| s.time_us = time.0);
+                        Flow::Go
+                    }
+                    Event::Synced { seq } => {
+                        let digest = handle.inspect(|chat: &ChatIsland, _| chat.digest_hex()).await.unwrap_or_default();
+                        face.status(|s| {
+                            s.seq = seq.0;
+                            s.digest = digest;
+                        });
+                        Flow::Go
+                    }
+                    Event::Presence(members) => {
+                        face.members(&members, me);
+                        Flow::Go
                     }
                     Event::Undecryptable { seq, origin } => {
                         let from = match origin {
                             Origin::Replica(r) => r.to_string(),
                             Origin::Router => "the router".to_string(),
                         };
-                        eprintln!("warning: message {seq} from {from} does not open with this island's key (sealed under another key, or changed on the way); skipped");
+                        face.note(&format!("warning: message {seq} from {from} does not open with this island's key (sealed under another key, or changed on the way); skipped"));
+                        Flow::Go
                     }
                     Event::Divergence(d) => {
-                        eprintln!("warning: replicas diverged at seq {}: {} different states", d.seq, d.groups.len());
+                        face.note(&format!("warning: replicas diverged at seq {}: {} different states", d.seq, d.groups.len()));
+                        Flow::Go
                     }
-                    Event::Disconnected { reason } => eprintln!("disconnected: {reason}; reconnecting"),
-                    Event::Reconnected => eprintln!("reconnected"),
+                    Event::Disconnected { reason } => {
+                        face.note(&format!("disconnected: {reason}"));
+                        face.status(|s| s.connection = "disconnected".into());
+                        Flow::Go
+                    }
+                    Event::Reconnecting { attempt, delay, routers } => {
+                        let to = routers.first().map_or_else(String::new, |a| a.to_string());
+                        let line = format!("reconnecting to {to} in {} s (attempt {attempt})", delay.as_secs_f64().ceil());
+                        face.status(|s| s.connection = line.clone());
+                        face.note(&line);
+                        Flow::Go
+                    }
+                    Event::Reconnected => {
+                        face.note("reconnected");
+                        Flow::Go
+                    }
+                    Event::GaveUp { after, last_error } => {
+                        break Err(anyhow!(
+                            "gave up after {} s without the router ({last_error}); check that it is running and reachable, or wait longer with --give-up-after",
+                            after.as_secs()
+                        ));
+                    }
                     Event::SessionLost { reason } => {
-                        return Err(anyhow::Error::new(ExitCode(
+                        break Err(anyhow::Error::new(ExitCode(
                             EXIT_SESSION_LOST,
                             format!("the island's session is lost: {reason}"),
                         )));
                     }
-                    Event::Stopped { seq, digest } => {
-                        out.summary(seq.0, &hex_string(&digest));
-                        return Ok(0);
-                    }
-                    Event::Tick(_) => {}
+                    Event::Stopped { seq, digest } => Flow::Done(seq.0, hex_string(&digest)),
                 }
             }
             line = next_line(&mut stdin) => match line {
@@ -761,20 +819,108 @@ async fn run_replica(
                     if !text.trim().is_empty() {
                         handle.send(ChatIsland::payload(&name, &text)).await?;
                     }
+                    Flow::Go
                 }
-                None => stdin = None,
+                None => {
+                    stdin = None;
+                    Flow::Go
+                }
             },
-            _ = tokio::signal::ctrl_c() => {
-                let (seq, digest) = handle
-                    .inspect(|chat: &ChatIsland, seq| (seq, chat.digest_hex()))
-                    .await
-                    .unwrap_or((Seq(0), String::new()));
-                out.summary(seq.0, &digest);
-                leave(handle).await;
-                return Ok(0);
+            key = next_key(&mut keys) => match key {
+                Some(key) => match face.key(&key) {
+                    Some(crate::tui::Action::Send(text)) => {
+                        if observer {
+                            face.note("observers cannot send: this postcard only lets you watch");
+                        } else {
+                            handle.send(ChatIsland::payload(&name, &text)).await?;
+                        }
+                        Flow::Go
+                    }
+                    Some(crate::tui::Action::Quit) => Flow::Leave,
+                    None => Flow::Go,
+                },
+                None => {
+                    keys = None;
+                    Flow::Go
+                }
+            },
+            _ = &mut signal => Flow::Leave,
+        };
+        match flow {
+            Flow::Go => {}
+            done => break Ok(done),
+        }
+        if want_tui && postcard_printed {
+            want_tui = false;
+            let mut tui = Face::tui(&card.contact.name)?;
+            tui.note("type a line and press Enter to send it; Ctrl-C, or Ctrl-D on an empty line, leaves");
+            if let (Face::Tui(t), Face::Lines) = (&mut tui, &face) {
+                t.1.status.connection = format!("connected to {}", card.contact.name);
             }
+            face = tui;
+            keys = Some(crate::tui::events());
+        }
+        face.draw();
+    };
+    // Give the terminal back before anything more is printed.
+    face.leave_screen();
+    let flow = outcome?;
+    let output_closed = matches!(flow, Flow::OutputClosed);
+    let (seq, digest) = match flow {
+        Flow::Done(seq, digest) => (seq, digest),
+        _ => handle
+            .inspect(|chat: &ChatIsland, seq| (seq.0, chat.digest_hex()))
+            .await
+            .unwrap_or((0, String::new())),
+    };
+    // Output closed early (e.g. piped to `head`): leave quietly, nobody reads a summary.
+    if !output_closed {
+        let _ = face.summary(seq, &digest);
+    }
+    leave(handle).await;
+    Ok(0)
+}
+
+/// Prints the participant postcard (the first line of stdout, always) and keeps the admin one.
+fn announce_created(card: &Postcard, face: &mut Face) -> Result<Flow> {
+    let admin = Postcard::new(card.contact.clone(), card.capability, card.keys)
+        .map_err(|e| anyhow!("{e}"))?;
+    let participant = admin
+        .participant()
+        .context("an admin capability derives the participant's")?;
+    let flow = face.postcard(&participant.to_string());
+    match keep_admin_postcard(&admin) {
+        Ok(path) => face.note(&format!(
+            "the admin postcard of {:?} is kept in {} (`isthmus postcard admin {}` prints it; `isthmus island close|kick|tick` use it)",
+            admin.contact.name,
+            path.display(),
+            admin.session()
+        )),
+        Err(e) => face.note(&format!(
+            "warning: the admin postcard could not be kept ({e:#}); nobody will be able to close this island or remove replicas"
+        )),
+    }
+    face.note(&format!(
+        "island {:?} created; paste its postcard to invite someone",
+        admin.contact.name
+    ));
+    Ok(flow)
+}
+
+/// Ctrl-C or SIGTERM: both leave the island the same way (summary, then goodbye).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
     }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn leave(handle: ClientHandle<ChatIsland>) {
@@ -790,40 +936,192 @@ async fn next_line(
     }
 }
 
-fn hex_string(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+async fn next_key(
+    keys: &mut Option<crossterm::event::EventStream>,
+) -> Option<crossterm::event::Event> {
+    use futures_util::StreamExt;
+    match keys {
+        Some(k) => k.next().await.and_then(Result::ok),
+        None => std::future::pending().await,
+    }
 }
 
-struct Output {
-    json: bool,
+/// What the loop does next.
+enum Flow {
+    /// Carry on.
+    Go,
+    /// The user asked to leave (Ctrl-C, Ctrl-D, SIGTERM).
+    Leave,
+    /// The stop seq was applied: (seq, digest).
+    Done(u64, String),
+    /// Whoever read stdout went away.
+    OutputClosed,
 }
 
-impl Output {
-    fn message(&self, m: &Message) {
+impl Flow {
+    /// Keeps the first reason to stop.
+    fn and(self, next: Flow) -> Flow {
+        match self {
+            Flow::Go => next,
+            done => done,
+        }
+    }
+}
+
+/// Where the chat shows itself: JSON lines, plain lines, or the terminal UI.
+enum Face {
+    Json,
+    Lines,
+    Tui(Box<(crate::tui::Screen, crate::tui::ChatView)>),
+}
+
+impl Face {
+    fn tui(island: &str) -> Result<Face> {
+        let screen = crate::tui::Screen::enter().context("cannot take over the terminal")?;
+        Ok(Face::Tui(Box::new((
+            screen,
+            crate::tui::ChatView::new(island),
+        ))))
+    }
+
+    /// Writes one line to stdout; a closed stdout ends the replica quietly, never a panic.
+    fn out(text: &str) -> Flow {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        match writeln!(stdout, "{text}").and_then(|_| stdout.flush()) {
+            Ok(()) => Flow::Go,
+            Err(_) => Flow::OutputClosed,
+        }
+    }
+
+    /// The postcard is the first line of stdout in every mode (the terminal UI starts after
+    /// it, so it stays on the normal screen to copy).
+    fn postcard(&mut self, text: &str) -> Flow {
+        Self::out(text)
+    }
+
+    fn note(&mut self, text: &str) {
+        match self {
+            Face::Tui(t) => t.1.push_note(text),
+            _ => eprintln_quiet(text),
+        }
+    }
+
+    /// A welcome: the first one says where we are, later ones that we are back.
+    fn connected(&mut self, island: &str, first: bool) {
+        if first {
+            self.note(&format!("joined island {island:?}"));
+        }
+        self.status(|s| s.connection = "connected".into());
+    }
+
+    fn status(&mut self, f: impl FnOnce(&mut crate::tui::Status)) {
+        if let Face::Tui(t) = self {
+            f(&mut t.1.status);
+        }
+    }
+
+    fn members(&mut self, members: &[(ReplicaId, String, Role)], me: ReplicaId) {
+        if let Face::Tui(t) = self {
+            let list = members
+                .iter()
+                .map(|(r, n, role)| {
+                    let mut s = n.clone();
+                    if *r == me {
+                        s.push_str(" (you)");
+                    }
+                    if *role == Role::Observer {
+                        s.push_str(" (watching)");
+                    }
+                    s
+                })
+                .collect();
+            t.1.set_members(list);
+        }
+    }
+
+    fn clear_chat(&mut self) {
+        if let Face::Tui(t) = self {
+            t.1.clear_chat();
+        }
+    }
+
+    fn message(&mut self, m: &Message) -> Flow {
         let from = match m.origin {
             Origin::Replica(r) => Some(r),
             Origin::Router => None,
         };
         let (name, text) = ChatIsland::parse(&m.payload);
-        self.line(m.seq.0, m.time.0, from, &name, &text);
+        self.line(m.seq.0, m.time.0, from, &name, &text)
     }
 
-    fn line(&self, seq: u64, time_us: u64, from: Option<ReplicaId>, name: &str, text: &str) {
-        if self.json {
-            // Written by hand to keep the documented key order.
-            let from = from.map_or("null".to_string(), |r| format!("\"{r}\""));
-            let text = serde_json::Value::from(text);
-            println!("{{\"seq\":{seq},\"time_us\":{time_us},\"from\":{from},\"text\":{text}}}");
-        } else {
-            println!("[{seq}] {name}: {text}");
+    fn line(
+        &mut self,
+        seq: u64,
+        time_us: u64,
+        from: Option<ReplicaId>,
+        name: &str,
+        text: &str,
+    ) -> Flow {
+        match self {
+            Face::Json => {
+                // Written by hand to keep the documented key order.
+                let from = from.map_or("null".to_string(), |r| format!("\"{r}\""));
+                let name = serde_json::Value::from(name);
+                let text = serde_json::Value::from(text);
+                Self::out(&format!(
+                    "{{\"seq\":{seq},\"time_us\":{time_us},\"from\":{from},\"name\":{name},\"text\":{text}}}"
+                ))
+            }
+            Face::Lines => Self::out(&format!("[{seq}] {name}: {text}")),
+            Face::Tui(t) => {
+                t.1.push_chat(seq, name, text);
+                Flow::Go
+            }
         }
     }
 
-    fn summary(&self, last_seq: u64, digest: &str) {
-        if self.json {
-            println!("{{\"last_seq\":{last_seq},\"digest\":\"{digest}\"}}");
-        } else {
-            eprintln!("left at seq {last_seq}, digest {digest}");
+    fn key(&mut self, event: &crossterm::event::Event) -> Option<crate::tui::Action> {
+        match self {
+            Face::Tui(t) => t.1.handle_event(event),
+            _ => None,
         }
     }
+
+    fn draw(&mut self) {
+        if let Face::Tui(t) = self {
+            let (screen, view) = &mut **t;
+            // A terminal that cannot be drawn on is not worth stopping the replica for.
+            let _ = screen.draw(view);
+        }
+    }
+
+    /// Restores the terminal (the UI's notes were on screen only) and carries on in line mode.
+    fn leave_screen(&mut self) {
+        if matches!(self, Face::Tui(_)) {
+            *self = Face::Lines;
+        }
+    }
+
+    fn summary(&self, last_seq: u64, digest: &str) -> Flow {
+        match self {
+            Face::Json => Self::out(&format!(
+                "{{\"last_seq\":{last_seq},\"digest\":\"{digest}\"}}"
+            )),
+            _ => {
+                eprintln_quiet(&format!("left at seq {last_seq}, digest {digest}"));
+                Flow::Go
+            }
+        }
+    }
+}
+
+/// A line on stderr that never panics: a closed stderr must not stop a replica.
+fn eprintln_quiet(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+fn hex_string(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -109,11 +109,13 @@ impl ChatView {
     }
 
     /// The lines shown, oldest first.
+    #[cfg(test)]
     pub fn lines(&self) -> impl Iterator<Item = &ViewLine> {
         self.lines.iter()
     }
 
     /// What is typed so far.
+    #[cfg(test)]
     pub fn input(&self) -> &str {
         &self.input
     }

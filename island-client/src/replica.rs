@@ -26,6 +26,9 @@ pub const DEFAULT_DIGEST_EVERY: u64 = 100;
 pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize =
     isthmus_router::session::DEFAULT_MAX_SNAPSHOT_BYTES + SNAPSHOT_OVERHEAD;
 
+/// Replicas a presence list remembers at most: the router's default member cap, four times.
+pub const MAX_PRESENT: usize = 4 * isthmus_router::session::DEFAULT_MAX_MEMBERS;
+
 /// Who this replica is and how it joins.
 #[derive(Clone, Debug)]
 pub struct ReplicaConfig {
@@ -140,6 +143,9 @@ pub enum Event {
     },
     /// Reconnected and resumed (or resynced) without losing anything.
     Reconnected,
+    /// Who is attached to the session now (replica, display name, role), sorted by name.
+    /// Presence is the router's word, outside the order.
+    Presence(Vec<(ReplicaId, String, Role)>),
     /// The connection is gone and the client waits `delay` before attempt number `attempt`.
     Reconnecting {
         /// Counts from 1 for each loss of the connection.
@@ -219,6 +225,10 @@ pub struct Replica<I> {
     out: VecDeque<Bytes>,
     events: VecDeque<Event>,
     stopped: bool,
+    /// Who the router says is attached, by replica id: (display name, role).
+    present: std::collections::BTreeMap<ReplicaId, (String, Role)>,
+    /// The next presence frame is the whole list (it follows a welcome).
+    presence_is_whole: bool,
 }
 
 impl<I: Island> Replica<I> {
@@ -245,7 +255,20 @@ impl<I: Island> Replica<I> {
             out: VecDeque::new(),
             events: VecDeque::new(),
             stopped: false,
+            present: std::collections::BTreeMap::new(),
+            presence_is_whole: false,
         }
+    }
+
+    /// Who is attached now, by display name (then id), as the router last said.
+    pub fn present_list(&self) -> Vec<(ReplicaId, String, Role)> {
+        let mut out: Vec<(ReplicaId, String, Role)> = self
+            .present
+            .iter()
+            .map(|(r, (n, role))| (*r, n.clone(), *role))
+            .collect();
+        out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
+        out
     }
 
     /// The island.
@@ -373,7 +396,23 @@ impl<I: Island> Replica<I> {
             return Ok(());
         }
         match frame {
+            ServerFrame::Presence { joined, left } => {
+                if std::mem::take(&mut self.presence_is_whole) {
+                    self.present.clear();
+                }
+                for p in joined {
+                    // Bounded: a router cannot make a replica remember without end.
+                    if self.present.len() < MAX_PRESENT || self.present.contains_key(&p.replica) {
+                        self.present.insert(p.replica, (p.name, p.role));
+                    }
+                }
+                for gone in left {
+                    self.present.remove(&gone);
+                }
+                self.events.push_back(Event::Presence(self.present_list()));
+            }
             ServerFrame::Welcome(w) => {
+                self.presence_is_whole = true;
                 self.welcomed_once = true;
                 self.welcomed = true;
                 self.max_payload = w.max_payload_bytes as usize;

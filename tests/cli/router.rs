@@ -1,4 +1,3 @@
-use isthmus_router::ids::SessionId;
 use isthmus_router::wire::Code;
 use isthmus_tests::{HelloOpts, WireReplica, PATIENCE};
 use std::io::{BufRead, BufReader};
@@ -44,7 +43,7 @@ pub fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
 
 /// The tick interval a router's welcome announces, in microseconds.
 async fn tick_us(addr: SocketAddr) -> u64 {
-    let mut a = WireReplica::connect(addr, HelloOpts::new(SessionId::random(), true))
+    let mut a = WireReplica::connect(addr, HelloOpts::new(&isthmus_tests::new_island(), true))
         .await
         .expect("connect");
     let s = a
@@ -65,8 +64,7 @@ pub fn sigterm(child: &Child) {
 async fn router_command_serves_and_says_goodbye_on_sigterm() {
     let (mut child, addr) = spawn_router(&["--tick-ms", "20"]);
     assert!(addr.ip().is_loopback());
-    let session = SessionId::random();
-    let mut a = WireReplica::connect(addr, HelloOpts::new(session, true))
+    let mut a = WireReplica::connect(addr, HelloOpts::new(&isthmus_tests::new_island(), true))
         .await
         .expect("connect");
     let s = a.wait_until(PATIENCE, "synced", |s| s.synced).await;

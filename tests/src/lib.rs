@@ -89,6 +89,9 @@ pub struct ReplicaState {
     pub ticks: u64,
     /// Answers to admin commands: seq, ok, message.
     pub admin: Vec<(u64, bool, String)>,
+    /// Who the router says is attached, with display names (the whole list after a welcome,
+    /// then changes).
+    pub present: std::collections::BTreeMap<ReplicaId, String>,
     /// Violations of ordering seen on the stream (should stay empty).
     pub violations: Vec<String>,
 }
@@ -267,7 +270,17 @@ impl WireReplica {
                 };
                 let mut reply = None;
                 tx.send_modify(|s| match frame {
-                    ServerFrame::Welcome(w) => s.welcome = Some(w),
+                    ServerFrame::Welcome(w) => {
+                        s.welcome = Some(w);
+                        s.present.clear();
+                    }
+                    ServerFrame::Presence { joined, left } => {
+                        s.present
+                            .extend(joined.into_iter().map(|p| (p.replica, p.name)));
+                        for gone in left {
+                            s.present.remove(&gone);
+                        }
+                    }
                     ServerFrame::Refuse { code, reason }
                     | ServerFrame::Goodbye { code, reason } => s.closed = Some((code, reason)),
                     ServerFrame::SyncBegin { at, snapshot_len } => {

@@ -651,7 +651,6 @@ async fn connection_bounds_refuse_quickly_and_name_the_bound() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the core branch (wt-core): admin commands and Ending::Closed from the session"]
 async fn an_island_closed_by_its_admin_cannot_be_created_again() {
     let router = start_router(DispatcherConfig::default()).await;
     let island = new_island();
