@@ -853,6 +853,15 @@ async fn run_replica(
         if want_tui && postcard_printed {
             want_tui = false;
             let mut tui = Face::tui(&card.contact.name)?;
+            // The same banner for the creator and for every joiner.
+            if creating {
+                tui.note(&format!(
+                    "created island {:?}; its postcard is printed on the terminal (it is there again when you leave)",
+                    card.contact.name
+                ));
+            } else {
+                tui.note(&format!("joined island {:?}", card.contact.name));
+            }
             tui.note("type a line and press Enter to send it; Ctrl-C, or Ctrl-D on an empty line, leaves");
             if let (Face::Tui(t), Face::Lines) = (&mut tui, &face) {
                 t.1.status.connection = format!("connected to {}", card.contact.name);

@@ -61,7 +61,9 @@ struct RouterArgs {
     /// Idle milliseconds before a tick, for sessions that do not ask for their own (default 50).
     #[arg(long)]
     tick_ms: Option<u64>,
-    /// How remote users reach this router.
+    /// How remote users reach this router: lan-only (no external address), manual (a port
+    /// forwarded by hand; say where with --external), upnp (ask the home router). Default: the
+    /// profile's, else lan-only.
     #[arg(long, value_enum)]
     forwarding: Option<ForwardingArg>,
     /// The external IP:PORT forwarded by hand to this router (implies --forwarding manual).
@@ -285,12 +287,18 @@ fn router_config(
     };
 
     use isthmus_prefs::ForwardingMode as M;
-    let mode = match args.forwarding {
-        Some(ForwardingArg::LanOnly) => M::LanOnly,
-        Some(ForwardingArg::Manual) => M::Manual,
-        Some(ForwardingArg::Upnp) => M::Upnp,
-        None if args.external.is_some() => M::Manual,
-        None => p.forwarding.unwrap_or(M::LanOnly),
+    let mode = match (args.forwarding, args.external) {
+        (Some(ForwardingArg::LanOnly), Some(e)) => anyhow::bail!(
+            "--forwarding lan-only and --external {e} contradict each other: a LAN-only router has no external address (drop one of them)"
+        ),
+        (Some(ForwardingArg::Upnp), Some(e)) => anyhow::bail!(
+            "--forwarding upnp and --external {e} contradict each other: with UPnP the gateway says the external address (drop --external, or use --forwarding manual)"
+        ),
+        (Some(ForwardingArg::LanOnly), None) => M::LanOnly,
+        (Some(ForwardingArg::Manual), _) => M::Manual,
+        (Some(ForwardingArg::Upnp), None) => M::Upnp,
+        (None, Some(_)) => M::Manual,
+        (None, None) => p.forwarding.unwrap_or(M::LanOnly),
     };
     cfg.forwarding = match mode {
         M::LanOnly => Forwarding::LanOnly,

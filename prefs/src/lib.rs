@@ -185,6 +185,31 @@ pub enum PrefsError {
     NoPath,
 }
 
+/// Settles `external` against `forwarding`: an external address alone means manual forwarding
+/// (as `--external` does on the command line); manual needs one; lan-only and UPnP refuse one.
+fn forwarding_consistent(name: &str, p: &mut Profile) -> Result<(), String> {
+    match (p.forwarding, p.external) {
+        (None, Some(_)) => p.forwarding = Some(ForwardingMode::Manual),
+        (Some(ForwardingMode::Manual), None) => {
+            return Err(format!(
+                "profile `{name}` has forwarding = \"manual\" but no `external = \"IP:PORT\"`: say where the port is forwarded (`isthmus prefs set {name} external IP:PORT`)"
+            ))
+        }
+        (Some(ForwardingMode::LanOnly), Some(e)) => {
+            return Err(format!(
+                "profile `{name}` has forwarding = \"lan-only\" and external = \"{e}\": a LAN-only router has no external address; remove `external`, or set forwarding = \"manual\""
+            ))
+        }
+        (Some(ForwardingMode::Upnp), Some(e)) => {
+            return Err(format!(
+                "profile `{name}` has forwarding = \"upnp\" and external = \"{e}\": with UPnP the gateway says the external address; remove `external` (or use upnp.external_port to ask for a port), or set forwarding = \"manual\""
+            ))
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
 /// The platform's place for the file: `$XDG_CONFIG_HOME/isthmus/prefs.toml` on Linux.
 pub fn default_path() -> Option<PathBuf> {
     dirs::config_dir().map(|d| d.join("isthmus").join("prefs.toml"))
@@ -266,7 +291,8 @@ pub const MAX_FRAME_BYTES: u64 = 16 * MIB;
 const KEYS: &[(&str, Kind)] = &[
     ("forwarding", Kind::Forwarding),
     ("external", Kind::Addr),
-    ("port", Kind::Port),
+    // 0 asks the system for a free port, as `--port 0` does.
+    ("port", Kind::Range(0, 65535)),
     ("listen", Kind::Ip),
     ("beacon", Kind::Bool),
     ("beacon_port", Kind::Port),
@@ -496,13 +522,8 @@ impl Prefs {
                             })?;
                             apply(&mut profile, &k, &value);
                         }
-                        if profile.forwarding == Some(ForwardingMode::Manual)
-                            && profile.external.is_none()
-                        {
-                            return Err(invalid(
-                                name_span,
-                                format!("profile `{name}` has forwarding = \"manual\" but no `external = \"IP:PORT\"`: say where the port is forwarded"),
-                            ));
+                        if let Err(m) = forwarding_consistent(name, &mut profile) {
+                            return Err(invalid(name_span, m));
                         }
                         profiles.insert(name.to_string(), profile);
                     }
@@ -627,7 +648,11 @@ impl Prefs {
                 })?;
         }
         table.insert(leaf, Item::Value(v));
-        let checked = Self::parse(&self.path, &doc.to_string())?;
+        // A line number would point into a file that may not exist yet: say what to do instead.
+        let checked = Self::parse(&self.path, &doc.to_string()).map_err(|e| match e {
+            PrefsError::Invalid { message, .. } => PrefsError::Edit(message),
+            other => other,
+        })?;
         *self = checked;
         Ok(())
     }

@@ -43,7 +43,8 @@ struct Capture {
 impl Capture {
     fn start(port: u16, file: std::path::PathBuf) -> Capture {
         let mut child = Command::new("tcpdump")
-            .args(["-i", "lo", "-U", "-s", "0", "-n", "-w"])
+            // Immediate mode: packets reach the file as they come, not when a buffer fills.
+            .args(["-i", "lo", "--immediate-mode", "-U", "-s", "0", "-n", "-w"])
             .arg(&file)
             .arg(format!("tcp port {port}"))
             .stdout(Stdio::null())
@@ -66,10 +67,21 @@ impl Capture {
         Capture { child, file }
     }
 
-    /// Stops the capture and returns each direction's byte stream, keyed by (from, to).
-    fn finish(mut self) -> HashMap<(SocketAddr, SocketAddr), Vec<u8>> {
-        // Let the last packets reach the file, then stop cleanly so it is complete.
-        std::thread::sleep(Duration::from_millis(300));
+    /// Stops the capture and returns each direction's byte stream, keyed by (from, to). A last
+    /// marker sent to the router's port shows when everything before it is in the file.
+    fn finish(mut self, router: SocketAddr) -> HashMap<(SocketAddr, SocketAddr), Vec<u8>> {
+        let marker = b"END-OF-CAPTURE-MARKER";
+        if let Ok(mut s) = TcpStream::connect(router) {
+            let _ = s.write_all(marker);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read(&self.file).is_ok_and(|b| contains(&b, marker)) {
+            assert!(
+                Instant::now() < deadline,
+                "the capture never saw its end marker"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = Command::new("kill")
             .args(["-INT", &self.child.id().to_string()])
             .status();
@@ -205,7 +217,7 @@ fn a_capture_of_a_private_island_holds_no_plaintext_secret_or_reusable_hello() {
     );
     let (status, _, err) = creator.finish();
     assert!(status.success(), "creator failed: {err}");
-    let flows = capture.finish();
+    let flows = capture.finish(addr);
     assert!(!flows.is_empty(), "the capture holds no traffic");
 
     // Every secret either side holds, and what is derived from them for sealing.
@@ -248,7 +260,9 @@ fn a_capture_of_a_private_island_holds_no_plaintext_secret_or_reusable_hello() {
     // Replay every captured hello on a fresh connection: each must be refused.
     let hellos: Vec<&Vec<u8>> = flows
         .iter()
-        .filter(|((_, to), b)| *to == addr && b.len() > wire::PREAMBLE_LEN + 4)
+        .filter(|((_, to), b)| {
+            *to == addr && b.len() > wire::PREAMBLE_LEN + 4 && b[..8] == wire::MAGIC
+        })
         .map(|(_, b)| b)
         .collect();
     assert!(hellos.len() >= 2, "expected both replicas' connections");

@@ -223,58 +223,135 @@ fn join_strings_that_cannot_work_fail_with_one_clear_line() {
     let (_, _, _) = creator.finish_killed();
 }
 
+/// A terminal in tmux running a login-free shell: what a person types and sees.
+struct Tmux {
+    session: String,
+}
+
+impl Tmux {
+    fn start(test: &str) -> Option<Tmux> {
+        let have = Command::new("tmux")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !have {
+            return isthmus_tests::netns::skip(&format!(
+                "SKIPPED {test}: needs tmux to play a person at a terminal (.ci/run installs it)"
+            ));
+        }
+        let session = format!("isthmus-{}-{test}", std::process::id());
+        let status = Command::new("tmux")
+            .args(["new-session", "-d", "-s", &session, "-x", "120", "-y", "32"])
+            .args(["env", "PS1=prompt$ ", "bash", "--norc", "--noprofile", "-i"])
+            .status()
+            .expect("tmux");
+        assert!(status.success(), "tmux new-session");
+        Some(Tmux { session })
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        let status = Command::new("tmux")
+            .args(["send-keys", "-t", &self.session])
+            .args(keys)
+            .status()
+            .expect("tmux send-keys");
+        assert!(status.success());
+    }
+
+    /// Types a line of text literally, then Enter.
+    fn type_line(&self, text: &str) {
+        self.keys(&["-l", text]);
+        self.keys(&["Enter"]);
+    }
+
+    fn screen(&self) -> String {
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &self.session])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits until the screen shows everything in `want`.
+    fn wait_for(&self, want: &[&str]) -> String {
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            let screen = self.screen();
+            if want.iter().all(|w| screen.contains(w)) {
+                return screen;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the terminal never showed {want:?}; it shows:\n{screen}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["kill-session", "-t", &self.session])
+            .status();
+    }
+}
+
 #[test]
-fn on_a_terminal_typed_lines_are_sent_and_delivered_lines_print_with_seq_and_sender() {
-    use std::io::{BufRead, BufReader, Write};
+fn on_a_terminal_the_chat_shows_messages_members_and_status_and_leaves_cleanly() {
+    let Some(term) = Tmux::start("chat-tui") else {
+        return;
+    };
     let (mut router, addr) = spawn_router(&[]);
-    // `script` gives the replica a real terminal; its stdin is what the user types.
-    let command = format!("{BIN} island new den --router {addr} --name ada");
-    let mut child = Command::new("script")
-        .args(["-qfec", &command, "/dev/null"])
-        .env("ISTHMUS_PREFS", crate::proc::no_prefs())
-        .env("ISTHMUS_DATA_DIR", test_data_dir())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("script (util-linux) runs the replica on a pty");
-    let mut typing = child.stdin.take().expect("stdin");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let stdout = child.stdout.take().expect("stdout");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line.trim_end_matches('\r').to_string());
-        }
-    });
-    let next = || {
-        rx.recv_timeout(crate::proc::PATIENCE)
-            .expect("terminal output")
-    };
-    let postcard = loop {
-        let line = next();
-        if line.starts_with("isthmus2:") {
-            break line;
-        }
-    };
+    let data = test_data_dir();
+    let prefs = crate::proc::no_prefs();
+    let env = format!(
+        "ISTHMUS_PREFS={} ISTHMUS_DATA_DIR={}",
+        prefs.display(),
+        data.display()
+    );
+    term.type_line(&format!(
+        "{env} {BIN} island new den --router {addr} --name ada"
+    ));
+    term.wait_for(&["members (1)", "ada (you)", "seq 0", "connected"]);
+    // The admin postcard the creator kept lets this test find the island.
+    let newest = std::fs::read_dir(data.join("islands"))
+        .expect("admin postcards kept")
+        .filter_map(Result::ok)
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .expect("one admin postcard");
+    let admin = std::fs::read_to_string(newest.path()).expect("read admin postcard");
     let joiner = Proc::spawn(&[
         "join".into(),
-        postcard,
+        admin.trim().to_string(),
+        "--name".into(),
+        "bob".into(),
         "--json".into(),
         "--exit-after-seq".into(),
         "1".into(),
     ]);
-    // Whether the joiner is in before the line is typed or gets it as history, it sees seq 1.
-    typing.write_all(b"ahoy there\n").expect("type");
-    loop {
-        if next() == "[1] ada: ahoy there" {
-            break;
-        }
-    }
+    term.type_line("ahoy there");
     let (status, lines, err) = joiner.finish();
     assert!(status.success(), "{err}");
-    assert!(lines[0].contains("\"text\":\"ahoy there\""), "{lines:?}");
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(
+        lines[0].contains("\"name\":\"ada\"") && lines[0].contains("\"text\":\"ahoy there\""),
+        "{lines:?}"
+    );
+    term.wait_for(&["[1] ada: ahoy there", "seq 1"]);
+
+    // Ctrl-C leaves, and the shell gets back every key typed after it.
+    term.keys(&["C-c"]);
+    term.wait_for(&["left at seq 1"]);
+    term.type_line("echo after-ctrl-c");
+    term.wait_for(&["after-ctrl-c\nprompt$"]);
+
+    // A joiner gets the same view; Ctrl-D on an empty line leaves too.
+    term.type_line(&format!("{env} {BIN} join {} --name cy", admin.trim()));
+    term.wait_for(&["[1] ada: ahoy there", "cy (you)", "joined island"]);
+    term.keys(&["C-d"]);
+    term.wait_for(&["left at seq 1"]);
+    term.type_line("echo after-ctrl-d");
+    term.wait_for(&["after-ctrl-d\nprompt$"]);
     let _ = router.kill();
     let _ = router.wait();
 }
