@@ -1,6 +1,7 @@
 //! `isthmus island new|close|kick|tick`, `isthmus join` and `isthmus postcard`: a replica of the
 //! demo chat island on the terminal, and the island's admin commands.
 
+use crate::{eprint_line, print_line};
 use anyhow::{anyhow, Context, Result};
 use clap::{Args, Subcommand};
 use isthmus_contact::beacon::{Discovery, Heard};
@@ -251,7 +252,7 @@ async fn run_admin(target: AdminTarget, command: AdminCommand) -> Result<u8> {
     let said = client::admin(&routers, &card, command, ADMIN_TIMEOUT)
         .await
         .map_err(|e: ClientError| anyhow!("{e}"))?;
-    println!("{said}");
+    let _ = print_line(&said.to_string());
     Ok(0)
 }
 
@@ -385,7 +386,9 @@ fn heard_postcard(heard: &Heard, private_hint: &str) -> Result<Postcard> {
 
 fn listen_for(secs: f64) -> Result<Duration> {
     if !(secs.is_finite() && secs > 0.0 && secs <= 3600.0) {
-        anyhow::bail!("--timeout must be between 0 and 3600 seconds");
+        anyhow::bail!(
+            "--timeout must be more than 0 and at most 3600 seconds (got {secs}); the router announces every 2 s, so 3 or more finds every island"
+        );
     }
     Ok(Duration::from_secs_f64(secs))
 }
@@ -486,20 +489,23 @@ pub async fn run_discover(args: DiscoverArgs) -> Result<u8> {
     let islands = table.islands();
     if args.json {
         for h in &islands {
-            println!("{}", heard_json(h, None));
+            let _ = print_line(&format!("{}", heard_json(h, None)));
         }
     } else if islands.is_empty() {
-        eprintln!("no islands heard on the LAN");
+        eprint_line("no islands heard on the LAN");
     } else {
-        println!("{:<24} {:<36} {:<22} ACCESS", "NAME", "SESSION", "ROUTER");
+        let _ = print_line(&format!(
+            "{:<24} {:<36} {:<22} ACCESS",
+            "NAME", "SESSION", "ROUTER"
+        ));
         for h in &islands {
-            println!(
+            let _ = print_line(&format!(
                 "{:<24} {:<36} {:<22} {}",
                 h.island.name,
                 h.island.session,
                 h.router,
                 if h.is_open() { "open" } else { "private" }
-            );
+            ));
         }
     }
     Ok(0)
@@ -549,15 +555,15 @@ async fn watch(listener: &Listener, table: &mut Discovery, limit: Duration, json
 
 fn report(h: &Heard, event: &str, json: bool) {
     if json {
-        println!("{}", heard_json(h, Some(event)));
+        let _ = print_line(&format!("{}", heard_json(h, Some(event))));
     } else {
-        println!(
+        let _ = print_line(&format!(
             "{event:<6} {:<24} {} at {} ({})",
             h.island.name,
             h.island.session,
             h.router,
             if h.is_open() { "open" } else { "private" }
-        );
+        ));
     }
 }
 
@@ -573,17 +579,17 @@ pub async fn run_postcard(args: PostcardArgs) -> Result<u8> {
             let observer = card
                 .observer()
                 .context("every postcard derives its island's observer postcard")?;
-            println!("{observer}");
+            let _ = print_line(&format!("{observer}"));
             Ok(0)
         }
         (Some(PostcardCommand::Admin { island }), _) => {
-            println!("{}", admin_postcard(&island)?);
+            let _ = print_line(&format!("{}", admin_postcard(&island)?));
             Ok(0)
         }
         (None, Some(name)) => {
             let heard = discover_one(&args.lan, Some(&name)).await?;
             let card = heard_postcard(&heard, "only its owner can hand out its postcard")?;
-            println!("{card}");
+            let _ = print_line(&format!("{card}"));
             Ok(0)
         }
         (None, None) => anyhow::bail!(
@@ -605,25 +611,38 @@ fn show_postcard(card: &Postcard, json: bool) {
             "destination": c.destination.map(|d| d.to_string()),
             "role": auth::role_name(card.role()),
         });
-        println!("{v}");
+        print_line(&v.to_string());
     } else {
-        let none = || "none".to_string();
-        println!("island:      {}", c.name);
-        println!("role:        {}", role_words(card.role()));
-        println!("session:     {}", c.session);
-        println!("internal:    {}", list(&c.internal).join(", "));
-        println!(
-            "external:    {}",
-            c.external.map_or_else(none, |e| e.to_string())
-        );
-        println!(
-            "router:      {}",
-            c.router.map_or_else(none, |r| r.to_string())
-        );
-        println!(
-            "destination: {}",
-            c.destination.map_or_else(none, |d| d.to_string())
-        );
+        let lines = [
+            format!("island:      {}", c.name),
+            format!("role:        {}", role_words(card.role())),
+            format!("session:     {}", c.session),
+            format!("internal:    {}", list(&c.internal).join(", ")),
+            format!(
+                "external:    {}",
+                c.external.map_or_else(
+                    || "none (the router had no Internet address; LAN only)".to_string(),
+                    |e| e.to_string()
+                )
+            ),
+            format!(
+                "router:      {}",
+                c.router
+                    .map_or_else(|| "not named".to_string(), |r| r.to_string())
+            ),
+            format!(
+                "destination: {}",
+                c.destination.map_or_else(
+                    || "none (joiners arrive where the island starts them)".to_string(),
+                    |d| d.to_string()
+                )
+            ),
+        ];
+        for l in lines {
+            if !print_line(&l) {
+                return;
+            }
+        }
     }
 }
 
@@ -995,11 +1014,10 @@ impl Face {
 
     /// Writes one line to stdout; a closed stdout ends the replica quietly, never a panic.
     fn out(text: &str) -> Flow {
-        use std::io::Write;
-        let mut stdout = std::io::stdout().lock();
-        match writeln!(stdout, "{text}").and_then(|_| stdout.flush()) {
-            Ok(()) => Flow::Go,
-            Err(_) => Flow::OutputClosed,
+        if print_line(text) {
+            Flow::Go
+        } else {
+            Flow::OutputClosed
         }
     }
 
@@ -1012,7 +1030,7 @@ impl Face {
     fn note(&mut self, text: &str) {
         match self {
             Face::Tui(t) => t.1.push_note(text),
-            _ => eprintln_quiet(text),
+            _ => eprint_line(text),
         }
     }
 
@@ -1118,17 +1136,11 @@ impl Face {
                 "{{\"last_seq\":{last_seq},\"digest\":\"{digest}\"}}"
             )),
             _ => {
-                eprintln_quiet(&format!("left at seq {last_seq}, digest {digest}"));
+                eprint_line(&format!("left at seq {last_seq}, digest {digest}"));
                 Flow::Go
             }
         }
     }
-}
-
-/// A line on stderr that never panics: a closed stderr must not stop a replica.
-fn eprintln_quiet(text: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr().lock(), "{text}");
 }
 
 fn hex_string(bytes: &[u8]) -> String {

@@ -18,7 +18,10 @@ mod tui;
 #[command(
     name = "isthmus",
     version,
-    about = "A message router for replicated islands"
+    about = "A message router for replicated islands",
+    after_help = "Exit codes: 0 done; 1 error (unreachable or busy router, refused credentials, ...); \
+2 unreadable or damaged postcard; 3 island session lost (kicked, closed, or the router forgot it); \
+64 usage error (a bad flag or argument)."
 )]
 struct Cli {
     /// The prefs file (default: $ISTHMUS_PREFS, else the platform config dir).
@@ -47,11 +50,11 @@ enum Command {
     Prefs(prefs_cmd::PrefsCommand),
 }
 
-#[derive(Args)]
-struct RouterArgs {
+#[derive(Args, Default)]
+pub(crate) struct RouterArgs {
     /// Start from this saved profile (default: the prefs file's default, else "lan").
     #[arg(long, value_name = "NAME")]
-    profile: Option<String>,
+    pub(crate) profile: Option<String>,
     /// TCP port to listen on (default 7470; 0 picks a free one).
     #[arg(long)]
     port: Option<u16>,
@@ -129,8 +132,22 @@ enum ForwardingArg {
     Upnp,
 }
 
+/// Exit code of a usage error (a bad flag or argument), apart from 2, a damaged postcard.
+const EXIT_USAGE: u8 = 64;
+
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    std::process::ExitCode::SUCCESS
+                }
+                _ => std::process::ExitCode::from(EXIT_USAGE),
+            };
+        }
+    };
     init_logging();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -138,7 +155,7 @@ fn main() -> std::process::ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            eprint_line(&format!("error: cannot start the async runtime: {e}"));
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -152,10 +169,12 @@ fn main() -> std::process::ExitCode {
             Command::Postcard(args) => island::run_postcard(args).await,
         }
     });
+    // A replica may leave a blocking stdin read behind: do not wait for it to see a line.
+    runtime.shutdown_timeout(Duration::from_millis(200));
     match result {
         Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprint_line(&format!("error: {}", describe(&e)));
             let code = e.downcast_ref::<island::ExitCode>().map_or(1, |c| c.0);
             std::process::ExitCode::from(code)
         }
@@ -167,9 +186,55 @@ fn init_logging() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| QuietStderr)
+        // A failed log write would otherwise be reported with eprintln!, which panics when
+        // stderr is closed (e.g. `2>&1 | head`).
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// stderr that swallows write errors: a closed stderr must never stop or hang the router.
+struct QuietStderr;
+
+impl std::io::Write for QuietStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Writes a line to stdout; false once stdout is closed (e.g. piped to `head`). println!
+/// would panic there; every command ends quietly instead.
+pub(crate) fn print_line(text: &str) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|_| out.flush()).is_ok()
+}
+
+/// Writes a line to stderr, ignoring a closed stderr.
+pub(crate) fn eprint_line(text: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{text}");
+}
+
+/// An error and its causes, each cause only if the words before do not already say it (some
+/// errors quote their source in their own message).
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !text.contains(&c) {
+            text.push_str(": ");
+            text.push_str(&c);
+        }
+    }
+    text
 }
 
 fn listen_addr(listen: &str, port: u16) -> Result<SocketAddr> {
@@ -180,6 +245,78 @@ fn listen_addr(listen: &str, port: u16) -> Result<SocketAddr> {
         format!("--listen {listen:?} is not an IP address or IP:PORT (try 0.0.0.0 or 127.0.0.1)")
     })?;
     Ok(SocketAddr::new(ip, port))
+}
+
+/// The settings a router started with profile `name` (and no flags) would run with, one per
+/// line, for `prefs show`.
+pub(crate) fn effective_settings(
+    name: &str,
+    prefs_path: Option<&std::path::Path>,
+) -> Result<Vec<String>> {
+    let args = RouterArgs {
+        profile: Some(name.to_string()),
+        ..RouterArgs::default()
+    };
+    let cfg = router_config(&args, prefs_path)?;
+    let s = &cfg.driver.session;
+    let forwarding = match &cfg.forwarding {
+        Forwarding::LanOnly => "lan-only".to_string(),
+        Forwarding::Manual { external } => format!("manual, external {external}"),
+        Forwarding::Upnp(u) => format!(
+            "upnp, lease {} s, fallback {}",
+            u.lease.as_secs(),
+            match u.fallback {
+                Fallback::Fail => "fail",
+                _ => "lan-only",
+            }
+        ),
+        _ => "other".to_string(),
+    };
+    let beacon = match &cfg.beacon {
+        Some(b) => format!("on, UDP {} every {} ms", b.port, b.interval.as_millis()),
+        None => "off".to_string(),
+    };
+    let create = match cfg.create {
+        CreatePolicy::Lan => "lan",
+        CreatePolicy::Any => "any",
+        CreatePolicy::None => "none",
+        _ => "other",
+    };
+    let ms = |d: Duration| d.as_millis();
+    Ok(vec![
+        format!("listen = {}", cfg.listen),
+        format!("forwarding = {forwarding}"),
+        format!("beacon = {beacon}"),
+        format!("create = {create}"),
+        format!("tick_ms = {}", ms(s.tick_interval)),
+        format!("linger_ms = {}", ms(s.linger)),
+        format!("limits.max_connections = {}", cfg.max_connections),
+        format!(
+            "limits.max_connections_per_ip = {}",
+            cfg.max_connections_per_ip
+        ),
+        format!(
+            "limits.max_handshakes_per_ip = {}",
+            cfg.max_handshakes_per_ip
+        ),
+        format!("limits.max_sessions = {}", cfg.max_sessions),
+        format!(
+            "limits.memory_budget_mb = {}",
+            cfg.memory_budget_bytes / (1024 * 1024)
+        ),
+        format!("limits.min_tick_ms = {}", ms(s.min_tick_interval)),
+        format!("limits.max_frame_bytes = {}", cfg.driver.max_frame_bytes),
+        format!("limits.max_payload_bytes = {}", s.max_payload_bytes),
+        format!("limits.max_outbound_bytes = {}", s.max_outbound_bytes),
+        format!("limits.max_history_messages = {}", s.max_history_messages),
+        format!("limits.max_history_bytes = {}", s.max_history_bytes),
+        format!("limits.max_snapshot_bytes = {}", s.max_snapshot_bytes),
+        format!(
+            "limits.handshake_timeout_ms = {}",
+            ms(cfg.handshake_timeout)
+        ),
+        format!("limits.idle_timeout_ms = {}", ms(s.idle_timeout)),
+    ])
 }
 
 /// Turns a profile plus the flags that override it into the dispatcher's configuration.
@@ -354,9 +491,9 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
     let beacon = cfg.beacon.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
-    println!("listening on {local}");
+    print_line(&format!("listening on {local}"));
     // One line that says where the router can be reached, whatever RUST_LOG says.
-    eprintln!("isthmus router: {}", dispatcher.summary());
+    eprint_line(&format!("isthmus router: {}", dispatcher.summary()));
     match &beacon {
         Some(b) => tracing::info!(
             %local,
@@ -393,8 +530,10 @@ async fn wait_for_signal(shutdown: CancellationToken) {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-    tracing::info!("signal received, shutting down");
+    // Cancel first: shutting down (and removing a UPnP mapping) must never depend on a log
+    // line reaching a stderr that may be closed.
     shutdown.cancel();
+    tracing::info!("signal received, shutting down");
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `isthmus prefs`: read and edit the saved profiles.
 
+use crate::print_line;
 use anyhow::Result;
 use clap::Subcommand;
 use isthmus_prefs::{resolve_path, Prefs};
@@ -40,7 +41,9 @@ pub enum PrefsCommand {
 pub fn run(cmd: PrefsCommand, flag: Option<&Path>) -> Result<u8> {
     let path = resolve_path(flag)?;
     match cmd {
-        PrefsCommand::Path => println!("{}", path.display()),
+        PrefsCommand::Path => {
+            print_line(&path.display().to_string());
+        }
         PrefsCommand::List => {
             let prefs = Prefs::load(&path)?;
             for (name, builtin, saved) in prefs.names() {
@@ -54,24 +57,50 @@ pub fn run(cmd: PrefsCommand, flag: Option<&Path>) -> Result<u8> {
                 } else {
                     ""
                 };
-                println!("{name}\t{origin}{default}");
+                let _ = print_line(&format!("{name}\t{origin}{default}"));
             }
         }
-        PrefsCommand::Show { name } => print!("{}", Prefs::load(&path)?.render(&name)?),
+        PrefsCommand::Show { name } => {
+            let saved = Prefs::load(&path)?.render(&name)?;
+            let mut lines: Vec<String> = saved.lines().map(str::to_string).collect();
+            lines.push(String::new());
+            lines.push(format!(
+                "# what `isthmus router --profile {name}` runs with (defaults filled in):"
+            ));
+            lines.extend(
+                crate::effective_settings(&name, flag)?
+                    .into_iter()
+                    .map(|l| format!("# {l}")),
+            );
+            for l in lines {
+                if !print_line(&l) {
+                    break;
+                }
+            }
+        }
         PrefsCommand::Set { name, key, value } => {
             let mut prefs = Prefs::load(&path)?;
             prefs.set(&name, &key, &value)?;
             prefs.save()?;
+            print_line(&format!(
+                "set {key} = {value} in profile {name:?} ({})",
+                path.display()
+            ));
         }
         PrefsCommand::Remove { name } => {
             let mut prefs = Prefs::load(&path)?;
             prefs.remove(&name)?;
             prefs.save()?;
+            print_line(&format!("removed profile {name:?} from {}", path.display()));
         }
         PrefsCommand::Default { name } => {
             let mut prefs = Prefs::load(&path)?;
             prefs.set_default(&name)?;
             prefs.save()?;
+            print_line(&format!(
+                "profile {name:?} is now the default ({})",
+                path.display()
+            ));
         }
     }
     Ok(0)

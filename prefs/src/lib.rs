@@ -888,6 +888,36 @@ port = 7471
     }
 
     #[test]
+    fn an_external_address_alone_means_manual_and_port_zero_picks_a_free_port() {
+        let prefs = Prefs::parse(
+            Path::new("p.toml"),
+            "[profiles.office]\nexternal = \"203.0.113.7:7470\"\nport = 0\n",
+        )
+        .expect("valid");
+        let p = prefs.profile("office").expect("office");
+        assert_eq!(p.forwarding, Some(ForwardingMode::Manual));
+        assert_eq!(p.port, Some(0));
+    }
+
+    #[test]
+    fn setting_manual_on_a_new_profile_says_what_to_set_first() {
+        let dir = std::env::temp_dir().join(format!("isthmus-prefs-new-{}", std::process::id()));
+        let mut prefs = Prefs::load(&dir.join("absent.toml")).expect("a missing file is empty");
+        let err = prefs
+            .set("office", "forwarding", "manual")
+            .expect_err("manual needs external")
+            .to_string();
+        assert!(!err.contains("line"), "{err}");
+        assert!(err.contains("prefs set office external"), "{err}");
+        prefs
+            .set("office", "external", "203.0.113.7:7470")
+            .expect("external alone");
+        prefs
+            .set("office", "forwarding", "manual")
+            .expect("now manual is fine");
+    }
+
+    #[test]
     fn errors_name_the_line_the_key_and_what_is_allowed() {
         let (line, msg) = invalid("[profiles.x]\nport = 80\nforwardng = \"upnp\"\n");
         assert_eq!(line, 3);
@@ -903,9 +933,18 @@ port = 7471
         );
         let (line, msg) = invalid("[profiles.x]\nport = 99999\n");
         assert_eq!(line, 2);
-        assert!(msg.contains("1 to 65535"), "{msg}");
+        assert!(msg.contains("0 to 65535"), "{msg}");
         let (_, msg) = invalid("[profiles.x]\nforwarding = \"manual\"\n");
         assert!(msg.contains("external"), "{msg}");
+        let (_, msg) =
+            invalid("[profiles.x]\nforwarding = \"lan-only\"\nexternal = \"203.0.113.7:7470\"\n");
+        assert!(
+            msg.contains("LAN-only router has no external address"),
+            "{msg}"
+        );
+        let (_, msg) =
+            invalid("[profiles.x]\nforwarding = \"upnp\"\nexternal = \"203.0.113.7:7470\"\n");
+        assert!(msg.contains("with UPnP the gateway says"), "{msg}");
         let (line, msg) = invalid("default = \"ghost\"\n");
         assert_eq!(line, 1);
         assert!(msg.contains("ghost"), "{msg}");

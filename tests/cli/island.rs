@@ -517,3 +517,123 @@ fn the_admin_postcard_is_kept_and_ticks_kicks_and_closes_the_island() {
     let _ = router.kill();
     let _ = router.wait();
 }
+
+#[test]
+fn json_output_closed_early_ends_quietly_and_sigterm_prints_the_summary() {
+    use std::io::{BufRead, BufReader};
+    let (mut router, addr) = spawn_router(&[]);
+    let mut args = vec![
+        "island".to_string(),
+        "new".into(),
+        "brook".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+    ];
+    for k in 0..5 {
+        args.extend(["--send".into(), format!("line {k}")]);
+    }
+    // `| head -2`: read two lines, then close the pipe.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut child = isthmus()
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut lines = BufReader::new(reader).lines();
+    let postcard = lines.next().expect("postcard").expect("read");
+    lines.next().expect("a line").expect("read");
+    drop(lines);
+    // The next message the creator prints meets the closed pipe; a joiner sends one.
+    let joiner = Proc::spawn(&[
+        "join".into(),
+        postcard,
+        "--json".into(),
+        "--name".into(),
+        "dee".into(),
+        "--send".into(),
+        "after the reader left".into(),
+    ]);
+    let first: Value = serde_json::from_str(&joiner.next_line()).expect("json");
+    assert_eq!(first["text"], "line 0", "{first}");
+    assert!(
+        first["name"].as_str().is_some_and(|n| !n.is_empty()),
+        "JSON lines carry the sender's name: {first}"
+    );
+    while !joiner.next_line().contains("after the reader left") {}
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the creator kept running with nobody reading its output"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+
+    // SIGTERM on a --json replica ends with the summary line, like Ctrl-C.
+    joiner.signal("TERM");
+    let (status, lines, err) = joiner.finish();
+    assert!(status.success(), "{err}");
+    let last: Value = serde_json::from_str(lines.last().expect("a summary")).expect("json");
+    assert!(
+        last["last_seq"].as_u64().is_some() && last["digest"].is_string(),
+        "{lines:?}"
+    );
+    let _ = router.kill();
+    let _ = router.wait();
+}
+
+#[test]
+fn sends_on_an_island_already_past_the_stop_seq_are_stamped_before_exit() {
+    let (mut router, addr) = spawn_router(&[]);
+    let creator = Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "cove".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+        "--send".into(),
+        "one".into(),
+        "--send".into(),
+        "two".into(),
+        "--send".into(),
+        "three".into(),
+    ]);
+    let postcard = creator.next_line();
+    for _ in 0..3 {
+        creator.next_line();
+    }
+    let joiner = Proc::spawn(&[
+        "join".into(),
+        postcard,
+        "--json".into(),
+        "--send".into(),
+        "was this sent?".into(),
+        "--exit-after-seq".into(),
+        "1".into(),
+    ]);
+    let (status, lines, err) = joiner.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"text\":\"was this sent?\"")),
+        "the send was stamped before the replica exited: {lines:?}"
+    );
+    let last: Value = serde_json::from_str(lines.last().expect("summary")).expect("json");
+    assert_eq!(last["last_seq"], 4, "{lines:?}");
+    let _ = creator.finish_killed();
+    let _ = router.kill();
+    let _ = router.wait();
+}

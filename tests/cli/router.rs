@@ -190,3 +190,112 @@ async fn profiles_are_edited_from_the_command_line_and_flags_override_them() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `isthmus ARGS` with stdout and stderr into one pipe, as `2>&1 | head -N` does, and
+/// returns the child and the read end.
+fn spawn_into_pipe(args: &[&str]) -> (Child, std::io::PipeReader) {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let child = crate::proc::isthmus()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone().expect("clone pipe"))
+        .stderr(writer)
+        .spawn()
+        .expect("start isthmus");
+    (child, reader)
+}
+
+/// Waits for the child to exit (a router that ignores the signal fails the test, not hangs it).
+fn exits_within_patience(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the process ignored the signal");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_router_whose_output_was_closed_still_stops_on_sigint_and_sigterm() {
+    for sig in ["INT", "TERM"] {
+        let (mut child, reader) = spawn_into_pipe(&[
+            "router",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-beacon",
+        ]);
+        // Read the two lines `head -2` would, then close the pipe as head exits.
+        let mut lines = BufReader::new(reader).lines();
+        for _ in 0..2 {
+            lines.next().expect("a line").expect("read");
+        }
+        drop(lines);
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+        let status = exits_within_patience(&mut child);
+        assert!(status.success(), "SIG{sig}: {status:?}");
+    }
+}
+
+#[test]
+fn usage_errors_and_damaged_postcards_have_their_own_exit_codes() {
+    let out = crate::proc::isthmus()
+        .args(["router", "--no-such-flag"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64), "usage error");
+    let out = crate::proc::isthmus()
+        .args(["join", "isthmus2:abc"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(2), "damaged postcard");
+    let out = crate::proc::isthmus()
+        .args(["join", "isthmus2:abc", "--name", &"n".repeat(300)])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "a 300-byte name is refused up front"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at most 256 bytes"), "{err}");
+    let out = crate::proc::isthmus()
+        .args(["discover", "--timeout", "0"])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("more than 0"), "{err}");
+    let help = crate::proc::isthmus().arg("--help").output().expect("run");
+    let text = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        text.contains("64 usage error") && text.contains("2 unreadable or damaged postcard"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_busy_port_is_explained_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port().to_string();
+    let out = crate::proc::isthmus()
+        .args(["router", "--listen", "127.0.0.1", "--port", &port])
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches("Address already in use").count(),
+        1,
+        "the cause is said once: {err}"
+    );
+}
