@@ -826,9 +826,15 @@ impl Shared {
             }
             let mut driver = self.cfg.driver.clone();
             driver.session = driver.session.with_create_options(opts);
+            driver.island = opts
+                .announce
+                .as_ref()
+                .map(|a| a.name.clone())
+                .unwrap_or_default();
+            let island = driver.island.clone();
             let retire = retire_from(Arc::downgrade(&self.registry), id);
             let (handle, join) = spawn_session(id, body.keys, driver, retire);
-            info!(session = %id, "session created");
+            info!(session = %id, island = %island, creator = %body.name, "island created");
             attach.request.created = true;
             if let Err(back) = handle.attach(attach) {
                 return Err((*back, Code::BUSY, "session failed to start".into()));

@@ -50,6 +50,8 @@ pub struct DriverConfig {
     pub event_queue: usize,
     /// Stall limit of one write.
     pub write_timeout: Duration,
+    /// The island's name for log lines (its beacon name; empty when it has none).
+    pub island: String,
 }
 
 impl Default for DriverConfig {
@@ -59,6 +61,7 @@ impl Default for DriverConfig {
             max_frame_bytes: wire::DEFAULT_MAX_FRAME_BYTES,
             event_queue: DEFAULT_EVENT_QUEUE,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
+            island: String::new(),
         }
     }
 }
@@ -362,29 +365,35 @@ impl SessionTask {
                         c.outbox.close(goodbye, discard_queued);
                     }
                 }
-                Output::Notice(n) => log_notice(id, &n),
+                Output::Notice(n) => log_notice(id, &self.cfg.island, &n),
             }
         }
     }
 }
 
-fn log_notice(id: SessionId, n: &Notice) {
+/// Logs a notice with the island's name and the replica's display name beside the ids: people
+/// read these logs.
+fn log_notice(id: SessionId, island: &str, n: &Notice) {
     match n {
         Notice::Joined {
             replica,
+            name,
             conn,
             resumed,
-        } => info!(session = %id, %replica, ?conn, resumed, "replica joined"),
+        } => info!(session = %id, island, %replica, ?conn, resumed, "{name:?} joined"),
         Notice::Left {
             replica,
+            name,
             conn,
             code,
         } => match code {
-            Some(code) => info!(session = %id, %replica, ?conn, "replica closed: {code}"),
-            None => info!(session = %id, %replica, ?conn, "replica left"),
+            Some(code) => {
+                info!(session = %id, island, %replica, ?conn, "{name:?} was closed: {code}")
+            }
+            None => info!(session = %id, island, %replica, ?conn, "{name:?} left"),
         },
         Notice::Refused { replica, code } => {
-            info!(session = %id, %replica, "join refused: {code}")
+            info!(session = %id, island, %replica, "join refused: {code}")
         }
         Notice::Diverged(d) => {
             let groups: Vec<String> = d
@@ -395,7 +404,7 @@ fn log_notice(id: SessionId, n: &Notice) {
                     format!("{} -> [{}]", hex(&g.hash), who.join(", "))
                 })
                 .collect();
-            warn!(session = %id, seq = d.seq.0, "replicas diverged: {}", groups.join("; "));
+            warn!(session = %id, island, seq = d.seq.0, "replicas diverged: {}", groups.join("; "));
         }
         Notice::SnapshotStored { at, bytes } => {
             debug!(session = %id, at = at.0, bytes, "snapshot stored")

@@ -220,6 +220,8 @@ pub enum Notice {
     Joined {
         /// Who.
         replica: ReplicaId,
+        /// Its display name, so logs name people, not only ids.
+        name: String,
         /// On which connection.
         conn: ConnId,
         /// Resumed (true) or fully synced (false).
@@ -229,6 +231,8 @@ pub enum Notice {
     Left {
         /// Who.
         replica: ReplicaId,
+        /// Its display name.
+        name: String,
         /// From which connection.
         conn: ConnId,
         /// Why the router closed it, if it did.
@@ -485,6 +489,7 @@ impl Session {
         self.start_sync(conn, plan, now);
         self.out.push_back(Output::Notice(Notice::Joined {
             replica: req.replica,
+            name: req.name.clone(),
             conn,
             resumed,
         }));
@@ -580,6 +585,7 @@ impl Session {
         self.send_to(conn, wire::encode(&ServerFrame::Welcome(welcome)));
         self.out.push_back(Output::Notice(Notice::Joined {
             replica: req.replica,
+            name: req.name.clone(),
             conn,
             resumed: false,
         }));
@@ -1457,6 +1463,7 @@ impl Session {
         });
         self.out.push_back(Output::Notice(Notice::Left {
             replica: m.replica,
+            name: m.name.clone(),
             conn,
             code,
         }));
