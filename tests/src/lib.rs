@@ -1,7 +1,8 @@
 //! # isthmus-tests
 //!
-//! Owns the integration tests (`tests/tests/`), the helpers they share, and later the network lab
-//! and the benchmark harness. [`WireReplica`] is a minimal replica that speaks the raw wire
+//! Owns the integration tests (`tests/tests/`), the helpers they share, the network lab
+//! ([`netns`]) and the benchmark binary (`src/bin/bench.rs`). [`WireReplica`] is a minimal
+//! replica that speaks the raw wire
 //! protocol, independent of the island client, so router tests do not trust the code they test
 //! against.
 
