@@ -7,7 +7,10 @@
 //!   clients that only count message frames. Deliveries/s counts every copy delivered.
 //!
 //! Both run on this machine's cores alongside the clients, so loopback figures include the
-//! clients' own cost. See BENCHMARKS.md for figures and how they were taken.
+//! clients' own cost. A second table gives what safety costs: signing and verifying a hello,
+//! a whole join over loopback (hello to welcome) and the CPU it takes, how fast a flood from one
+//! address is turned away, and how long postcards are. See BENCHMARKS.md for figures and how they
+//! were taken.
 
 use bytes::{Bytes, BytesMut};
 use isthmus_dispatcher::DispatcherConfig;
@@ -15,7 +18,7 @@ use isthmus_router::auth::{self, Capability};
 use isthmus_router::ids::{ConnId, ReplicaId};
 use isthmus_router::session::{JoinRequest, Output, Session, SessionConfig};
 use isthmus_router::wire::{self, ClientFrame, Role};
-use isthmus_tests::{exchange_preambles, keys_of, start_router, HelloOpts};
+use isthmus_tests::{exchange_preambles, keys_of, start_router, HelloOpts, WireReplica};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -189,6 +192,154 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
     )
 }
 
+/// CPU seconds this process has used (user + system), from /proc: the bench's router and
+/// clients share the process, so per-join CPU includes the client's signing.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the whole line; 12 and 13 after the name.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Signing and verifying a hello, in microseconds each.
+fn hello_crypto(n: u32) -> (f64, f64) {
+    let admin = Capability::new_island();
+    let keys = keys_of(&admin);
+    let part = admin.derive(Role::Replica).expect("participant");
+    let me = auth::KeyPair::random();
+    let nonce = auth::fresh_nonce();
+    let body = wire::HelloBody {
+        session: keys.session_id(),
+        keys,
+        replica: auth::replica_id_for(&me.public()),
+        replica_key: me.public(),
+        name: "bench".into(),
+        role: Role::Replica,
+        resume_from: None,
+        create: None,
+        control: false,
+    };
+    let role_key = part.key_pair();
+    let start = Instant::now();
+    let mut hello = None;
+    for _ in 0..n {
+        hello = Some(auth::sign_hello(&nonce, body.clone(), &role_key, &me));
+    }
+    let sign = start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    let hello = hello.expect("signed");
+    let start = Instant::now();
+    for _ in 0..n {
+        auth::verify_hello(&nonce, &hello).expect("verifies");
+    }
+    let verify = start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    (sign, verify)
+}
+
+/// Joins one after another into a live island over loopback: hello to welcome, p50 and p99 in
+/// ms, and the process's CPU per join in microseconds.
+async fn join_bench(joins: usize) -> (f64, f64, f64) {
+    let router = start_router(DispatcherConfig::default()).await;
+    let island = Capability::new_island();
+    let mut first = WireReplica::connect(router.addr, HelloOpts::new(&island, true))
+        .await
+        .expect("connect");
+    first
+        .wait_until(Duration::from_secs(10), "synced", |s| s.synced)
+        .await;
+    let mut times = Vec::with_capacity(joins);
+    let cpu = cpu_seconds();
+    for _ in 0..joins {
+        let start = Instant::now();
+        let mut r = WireReplica::connect(router.addr, HelloOpts::new(&island, false))
+            .await
+            .expect("connect");
+        r.wait_until(Duration::from_secs(10), "welcome", |s| s.welcome.is_some())
+            .await;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let cpu_per_join = (cpu_seconds() - cpu) * 1e6 / joins as f64;
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    times.sort_by(f64::total_cmp);
+    (percentile(&times, 0.5), percentile(&times, 0.99), cpu_per_join)
+}
+
+/// One address opens `n` connections at once against a per-address bound of 64: how many get
+/// 1002 busy, and how long until the last of them had its answer (ms).
+async fn shed_bench(n: usize) -> (usize, f64) {
+    let router = start_router(DispatcherConfig {
+        max_connections_per_ip: 64,
+        ..DispatcherConfig::default()
+    })
+    .await;
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let addr = router.addr;
+        tasks.spawn(async move {
+            let Ok(mut s) = TcpStream::connect(addr).await else {
+                return false;
+            };
+            if s.write_all(&wire::preamble()).await.is_err() {
+                return false;
+            }
+            let mut buf = vec![0u8; 512];
+            let mut got = 0;
+            // A refused connection gets the router's preamble and a Refuse at once; an admitted
+            // one waits for a hello that never comes.
+            loop {
+                match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf[got..])).await
+                {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+                    Ok(Ok(k)) => got += k,
+                }
+                if got > wire::ROUTER_PREAMBLE_LEN + 5 {
+                    break;
+                }
+            }
+            got > wire::ROUTER_PREAMBLE_LEN + 4
+                && buf[wire::ROUTER_PREAMBLE_LEN + 4] == 1
+        });
+    }
+    let mut shed = 0;
+    let mut last = 0.0f64;
+    while let Some(refused) = tasks.join_next().await {
+        if refused.unwrap_or(false) {
+            shed += 1;
+            last = last.max(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    (shed, last)
+}
+
+fn postcard_sizes() -> Vec<(String, usize)> {
+    let contact = isthmus_contact::ContactPoint::new(
+        isthmus_router::ids::SessionId::random(),
+        "garden",
+        vec!["192.168.1.20:7470".parse().expect("addr")],
+    );
+    let mut admin = isthmus_contact::Postcard::for_new_island(contact, Capability::new_island())
+        .expect("postcard");
+    admin.contact.external = Some("203.0.113.9:7470".parse().expect("addr"));
+    admin.contact.router = Some(uuid::Uuid::new_v4());
+    let part = admin.participant().expect("participant");
+    let obs = admin.observer().expect("observer");
+    vec![
+        ("admin".into(), admin.to_string().len()),
+        ("participant".into(), part.to_string().len()),
+        ("observer".into(), obs.to_string().len()),
+    ]
+}
+
 fn human(x: f64) -> String {
     if x >= 1e6 {
         format!("{:.2}M", x / 1e6)
@@ -224,5 +375,21 @@ fn main() {
             human(m),
             human(d)
         );
+    }
+    println!();
+    println!("| safety | figure |");
+    println!("|---|---|");
+    let (sign, verify) = hello_crypto(2_000 / scale as u32);
+    println!("| sign a hello (participant key + replica key) | {sign:.1} us |");
+    println!("| verify a hello (router, per join) | {verify:.1} us |");
+    let (p50, p99, cpu) = rt.block_on(join_bench(1_000 / scale as usize));
+    println!("| join over loopback, hello to welcome | p50 {p50:.2} ms, p99 {p99:.2} ms |");
+    println!("| CPU per join (router and client in one process) | {cpu:.0} us |");
+    let (shed, ms) = rt.block_on(shed_bench(1_000));
+    println!(
+        "| 1,000 connections from one address, bound 64 | {shed} refused with 1002, the last after {ms:.0} ms |"
+    );
+    for (role, len) in postcard_sizes() {
+        println!("| {role} postcard (1 internal + 1 external address) | {len} characters |");
     }
 }
