@@ -637,3 +637,30 @@ fn sends_on_an_island_already_past_the_stop_seq_are_stamped_before_exit() {
     let _ = router.kill();
     let _ = router.wait();
 }
+
+#[test]
+fn a_replica_whose_router_is_gone_says_each_retry_and_gives_up() {
+    let (mut router, addr) = spawn_router(&[]);
+    let replica = Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "shoal".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+        "--give-up-after".into(),
+        "3".into(),
+    ]);
+    replica.next_line();
+    // The router dies without a goodbye and never comes back.
+    let _ = router.kill();
+    let _ = router.wait();
+    replica.wait_stderr(&format!("reconnecting to {addr} in "), 2);
+    let (status, _, err) = replica.finish();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("(attempt 1)") && err.contains("(attempt 2)"),
+        "{err}"
+    );
+    assert!(err.contains("gave up after 3 s"), "{err}");
+}

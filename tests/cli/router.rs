@@ -141,6 +141,11 @@ async fn profiles_are_edited_from_the_command_line_and_flags_override_them() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // It says what it did.
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("set {k} = {v} in profile \"desk\" ({prefs_s})")
+        );
     }
     let out = run(&["prefs", "set", "desk", "tick_ms", "soon"]);
     assert!(!out.status.success());
@@ -150,6 +155,16 @@ async fn profiles_are_edited_from_the_command_line_and_flags_override_them() {
         shown.contains(&format!("port = {port}")) && shown.contains("tick_ms = 30"),
         "{shown}"
     );
+    // ...and every setting a router would run with, defaults filled in.
+    for effective in [
+        format!("# listen = 127.0.0.1:{port}"),
+        "# forwarding = lan-only".to_string(),
+        "# beacon = off".to_string(),
+        "# limits.max_frame_bytes = 1048576".to_string(),
+        "# limits.memory_budget_mb = 2048".to_string(),
+    ] {
+        assert!(shown.contains(&effective), "{effective:?} in:\n{shown}");
+    }
 
     // The profile drives the router...
     let (mut child, addr) = spawn_ready(&["--prefs", prefs_s, "router", "--profile", "desk"]);
@@ -298,4 +313,69 @@ fn a_busy_port_is_explained_once() {
         1,
         "the cause is said once: {err}"
     );
+}
+
+#[test]
+fn contradictory_forwarding_flags_are_refused_with_a_reason() {
+    for (mode, why) in [
+        ("lan-only", "a LAN-only router has no external address"),
+        ("upnp", "with UPnP the gateway says the external address"),
+    ] {
+        let out = crate::proc::isthmus()
+            .args([
+                "router",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--no-beacon",
+            ])
+            .args(["--forwarding", mode, "--external", "203.0.113.7:7470"])
+            .output()
+            .expect("run");
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(why), "{mode}: {err}");
+    }
+}
+
+#[test]
+fn router_logs_name_the_island_and_the_people_in_it() {
+    let router = crate::proc::Proc::spawn(&[
+        "router".into(),
+        "--listen".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        "0".into(),
+        "--no-beacon".into(),
+    ]);
+    let addr = router
+        .next_line()
+        .strip_prefix("listening on ")
+        .expect("ready line")
+        .to_string();
+    let replica = crate::proc::Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "lagoon".into(),
+        "--router".into(),
+        addr,
+        "--name".into(),
+        "ada".into(),
+        "--json".into(),
+        "--send".into(),
+        "hi".into(),
+        "--exit-after-seq".into(),
+        "1".into(),
+    ]);
+    let (status, _, err) = replica.finish();
+    assert!(status.success(), "{err}");
+    let log = router.wait_stderr("\"ada\" left", 1);
+    assert!(
+        log.contains("island created") && log.contains("lagoon"),
+        "{log}"
+    );
+    assert!(log.contains("\"ada\" joined"), "{log}");
+    router.signal("TERM");
+    assert!(router.finish().0.success());
 }

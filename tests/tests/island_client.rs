@@ -147,8 +147,9 @@ async fn a_silently_dead_path_is_noticed_and_replaced() {
     let proxy = Proxy::start(router.addr).await;
     let card = island();
     let mut cfg = config(proxy.addr, &card, true);
-    cfg.liveness_timeout = Duration::from_millis(600);
-    cfg.ping_interval = Duration::from_millis(200);
+    // Ticks every 50 ms keep a live path far from this; only the frozen one goes silent.
+    cfg.liveness_timeout = Duration::from_secs(2);
+    cfg.ping_interval = Duration::from_millis(500);
     let (a, mut events) = client::connect(cfg, ChatIsland::default())
         .await
         .expect("connect");

@@ -715,16 +715,36 @@ async fn a_replica_that_stops_reading_is_cut_off_without_stalling_the_session() 
     let s = fast.wait_for_seq(n, PATIENCE).await;
     assert!(s.violations.is_empty());
     assert!(s.closed.is_none());
-    // The slow one was disconnected: draining its socket ends in EOF, not in all n messages.
+    // The slow one was disconnected: draining its socket gives whole frames only, far fewer
+    // messages than were sent, and last of all its goodbye 1003, then EOF.
     let mut drained = Vec::new();
     tokio::time::timeout(PATIENCE, slow.read_to_end(&mut drained))
         .await
         .expect("the slow replica's connection was closed")
         .ok();
+    let mut buf = BytesMut::from(&drained[..]);
+    let mut messages = 0u64;
+    let mut last = None;
+    while let Some(frame) = wire::decode::<ServerFrame>(&mut buf, usize::MAX).expect("whole frames")
+    {
+        if matches!(frame, ServerFrame::Message(_)) {
+            messages += 1;
+        }
+        last = Some(frame);
+    }
     assert!(
-        drained.len() < n as usize * 1024,
-        "it did not get everything"
+        buf.is_empty(),
+        "no frame was cut short: {} bytes left",
+        buf.len()
     );
+    assert!(
+        messages < n,
+        "it did not get everything ({messages} of {n})"
+    );
+    match last {
+        Some(ServerFrame::Goodbye { code, .. }) => assert_eq!(code, Code::SLOW_CONSUMER),
+        other => panic!("the last frame was not a goodbye 1003: {other:?}"),
+    }
     router.shutdown.cancel();
     router.task.await.expect("router ends");
 }

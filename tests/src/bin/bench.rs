@@ -199,7 +199,12 @@ fn cpu_seconds() -> f64 {
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit(')').next().unwrap_or_default();
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime are fields 14 and 15 of the whole line; 12 and 13 after the name.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -268,7 +273,11 @@ async fn join_bench(joins: usize) -> (f64, f64, f64) {
     router.shutdown.cancel();
     let _ = router.task.await;
     times.sort_by(f64::total_cmp);
-    (percentile(&times, 0.5), percentile(&times, 0.99), cpu_per_join)
+    (
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        cpu_per_join,
+    )
 }
 
 /// One address opens `n` connections at once against a per-address bound of 64: how many get
@@ -295,8 +304,7 @@ async fn shed_bench(n: usize) -> (usize, f64) {
             // A refused connection gets the router's preamble and a Refuse at once; an admitted
             // one waits for a hello that never comes.
             loop {
-                match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf[got..])).await
-                {
+                match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf[got..])).await {
                     Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
                     Ok(Ok(k)) => got += k,
                 }
@@ -304,8 +312,7 @@ async fn shed_bench(n: usize) -> (usize, f64) {
                     break;
                 }
             }
-            got > wire::ROUTER_PREAMBLE_LEN + 4
-                && buf[wire::ROUTER_PREAMBLE_LEN + 4] == 1
+            got > wire::ROUTER_PREAMBLE_LEN + 4 && buf[wire::ROUTER_PREAMBLE_LEN + 4] == 1
         });
     }
     let mut shed = 0;
