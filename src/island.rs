@@ -95,11 +95,11 @@ pub struct NewArgs {
 
 #[derive(Args)]
 pub struct JoinArgs {
-    /// The postcard (join string) of the island. An observer postcard joins to watch only.
+    /// The island's postcard (`isthmus2:...`). An observer postcard joins to watch only.
     #[arg(required_unless_present = "discover")]
-    join_string: Option<String>,
+    postcard: Option<String>,
     /// Join a LAN-open island heard on the LAN: the one named, or the only one.
-    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "", conflicts_with = "join_string")]
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "", conflicts_with = "postcard")]
     discover: Option<String>,
     #[command(flatten)]
     lan: LanArgs,
@@ -345,7 +345,7 @@ fn admin_postcard(island: &str) -> Result<Postcard> {
 }
 
 pub async fn run_join(args: JoinArgs) -> Result<u8> {
-    let card = match (&args.join_string, &args.discover) {
+    let card = match (&args.postcard, &args.discover) {
         (Some(text), _) => parse_postcard(text)?,
         (None, Some(name)) => {
             let name = (!name.is_empty()).then_some(name.as_str());
