@@ -213,12 +213,27 @@ pub async fn run_island(cmd: IslandCommand) -> Result<u8> {
             let participant = card
                 .participant()
                 .context("an admin capability derives the participant's")?;
+            // LAN-open means the router announces the participant secret on its LAN, so the
+            // secret crosses the wire to it: only to a router on this machine or its LAN.
+            let lan_router = {
+                let here = isthmus_dispatcher::contacts::local_addrs();
+                card.contact
+                    .internal
+                    .iter()
+                    .all(|a| isthmus_dispatcher::contacts::is_lan_peer(a.ip(), &here))
+            };
+            let open = !args.private && lan_router;
+            if !args.private && !lan_router {
+                eprint_line(&format!(
+                    "the router {} is not on this machine's LAN, so the island is private: its participant secret stays here and only its postcard lets anyone in",
+                    args.router
+                ));
+            }
             let create = CreateOptions {
                 announce: Some(Announce {
                     name: card.contact.name.clone(),
                     destination: card.contact.destination,
-                    // LAN-open: the router announces the participant secret on its LAN.
-                    secret: (!args.private).then_some(*participant.capability.secret()),
+                    secret: open.then_some(*participant.capability.secret()),
                 }),
                 ..CreateOptions::default()
             };
@@ -1028,9 +1043,10 @@ impl Face {
     }
 
     fn note(&mut self, text: &str) {
+        let text = shown(text);
         match self {
             Face::Tui(t) => t.1.push_note(text),
-            _ => eprint_line(text),
+            _ => eprint_line(&text),
         }
     }
 
@@ -1053,7 +1069,7 @@ impl Face {
             let list = members
                 .iter()
                 .map(|(r, n, role)| {
-                    let mut s = n.clone();
+                    let mut s = shown(n);
                     if *r == me {
                         s.push_str(" (you)");
                     }
@@ -1075,11 +1091,46 @@ impl Face {
 
     fn message(&mut self, m: &Message) -> Flow {
         let from = match m.origin {
-            Origin::Replica(r) => Some(r),
-            Origin::Router => None,
+            Origin::Replica(r) => r,
+            Origin::Router => return self.router_event(m),
         };
         let (name, text) = ChatIsland::parse(&m.payload);
-        self.line(m.seq.0, m.time.0, from, &name, &text)
+        self.line(m.seq.0, m.time.0, Some(from), &name, &text)
+    }
+
+    /// A message the router made itself: never shown as a chat line (the router could write
+    /// anything there), only as the membership event it must be.
+    fn router_event(&mut self, m: &Message) -> Flow {
+        use isthmus_router::wire::RouterEvent;
+        let event = isthmus_router::session::parse_router_event(&m.payload).ok();
+        let (kind, replica, name) = match &event {
+            Some(RouterEvent::Joined { replica, name }) => ("joined", *replica, name.as_str()),
+            Some(RouterEvent::Left { replica }) => ("left", *replica, ""),
+            None => {
+                self.note(&format!(
+                    "warning: the router put message {} in the order that is not a membership event; ignored",
+                    m.seq.0
+                ));
+                return Flow::Go;
+            }
+        };
+        match self {
+            Face::Json => {
+                let line = serde_json::json!({
+                    "seq": m.seq.0,
+                    "time_us": m.time.0,
+                    "from": null,
+                    "event": kind,
+                    "replica": replica.to_string(),
+                    "name": name,
+                });
+                Self::out(&line.to_string())
+            }
+            _ => {
+                self.note(&format!("[{}] {} {kind}", m.seq.0, shown(name)));
+                Flow::Go
+            }
+        }
     }
 
     fn line(
@@ -1100,9 +1151,9 @@ impl Face {
                     "{{\"seq\":{seq},\"time_us\":{time_us},\"from\":{from},\"name\":{name},\"text\":{text}}}"
                 ))
             }
-            Face::Lines => Self::out(&format!("[{seq}] {name}: {text}")),
+            Face::Lines => Self::out(&format!("[{seq}] {}: {}", shown(name), shown(text))),
             Face::Tui(t) => {
-                t.1.push_chat(seq, name, text);
+                t.1.push_chat(seq, &shown(name), &shown(text));
                 Flow::Go
             }
         }
@@ -1141,6 +1192,23 @@ impl Face {
             }
         }
     }
+}
+
+/// Text from the network made safe for a terminal: control characters (escape sequences could
+/// rewrite the screen, or forge lines) are shown as `\u{..}` escapes. JSON output escapes on its own.
+fn shown(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 fn hex_string(bytes: &[u8]) -> String {

@@ -183,9 +183,27 @@ pub fn render(view: &ChatView, frame: &mut Frame) {
         .constraints([Constraint::Min(20), Constraint::Length(24)])
         .split(rows[0]);
 
-    // Only the newest lines that fit are built: the pane shows the end of the conversation.
+    // Only the newest lines that fit are built, counting the rows each takes once wrapped, so
+    // the pane always ends with the newest line however long the ones before it are.
     let height = usize::from(top[0].height.saturating_sub(2));
-    let skip = view.lines.len().saturating_sub(height);
+    let width = usize::from(top[0].width.saturating_sub(2)).max(1);
+    let mut used = 0;
+    let mut keep = 0;
+    for l in view.lines.iter().rev() {
+        let chars = match l {
+            ViewLine::Chat { seq, name, text } => format!("[{seq}] {name}: {text}").chars().count(),
+            ViewLine::Note(note) => note.chars().count() + 3,
+        };
+        let needs = chars.div_ceil(width).max(1);
+        if keep > 0 && used + needs > height {
+            break;
+        }
+        used += needs;
+        keep += 1;
+    }
+    let skip = view.lines.len() - keep;
+    // A newest line taller than the pane shows its end.
+    let scroll = used.saturating_sub(height).min(usize::from(u16::MAX)) as u16;
     let lines: Vec<Line> = view
         .lines
         .iter()
@@ -209,11 +227,14 @@ pub fn render(view: &ChatView, frame: &mut Frame) {
         })
         .collect();
     frame.render_widget(
-        Paragraph::new(lines).wrap(Wrap { trim: false }).block(
-            Block::default()
-                .borders(Borders::ALL)
-                .title(format!(" {} ", view.island)),
-        ),
+        Paragraph::new(lines)
+            .wrap(Wrap { trim: false })
+            .scroll((scroll, 0))
+            .block(
+                Block::default()
+                    .borders(Borders::ALL)
+                    .title(format!(" {} ", view.island)),
+            ),
         top[0],
     );
     let members: Vec<ListItem> = view
@@ -350,6 +371,25 @@ mod tests {
         assert_eq!(v.lines().count(), MAX_VIEW_LINES);
         typed(&mut v, &"y".repeat(MAX_INPUT_CHARS + 5));
         assert_eq!(v.input().chars().count(), MAX_INPUT_CHARS);
+    }
+
+    #[test]
+    fn long_lines_never_push_the_newest_line_off_the_pane() {
+        let mut v = ChatView::new("garden");
+        for i in 0..5 {
+            v.push_chat(i, "ada", &"long words ".repeat(30));
+        }
+        v.push_chat(99, "bob", "the newest line");
+        let mut t = Terminal::new(TestBackend::new(60, 14)).expect("terminal");
+        t.draw(|f| render(&v, f)).expect("draw");
+        let screen: String = t
+            .backend()
+            .buffer()
+            .content()
+            .chunks(60)
+            .map(|row| row.iter().map(|c| c.symbol()).collect::<String>() + "\n")
+            .collect();
+        assert!(screen.contains("[99] bob: the newest line"), "{screen}");
     }
 
     #[test]

@@ -834,7 +834,7 @@ impl Shared {
             let island = driver.island.clone();
             let retire = retire_from(Arc::downgrade(&self.registry), id);
             let (handle, join) = spawn_session(id, body.keys, driver, retire);
-            info!(session = %id, island = %island, creator = %body.name, "island created");
+            info!(session = %id, island = ?island, creator = ?body.name, "island created");
             attach.request.created = true;
             if let Err(back) = handle.attach(attach) {
                 return Err((*back, Code::BUSY, "session failed to start".into()));

@@ -95,9 +95,23 @@ impl ChatIsland {
 impl Island for ChatIsland {
     fn apply(&mut self, m: &Message) {
         let from = match m.origin {
-            Origin::Replica(r) => Some(r),
-            Origin::Router => None,
+            Origin::Replica(r) => r,
+            Origin::Router => {
+                // The router's own messages (membership events) are not sealed, so the router
+                // could write anything there: they never become chat lines in anyone's name.
+                // They still count in the digest, the same for every replica.
+                let mut h = Sha256::new();
+                h.update(self.digest);
+                h.update(m.seq.0.to_le_bytes());
+                h.update([0u8; 16]);
+                h.update((m.payload.len() as u64).to_le_bytes());
+                h.update(&m.payload);
+                self.digest = h.finalize().into();
+                self.last_seq = m.seq.0;
+                return;
+            }
         };
+        let from = Some(from);
         let (name, text) = Self::parse(&m.payload);
         let mut h = Sha256::new();
         h.update(self.digest);

@@ -338,6 +338,10 @@ impl<I: Island> Replica<I> {
         if self.sync.take().is_some() {
             self.valid = false;
         }
+        // Everything still queued was meant for the old connection (pongs, digests, snapshot
+        // pieces, sends). Sends live on in `unconfirmed` and go out again after the next welcome;
+        // writing a stale copy too would repeat a client seq, which the router refuses.
+        self.out.clear();
     }
 
     /// Largest plaintext payload [`Replica::send`] takes: the router's limit less the tag.
@@ -1168,6 +1172,24 @@ mod tests {
             restore(cfg_with(other, other_keys, None), 3, &sealed),
             Err(FrameError::Restore(_))
         ));
+    }
+
+    #[test]
+    fn frames_queued_for_a_lost_connection_are_not_written_on_the_next() {
+        let mut r = live(cfg(None));
+        r.send(ChatIsland::payload("me", "in flight"))
+            .expect("send");
+        // The connection drops before the send is written.
+        r.disconnected();
+        r.handle_frame(welcome(0)).expect("welcome again");
+        let sends: Vec<u64> = frames(&mut r)
+            .into_iter()
+            .filter_map(|f| match f {
+                ClientFrame::Send { client_seq, .. } => Some(client_seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sends, vec![1], "sent once, after the welcome");
     }
 
     #[test]

@@ -380,7 +380,7 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
             name,
             conn,
             resumed,
-        } => info!(session = %id, island, %replica, ?conn, resumed, "{name:?} joined"),
+        } => info!(session = %id, island = ?island, %replica, ?conn, resumed, "{name:?} joined"),
         Notice::Left {
             replica,
             name,
@@ -388,12 +388,12 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
             code,
         } => match code {
             Some(code) => {
-                info!(session = %id, island, %replica, ?conn, "{name:?} was closed: {code}")
+                info!(session = %id, island = ?island, %replica, ?conn, "{name:?} was closed: {code}")
             }
-            None => info!(session = %id, island, %replica, ?conn, "{name:?} left"),
+            None => info!(session = %id, island = ?island, %replica, ?conn, "{name:?} left"),
         },
         Notice::Refused { replica, code } => {
-            info!(session = %id, island, %replica, "join refused: {code}")
+            info!(session = %id, island = ?island, %replica, "join refused: {code}")
         }
         Notice::Diverged(d) => {
             let groups: Vec<String> = d
@@ -404,7 +404,7 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
                     format!("{} -> [{}]", hex(&g.hash), who.join(", "))
                 })
                 .collect();
-            warn!(session = %id, island, seq = d.seq.0, "replicas diverged: {}", groups.join("; "));
+            warn!(session = %id, island = ?island, seq = d.seq.0, "replicas diverged: {}", groups.join("; "));
         }
         Notice::SnapshotStored { at, bytes } => {
             debug!(session = %id, at = at.0, bytes, "snapshot stored")
