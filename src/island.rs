@@ -813,6 +813,14 @@ async fn run_replica(
                         face.note(&format!("warning: message {seq} from {from} does not open with this island's key (sealed under another key, or changed on the way); skipped"));
                         Flow::Go
                     }
+                    Event::Replayed { seq, origin } => {
+                        let from = match origin {
+                            Origin::Replica(r) => r.to_string(),
+                            Origin::Router => "the router".to_string(),
+                        };
+                        face.note(&format!("warning: message {seq} repeats an earlier message of {from} (the router stamped it again); skipped"));
+                        Flow::Go
+                    }
                     Event::Divergence(d) => {
                         face.note(&format!("warning: replicas diverged at seq {}: {} different states", d.seq, d.groups.len()));
                         Flow::Go

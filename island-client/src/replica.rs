@@ -26,6 +26,76 @@ pub const DEFAULT_DIGEST_EVERY: u64 = 100;
 pub const DEFAULT_MAX_SNAPSHOT_BYTES: usize =
     isthmus_router::session::DEFAULT_MAX_SNAPSHOT_BYTES + SNAPSHOT_OVERHEAD;
 
+/// Senders whose last client seq a replica remembers to notice replays; past it the sender
+/// seen longest ago is forgotten (the same one on every replica: the choice depends only on the
+/// order).
+pub const MAX_SENDERS_REMEMBERED: usize = 4096;
+
+/// The highest client seq applied per sender, and the seq at which it was applied.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Seen(std::collections::BTreeMap<ReplicaId, (u64, u64)>);
+
+impl Seen {
+    /// True (and remembered) when `client_seq` is above the sender's last.
+    fn admit(&mut self, origin: ReplicaId, client_seq: u64, seq: u64) -> bool {
+        if self
+            .0
+            .get(&origin)
+            .is_some_and(|(last, _)| client_seq <= *last)
+        {
+            return false;
+        }
+        if !self.0.contains_key(&origin) && self.0.len() >= MAX_SENDERS_REMEMBERED {
+            if let Some(oldest) = self
+                .0
+                .iter()
+                .min_by_key(|(r, (_, at))| (*at, **r))
+                .map(|(r, _)| *r)
+            {
+                self.0.remove(&oldest);
+            }
+        }
+        self.0.insert(origin, (client_seq, seq));
+        true
+    }
+
+    /// A snapshot: the table, then the island's own bytes.
+    fn wrap(&self, island: &[u8]) -> Vec<u8> {
+        let table: Vec<(uuid::Uuid, u64, u64)> =
+            self.0.iter().map(|(r, (c, s))| (r.0, *c, *s)).collect();
+        let body =
+            bincode::serde::encode_to_vec(&table, bincode::config::standard()).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + body.len() + island.len());
+        out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        out.extend_from_slice(&body);
+        out.extend_from_slice(island);
+        out
+    }
+
+    /// Splits a snapshot made by [`Seen::wrap`].
+    fn unwrap(data: &[u8]) -> Result<(Seen, &[u8]), String> {
+        let bad = || "the snapshot's sender table is damaged".to_string();
+        let len = data
+            .get(..4)
+            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+            .ok_or_else(bad)?;
+        let body = data.get(4..4 + len).ok_or_else(bad)?;
+        let cfg = bincode::config::standard().with_limit::<{ 64 * MAX_SENDERS_REMEMBERED }>();
+        let (table, used): (Vec<(uuid::Uuid, u64, u64)>, usize) =
+            bincode::serde::decode_from_slice(body, cfg).map_err(|_| bad())?;
+        if used != body.len() || table.len() > MAX_SENDERS_REMEMBERED {
+            return Err(bad());
+        }
+        let seen = Seen(
+            table
+                .into_iter()
+                .map(|(r, c, s)| (ReplicaId(r), (c, s)))
+                .collect(),
+        );
+        Ok((seen, &data[4 + len..]))
+    }
+}
+
 /// Replicas a presence list remembers at most: the router's default member cap, four times.
 pub const MAX_PRESENT: usize = 4 * isthmus_router::session::DEFAULT_MAX_MEMBERS;
 
@@ -162,6 +232,14 @@ pub enum Event {
         /// The last error seen.
         last_error: String,
     },
+    /// The router stamped a message of `origin` whose client seq is not above one already
+    /// applied (a replay or a reordering). It is skipped, the same on every replica.
+    Replayed {
+        /// Where in the order.
+        seq: Seq,
+        /// The sender named.
+        origin: Origin,
+    },
     /// The router no longer has the session (e.g. it restarted). Continuity is gone.
     SessionLost {
         /// What the router said.
@@ -225,6 +303,10 @@ pub struct Replica<I> {
     out: VecDeque<Bytes>,
     events: VecDeque<Event>,
     stopped: bool,
+    /// Each sender's highest client seq applied, to skip what a router stamps twice.
+    seen: Seen,
+    /// The seq of the last snapshot uploaded.
+    last_upload: Option<u64>,
     /// Who the router says is attached, by replica id: (display name, role).
     present: std::collections::BTreeMap<ReplicaId, (String, Role)>,
     /// The next presence frame is the whole list (it follows a welcome).
@@ -255,6 +337,8 @@ impl<I: Island> Replica<I> {
             out: VecDeque::new(),
             events: VecDeque::new(),
             stopped: false,
+            seen: Seen::default(),
+            last_upload: None,
             present: std::collections::BTreeMap::new(),
             presence_is_whole: false,
         }
@@ -452,6 +536,7 @@ impl<I: Island> Replica<I> {
                         return Err(FrameError::Protocol("fresh sync not at seq 0".into()));
                     }
                     self.island.reset();
+                    self.seen = Seen::default();
                     self.last_seq = 0;
                     self.events.push_back(Event::StartedFresh);
                 }
@@ -540,7 +625,9 @@ impl<I: Island> Replica<I> {
                     .into(),
             )
         })?;
-        self.island.restore(&plain).map_err(FrameError::Restore)?;
+        let (seen, island) = Seen::unwrap(&plain).map_err(FrameError::Restore)?;
+        self.island.restore(island).map_err(FrameError::Restore)?;
+        self.seen = seen;
         self.last_seq = at;
         self.events.push_back(Event::Restored { at: Seq(at) });
         self.check_stop();
@@ -563,7 +650,16 @@ impl<I: Island> Replica<I> {
                 m.seq.0
             )));
         }
+        // A sealed message binds its sender and client seq, but a router could stamp the same
+        // one twice or an older one later: each sender's client seqs must rise, as the router
+        // promises. Every replica keeps the same table (it travels in snapshots), so all skip
+        // the same messages and stay in step.
+        let replayed = match m.origin {
+            Origin::Replica(origin) => !self.seen.admit(origin, m.client_seq, m.seq.0),
+            Origin::Router => false,
+        };
         let opened = match m.origin {
+            _ if replayed => None,
             // The router's own messages (joins, leaves) are plaintext: it holds no key.
             Origin::Router => Some(m.payload.clone()),
             Origin::Replica(origin) => self
@@ -580,6 +676,18 @@ impl<I: Island> Replica<I> {
                 m.payload = plain;
                 self.island.apply(&m);
                 Event::Message(m.clone())
+            }
+            None if replayed => {
+                tracing::warn!(
+                    seq = m.seq.0,
+                    origin = ?m.origin,
+                    client_seq = m.client_seq,
+                    "the router stamped a message of this sender again (its client seq is not above the last one applied); it is skipped"
+                );
+                Event::Replayed {
+                    seq: m.seq,
+                    origin: m.origin,
+                }
             }
             None => {
                 tracing::warn!(
@@ -616,7 +724,16 @@ impl<I: Island> Replica<I> {
     }
 
     fn upload_snapshot(&mut self, request: u64, at: Seq) {
-        let data = Bytes::from(self.sealer.seal_snapshot(at, &self.island.snapshot()));
+        // One upload per seq: a router asking again for the same point gets nothing more, so
+        // requests cannot make this replica queue snapshot after snapshot.
+        if self.last_upload == Some(at.0) {
+            return;
+        }
+        self.last_upload = Some(at.0);
+        let data = Bytes::from(
+            self.sealer
+                .seal_snapshot(at, &self.seen.wrap(&self.island.snapshot())),
+        );
         let total = data.len() as u64;
         let mut offset = 0;
         loop {
@@ -896,9 +1013,10 @@ mod tests {
     #[test]
     fn hostile_seqs_are_refused_without_overflow() {
         let provider = live(cfg(None));
-        let snap = provider
-            .sealer
-            .seal_snapshot(Seq(u64::MAX), &provider.island().snapshot());
+        let snap = provider.sealer.seal_snapshot(
+            Seq(u64::MAX),
+            &provider.seen.wrap(&provider.island().snapshot()),
+        );
         let mut r = Replica::new(cfg(None), ChatIsland::default());
         r.handle_frame(welcome(0)).expect("welcome");
         r.handle_frame(ServerFrame::SyncBegin {
@@ -1067,6 +1185,95 @@ mod tests {
         assert_eq!(a.island().digest(), b.island().digest());
     }
 
+    /// The one Send `r` has queued, as the router would stamp it at `seq`.
+    fn stamped(r: &mut Replica<ChatIsland>, seq: u64) -> Message {
+        let ClientFrame::Send {
+            client_seq,
+            payload,
+        } = frames(r)
+            .into_iter()
+            .find(|f| matches!(f, ClientFrame::Send { .. }))
+            .expect("a send")
+        else {
+            unreachable!()
+        };
+        Message {
+            seq: Seq(seq),
+            time: RouterTime(seq),
+            origin: Origin::Replica(r.replica_id()),
+            client_seq,
+            payload,
+        }
+    }
+
+    #[test]
+    fn a_message_stamped_twice_is_skipped_by_everyone_including_joiners_from_a_snapshot() {
+        let mut a = live(cfg(None));
+        let mut b = live(cfg(None));
+        a.send(ChatIsland::payload("ada", "pay bob 10"))
+            .expect("send");
+        let first = stamped(&mut a, 1);
+        let mut again = first.clone();
+        again.seq = Seq(2);
+        for m in [first, again.clone()] {
+            b.handle_frame(ServerFrame::Message(m))
+                .expect("applied or skipped");
+        }
+        assert_eq!(b.island().lines().count(), 1, "paid once");
+        assert!(events(&mut b).contains(&Event::Replayed {
+            seq: Seq(2),
+            origin: again.origin
+        }));
+        // A joiner restored from b's snapshot at seq 2 knows the sender's last client seq too.
+        b.handle_frame(ServerFrame::SnapshotRequest {
+            request: 1,
+            at: Seq(2),
+        })
+        .expect("request");
+        // Asked again for the same point: no second upload.
+        b.handle_frame(ServerFrame::SnapshotRequest {
+            request: 2,
+            at: Seq(2),
+        })
+        .expect("request");
+        let chunks: Vec<ClientFrame> = frames(&mut b)
+            .into_iter()
+            .filter(|f| matches!(f, ClientFrame::SnapshotChunk { .. }))
+            .collect();
+        assert!(chunks
+            .iter()
+            .all(|f| matches!(f, ClientFrame::SnapshotChunk { request: 1, .. })));
+        let snap: Vec<u8> = chunks
+            .into_iter()
+            .filter_map(|f| match f {
+                ClientFrame::SnapshotChunk { data, .. } => Some(data.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        let mut joiner = Replica::new(cfg(None), ChatIsland::default());
+        joiner.handle_frame(welcome(0)).expect("welcome");
+        joiner
+            .handle_frame(ServerFrame::SyncBegin {
+                at: Seq(2),
+                snapshot_len: Some(snap.len() as u64),
+            })
+            .expect("sync");
+        joiner
+            .handle_frame(ServerFrame::SnapshotData {
+                data: Bytes::from(snap),
+            })
+            .expect("data");
+        again.seq = Seq(3);
+        joiner
+            .handle_frame(ServerFrame::Message(again.clone()))
+            .expect("skipped");
+        b.handle_frame(ServerFrame::Message(again))
+            .expect("skipped");
+        assert_eq!(joiner.island().lines().count(), 1);
+        assert_eq!(joiner.island().digest(), b.island().digest(), "in step");
+    }
+
     #[test]
     fn a_tampered_payload_is_undecryptable_and_not_applied() {
         let mut a = live(cfg(None));
@@ -1137,7 +1344,7 @@ mod tests {
                 sealed.extend_from_slice(&data);
             }
         }
-        let plain = provider.island().snapshot();
+        let plain = provider.seen.wrap(&provider.island().snapshot());
         assert_eq!(sealed.len(), plain.len() + SNAPSHOT_OVERHEAD);
         assert!(!sealed.windows(plain.len()).any(|w| w == plain.as_slice()));
 
