@@ -826,6 +826,11 @@ impl Shared {
             }
             let mut driver = self.cfg.driver.clone();
             driver.session = driver.session.with_create_options(opts);
+            driver.session.incarnation = u64::from_le_bytes(
+                isthmus_router::auth::fresh_nonce()[..8]
+                    .try_into()
+                    .unwrap_or_default(),
+            );
             driver.island = opts
                 .announce
                 .as_ref()

@@ -746,6 +746,7 @@ mod tests {
             last_client_seq: 0,
             max_payload_bytes: 1000,
             contacts: Contacts::default(),
+            incarnation: 1,
         })
     }
 

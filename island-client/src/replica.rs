@@ -307,6 +307,8 @@ pub struct Replica<I> {
     seen: Seen,
     /// The seq of the last snapshot uploaded.
     last_upload: Option<u64>,
+    /// The session incarnation of the first welcome.
+    incarnation: Option<u64>,
     /// Who the router says is attached, by replica id: (display name, role).
     present: std::collections::BTreeMap<ReplicaId, (String, Role)>,
     /// The next presence frame is the whole list (it follows a welcome).
@@ -339,6 +341,7 @@ impl<I: Island> Replica<I> {
             stopped: false,
             seen: Seen::default(),
             last_upload: None,
+            incarnation: None,
             present: std::collections::BTreeMap::new(),
             presence_is_whole: false,
         }
@@ -500,6 +503,15 @@ impl<I: Island> Replica<I> {
                 self.events.push_back(Event::Presence(self.present_list()));
             }
             ServerFrame::Welcome(w) => {
+                if self.incarnation.is_some_and(|i| i != w.incarnation) {
+                    // Same keys, same session id, but created again: the island this replica
+                    // was in is gone, and resuming into the new one would mix two histories.
+                    return Err(FrameError::Closed(Closed {
+                        code: Code::SESSION_RESET,
+                        reason: "the island was created again on the router since this replica was last connected; the island it was in is gone".into(),
+                    }));
+                }
+                self.incarnation = Some(w.incarnation);
                 self.presence_is_whole = true;
                 self.welcomed_once = true;
                 self.welcomed = true;
@@ -803,6 +815,7 @@ mod tests {
             last_client_seq,
             max_payload_bytes: 1000,
             contacts: wire::Contacts::default(),
+            incarnation: 1,
         })
     }
 
@@ -1379,6 +1392,24 @@ mod tests {
             restore(cfg_with(other, other_keys, None), 3, &sealed),
             Err(FrameError::Restore(_))
         ));
+    }
+
+    #[test]
+    fn resuming_into_an_island_created_again_is_a_lost_session() {
+        let mut r = live(cfg(None));
+        r.disconnected();
+        let ServerFrame::Welcome(mut w) = welcome(0) else {
+            unreachable!()
+        };
+        w.incarnation = 2;
+        match r.handle_frame(ServerFrame::Welcome(w)) {
+            Err(FrameError::Closed(c)) => assert_eq!(c.code, Code::SESSION_RESET),
+            other => panic!("resumed into another incarnation: {other:?}"),
+        }
+        // The same incarnation again is an ordinary reconnect.
+        let mut r = live(cfg(None));
+        r.disconnected();
+        r.handle_frame(welcome(0)).expect("welcomed back");
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub struct SessionConfig {
     pub min_tick_interval: Duration,
     /// The router-wide budget for the bytes of every session's history and snapshots.
     pub budget: Arc<MemoryBudget>,
+    /// This session's incarnation, drawn at random by whoever creates it (see
+    /// [`wire::Welcome::incarnation`]); the core itself draws nothing.
+    pub incarnation: u64,
 }
 
 impl Default for SessionConfig {
@@ -144,6 +147,7 @@ impl Default for SessionConfig {
             announce_membership: false,
             min_tick_interval: DEFAULT_MIN_TICK_INTERVAL,
             budget: Arc::new(MemoryBudget::unlimited()),
+            incarnation: 0,
         }
     }
 }
@@ -556,6 +560,7 @@ impl Session {
             last_client_seq: self.client_seqs.get(&req.replica).map_or(0, |e| e.last),
             max_payload_bytes: self.cfg.max_payload_bytes as u32,
             contacts: req.contacts.clone(),
+            incarnation: self.cfg.incarnation,
         }
     }
 

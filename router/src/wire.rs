@@ -356,6 +356,10 @@ pub struct Welcome {
     pub max_payload_bytes: u32,
     /// The router's contact points as seen for this replica.
     pub contacts: Contacts,
+    /// Drawn at random when this session was created. The same island keys give the same
+    /// session id when an island is created again (after a linger or a restart); a replica that
+    /// resumes and sees another incarnation knows its island is gone.
+    pub incarnation: u64,
 }
 
 /// One replica attached to a session, as presence frames name it.
