@@ -1,13 +1,14 @@
 //! End-to-end sealing of payloads and snapshots with XChaCha20-Poly1305.
 //!
 //! The key is [`Capability::payload_key`]: derived from the observer secret, so every legitimate
-//! reader of the island has it and the router (which only ever holds public keys) does not. A
+//! reader of the island has it and the router (which holds no observer secret) does not. A
 //! payload's 24-byte nonce is the sender's replica id (16 bytes) followed by its client seq (8
 //! bytes, big-endian): a replica id is random per process and client seqs only grow, so a nonce
 //! never repeats under one key, and a resend re-uses the sealed bytes rather than sealing again.
 //! The associated data binds the session, the origin replica and the client seq, so the router
-//! cannot move a payload to another island, pin it on another replica or reorder it within a
-//! sender's stream without the receivers noticing. A snapshot gets a random nonce (sent in front
+//! cannot move a payload to another island or pin it on another replica. Stamping one twice, or
+//! an older one after a newer, is caught by the replica (each sender's client seqs must rise;
+//! see `Replica`), not by the seal. A snapshot gets a random nonce (sent in front
 //! of it) and binds the session and the seq it was taken after.
 //!
 //! [`Capability::payload_key`]: isthmus_router::auth::Capability::payload_key

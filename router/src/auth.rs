@@ -6,7 +6,8 @@
 //! public keys, so the router, given the keys in a hello, checks that they hash to the id and
 //! then checks the hello's signature with the key of the role claimed: nobody creates (or
 //! re-creates, after a linger or a router restart) an island whose keys they do not hold, and a
-//! role is proven, not declared. The router only ever holds public keys.
+//! role is proven, not declared. The router holds only public keys (and, for a LAN-open island,
+//! the participant secret its beacon broadcasts to the LAN anyway); it needs no secret.
 //!
 //! Each replica also has a key pair of its own, random for the life of the process; its replica id
 //! is a hash of its public key and the hello is signed by it too, so no one can take over another
