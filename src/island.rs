@@ -726,6 +726,9 @@ async fn run_replica(
     }
     let mut printed_upto = 0u64;
     let mut postcard_printed = false;
+    // Who is attached, as presence events tell (bounded like the replica's own list).
+    let mut present: std::collections::BTreeMap<ReplicaId, (String, Role)> =
+        std::collections::BTreeMap::new();
     let mut signal = std::pin::pin!(shutdown_signal());
     let outcome: Result<Flow> = loop {
         let flow = tokio::select! {
@@ -801,8 +804,19 @@ async fn run_replica(
                         });
                         Flow::Go
                     }
-                    Event::Presence(members) => {
-                        face.members(&members, me);
+                    Event::Presence { whole, joined, left } => {
+                        if whole {
+                            present.clear();
+                        }
+                        for (r, name, role) in joined {
+                            if present.len() < isthmus_island_client::replica::MAX_PRESENT || present.contains_key(&r) {
+                                present.insert(r, (name, role));
+                            }
+                        }
+                        for r in left {
+                            present.remove(&r);
+                        }
+                        face.members(&present, me);
                         Flow::Go
                     }
                     Event::Undecryptable { seq, origin } => {
@@ -1072,11 +1086,15 @@ impl Face {
         }
     }
 
-    fn members(&mut self, members: &[(ReplicaId, String, Role)], me: ReplicaId) {
+    fn members(
+        &mut self,
+        members: &std::collections::BTreeMap<ReplicaId, (String, Role)>,
+        me: ReplicaId,
+    ) {
         if let Face::Tui(t) = self {
-            let list = members
+            let mut list: Vec<String> = members
                 .iter()
-                .map(|(r, n, role)| {
+                .map(|(r, (n, role))| {
                     let mut s = shown(n);
                     if *r == me {
                         s.push_str(" (you)");
@@ -1087,6 +1105,7 @@ impl Face {
                     s
                 })
                 .collect();
+            list.sort();
             t.1.set_members(list);
         }
     }

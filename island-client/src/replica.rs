@@ -213,9 +213,18 @@ pub enum Event {
     },
     /// Reconnected and resumed (or resynced) without losing anything.
     Reconnected,
-    /// Who is attached to the session now (replica, display name, role), sorted by name.
-    /// Presence is the router's word, outside the order.
-    Presence(Vec<(ReplicaId, String, Role)>),
+    /// Who arrived and who left, as the router says (outside the order). `whole` means this
+    /// is everyone attached now (it follows a welcome): start the list afresh. Changes, not the
+    /// whole list, so a chatty router cannot make each event big; [`Replica::present_list`]
+    /// has the current list.
+    Presence {
+        /// Start the list afresh with `joined`.
+        whole: bool,
+        /// Arrived: replica, display name, role.
+        joined: Vec<(ReplicaId, String, Role)>,
+        /// Left.
+        left: Vec<ReplicaId>,
+    },
     /// The connection is gone and the client waits `delay` before attempt number `attempt`.
     Reconnecting {
         /// Counts from 1 for each loss of the connection.
@@ -488,19 +497,26 @@ impl<I: Island> Replica<I> {
         }
         match frame {
             ServerFrame::Presence { joined, left } => {
-                if std::mem::take(&mut self.presence_is_whole) {
+                let whole = std::mem::take(&mut self.presence_is_whole);
+                if whole {
                     self.present.clear();
                 }
+                let mut arrived = Vec::new();
                 for p in joined {
                     // Bounded: a router cannot make a replica remember without end.
                     if self.present.len() < MAX_PRESENT || self.present.contains_key(&p.replica) {
-                        self.present.insert(p.replica, (p.name, p.role));
+                        self.present.insert(p.replica, (p.name.clone(), p.role));
+                        arrived.push((p.replica, p.name, p.role));
                     }
                 }
-                for gone in left {
-                    self.present.remove(&gone);
+                for gone in &left {
+                    self.present.remove(gone);
                 }
-                self.events.push_back(Event::Presence(self.present_list()));
+                self.events.push_back(Event::Presence {
+                    whole,
+                    joined: arrived,
+                    left,
+                });
             }
             ServerFrame::Welcome(w) => {
                 if self.incarnation.is_some_and(|i| i != w.incarnation) {
