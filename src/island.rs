@@ -12,7 +12,7 @@ use isthmus_island_client::client::{self, ClientHandle};
 use isthmus_island_client::{ClientConfig, ClientError, Event, ReplicaConfig};
 use isthmus_router::auth::{self, Capability};
 use isthmus_router::ids::{ReplicaId, Seq, SessionId};
-use isthmus_router::wire::{AdminCommand, Announce, CreateOptions, Message, Origin, Role};
+use isthmus_router::wire::{AdminCommand, Announce, Code, CreateOptions, Message, Origin, Role};
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -321,7 +321,8 @@ fn admin_postcard(island: &str) -> Result<Postcard> {
         let card = parse_postcard(trimmed)?;
         if card.role() != Role::Admin {
             return Err(bad_island(format!(
-                "this is a {} postcard; admin commands need the island's admin postcard (`isthmus postcard admin SESSION` prints it on the machine that created the island)",
+                "this is {} {} postcard; admin commands need the island's admin postcard (`isthmus postcard admin SESSION` prints it on the machine that created the island)",
+                if card.role() == Role::Observer { "an" } else { "a" },
                 auth::role_name(card.role())
             )));
         }
@@ -709,9 +710,19 @@ async fn run_replica(
         .iter()
         .map(|text| ChatIsland::payload(&name, text))
         .collect();
-    let (handle, mut events) = client::connect(cfg, ChatIsland::default())
-        .await
-        .map_err(|e: ClientError| anyhow!("{e}"))?;
+    let (handle, mut events) =
+        client::connect(cfg, ChatIsland::default())
+            .await
+            .map_err(|e: ClientError| match e {
+                // The island is gone (or was never there): the same exit as losing it later.
+                ClientError::Refused { code, .. }
+                    if [Code::UNKNOWN_SESSION, Code::CLOSED, Code::SESSION_RESET]
+                        .contains(&code) =>
+                {
+                    anyhow::Error::new(ExitCode(EXIT_SESSION_LOST, e.to_string()))
+                }
+                e => anyhow!("{e}"),
+            })?;
     // On a terminal the chat is a terminal UI, entered once the welcome is handled (so a
     // creator's postcard is printed on the normal screen first, where it can be copied);
     // pipes keep the line mode, where each line read is sent.
@@ -846,7 +857,7 @@ async fn run_replica(
                     }
                     Event::Reconnecting { attempt, delay, routers } => {
                         let to = routers.first().map_or_else(String::new, |a| a.to_string());
-                        let line = format!("reconnecting to {to} in {} s (attempt {attempt})", delay.as_secs_f64().ceil());
+                        let line = format!("reconnecting to {to} in {:.1} s (attempt {attempt})", delay.as_secs_f64());
                         face.status(|s| s.connection = line.clone());
                         face.note(&line);
                         Flow::Go
@@ -857,7 +868,7 @@ async fn run_replica(
                     }
                     Event::GaveUp { after, last_error } => {
                         break Err(anyhow!(
-                            "gave up after {} s without the router ({last_error}); check that it is running and reachable, or wait longer with --give-up-after",
+                            "gave up after {} s without the router (wait longer with --give-up-after); the last attempt said: {last_error}",
                             after.as_secs()
                         ));
                     }

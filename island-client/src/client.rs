@@ -439,10 +439,12 @@ async fn reconnect<I: Island>(
     let give_up = Instant::now() + cfg.give_up_after;
     let mut last_error = String::from("the connection was lost");
     for attempt in 1u32.. {
-        let pause = jitter(delay);
-        if Instant::now() + pause > give_up {
+        let now = Instant::now();
+        if now >= give_up {
             return Err(Retrying::GaveUp(last_error));
         }
+        // The last pause is cut short so the last attempt comes right at the give-up time.
+        let pause = jitter(delay).min(give_up - now);
         let _ = events
             .send(Event::Reconnecting {
                 attempt,
@@ -587,6 +589,13 @@ fn decode_all<I: Island>(
 }
 
 fn closed_ending(code: Code, reason: String) -> Ending {
+    if code == Code::SHUTTING_DOWN {
+        // Islands live in the router's memory: one that shut down has none left to resume,
+        // and reconnecting would only meet "unknown session" (or nothing) for minutes.
+        return Ending::Lost(format!(
+            "the router shut down, and the island with it: {reason} ({code})"
+        ));
+    }
     if code.is_retryable() {
         Ending::Retry(format!("{reason} ({code})"))
     } else {

@@ -65,7 +65,9 @@ pub trait Island: Send + 'static {
 #[non_exhaustive]
 pub enum ClientError {
     /// No candidate address answered as an Isthmus router.
-    #[error("cannot reach the router at {}: {detail}; check the address and that the router is running", list(.addrs))]
+    #[error(
+        "cannot reach the router ({detail}); check the address and that the router is running"
+    )]
     Unreachable {
         /// What was tried.
         addrs: Vec<SocketAddr>,
@@ -94,7 +96,7 @@ pub enum ClientError {
     #[error("observers cannot send; this postcard only lets you watch")]
     ObserverCannotSend,
     /// An admin command needs the admin postcard.
-    #[error("this needs the island's admin postcard; a {0} postcard cannot give admin commands")]
+    #[error("this needs the island's admin postcard; {} postcard cannot give admin commands", with_article(.0))]
     NotAdmin(&'static str),
     /// The router did not carry out an admin command.
     #[error("the router did not do it: {0}")]
@@ -118,12 +120,14 @@ pub enum ClientError {
     NoAddress,
 }
 
-fn list(addrs: &[SocketAddr]) -> String {
-    addrs
-        .iter()
-        .map(|a| a.to_string())
-        .collect::<Vec<_>>()
-        .join(", ")
+/// "an observer", "a participant".
+fn with_article(word: &str) -> String {
+    let article = if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
+    };
+    format!("{article} {word}")
 }
 
 fn refusal_text(code: Code, reason: &str) -> String {
@@ -134,9 +138,9 @@ fn refusal_text(code: Code, reason: &str) -> String {
         Code::BUSY => format!("the router is busy: {reason}; try again later"),
         Code::KICKED => format!("an admin removed this replica from the island: {reason}"),
         Code::CLOSED => format!("the island was closed by its admin: {reason}"),
-        Code::UNKNOWN_SESSION => {
-            format!("the router does not have this island (it may have ended, or the router restarted): {reason}")
-        }
+        Code::UNKNOWN_SESSION => format!(
+            "the router does not have this island; it ended, or the router restarted since the postcard was made ({code})"
+        ),
         _ => format!("the router refused to join: {reason} ({code})"),
     }
 }

@@ -193,7 +193,11 @@ fn join_strings_that_cannot_work_fail_with_one_clear_line() {
         .args(["join", &stranger.to_string()])
         .output()
         .expect("run");
-    assert!(!out.status.success());
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "an island the router lacks is a lost session"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("does not have this island"), "{err}");
@@ -663,4 +667,24 @@ fn a_replica_whose_router_is_gone_says_each_retry_and_gives_up() {
         "{err}"
     );
     assert!(err.contains("gave up after 3 s"), "{err}");
+}
+
+#[test]
+fn a_router_that_shuts_down_ends_its_islands_for_its_replicas_at_once() {
+    let (router, addr) = spawn_router(&[]);
+    let replica = Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "dune".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+    ]);
+    replica.next_line();
+    crate::router::sigterm(&router);
+    // Not minutes of reconnecting to a router whose islands are gone: exit 3 right away.
+    let (status, _, err) = replica.finish();
+    assert_eq!(status.code(), Some(3), "{err}");
+    assert!(err.contains("the router shut down"), "{err}");
+    assert!(!err.contains("reconnecting"), "{err}");
 }
