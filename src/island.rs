@@ -741,6 +741,7 @@ async fn run_replica(
     let mut present: std::collections::BTreeMap<ReplicaId, (String, Role)> =
         std::collections::BTreeMap::new();
     let mut signal = std::pin::pin!(shutdown_signal());
+    let mut reader_gone = std::pin::pin!(stdout_reader_gone());
     let outcome: Result<Flow> = loop {
         let flow = tokio::select! {
             event = events.recv() => {
@@ -797,9 +798,18 @@ async fn run_replica(
                     Event::Message(m) => {
                         let flow = if m.seq.0 > printed_upto { face.message(&m) } else { Flow::Go };
                         printed_upto = printed_upto.max(m.seq.0);
+                        // The window shows the digest; ask for it only when there is a window.
+                        let digest = if matches!(face, Face::Tui(_)) {
+                            handle.inspect(|chat: &ChatIsland, _| chat.digest_hex()).await.ok()
+                        } else {
+                            None
+                        };
                         face.status(|s| {
                             s.seq = m.seq.0;
                             s.time_us = m.time.0;
+                            if let Some(d) = digest {
+                                s.digest = d;
+                            }
                         });
                         flow
                     }
@@ -884,7 +894,7 @@ async fn run_replica(
             line = next_line(&mut stdin) => match line {
                 Some(text) => {
                     if !text.trim().is_empty() {
-                        handle.send(ChatIsland::payload(&name, &text)).await?;
+                        send_line(&handle, &name, &text, &mut face).await?;
                     }
                     Flow::Go
                 }
@@ -899,7 +909,7 @@ async fn run_replica(
                         if observer {
                             face.note("observers cannot send: this postcard only lets you watch");
                         } else {
-                            handle.send(ChatIsland::payload(&name, &text)).await?;
+                            send_line(&handle, &name, &text, &mut face).await?;
                         }
                         Flow::Go
                     }
@@ -912,6 +922,7 @@ async fn run_replica(
                 }
             },
             _ = &mut signal => Flow::Leave,
+            _ = &mut reader_gone => Flow::OutputClosed,
         };
         match flow {
             Flow::Go => {}
@@ -981,6 +992,62 @@ fn announce_created(card: &Postcard, face: &mut Face) -> Result<Flow> {
         admin.contact.name
     ));
     Ok(flow)
+}
+
+/// Resolves when stdout is a pipe whose reader has gone (`| head -1` after its line): a quiet
+/// island would otherwise never write again, and the replica would never notice. Never
+/// resolves for a terminal or a file.
+async fn stdout_reader_gone() {
+    let is_pipe = rustix::fs::fstat(rustix::stdio::stdout()).is_ok_and(|st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Fifo
+    });
+    if !is_pipe {
+        return std::future::pending().await;
+    }
+    let gone = tokio::task::spawn_blocking(|| {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let stdout = rustix::stdio::stdout();
+        loop {
+            // No events asked for: a pipe's write end still reports POLLERR once no reader is
+            // left (and POLLHUP on some systems).
+            let mut fds = [PollFd::new(&stdout, PollFlags::empty())];
+            match poll(&mut fds, None) {
+                Ok(_) => {
+                    let got = fds[0].revents();
+                    if got.intersects(PollFlags::ERR | PollFlags::HUP) {
+                        return true;
+                    }
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    if !matches!(gone, Ok(true)) {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Sends one typed or piped line. A line the router would refuse as too long is reported and
+/// skipped, not fatal: the lines after it still go.
+async fn send_line(
+    handle: &ClientHandle<ChatIsland>,
+    name: &str,
+    text: &str,
+    face: &mut Face,
+) -> Result<()> {
+    match handle.send(ChatIsland::payload(name, text)).await {
+        Ok(_) => Ok(()),
+        Err(ClientError::PayloadTooLarge { max, .. }) => {
+            face.note(&format!(
+                "not sent: a line of {} bytes is too long (with your name, a message may be at most {max} bytes)",
+                text.len()
+            ));
+            Ok(())
+        }
+        Err(e) => Err(anyhow!("{e}")),
+    }
 }
 
 /// Ctrl-C or SIGTERM: both leave the island the same way (summary, then goodbye).

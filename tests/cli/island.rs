@@ -341,7 +341,11 @@ fn on_a_terminal_the_chat_shows_messages_members_and_status_and_leaves_cleanly()
         lines[0].contains("\"name\":\"ada\"") && lines[0].contains("\"text\":\"ahoy there\""),
         "{lines:?}"
     );
-    term.wait_for(&["[1] ada: ahoy there", "seq 1"]);
+    let screen = term.wait_for(&["[1] ada: ahoy there", "seq 1"]);
+    assert!(
+        !screen.contains("digest 000000000000") && !screen.contains("digest -"),
+        "the status line follows the island's digest:\n{screen}"
+    );
 
     // Ctrl-C leaves, and the shell gets back every key typed after it.
     term.keys(&["C-c"]);
@@ -687,4 +691,77 @@ fn a_router_that_shuts_down_ends_its_islands_for_its_replicas_at_once() {
     assert_eq!(status.code(), Some(3), "{err}");
     assert!(err.contains("the router shut down"), "{err}");
     assert!(!err.contains("reconnecting"), "{err}");
+}
+
+#[test]
+fn head_1_on_a_quiet_island_returns_with_the_postcard() {
+    use std::io::{BufRead, BufReader};
+    let (mut router, addr) = spawn_router(&[]);
+    // P=$(isthmus island new ... | head -1): nothing more is ever written, yet it must end.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    let mut child = isthmus()
+        .args(["island", "new", "lake", "--router", &addr.to_string()])
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start");
+    let postcard = BufReader::new(reader)
+        .lines()
+        .next()
+        .expect("a line")
+        .expect("read");
+    assert!(postcard.starts_with("isthmus2:"), "{postcard}");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "it kept running after its reader left"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    let _ = router.kill();
+    let _ = router.wait();
+}
+
+#[test]
+fn a_piped_line_too_long_to_send_is_skipped_and_the_next_lines_still_go() {
+    use std::io::Write;
+    let (mut router, addr) = spawn_router(&[]);
+    let creator = Proc::spawn(&[
+        "island".into(),
+        "new".into(),
+        "reef".into(),
+        "--router".into(),
+        addr.to_string(),
+        "--json".into(),
+    ]);
+    let postcard = creator.next_line();
+    let mut piper = isthmus()
+        .args(["join", &postcard, "--name", "piper"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start");
+    let mut typing = piper.stdin.take().expect("stdin");
+    writeln!(typing, "{}", "a".repeat(300_000)).expect("write");
+    writeln!(typing, "small after").expect("write");
+    let line: Value = serde_json::from_str(&creator.next_line()).expect("json");
+    assert_eq!(line["text"], "small after", "{line}");
+    let _ = piper.kill();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut piper.stderr.take().expect("stderr"), &mut err);
+    assert!(
+        err.contains("not sent: a line of 300000 bytes is too long"),
+        "{err}"
+    );
+    let _ = piper.wait();
+    let _ = creator.finish_killed();
+    let _ = router.kill();
+    let _ = router.wait();
 }
