@@ -79,8 +79,8 @@ pub struct AdminTarget {
 
 #[derive(Args)]
 pub struct NewArgs {
-    /// The island's name.
-    #[arg(value_name = "NAME")]
+    /// The island's name (at most 64 bytes).
+    #[arg(value_name = "NAME", value_parser = island_name)]
     island: String,
     /// The router to create it on, as ADDR:PORT (or HOST:PORT).
     #[arg(long)]
@@ -160,6 +160,13 @@ pub enum PostcardCommand {
         /// Any postcard of the island (admin, participant or observer).
         postcard: String,
     },
+    /// Print the participant postcard (join and send) of an island created on this machine,
+    /// or of any admin postcard.
+    Participant {
+        /// The island's session id (or its admin postcard).
+        #[arg(value_name = "ISLAND")]
+        island: String,
+    },
     /// Print the admin postcard of an island created on this machine.
     Admin {
         /// The island's session id (or its admin postcard).
@@ -186,6 +193,21 @@ pub struct ReplicaArgs {
     /// Seconds to keep trying to get back to a router that went away, then exit 1.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     give_up_after: u64,
+}
+
+/// An island name a postcard can carry, checked before anything is sent.
+fn island_name(text: &str) -> Result<String, String> {
+    let max = isthmus_contact::MAX_ISLAND_NAME_BYTES;
+    if text.trim().is_empty() {
+        return Err("an island needs a name people can tell apart".into());
+    }
+    if text.len() > max {
+        return Err(format!(
+            "an island name is at most {max} bytes; this one is {}",
+            text.len()
+        ));
+    }
+    Ok(text.to_string())
 }
 
 /// A display name the router will accept, checked before anything is sent.
@@ -249,12 +271,8 @@ pub async fn run_island(cmd: IslandCommand) -> Result<u8> {
             )
             .await
         }
-        IslandCommand::Tick { target, ms } => {
-            if ms == 0 {
-                anyhow::bail!("the tick interval must be at least 1 ms");
-            }
-            run_admin(target, AdminCommand::SetTick { ms }).await
-        }
+        // The router says which intervals it allows (its floor is a router setting).
+        IslandCommand::Tick { target, ms } => run_admin(target, AdminCommand::SetTick { ms }).await,
     }
 }
 
@@ -598,6 +616,13 @@ pub async fn run_postcard(args: PostcardArgs) -> Result<u8> {
             let _ = print_line(&format!("{observer}"));
             Ok(0)
         }
+        (Some(PostcardCommand::Participant { island }), _) => {
+            let participant = admin_postcard(&island)?
+                .participant()
+                .context("an admin capability derives the participant's")?;
+            let _ = print_line(&participant.to_string());
+            Ok(0)
+        }
         (Some(PostcardCommand::Admin { island }), _) => {
             let _ = print_line(&format!("{}", admin_postcard(&island)?));
             Ok(0)
@@ -608,9 +633,9 @@ pub async fn run_postcard(args: PostcardArgs) -> Result<u8> {
             let _ = print_line(&format!("{card}"));
             Ok(0)
         }
-        (None, None) => anyhow::bail!(
-            "say `isthmus postcard show POSTCARD` or `isthmus postcard --discover NAME`"
-        ),
+        (None, None) => Err(crate::usage(
+            "say what to do with postcards: `isthmus postcard show|observer|participant|admin ...` or `isthmus postcard --discover NAME` (see --help)".into(),
+        )),
     }
 }
 
@@ -673,7 +698,7 @@ fn role_words(role: Role) -> &'static str {
 async fn resolve(router: &str) -> Result<Vec<SocketAddr>> {
     let addrs: Vec<SocketAddr> = tokio::net::lookup_host(router)
         .await
-        .with_context(|| format!("--router {router:?} is not ADDR:PORT or HOST:PORT"))?
+        .map_err(|_| crate::usage(format!("--router {router:?} is not ADDR:PORT or HOST:PORT")))?
         .collect();
     if addrs.is_empty() {
         anyhow::bail!("--router {router:?} resolves to no address");
@@ -934,8 +959,9 @@ async fn run_replica(
             // The same banner for the creator and for every joiner.
             if creating {
                 tui.note(&format!(
-                    "created island {:?}; its postcard is printed on the terminal (it is there again when you leave)",
-                    card.contact.name
+                    "created island {:?}; its postcard is on the terminal behind this window (there again when you leave), and `isthmus postcard participant {}` prints it from another terminal",
+                    card.contact.name,
+                    card.contact.session
                 ));
             } else {
                 tui.note(&format!("joined island {:?}", card.contact.name));

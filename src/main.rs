@@ -20,7 +20,8 @@ mod tui;
     version,
     about = "A message router for replicated islands",
     after_help = "Exit codes: 0 done; 1 error (unreachable or busy router, refused credentials, ...); \
-2 unreadable or damaged postcard; 3 island session lost (kicked, closed, or the router forgot it); \
+2 unreadable or damaged postcard (or an ISLAND that is neither an admin postcard nor a kept \
+island); 3 island session lost (kicked, closed, the router shut down or forgot it); \
 64 usage error (a bad flag or argument)."
 )]
 struct Cli {
@@ -133,7 +134,13 @@ enum ForwardingArg {
 }
 
 /// Exit code of a usage error (a bad flag or argument), apart from 2, a damaged postcard.
-const EXIT_USAGE: u8 = 64;
+pub(crate) const EXIT_USAGE: u8 = 64;
+
+/// A bad flag or argument found after parsing (a range, a contradiction): exit 64, like the
+/// parser's own usage errors.
+pub(crate) fn usage(message: String) -> anyhow::Error {
+    anyhow::Error::new(island::ExitCode(EXIT_USAGE, message))
+}
 
 fn main() -> std::process::ExitCode {
     let cli = match Cli::try_parse() {
@@ -337,7 +344,7 @@ fn router_config(
     // A flag obeys the same range as the profile key it overrides.
     let flag = |name: &str, key: &str, v: Option<u64>| -> Result<Option<u64>> {
         if let Some(n) = v {
-            isthmus_prefs::check_number(key, n).map_err(|m| anyhow::anyhow!("--{name} {m}"))?;
+            isthmus_prefs::check_number(key, n).map_err(|m| usage(format!("--{name} {m}")))?;
         }
         Ok(v)
     };
@@ -425,12 +432,12 @@ fn router_config(
 
     use isthmus_prefs::ForwardingMode as M;
     let mode = match (args.forwarding, args.external) {
-        (Some(ForwardingArg::LanOnly), Some(e)) => anyhow::bail!(
+        (Some(ForwardingArg::LanOnly), Some(e)) => return Err(usage(format!(
             "--forwarding lan-only and --external {e} contradict each other: a LAN-only router has no external address (drop one of them)"
-        ),
-        (Some(ForwardingArg::Upnp), Some(e)) => anyhow::bail!(
+        ))),
+        (Some(ForwardingArg::Upnp), Some(e)) => return Err(usage(format!(
             "--forwarding upnp and --external {e} contradict each other: with UPnP the gateway says the external address (drop --external, or use --forwarding manual)"
-        ),
+        ))),
         (Some(ForwardingArg::LanOnly), None) => M::LanOnly,
         (Some(ForwardingArg::Manual), _) => M::Manual,
         (Some(ForwardingArg::Upnp), None) => M::Upnp,

@@ -252,13 +252,18 @@ pub fn render(view: &ChatView, frame: &mut Frame) {
     );
     let s = &view.status;
     let digest: String = s.digest.chars().take(12).collect();
-    let status = format!(
-        " seq {} | time {:.1} s | digest {} | {} | Enter sends, Ctrl-C leaves",
+    let mut status = format!(
+        " seq {} | time {:.1} s | digest {} | {}",
         s.seq,
         s.time_us as f64 / 1e6,
         if digest.is_empty() { "-" } else { &digest },
         s.connection
     );
+    // The key hint only when it fits: the state matters more than the reminder.
+    let hint = " | Enter sends, Ctrl-C leaves";
+    if status.chars().count() + hint.len() <= usize::from(rows[1].width) {
+        status.push_str(hint);
+    }
     frame.render_widget(
         Paragraph::new(status).style(Style::default().add_modifier(Modifier::REVERSED)),
         rows[1],

@@ -372,11 +372,18 @@ impl FromStr for Postcard {
         let upper: String = body.iter().map(|(_, c)| c.to_ascii_uppercase()).collect();
         let bytes = data_encoding::BASE32_NOPAD
             .decode(upper.as_bytes())
-            .map_err(|_| {
-                PostcardError::Damaged(format!(
-                    "it is {} characters long after the prefix, which no postcard is: a character is missing or extra",
-                    body.len()
-                ))
+            .map_err(|e| {
+                PostcardError::Damaged(match e.kind {
+                    // The last character's spare bits must be zero; a changed last character
+                    // usually breaks that without changing the length.
+                    data_encoding::DecodeKind::Trailing => {
+                        "its end is damaged: the last character was changed, or a character is missing or extra".to_string()
+                    }
+                    _ => format!(
+                        "it is {} characters long after the prefix, which no postcard is: a character is missing or extra",
+                        body.len()
+                    ),
+                })
             })?;
         if bytes.len() <= CHECKSUM_LEN {
             return Err(PostcardError::Damaged(
@@ -615,6 +622,20 @@ mod tests {
             err.contains("missing or extra") || err.contains("checksum"),
             "{err}"
         );
+        // The last character changed, the length the same.
+        let mut chars: Vec<char> = text.chars().collect();
+        let last = chars.len() - 1;
+        chars[last] = if chars[last] == 'z' { 'y' } else { 'z' };
+        let changed: String = chars.into_iter().collect();
+        let err = changed
+            .parse::<Postcard>()
+            .expect_err("changed")
+            .to_string();
+        assert!(
+            err.contains("the last character was changed") || err.contains("checksum"),
+            "{err}"
+        );
+        assert!(!err.contains("characters long"), "{err}");
     }
 
     proptest! {
