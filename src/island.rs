@@ -718,6 +718,9 @@ async fn run_replica(
     args: ReplicaArgs,
     create: Option<CreateOptions>,
 ) -> Result<u8> {
+    // Ctrl-C and SIGTERM leave the island the same way (summary, then goodbye); caught from
+    // the start, so one that comes while connecting is not lost.
+    let mut signals = crate::Signals::install()?;
     let creating = create.is_some();
     let name = args.name.clone().unwrap_or_else(default_name);
     let observer = card.role() == Role::Observer;
@@ -735,19 +738,20 @@ async fn run_replica(
         .iter()
         .map(|text| ChatIsland::payload(&name, text))
         .collect();
-    let (handle, mut events) =
-        client::connect(cfg, ChatIsland::default())
-            .await
-            .map_err(|e: ClientError| match e {
-                // The island is gone (or was never there): the same exit as losing it later.
-                ClientError::Refused { code, .. }
-                    if [Code::UNKNOWN_SESSION, Code::CLOSED, Code::SESSION_RESET]
-                        .contains(&code) =>
-                {
-                    anyhow::Error::new(ExitCode(EXIT_SESSION_LOST, e.to_string()))
-                }
-                e => anyhow!("{e}"),
-            })?;
+    let connected = tokio::select! {
+        r = client::connect(cfg, ChatIsland::default()) => r,
+        // Ctrl-C while still connecting: nothing joined, nothing to leave.
+        _ = signals.recv() => return Ok(0),
+    };
+    let (handle, mut events) = connected.map_err(|e: ClientError| match e {
+        // The island is gone (or was never there): the same exit as losing it later.
+        ClientError::Refused { code, .. }
+            if [Code::UNKNOWN_SESSION, Code::CLOSED, Code::SESSION_RESET].contains(&code) =>
+        {
+            anyhow::Error::new(ExitCode(EXIT_SESSION_LOST, e.to_string()))
+        }
+        e => anyhow!("{e}"),
+    })?;
     // On a terminal the chat is a terminal UI, entered once the welcome is handled (so a
     // creator's postcard is printed on the normal screen first, where it can be copied);
     // pipes keep the line mode, where each line read is sent.
@@ -765,7 +769,7 @@ async fn run_replica(
     // Who is attached, as presence events tell (bounded like the replica's own list).
     let mut present: std::collections::BTreeMap<ReplicaId, (String, Role)> =
         std::collections::BTreeMap::new();
-    let mut signal = std::pin::pin!(shutdown_signal());
+    let mut signal = std::pin::pin!(signals.recv());
     let mut reader_gone = std::pin::pin!(stdout_reader_gone());
     let outcome: Result<Flow> = loop {
         let flow = tokio::select! {
@@ -1074,22 +1078,6 @@ async fn send_line(
         }
         Err(e) => Err(anyhow!("{e}")),
     }
-}
-
-/// Ctrl-C or SIGTERM: both leave the island the same way (summary, then goodbye).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn leave(handle: ClientHandle<ChatIsland>) {

@@ -495,6 +495,9 @@ fn router_config(
 
 async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result<()> {
     let cfg = router_config(&args, prefs)?;
+    // Catch Ctrl-C and SIGTERM before anything can be mapped or announced: a signal that
+    // arrives during start-up (a UPnP mapping takes a moment) is held and acted on at once.
+    let signals = Signals::install()?;
     let beacon = cfg.beacon.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
@@ -511,36 +514,54 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
         None => tracing::info!(%local, "router ready; LAN beacon off"),
     }
     let shutdown = CancellationToken::new();
-    tokio::spawn(wait_for_signal(shutdown.clone()));
+    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
     dispatcher.run(shutdown).await;
     tracing::info!("router stopped");
     Ok(())
 }
 
-async fn wait_for_signal(shutdown: CancellationToken) {
+/// Ctrl-C and SIGTERM, registered when installed (so none is missed in between).
+pub(crate) struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn install() -> Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+                terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// Waits for the next Ctrl-C or SIGTERM.
+    pub(crate) async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    async fn cancel_on_signal(mut self, shutdown: CancellationToken) {
+        self.recv().await;
+        // Cancel first: shutting down (and removing a UPnP mapping) must never depend on a log
+        // line reaching a stderr that may be closed.
+        shutdown.cancel();
+        tracing::info!("signal received, shutting down");
     }
-    // Cancel first: shutting down (and removing a UPnP mapping) must never depend on a log
-    // line reaching a stderr that may be closed.
-    shutdown.cancel();
-    tracing::info!("signal received, shutting down");
 }
 
 #[cfg(test)]

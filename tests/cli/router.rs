@@ -333,7 +333,7 @@ fn contradictory_forwarding_flags_are_refused_with_a_reason() {
             .args(["--forwarding", mode, "--external", "203.0.113.7:7470"])
             .output()
             .expect("run");
-        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(out.status.code(), Some(64), "a usage error");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(why), "{mode}: {err}");
     }
