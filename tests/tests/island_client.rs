@@ -186,8 +186,11 @@ async fn a_silently_dead_path_is_noticed_and_replaced() {
 async fn a_router_restart_is_reported_as_a_lost_session() {
     let router = start_router(DispatcherConfig::default()).await;
     let addr = router.addr;
+    // Through a proxy, so the router can die without its goodbye reaching the replica, as in a
+    // crash (a goodbye alone already ends the island: see the CLI tests).
+    let proxy = Proxy::start(addr).await;
     let card = island();
-    let (a, mut events) = client::connect(config(addr, &card, true), ChatIsland::default())
+    let (a, mut events) = client::connect(config(proxy.addr, &card, true), ChatIsland::default())
         .await
         .expect("connect");
     a.send(ChatIsland::payload("a", "hello"))
@@ -195,8 +198,11 @@ async fn a_router_restart_is_reported_as_a_lost_session() {
         .expect("send");
     until_seq(&mut events, 1).await;
 
+    proxy.freeze(true);
     router.shutdown.cancel();
     router.task.await.expect("router stops");
+    proxy.cut();
+    proxy.freeze(false);
     // The same port comes back with an empty router.
     let cfg = DispatcherConfig {
         listen: addr,
