@@ -26,6 +26,13 @@ pub enum PrefsCommand {
         /// The value.
         value: String,
     },
+    /// Remove one key from a profile, so its default applies again.
+    Unset {
+        /// The profile.
+        name: String,
+        /// The key, as for `set`.
+        key: String,
+    },
     /// Remove a saved profile.
     Remove {
         /// The profile.
@@ -84,6 +91,15 @@ pub fn run(cmd: PrefsCommand, flag: Option<&Path>) -> Result<u8> {
             prefs.save()?;
             print_line(&format!(
                 "set {key} = {value} in profile {name:?} ({})",
+                path.display()
+            ));
+        }
+        PrefsCommand::Unset { name, key } => {
+            let mut prefs = Prefs::load(&path)?;
+            prefs.unset(&name, &key)?;
+            prefs.save()?;
+            print_line(&format!(
+                "removed {key} from profile {name:?} ({})",
                 path.display()
             ));
         }

@@ -666,6 +666,50 @@ impl Prefs {
         Ok(())
     }
 
+    /// Removes one key from profile `name`, so its default applies again; the rest of the file
+    /// (comments included) stays. Refused when the key is not set there, or when the profile
+    /// without it would not be valid.
+    pub fn unset(&mut self, name: &str, key: &str) -> Result<(), PrefsError> {
+        if kind_of(key).is_none() {
+            return Err(PrefsError::Edit(format!(
+                "unknown key `{key}`; allowed: {}",
+                keys().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        let mut doc = self.doc.clone();
+        let mut table = doc
+            .get_mut("profiles")
+            .and_then(|p| p.as_table_like_mut())
+            .and_then(|p| p.get_mut(name))
+            .and_then(|t| t.as_table_like_mut())
+            .ok_or_else(|| {
+                PrefsError::Edit(format!(
+                    "no profile named {name:?} in {}",
+                    self.path.display()
+                ))
+            })?;
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let leaf = parts.pop().unwrap_or(key);
+        for part in parts {
+            table = table
+                .get_mut(part)
+                .and_then(|t| t.as_table_like_mut())
+                .ok_or_else(|| {
+                    PrefsError::Edit(format!("`{key}` is not set in profile `{name}`"))
+                })?;
+        }
+        if table.remove(leaf).is_none() {
+            return Err(PrefsError::Edit(format!(
+                "`{key}` is not set in profile `{name}`"
+            )));
+        }
+        *self = Self::parse(&self.path, &doc.to_string()).map_err(|e| match e {
+            PrefsError::Invalid { message, .. } => PrefsError::Edit(message),
+            other => other,
+        })?;
+        Ok(())
+    }
+
     /// Removes profile `name` from the file.
     pub fn remove(&mut self, name: &str) -> Result<(), PrefsError> {
         if !self.profiles.contains_key(name) {
@@ -897,6 +941,30 @@ port = 7471
         let p = prefs.profile("office").expect("office");
         assert_eq!(p.forwarding, Some(ForwardingMode::Manual));
         assert_eq!(p.port, Some(0));
+    }
+
+    #[test]
+    fn unset_removes_one_key_and_keeps_the_rest() {
+        let mut prefs = Prefs::parse(
+            Path::new("p.toml"),
+            "# mine\n[profiles.home]\nexternal = \"203.0.113.7:7470\"\ntick_ms = 30\nupnp.lease_secs = 60\n",
+        )
+        .expect("valid");
+        prefs.unset("home", "external").expect("unset");
+        prefs
+            .set("home", "forwarding", "lan-only")
+            .expect("no contradiction left");
+        prefs.unset("home", "upnp.lease_secs").expect("dotted key");
+        let p = prefs.profile("home").expect("home");
+        assert_eq!(p.external, None);
+        assert_eq!(p.tick_ms, Some(30));
+        assert_eq!(p.upnp.lease_secs, None);
+        assert!(prefs.doc.to_string().contains("# mine"));
+        let err = prefs
+            .unset("home", "external")
+            .expect_err("not set")
+            .to_string();
+        assert!(err.contains("not set"), "{err}");
     }
 
     #[test]
