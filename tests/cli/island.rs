@@ -571,17 +571,10 @@ fn json_output_closed_early_ends_quietly_and_sigterm_prints_the_summary() {
         "JSON lines carry the sender's name: {first}"
     );
     while !joiner.next_line().contains("after the reader left") {}
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the creator kept running with nobody reading its output"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = crate::proc::exits_in_time(
+        &mut child,
+        "the creator kept running with nobody reading its output",
+    );
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
         .expect("stderr");
@@ -712,17 +705,7 @@ fn head_1_on_a_quiet_island_returns_with_the_postcard() {
         .expect("a line")
         .expect("read");
     assert!(postcard.starts_with("isthmus2:"), "{postcard}");
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "it kept running after its reader left"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    let status = crate::proc::exits_in_time(&mut child, "it kept running after its reader left");
     assert_eq!(status.code(), Some(0));
     let _ = router.kill();
     let _ = router.wait();

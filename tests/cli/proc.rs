@@ -25,6 +25,22 @@ pub fn test_data_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("isthmus-tests-{}-data", std::process::id()))
 }
 
+/// Waits for `child` to exit, or kills it and fails the test after `PATIENCE` saying `what` it
+/// kept doing: a process that ignores its end fails the test instead of hanging it.
+pub fn exits_in_time(child: &mut Child, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// A prefs path that does not exist, so only built-in profiles apply.
 pub fn no_prefs() -> std::path::PathBuf {
     std::env::temp_dir().join(format!(

@@ -101,6 +101,11 @@ fn router_command_explains_a_busy_port() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot listen on"), "{err}");
     assert!(err.contains("--port"), "says what to do: {err}");
+    assert_eq!(
+        err.matches("Address already in use").count(),
+        1,
+        "the cause is said once: {err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,21 +225,6 @@ fn spawn_into_pipe(args: &[&str]) -> (Child, std::io::PipeReader) {
     (child, reader)
 }
 
-/// Waits for the child to exit (a router that ignores the signal fails the test, not hangs it).
-fn exits_within_patience(child: &mut Child) -> std::process::ExitStatus {
-    let deadline = std::time::Instant::now() + PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the process ignored the signal");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_router_whose_output_was_closed_still_stops_on_sigint_and_sigterm() {
     for sig in ["INT", "TERM"] {
@@ -257,7 +247,7 @@ fn a_router_whose_output_was_closed_still_stops_on_sigint_and_sigterm() {
             .status()
             .expect("kill");
         assert!(status.success());
-        let status = exits_within_patience(&mut child);
+        let status = crate::proc::exits_in_time(&mut child, "the router ignored the signal");
         assert!(status.success(), "SIG{sig}: {status:?}");
     }
 }
@@ -296,22 +286,6 @@ fn usage_errors_and_damaged_postcards_have_their_own_exit_codes() {
     assert!(
         text.contains("64 usage error") && text.contains("2 unreadable or damaged postcard"),
         "{text}"
-    );
-}
-
-#[test]
-fn a_busy_port_is_explained_once() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = taken.local_addr().expect("addr").port().to_string();
-    let out = crate::proc::isthmus()
-        .args(["router", "--listen", "127.0.0.1", "--port", &port])
-        .output()
-        .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        err.matches("Address already in use").count(),
-        1,
-        "the cause is said once: {err}"
     );
 }
 
