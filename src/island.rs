@@ -877,6 +877,10 @@ async fn run_replica(
                         face.note(&format!("warning: message {seq} from {from} does not open with this island's key (sealed under another key, or changed on the way); skipped"));
                         Flow::Go
                     }
+                    Event::SendDropped { len, max, .. } => {
+                        face.note(&format!("not sent: a message of {len} bytes is over this router's limit of {max}"));
+                        Flow::Go
+                    }
                     Event::Replayed { seq, origin } => {
                         let from = match origin {
                             Origin::Replica(r) => r.to_string(),

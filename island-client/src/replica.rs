@@ -241,6 +241,16 @@ pub enum Event {
         /// The last error seen.
         last_error: String,
     },
+    /// A send queued before the welcome is over this router's payload limit: it is dropped,
+    /// not sent (the router would close the replica for it).
+    SendDropped {
+        /// The send's client seq.
+        client_seq: u64,
+        /// Its sealed size.
+        len: usize,
+        /// The router's limit.
+        max: usize,
+    },
     /// The router stamped a message of `origin` whose client seq is not above one already
     /// applied (a replay or a reordering). It is skipped, the same on every replica.
     Replayed {
@@ -533,6 +543,24 @@ impl<I: Island> Replica<I> {
                 self.welcomed = true;
                 self.max_payload = w.max_payload_bytes as usize;
                 self.confirm_upto(w.last_client_seq);
+                // Sends queued before this router said its limit (or for another router) may
+                // be over it; the router would close the replica for them (2005, fatal).
+                let max = self.max_payload;
+                let mut too_large = Vec::new();
+                self.unconfirmed.retain(|(client_seq, sealed)| {
+                    let fits = sealed.len() <= max;
+                    if !fits {
+                        too_large.push((*client_seq, sealed.len()));
+                    }
+                    fits
+                });
+                for (client_seq, len) in too_large {
+                    self.events.push_back(Event::SendDropped {
+                        client_seq,
+                        len,
+                        max,
+                    });
+                }
                 // Resend only what the router has not stamped: a client seq at or below the one
                 // it confirmed is a protocol violation.
                 for (client_seq, payload) in self.unconfirmed.clone() {
@@ -1426,6 +1454,32 @@ mod tests {
         let mut r = live(cfg(None));
         r.disconnected();
         r.handle_frame(welcome(0)).expect("welcomed back");
+    }
+
+    #[test]
+    fn a_queued_send_over_the_routers_limit_is_dropped_and_said() {
+        let mut r = Replica::new(cfg(None), ChatIsland::default());
+        r.send(Bytes::from(vec![1u8; 2000]))
+            .expect("queued before the welcome");
+        r.send(Bytes::from(vec![2u8; 10])).expect("queued");
+        // This router takes payloads of at most 1000 bytes.
+        r.handle_frame(welcome(0)).expect("welcome");
+        let sends: Vec<u64> = frames(&mut r)
+            .into_iter()
+            .filter_map(|f| match f {
+                ClientFrame::Send { client_seq, .. } => Some(client_seq),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(sends, vec![2], "only the one that fits");
+        assert!(events(&mut r).iter().any(|e| matches!(
+            e,
+            Event::SendDropped {
+                client_seq: 1,
+                max: 1000,
+                ..
+            }
+        )));
     }
 
     #[test]
