@@ -202,6 +202,23 @@ async fn a_router_restart_is_reported_as_a_lost_session() {
     router.shutdown.cancel();
     router.task.await.expect("router stops");
     proxy.cut();
+    // Only once the replica has seen the connection drop may the proxy forward again: a pump
+    // of the old connection that has not seen the cut yet would deliver the held goodbye.
+    let mut seen = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            match events.recv().await {
+                Some(e @ Event::Disconnected { .. }) => {
+                    seen.push(e);
+                    return;
+                }
+                Some(e) => seen.push(e),
+                None => panic!("ended before noticing the drop: {seen:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the drop is noticed");
     proxy.freeze(false);
     // The same port comes back with an empty router.
     let cfg = DispatcherConfig {
@@ -214,7 +231,6 @@ async fn a_router_restart_is_reported_as_a_lost_session() {
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(again.run(stop.clone()));
 
-    let mut seen = Vec::new();
     let lost = tokio::time::timeout(PATIENCE, async {
         loop {
             match events.recv().await {
