@@ -96,7 +96,8 @@ impl Seen {
     }
 }
 
-/// Replicas a presence list remembers at most: the router's default member cap, four times.
+/// Replicas an application's presence list should remember at most (the command's chat does):
+/// the router's default member cap, four times, so a hostile router cannot grow it without end.
 pub const MAX_PRESENT: usize = 4 * isthmus_router::session::DEFAULT_MAX_MEMBERS;
 
 /// Who this replica is and how it joins.
@@ -215,8 +216,8 @@ pub enum Event {
     Reconnected,
     /// Who arrived and who left, as the router says (outside the order). `whole` means this
     /// is everyone attached now (it follows a welcome): start the list afresh. Changes, not the
-    /// whole list, so a chatty router cannot make each event big; [`Replica::present_list`]
-    /// has the current list.
+    /// whole list, so a chatty router cannot make each event big; an application keeps
+    /// the list itself, bounded by [`MAX_PRESENT`].
     Presence {
         /// Start the list afresh with `joined`.
         whole: bool,
@@ -328,8 +329,6 @@ pub struct Replica<I> {
     last_upload: Option<u64>,
     /// The session incarnation of the first welcome.
     incarnation: Option<u64>,
-    /// Who the router says is attached, by replica id: (display name, role).
-    present: std::collections::BTreeMap<ReplicaId, (String, Role)>,
     /// The next presence frame is the whole list (it follows a welcome).
     presence_is_whole: bool,
 }
@@ -361,20 +360,8 @@ impl<I: Island> Replica<I> {
             seen: Seen::default(),
             last_upload: None,
             incarnation: None,
-            present: std::collections::BTreeMap::new(),
             presence_is_whole: false,
         }
-    }
-
-    /// Who is attached now, by display name (then id), as the router last said.
-    pub fn present_list(&self) -> Vec<(ReplicaId, String, Role)> {
-        let mut out: Vec<(ReplicaId, String, Role)> = self
-            .present
-            .iter()
-            .map(|(r, (n, role))| (*r, n.clone(), *role))
-            .collect();
-        out.sort_by(|a, b| a.1.cmp(&b.1).then(a.0.cmp(&b.0)));
-        out
     }
 
     /// The island.
@@ -507,24 +494,14 @@ impl<I: Island> Replica<I> {
         }
         match frame {
             ServerFrame::Presence { joined, left } => {
-                let whole = std::mem::take(&mut self.presence_is_whole);
-                if whole {
-                    self.present.clear();
-                }
-                let mut arrived = Vec::new();
-                for p in joined {
-                    // Bounded: a router cannot make a replica remember without end.
-                    if self.present.len() < MAX_PRESENT || self.present.contains_key(&p.replica) {
-                        self.present.insert(p.replica, (p.name.clone(), p.role));
-                        arrived.push((p.replica, p.name, p.role));
-                    }
-                }
-                for gone in &left {
-                    self.present.remove(gone);
-                }
+                // Passed on as changes (at most a frame's worth each); whoever keeps the list
+                // bounds it, see MAX_PRESENT.
                 self.events.push_back(Event::Presence {
-                    whole,
-                    joined: arrived,
+                    whole: std::mem::take(&mut self.presence_is_whole),
+                    joined: joined
+                        .into_iter()
+                        .map(|p| (p.replica, p.name, p.role))
+                        .collect(),
                     left,
                 });
             }
