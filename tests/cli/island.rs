@@ -49,16 +49,7 @@ fn creator_joiners_and_a_late_joiner_end_with_one_history_and_one_digest() {
     let (mut router, addr) = spawn_router(&[]);
     let total = 150u64;
     let n = total.to_string();
-    let creator = Proc::spawn(&[
-        "island".into(),
-        "new".into(),
-        "harbour".into(),
-        "--router".into(),
-        addr.to_string(),
-        "--json".into(),
-        "--exit-after-seq".into(),
-        n.clone(),
-    ]);
+    let creator = island_new("harbour", addr, &["--json", "--exit-after-seq", &n]);
     let postcard = creator.next_line();
     assert!(postcard.starts_with("isthmus2:"), "{postcard}");
     let joiners: Vec<Proc> = (0..3)
@@ -146,14 +137,7 @@ fn join_strings_that_cannot_work_fail_with_one_clear_line() {
 
     // A damaged character: exit 2, and it says so.
     let (mut router, addr) = spawn_router(&[]);
-    let creator = Proc::spawn(&[
-        "island".into(),
-        "new".into(),
-        "pier".into(),
-        "--router".into(),
-        addr.to_string(),
-        "--json".into(),
-    ]);
+    let creator = island_new("pier", addr, &["--json"]);
     let postcard = creator.next_line();
     let mut damaged: Vec<char> = postcard.chars().collect();
     let i = damaged.len() / 2;
@@ -364,6 +348,14 @@ fn on_a_terminal_the_chat_shows_messages_members_and_status_and_leaves_cleanly()
     let _ = router.wait();
 }
 
+/// `isthmus island new NAME --router ADDR EXTRA...`, the creator most tests start with.
+fn island_new(name: &str, addr: std::net::SocketAddr, extra: &[&str]) -> Proc {
+    let router = addr.to_string();
+    let mut args = vec!["island", "new", name, "--router", &router];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>())
+}
+
 fn run_ok(args: &[&str]) -> String {
     let out = isthmus().args(args).output().expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -434,14 +426,7 @@ fn the_admin_postcard_is_kept_and_ticks_kicks_and_closes_the_island() {
     use isthmus_contact::Postcard;
     use isthmus_router::wire::Role;
     let (mut router, addr) = spawn_router(&[]);
-    let creator = Proc::spawn(&[
-        "island".into(),
-        "new".into(),
-        "cove".into(),
-        "--router".into(),
-        addr.to_string(),
-        "--json".into(),
-    ]);
+    let creator = island_new("cove", addr, &["--json"]);
     let postcard = creator.next_line();
     let card: Postcard = postcard.parse().expect("postcard");
     assert_eq!(
@@ -597,20 +582,13 @@ fn json_output_closed_early_ends_quietly_and_sigterm_prints_the_summary() {
 #[test]
 fn sends_on_an_island_already_past_the_stop_seq_are_stamped_before_exit() {
     let (mut router, addr) = spawn_router(&[]);
-    let creator = Proc::spawn(&[
-        "island".into(),
-        "new".into(),
-        "cove".into(),
-        "--router".into(),
-        addr.to_string(),
-        "--json".into(),
-        "--send".into(),
-        "one".into(),
-        "--send".into(),
-        "two".into(),
-        "--send".into(),
-        "three".into(),
-    ]);
+    let creator = island_new(
+        "cove",
+        addr,
+        &[
+            "--json", "--send", "one", "--send", "two", "--send", "three",
+        ],
+    );
     let postcard = creator.next_line();
     for _ in 0..3 {
         creator.next_line();
@@ -642,16 +620,7 @@ fn sends_on_an_island_already_past_the_stop_seq_are_stamped_before_exit() {
 #[test]
 fn a_replica_whose_router_is_gone_says_each_retry_and_gives_up() {
     let (mut router, addr) = spawn_router(&[]);
-    let replica = Proc::spawn(&[
-        "island".into(),
-        "new".into(),
-        "shoal".into(),
-        "--router".into(),
-        addr.to_string(),
-        "--json".into(),
-        "--give-up-after".into(),
-        "3".into(),
-    ]);
+    let replica = island_new("shoal", addr, &["--json", "--give-up-after", "3"]);
     replica.next_line();
     // The router dies without a goodbye and never comes back.
     let _ = router.kill();
@@ -669,14 +638,7 @@ fn a_replica_whose_router_is_gone_says_each_retry_and_gives_up() {
 #[test]
 fn a_router_that_shuts_down_ends_its_islands_for_its_replicas_at_once() {
     let (router, addr) = spawn_router(&[]);
-    let replica = Proc::spawn(&[
-        "island".into(),
-        "new".into(),
-        "dune".into(),
-        "--router".into(),
-        addr.to_string(),
-        "--json".into(),
-    ]);
+    let replica = island_new("dune", addr, &["--json"]);
     replica.next_line();
     crate::router::sigterm(&router);
     // Not minutes of reconnecting to a router whose islands are gone: exit 3 right away.
@@ -715,14 +677,7 @@ fn head_1_on_a_quiet_island_returns_with_the_postcard() {
 fn a_piped_line_too_long_to_send_is_skipped_and_the_next_lines_still_go() {
     use std::io::Write;
     let (mut router, addr) = spawn_router(&[]);
-    let creator = Proc::spawn(&[
-        "island".into(),
-        "new".into(),
-        "reef".into(),
-        "--router".into(),
-        addr.to_string(),
-        "--json".into(),
-    ]);
+    let creator = island_new("reef", addr, &["--json"]);
     let postcard = creator.next_line();
     let mut piper = isthmus()
         .args(["join", &postcard, "--name", "piper"])

@@ -4,17 +4,20 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-/// Starts `isthmus router` on a free loopback port and reads its ready line. Never beacons:
-/// outside a test network namespace, broadcasts would leave for the host's real LAN.
+/// `isthmus router` on a free loopback port that never beacons: outside a test network
+/// namespace, broadcasts would leave for the host's real LAN.
+pub const LOOPBACK_ROUTER: [&str; 6] = [
+    "router",
+    "--listen",
+    "127.0.0.1",
+    "--port",
+    "0",
+    "--no-beacon",
+];
+
+/// Starts a [`LOOPBACK_ROUTER`] and reads its ready line.
 pub fn spawn_router(extra: &[&str]) -> (Child, SocketAddr) {
-    let mut args = vec![
-        "router",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-beacon",
-    ];
+    let mut args = LOOPBACK_ROUTER.to_vec();
     args.extend_from_slice(extra);
     spawn_ready(&args)
 }
@@ -228,14 +231,7 @@ fn spawn_into_pipe(args: &[&str]) -> (Child, std::io::PipeReader) {
 #[test]
 fn a_router_whose_output_was_closed_still_stops_on_sigint_and_sigterm() {
     for sig in ["INT", "TERM"] {
-        let (mut child, reader) = spawn_into_pipe(&[
-            "router",
-            "--listen",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--no-beacon",
-        ]);
+        let (mut child, reader) = spawn_into_pipe(&LOOPBACK_ROUTER);
         // Read the two lines `head -2` would, then close the pipe as head exits.
         let mut lines = BufReader::new(reader).lines();
         for _ in 0..2 {
@@ -296,14 +292,7 @@ fn contradictory_forwarding_flags_are_refused_with_a_reason() {
         ("upnp", "with UPnP the gateway says the external address"),
     ] {
         let out = crate::proc::isthmus()
-            .args([
-                "router",
-                "--listen",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--no-beacon",
-            ])
+            .args(LOOPBACK_ROUTER)
             .args(["--forwarding", mode, "--external", "203.0.113.7:7470"])
             .output()
             .expect("run");
@@ -315,14 +304,7 @@ fn contradictory_forwarding_flags_are_refused_with_a_reason() {
 
 #[test]
 fn router_logs_name_the_island_and_the_people_in_it() {
-    let router = crate::proc::Proc::spawn(&[
-        "router".into(),
-        "--listen".into(),
-        "127.0.0.1".into(),
-        "--port".into(),
-        "0".into(),
-        "--no-beacon".into(),
-    ]);
+    let router = crate::proc::Proc::spawn(&LOOPBACK_ROUTER.map(String::from));
     let addr = router
         .next_line()
         .strip_prefix("listening on ")
