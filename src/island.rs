@@ -1009,7 +1009,9 @@ fn announce_created(card: &Postcard, face: &mut Face) -> Result<Flow> {
     let participant = admin
         .participant()
         .context("an admin capability derives the participant's")?;
-    let flow = face.postcard(&participant.to_string());
+    // The first line of stdout in every mode; the terminal UI starts after it, so it stays on
+    // the normal screen to copy.
+    let flow = Face::out(&participant.to_string());
     match keep_admin_postcard(&admin) {
         Ok(path) => face.note(&format!(
             "the admin postcard of {:?} is kept in {} (`isthmus postcard admin {}` prints it; `isthmus island close|kick|tick` use it)",
@@ -1152,12 +1154,6 @@ impl Face {
         } else {
             Flow::OutputClosed
         }
-    }
-
-    /// The postcard is the first line of stdout in every mode (the terminal UI starts after
-    /// it, so it stays on the normal screen to copy).
-    fn postcard(&mut self, text: &str) -> Flow {
-        Self::out(text)
     }
 
     fn note(&mut self, text: &str) {
