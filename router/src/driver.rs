@@ -406,6 +406,9 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
                 .collect();
             warn!(session = %id, island = ?island, seq = d.seq.0, "replicas diverged: {}", groups.join("; "));
         }
+        Notice::SnapshotWanted { messages } => {
+            debug!(session = %id, messages, "snapshot wanted")
+        }
         Notice::SnapshotStored { at, bytes } => {
             debug!(session = %id, at = at.0, bytes, "snapshot stored")
         }

@@ -88,6 +88,32 @@ pub const MAX_DIVERGENCE_REPORTS_PER_SEQ: usize = 4;
 /// worth a provider's upload (and a snapshot after every message would be a storm).
 pub const PRESSURE_SNAPSHOT_MIN_HISTORY_BYTES: usize = 256 * 1024;
 
+/// How the core encodes the two frames it sends most: stamped messages (kept in the history
+/// and replayed to joiners as they are) and ticks. Native replicas get wire frames
+/// ([`WireFraming`]); the Croquet adapter plugs in its JSON text frames, so a message is still
+/// encoded once and its bytes shared by every recipient and the history. Every other frame the
+/// core makes (welcome, sync markers, goodbyes) stays a wire frame.
+pub trait Framing: Send + Sync + std::fmt::Debug {
+    /// The frame that carries one stamped message.
+    fn message(&self, message: &Message) -> Bytes;
+    /// The frame of a tick at router time `time`.
+    fn tick(&self, time: RouterTime) -> Bytes;
+}
+
+/// The native wire encoding of messages and ticks.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WireFraming;
+
+impl Framing for WireFraming {
+    fn message(&self, message: &Message) -> Bytes {
+        wire::encode(&ServerFrame::Message(message.clone()))
+    }
+
+    fn tick(&self, time: RouterTime) -> Bytes {
+        wire::encode(&ServerFrame::Tick { time })
+    }
+}
+
 /// Limits and timings of one session. Every bound on memory fed by the network is here.
 #[derive(Clone, Debug)]
 pub struct SessionConfig {
@@ -126,6 +152,14 @@ pub struct SessionConfig {
     /// This session's incarnation, drawn at random by whoever creates it (see
     /// [`wire::Welcome::incarnation`]); the core itself draws nothing.
     pub incarnation: u64,
+    /// How stamped messages and ticks are encoded.
+    pub framing: Arc<dyn Framing>,
+    /// Snapshots come from outside ([`Session::store_snapshot`]) instead of being asked of a
+    /// live replica: joiners are synced from the stored snapshot (or from the start) at once,
+    /// and a history past 60% of its bounds raises [`Notice::SnapshotWanted`] instead of a
+    /// `SnapshotRequest`. The Croquet adapter works this way, as its clients decide themselves
+    /// when to upload a snapshot.
+    pub external_snapshots: bool,
 }
 
 impl Default for SessionConfig {
@@ -148,6 +182,8 @@ impl Default for SessionConfig {
             min_tick_interval: DEFAULT_MIN_TICK_INTERVAL,
             budget: Arc::new(MemoryBudget::unlimited()),
             incarnation: 0,
+            framing: Arc::new(WireFraming),
+            external_snapshots: false,
         }
     }
 }
@@ -251,6 +287,13 @@ pub enum Notice {
     },
     /// Replicas reported different digests.
     Diverged(Divergence),
+    /// The history passed 60% of its bounds and the session keeps external snapshots
+    /// (`SessionConfig::external_snapshots`): whoever feeds it should get one uploaded. Raised
+    /// again for every further 1% of growth until a snapshot is stored.
+    SnapshotWanted {
+        /// Entries in the history now.
+        messages: usize,
+    },
     /// A snapshot was stored and the history cut.
     SnapshotStored {
         /// Taken after this seq.
@@ -359,6 +402,8 @@ pub struct Session {
     empty_since: Option<Instant>,
     /// The admin closed the island: everyone was told, and joins are refused.
     closed: bool,
+    /// History length at the last [`Notice::SnapshotWanted`], reset when a snapshot is stored.
+    wanted_at: Option<usize>,
     out: VecDeque<Output>,
 }
 
@@ -386,6 +431,7 @@ impl Session {
             digests: BTreeMap::new(),
             empty_since: Some(now),
             closed: false,
+            wanted_at: None,
             out: VecDeque::new(),
         }
     }
@@ -777,7 +823,7 @@ impl Session {
             && self.members.values().any(Member::is_live)
         {
             let time = RouterTime(self.router_time(now));
-            let frame = wire::encode(&ServerFrame::Tick { time });
+            let frame = self.cfg.framing.tick(time);
             self.last_activity = now;
             self.broadcast_live(&frame);
         }
@@ -800,6 +846,60 @@ impl Session {
             self.renew_snapshot_request(now);
         }
         self.reap(now);
+    }
+
+    /// Stamps a message the router itself makes (`Origin::Router`, client seq 0) into the
+    /// order, like any other: the Croquet adapter's "users" and vote "tally" messages. The
+    /// payload is whatever the session's framing expects. Returns the seq it got.
+    pub fn stamp_router(&mut self, payload: Bytes, now: Instant) -> Seq {
+        self.stamp(Origin::Router, 0, payload, now);
+        self.reap(now);
+        Seq(self.last_seq)
+    }
+
+    /// Stores a snapshot taken after message `at` that came from outside (see
+    /// `SessionConfig::external_snapshots`; `data` is what joiners are sent before the backlog)
+    /// and cuts the history before it, as a provided snapshot would. Refused when the history
+    /// no longer reaches back to `at`, when `at` is not stamped yet, or when the memory budget
+    /// has no room.
+    pub fn store_snapshot(&mut self, at: Seq, data: Bytes, now: Instant) -> Result<(), String> {
+        let Seq(at) = at;
+        if at > self.last_seq {
+            return Err(format!(
+                "a snapshot after seq {at} is ahead of the session (at {})",
+                self.last_seq
+            ));
+        }
+        if at + 1 < self.history_first {
+            return Err(format!(
+                "a snapshot after seq {at} is older than the history kept (from {})",
+                self.history_first
+            ));
+        }
+        if !self.cfg.budget.try_reserve(data.len()) {
+            return Err(BUDGET_EXHAUSTED.into());
+        }
+        self.out.push_back(Output::Notice(Notice::SnapshotStored {
+            at: Seq(at),
+            bytes: data.len(),
+        }));
+        self.set_snapshot(Some(Snapshot { at, data }));
+        self.wanted_at = None;
+        self.cut_history(at + 1);
+        self.reap(now);
+        Ok(())
+    }
+
+    /// Sets the idle time before a tick, within the router's floor and [`MAX_TICK_INTERVAL`]
+    /// (the Croquet adapter's `TICKS`; native islands change it with a signed admin command).
+    pub fn set_tick_interval(&mut self, interval: Duration) {
+        self.cfg.tick_interval = interval.clamp(self.cfg.min_tick_interval, MAX_TICK_INTERVAL);
+    }
+
+    /// The router time at `now`, without moving it: what a frame made now would carry.
+    pub fn time(&self, now: Instant) -> RouterTime {
+        let elapsed = now.saturating_duration_since(self.start).as_micros() as u64;
+        RouterTime(self.last_time.max(elapsed))
     }
 
     /// Closes one connection with a reason, e.g. when its bytes did not decode.
@@ -844,7 +944,7 @@ impl Session {
         if self.last_seq == 0 && self.snapshot.is_none() {
             return Ok(Plan::Fresh);
         }
-        if self.has_provider(&[Some(conn), replaced]) {
+        if !self.cfg.external_snapshots && self.has_provider(&[Some(conn), replaced]) {
             return Ok(Plan::AwaitSnapshot);
         }
         if let Some(snap) = self.usable_snapshot() {
@@ -1020,13 +1120,13 @@ impl Session {
     fn stamp(&mut self, origin: Origin, client_seq: u64, payload: Bytes, now: Instant) {
         let seq = self.last_seq + 1;
         let time = RouterTime(self.router_time(now));
-        let frame = wire::encode(&ServerFrame::Message(Message {
+        let frame = self.cfg.framing.message(&Message {
             seq: Seq(seq),
             time,
             origin,
             client_seq,
             payload,
-        }));
+        });
         self.last_seq = seq;
         self.last_activity = now;
         self.keep(frame.clone(), now);
@@ -1103,7 +1203,15 @@ impl Session {
             || self.history_bytes * 10 >= self.cfg.max_history_bytes * 6
             || (self.cfg.budget.under_pressure()
                 && self.history_bytes >= PRESSURE_SNAPSHOT_MIN_HISTORY_BYTES);
-        if wants_snapshot && self.pending.is_none() {
+        if wants_snapshot && self.cfg.external_snapshots {
+            let step = (self.cfg.max_history_messages / 100).max(1);
+            let len = self.history.len();
+            if self.wanted_at.is_none_or(|at| len >= at + step) {
+                self.wanted_at = Some(len);
+                self.out
+                    .push_back(Output::Notice(Notice::SnapshotWanted { messages: len }));
+            }
+        } else if wants_snapshot && self.pending.is_none() {
             self.request_snapshot(now);
         }
         let mut dropped = false;
