@@ -105,6 +105,17 @@ pub(crate) struct RouterArgs {
     /// The shortest tick interval a creator or admin may ask for, in ms (default 10).
     #[arg(long, value_name = "MS")]
     min_tick_ms: Option<u64>,
+    /// Do not serve Croquet / Multisynq clients (their reflector, /files and --web) on the port.
+    #[arg(long)]
+    no_croquet: bool,
+    /// Serve this directory's static files (a Croquet app) from the router's port: a browser
+    /// opens http://ROUTER:PORT/ and the app joins through this router.
+    #[arg(long, value_name = "DIR")]
+    web: Option<std::path::PathBuf>,
+    /// Where Croquet snapshots and persistent data are kept (default: the platform data
+    /// directory's isthmus/croquet).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
 }
 
 // The defaults the help text above states.
@@ -473,6 +484,7 @@ fn router_config(
             Forwarding::Upnp(up)
         }
     };
+    cfg.croquet = croquet_config(args, &p.croquet)?;
     let beacon_on = !args.no_beacon && p.beacon.unwrap_or(true);
     if beacon_on {
         let interval = flag(
@@ -493,17 +505,90 @@ fn router_config(
     Ok(cfg)
 }
 
+/// The Croquet front door from flags and the profile's `croquet.*` keys; `None` when off.
+fn croquet_config(
+    args: &RouterArgs,
+    p: &isthmus_prefs::CroquetPrefs,
+) -> Result<Option<isthmus_dispatcher::croquet::CroquetConfig>> {
+    use isthmus_croquet::store::StoreConfig;
+    if args.no_croquet || p.enabled == Some(false) {
+        if args.web.is_some() {
+            return Err(usage(
+                "--web serves a Croquet app, but the Croquet front door is off (--no-croquet or croquet.enabled = false)".to_string(),
+            ));
+        }
+        return Ok(None);
+    }
+    let mut c = isthmus_dispatcher::croquet::CroquetConfig::default();
+    c.web = args.web.clone().or(p.web.as_ref().map(Into::into));
+    if let Some(web) = &c.web {
+        if !web.is_dir() {
+            return Err(usage(format!(
+                "--web {}: not a directory; give the folder that holds the app's index.html",
+                web.display()
+            )));
+        }
+    }
+    let dir = match args
+        .data_dir
+        .clone()
+        .or(p.data_dir.as_ref().map(Into::into))
+    {
+        Some(d) => Some(d),
+        None => dirs::data_dir().map(|d| d.join("isthmus").join("croquet")),
+    };
+    if let Some(dir) = dir {
+        let mut store = StoreConfig::new(dir);
+        if let Some(mb) = p.max_file_mb {
+            store.max_file_bytes = mb * 1024 * 1024;
+        }
+        if let Some(mb) = p.max_store_mb {
+            store.max_total_bytes = mb * 1024 * 1024;
+        }
+        c.store = Some(store);
+    } else {
+        tracing::warn!(
+            "no data directory for Croquet files (give one with --data-dir); /files is off"
+        );
+    }
+    if let Some(keys) = &p.api_keys {
+        c.api_keys = keys
+            .split(',')
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
+    }
+    Ok(Some(c))
+}
+
 async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result<()> {
     let cfg = router_config(&args, prefs)?;
     // Catch Ctrl-C and SIGTERM before anything can be mapped or announced: a signal that
     // arrives during start-up (a UPnP mapping takes a moment) is held and acted on at once.
     let signals = Signals::install()?;
     let beacon = cfg.beacon.clone();
+    let croquet = cfg.croquet.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
     print_line(&format!("listening on {local}"));
     // One line that says where the router can be reached, whatever RUST_LOG says.
     eprint_line(&format!("isthmus router: {}", dispatcher.summary()));
+    if let Some(c) = &croquet {
+        let host = match local.ip() {
+            ip if ip.is_unspecified() => "localhost".to_string(),
+            IpAddr::V6(v6) => format!("[{v6}]"),
+            ip => ip.to_string(),
+        };
+        let port = local.port();
+        let web = if c.web.is_some() {
+            format!("; web app http://{host}:{port}/")
+        } else {
+            String::new()
+        };
+        eprint_line(&format!(
+            "isthmus router: Croquet reflector ws://{host}:{port}/reflector, files http://{host}:{port}/files{web}"
+        ));
+    }
     match &beacon {
         Some(b) => tracing::info!(
             %local,

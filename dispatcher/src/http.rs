@@ -79,13 +79,12 @@ pub const MAX_HEADER_BUF: usize = 64 * 1024;
 /// Picks the handler for a request by its path.
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let _ = (&ctx.shared, ctx.local, &ctx.guard);
-    text(
-        StatusCode::NOT_FOUND,
-        format!(
-            "isthmus router: nothing is served at {}\n",
-            req.uri().path()
-        ),
-    )
+    match req.uri().path() {
+        p if p.starts_with("/reflector/") => crate::croquet::reflector(ctx, req).await,
+        p if p.starts_with("/files/") => crate::croquet::files(ctx, req).await,
+        // The fallback: the --web app's files, or 404.
+        _ => crate::croquet::web(ctx, req).await,
+    }
 }
 
 /// A plain-text response.

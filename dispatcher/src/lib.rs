@@ -19,6 +19,7 @@
 //! ```
 
 pub mod contacts;
+pub mod croquet;
 pub mod http;
 pub mod portmap;
 
@@ -221,6 +222,8 @@ pub struct DispatcherConfig {
     pub driver: DriverConfig,
     /// Announce islands on the LAN; `None` keeps the router silent.
     pub beacon: Option<BeaconConfig>,
+    /// Serve Croquet / Multisynq clients on the same port; `None` turns it off (`--no-croquet`).
+    pub croquet: Option<croquet::CroquetConfig>,
 }
 
 impl Default for DispatcherConfig {
@@ -237,6 +240,7 @@ impl Default for DispatcherConfig {
             forwarding: Forwarding::LanOnly,
             driver: DriverConfig::default(),
             beacon: None,
+            croquet: Some(croquet::CroquetConfig::default()),
         }
     }
 }
@@ -259,6 +263,9 @@ pub enum DispatchError {
     /// UPnP forwarding failed and the profile says to stop rather than fall back.
     #[error("{0}; not starting, as the profile's UPnP fallback is \"fail\" (set it to \"lan-only\" to carry on without remote access)")]
     Forwarding(#[source] portmap::PortMapError),
+    /// The Croquet file store could not be opened.
+    #[error("{0}; pick another data directory with --data-dir, or turn the Croquet front door off with --no-croquet")]
+    Croquet(#[source] isthmus_croquet::CroquetError),
 }
 
 /// Why a handshake failed, for the log line.
@@ -410,6 +417,8 @@ struct Shared {
     turning_away: Arc<Semaphore>,
     /// Shared by every session.
     budget: Arc<MemoryBudget>,
+    /// The Croquet front door, unless turned off.
+    croquet: Option<croquet::Service>,
 }
 
 impl Dispatcher {
@@ -417,6 +426,10 @@ impl Dispatcher {
     pub async fn bind(mut cfg: DispatcherConfig) -> Result<Dispatcher, DispatchError> {
         let budget = Arc::new(MemoryBudget::new(cfg.memory_budget_bytes));
         cfg.driver.session.budget = budget.clone();
+        let croquet = match cfg.croquet.clone() {
+            Some(c) => Some(croquet::Service::new(c).map_err(DispatchError::Croquet)?),
+            None => None,
+        };
         let listener = listen(cfg.listen).map_err(|source| DispatchError::Bind {
             addr: cfg.listen,
             source,
@@ -472,6 +485,7 @@ impl Dispatcher {
                 cfg,
                 registry: Arc::default(),
                 next_conn: AtomicU64::new(1),
+                croquet,
             }),
         })
     }
@@ -522,6 +536,14 @@ impl Dispatcher {
     /// Sessions alive now.
     pub fn session_count(&self) -> usize {
         lock(&self.shared.registry).sessions.len()
+    }
+
+    /// Croquet sessions alive now.
+    pub fn croquet_session_count(&self) -> usize {
+        self.shared
+            .croquet
+            .as_ref()
+            .map_or(0, |c| c.session_count())
     }
 
     /// The memory budget every session reserves from (to watch it, or to fill it in tests).
@@ -606,6 +628,9 @@ impl Dispatcher {
             }
         }
         handshakes.abort_all();
+        if let Some(c) = &self.shared.croquet {
+            c.shutdown().await;
+        }
         self.shared.shutdown().await;
         if let Some(m) = self.mapper {
             // A mapping left behind is a hole in the user's firewall: always remove it.

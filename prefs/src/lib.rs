@@ -109,6 +109,23 @@ pub struct LimitPrefs {
     pub min_tick_ms: Option<u64>,
 }
 
+/// The Croquet front door of a profile (see docs/croquet.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CroquetPrefs {
+    /// Serve Croquet / Multisynq clients (default true).
+    pub enabled: Option<bool>,
+    /// A static web app directory served from the router's port.
+    pub web: Option<String>,
+    /// Where the file store keeps snapshots and persistent data.
+    pub data_dir: Option<String>,
+    /// apiKeys accepted in JOIN, comma-separated; unset lets the create policy decide.
+    pub api_keys: Option<String>,
+    /// Largest uploaded file, MiB.
+    pub max_file_mb: Option<u64>,
+    /// Largest file store, MiB.
+    pub max_store_mb: Option<u64>,
+}
+
 /// One profile. Unset fields take the router's defaults; command-line flags override both.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Profile {
@@ -136,6 +153,8 @@ pub struct Profile {
     pub upnp: UpnpPrefs,
     /// Limits.
     pub limits: LimitPrefs,
+    /// The Croquet front door.
+    pub croquet: CroquetPrefs,
 }
 
 /// Everything that can go wrong with the prefs file.
@@ -260,6 +279,8 @@ enum Kind {
     /// A whole number within an inclusive range.
     Range(u64, u64),
     Text,
+    /// A longer string: a path or a list.
+    LongText,
 }
 
 impl Kind {
@@ -275,6 +296,7 @@ impl Kind {
             Kind::U32 => "a whole number from 1 to 4294967295".into(),
             Kind::Range(lo, hi) => format!("a whole number from {lo} to {hi}"),
             Kind::Text => "a string of at most 64 characters".into(),
+            Kind::LongText => "a non-empty string of at most 4096 characters".into(),
         }
     }
 }
@@ -327,6 +349,12 @@ const KEYS: &[(&str, Kind)] = &[
     ("limits.max_handshakes_per_ip", Kind::Range(1, 100_000)),
     ("limits.memory_budget_mb", Kind::Range(16, 1024 * 1024)),
     ("limits.min_tick_ms", Kind::Range(1, 60_000)),
+    ("croquet.enabled", Kind::Bool),
+    ("croquet.web", Kind::LongText),
+    ("croquet.data_dir", Kind::LongText),
+    ("croquet.api_keys", Kind::LongText),
+    ("croquet.max_file_mb", Kind::Range(1, 4096)),
+    ("croquet.max_store_mb", Kind::Range(16, 1024 * 1024)),
 ];
 
 /// Checks a number given for `key` on the command line against the range the file allows, so
@@ -370,6 +398,9 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
             .and_then(|n| u64::try_from(n).ok())
             .is_some_and(|n| (lo..=hi).contains(&n)),
         Kind::Text => v.as_str().is_some_and(|s| s.chars().count() <= 64),
+        Kind::LongText => v
+            .as_str()
+            .is_some_and(|s| !s.is_empty() && s.chars().count() <= 4096),
     };
     if ok {
         Ok(())
@@ -432,6 +463,12 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "limits.max_handshakes_per_ip" => p.limits.max_handshakes_per_ip = Some(n()),
         "limits.memory_budget_mb" => p.limits.memory_budget_mb = Some(n()),
         "limits.min_tick_ms" => p.limits.min_tick_ms = Some(n()),
+        "croquet.enabled" => p.croquet.enabled = v.as_bool(),
+        "croquet.web" => p.croquet.web = Some(s()),
+        "croquet.data_dir" => p.croquet.data_dir = Some(s()),
+        "croquet.api_keys" => p.croquet.api_keys = Some(s()),
+        "croquet.max_file_mb" => p.croquet.max_file_mb = Some(n()),
+        "croquet.max_store_mb" => p.croquet.max_store_mb = Some(n()),
         _ => {}
     }
 }
@@ -868,7 +905,14 @@ impl fmt::Display for Profile {
             false,
         )?;
         line(f, "limits.memory_budget_mb", &l.memory_budget_mb, false)?;
-        line(f, "limits.min_tick_ms", &l.min_tick_ms, false)
+        line(f, "limits.min_tick_ms", &l.min_tick_ms, false)?;
+        let c = &self.croquet;
+        line(f, "croquet.enabled", &c.enabled, false)?;
+        line(f, "croquet.web", &c.web, true)?;
+        line(f, "croquet.data_dir", &c.data_dir, true)?;
+        line(f, "croquet.api_keys", &c.api_keys, true)?;
+        line(f, "croquet.max_file_mb", &c.max_file_mb, false)?;
+        line(f, "croquet.max_store_mb", &c.max_store_mb, false)
     }
 }
 

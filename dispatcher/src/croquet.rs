@@ -1,0 +1,818 @@
+//! Croquet / Multisynq clients on the router's port: the WebSocket reflector under
+//! `/reflector/<session>`, the file store under `/files/<path>` and a static web app (`--web`)
+//! for every other path.
+//!
+//! Each Croquet session is one tokio task running an [`isthmus_croquet::adapter::CroquetSession`]
+//! (the sans-IO adapter over the session core). Each WebSocket has a reader task, which sends
+//! text frames to the session task over a bounded channel, and a writer task, which takes what
+//! the session queued, writes it with one flush per wake and credits the written bytes back
+//! (the core's slow-consumer bound counts bytes handed over and not yet written, and bounds the
+//! queue). Sessions are kept in their own registry by Croquet id; its sessions count against
+//! the router's session cap and share its memory budget.
+
+use crate::http::{self, Body, Ctx};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use isthmus_croquet::adapter::{Action, AdapterConfig, CroquetSession, Persistence};
+use isthmus_croquet::frames::{self, close};
+use isthmus_croquet::store::{FileStore, StoreConfig};
+use isthmus_croquet::CroquetError;
+use isthmus_router::ids::ConnId;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Largest WebSocket message a Croquet client may send (a JOIN, a SEND of the largest payload
+/// the core takes, a SNAP): 1 MiB.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Client frames queued for one session task; a reader waits when it is full.
+pub const SESSION_QUEUE: usize = 1024;
+/// Largest static file `--web` serves (bigger ones are refused, not streamed).
+pub const MAX_WEB_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The Croquet front door's settings.
+#[derive(Clone, Debug)]
+pub struct CroquetConfig {
+    /// apiKeys accepted in JOIN; when empty, the router's create policy decides who may join
+    /// (LAN-open by default).
+    pub api_keys: Vec<String>,
+    /// The file store; `None` answers `/files` with 404.
+    pub store: Option<StoreConfig>,
+    /// A directory of static files served for every other path (`--web`).
+    pub web: Option<PathBuf>,
+    /// Largest client WebSocket message ([`DEFAULT_MAX_FRAME_BYTES`]).
+    pub max_frame_bytes: usize,
+    /// Longest time a connection may take to send JOIN.
+    pub join_timeout: Duration,
+}
+
+impl Default for CroquetConfig {
+    fn default() -> Self {
+        CroquetConfig {
+            api_keys: Vec::new(),
+            store: None,
+            web: None,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            join_timeout: isthmus_croquet::adapter::DEFAULT_JOIN_TIMEOUT,
+        }
+    }
+}
+
+/// What the dispatcher keeps for the Croquet front door.
+pub(crate) struct Service {
+    cfg: CroquetConfig,
+    api_keys: Arc<Vec<String>>,
+    store: Option<Arc<FileStore>>,
+    sessions: Mutex<HashMap<String, Slot>>,
+    shutdown: CancellationToken,
+}
+
+struct Slot {
+    tx: mpsc::Sender<Event>,
+    /// Writers notify the session task here after crediting written bytes.
+    notify: Arc<Notify>,
+    join: Option<tokio::task::JoinHandle<()>>,
+}
+
+enum Event {
+    Connect {
+        conn: ConnId,
+        open: bool,
+        outbox: Outbox,
+    },
+    Text {
+        conn: ConnId,
+        text: Utf8Bytes,
+    },
+    Gone {
+        conn: ConnId,
+    },
+}
+
+#[derive(Clone)]
+struct Outbox {
+    tx: mpsc::UnboundedSender<Out>,
+    credit: Arc<AtomicUsize>,
+}
+
+enum Out {
+    Frame(Utf8Bytes, bool),
+    Close(u16, String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Service {
+    /// Opens the file store (if any); an unusable store is an error worth stopping for.
+    pub(crate) fn new(cfg: CroquetConfig) -> Result<Service, CroquetError> {
+        let store = match &cfg.store {
+            Some(s) => Some(Arc::new(FileStore::open(s.clone())?)),
+            None => None,
+        };
+        Ok(Service {
+            api_keys: Arc::new(cfg.api_keys.clone()),
+            cfg,
+            store,
+            sessions: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    /// Sessions alive now.
+    pub(crate) fn session_count(&self) -> usize {
+        lock(&self.sessions).len()
+    }
+
+    /// Tells every client to reconnect elsewhere (4003) and waits for the session tasks.
+    pub(crate) async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let joins: Vec<_> = lock(&self.sessions)
+            .drain()
+            .filter_map(|(_, mut s)| s.join.take())
+            .collect();
+        for j in joins {
+            let _ = j.await;
+        }
+    }
+}
+
+struct StorePersistence(Option<Arc<FileStore>>);
+
+impl Persistence for StorePersistence {
+    fn saved(&self, app_id: &str, persistent_id: &str) -> Option<String> {
+        // A small file read once, when a session is created.
+        self.0.as_ref()?.saved(app_id, persistent_id)
+    }
+}
+
+fn service(ctx: &Ctx) -> Option<&Service> {
+    ctx.shared.croquet.as_ref()
+}
+
+fn off() -> Response<Body> {
+    http::text(
+        StatusCode::NOT_FOUND,
+        "the Croquet front door of this router is off (--no-croquet)\n",
+    )
+}
+
+// ---- /reflector -------------------------------------------------------------------------
+
+/// `GET /reflector/.../<session>` with a WebSocket upgrade.
+pub(crate) async fn reflector(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let Some(svc) = service(ctx) else {
+        return off();
+    };
+    let id = req
+        .uri()
+        .path()
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    if !frames::valid_session_id(&id) {
+        return http::text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a Croquet session id is 1 to {} letters, digits, '_' or '-'\n",
+                frames::MAX_SESSION_ID_BYTES
+            ),
+        );
+    }
+    let headers = req.headers();
+    let upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let version_ok = headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_some_and(|v| v == "13");
+    let (true, Some(key), true) = (upgrade, key, version_ok) else {
+        return http::text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this is a Croquet reflector: connect with a WebSocket (version 13)\n",
+        );
+    };
+    let host = crate::contacts::local_addrs();
+    let lan = crate::contacts::is_lan_peer(ctx.peer.ip(), &host);
+    let open = ctx.shared.cfg.create.check(lan).is_ok();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let on_upgrade = hyper::upgrade::on(req);
+    let shared = ctx.shared.clone();
+    let guard = ctx.guard.clone();
+    let peer = ctx.peer;
+    let max = svc.cfg.max_frame_bytes;
+    tokio::spawn(async move {
+        let _guard = guard; // the connection's slot under the caps, held while it lives
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(%peer, "websocket upgrade failed: {e}");
+                return;
+            }
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        let ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config))
+                .await;
+        let Some(svc) = shared.croquet.as_ref() else {
+            return;
+        };
+        let conn = ConnId(shared.next_conn.fetch_add(1, Ordering::Relaxed));
+        run_connection(&shared, svc, id, conn, open, ws).await;
+    });
+    let mut resp = Response::new(http::full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    resp
+}
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+/// Attaches one WebSocket to its session (creating the session task if needed) and pumps it
+/// until it closes.
+async fn run_connection(
+    shared: &Arc<crate::Shared>,
+    svc: &Service,
+    id: String,
+    conn: ConnId,
+    open: bool,
+    ws: Ws,
+) {
+    let (mut sink, mut stream) = ws.split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
+    let credit = Arc::new(AtomicUsize::new(0));
+    let outbox = Outbox {
+        tx: out_tx,
+        credit: credit.clone(),
+    };
+    let Some((tx, notify)) = attach(shared, svc, &id, conn, open, outbox).await else {
+        let _ = sink
+            .send(Message::Close(Some(CloseFrame {
+                code: CloseCode::from(close::RECONNECT),
+                reason: Utf8Bytes::from_static("router busy: too many sessions"),
+            })))
+            .await;
+        return;
+    };
+    let writer = async move {
+        while let Some(first) = out_rx.recv().await {
+            let mut counted = 0usize;
+            let mut item = Some(first);
+            let mut closing = false;
+            let mut n = 0;
+            while let Some(it) = item.take() {
+                match it {
+                    Out::Frame(text, c) => {
+                        let len = text.len();
+                        if sink.feed(Message::Text(text)).await.is_err() {
+                            return;
+                        }
+                        if c {
+                            counted += len;
+                        }
+                    }
+                    Out::Close(code, reason) => {
+                        let reason: String = reason.chars().take(120).collect();
+                        let _ = sink
+                            .feed(Message::Close(Some(CloseFrame {
+                                code: CloseCode::from(code),
+                                reason: Utf8Bytes::from(reason),
+                            })))
+                            .await;
+                        closing = true;
+                        break;
+                    }
+                }
+                n += 1;
+                if n < 512 {
+                    item = out_rx.try_recv().ok();
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+            if counted > 0 {
+                credit.fetch_add(counted, Ordering::Relaxed);
+                notify.notify_one();
+            }
+            if closing {
+                // Let the client answer the close; the reader sees it and ends.
+                return;
+            }
+        }
+    };
+    let reader_tx = tx.clone();
+    let reader = async move {
+        while let Some(msg) = stream.next().await {
+            match msg {
+                Ok(Message::Text(text)) => {
+                    if reader_tx.send(Event::Text { conn, text }).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Message::Binary(_)) => {
+                    // Croquet frames are text: treat bytes as a malformed message.
+                    let text = Utf8Bytes::from_static("\u{0}");
+                    let _ = reader_tx.send(Event::Text { conn, text }).await;
+                }
+                Ok(Message::Close(_)) | Err(_) => return,
+                Ok(_) => {} // pings are answered by tungstenite itself
+            }
+        }
+    };
+    tokio::select! {
+        _ = reader => {}
+        _ = writer => {}
+    }
+    let _ = tx.send(Event::Gone { conn }).await;
+}
+
+/// Finds or starts the session task for `id` and hands it the connection.
+async fn attach(
+    shared: &Arc<crate::Shared>,
+    svc: &Service,
+    id: &str,
+    conn: ConnId,
+    open: bool,
+    outbox: Outbox,
+) -> Option<(mpsc::Sender<Event>, Arc<Notify>)> {
+    let mut event = Event::Connect { conn, open, outbox };
+    loop {
+        let (tx, notify) = {
+            let mut sessions = lock(&svc.sessions);
+            match sessions.get(id) {
+                Some(slot) if !slot.tx.is_closed() => (slot.tx.clone(), slot.notify.clone()),
+                _ => {
+                    let native = crate::lock(&shared.registry).sessions.len();
+                    if native + sessions.len() >= shared.cfg.max_sessions {
+                        warn!(
+                            session = id,
+                            "Croquet session refused: router at its session cap"
+                        );
+                        return None;
+                    }
+                    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+                    let notify = Arc::new(Notify::new());
+                    let join = tokio::spawn(run_session(
+                        Arc::downgrade(shared),
+                        id.to_string(),
+                        rx,
+                        notify.clone(),
+                    ));
+                    sessions.insert(
+                        id.to_string(),
+                        Slot {
+                            tx: tx.clone(),
+                            notify: notify.clone(),
+                            join: Some(join),
+                        },
+                    );
+                    info!(session = id, "Croquet session started");
+                    (tx, notify)
+                }
+            }
+        };
+        match tx.send(event).await {
+            Ok(()) => return Some((tx, notify)),
+            Err(mpsc::error::SendError(back)) => {
+                // The session ended between lookup and send: start it again.
+                event = back;
+                let mut sessions = lock(&svc.sessions);
+                if sessions.get(id).is_some_and(|s| s.tx.same_channel(&tx)) {
+                    sessions.remove(id);
+                }
+            }
+        }
+    }
+}
+
+/// One Croquet session: its adapter and its connections' outboxes.
+async fn run_session(
+    shared: std::sync::Weak<crate::Shared>,
+    id: String,
+    mut rx: mpsc::Receiver<Event>,
+    credits: Arc<Notify>,
+) {
+    let Some(s) = shared.upgrade() else {
+        return;
+    };
+    let Some(svc) = s.croquet.as_ref() else {
+        return;
+    };
+    let mut acfg = AdapterConfig {
+        session: s.cfg.driver.session.clone(),
+        api_keys: svc.api_keys.clone(),
+        join_timeout: svc.cfg.join_timeout,
+        ..AdapterConfig::default()
+    };
+    acfg.session.budget = s.budget.clone();
+    let store = svc.store.clone();
+    let stop = svc.shutdown.clone();
+    let timeline = {
+        let b = isthmus_router::auth::fresh_nonce();
+        b[..8]
+            .iter()
+            .map(|x| format!("{x:02x}"))
+            .collect::<String>()
+    };
+    let mut adapter = CroquetSession::new(
+        &id,
+        acfg,
+        timeline,
+        Box::new(StorePersistence(store.clone())),
+    );
+    drop(s);
+    let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
+    let mut stopping = false;
+    loop {
+        let deadline = adapter.poll_timeout().map(tokio::time::Instant::from_std);
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = rx.recv() => {
+                let now = tokio::time::Instant::now().into_std();
+                match ev {
+                    Some(Event::Connect { conn, open, outbox }) => {
+                        outboxes.insert(conn, outbox);
+                        adapter.handle_connect(conn, open, now);
+                    }
+                    Some(Event::Text { conn, text }) => adapter.handle_text(conn, text.as_str(), now),
+                    Some(Event::Gone { conn }) => {
+                        outboxes.remove(&conn);
+                        adapter.handle_disconnect(conn, now);
+                    }
+                    None => break,
+                }
+            }
+            _ = credits.notified() => {}
+            _ = sleep => adapter.handle_timeout(tokio::time::Instant::now().into_std()),
+            _ = stop.cancelled(), if !stopping => {
+                stopping = true;
+                adapter.shutdown(tokio::time::Instant::now().into_std());
+            }
+        }
+        let now = tokio::time::Instant::now().into_std();
+        for (conn, ob) in &outboxes {
+            let n = ob.credit.swap(0, Ordering::Relaxed);
+            if n > 0 {
+                adapter.handle_flushed(*conn, n, now);
+            }
+        }
+        let mut last: Option<(Bytes, Utf8Bytes)> = None;
+        while let Some(action) = adapter.poll_action() {
+            match action {
+                Action::Send {
+                    conn,
+                    frame,
+                    counted,
+                } => {
+                    let Some(ob) = outboxes.get(&conn) else {
+                        continue;
+                    };
+                    // A broadcast hands the same bytes to every recipient in a row: check the
+                    // UTF-8 once and share it.
+                    let text = match &last {
+                        Some((b, t)) if b.as_ptr() == frame.as_ptr() && b.len() == frame.len() => {
+                            t.clone()
+                        }
+                        _ => match Utf8Bytes::try_from(frame.clone()) {
+                            Ok(t) => {
+                                last = Some((frame, t.clone()));
+                                t
+                            }
+                            Err(_) => continue,
+                        },
+                    };
+                    let _ = ob.tx.send(Out::Frame(text, counted));
+                }
+                Action::Close { conn, code, reason } => {
+                    debug!(session = %id, ?conn, code, "closing: {reason}");
+                    if let Some(ob) = outboxes.remove(&conn) {
+                        let _ = ob.tx.send(Out::Close(code, reason));
+                    }
+                }
+                Action::Save {
+                    app_id,
+                    persistent_id,
+                    url,
+                } => {
+                    if let Some(store) = store.clone() {
+                        tokio::task::spawn_blocking(move || {
+                            if let Err(e) = store.save(&app_id, &persistent_id, &url) {
+                                warn!(
+                                    "persistent data of {app_id}/{persistent_id} not recorded: {e}"
+                                );
+                            }
+                        });
+                    }
+                }
+                Action::SnapshotStored { url } => {
+                    if let (Some(store), Some(path)) = (store.clone(), files_path(&url)) {
+                        tokio::task::spawn_blocking(move || store.snapshot_stored(&path));
+                    }
+                }
+                Action::Log(line) => debug!(session = %id, "{line}"),
+            }
+        }
+        if stopping && outboxes.is_empty() {
+            break;
+        }
+        if adapter.is_finished(now) && rx.is_empty() {
+            // Retire under the registry lock, so an attach either comes before (and is in the
+            // queue, so we go on) or finds the channel closed and starts a new task.
+            let Some(shared) = shared.upgrade() else {
+                break;
+            };
+            let Some(svc) = shared.croquet.as_ref() else {
+                break;
+            };
+            let mut sessions = lock(&svc.sessions);
+            if !rx.is_empty() {
+                continue;
+            }
+            rx.close();
+            sessions.remove(&id);
+            break;
+        }
+    }
+    info!(session = %id, "Croquet session ended");
+    if let Some(store) = store {
+        let id = id.clone();
+        let _ = tokio::task::spawn_blocking(move || store.session_ended(&id)).await;
+    }
+}
+
+/// The store path of a URL under some host's `/files/`.
+fn files_path(url: &str) -> Option<String> {
+    let rest = &url[url.find("/files/")? + "/files/".len()..];
+    let rest = rest.split(['?', '#']).next()?;
+    Some(rest.to_string())
+}
+
+// ---- /files -----------------------------------------------------------------------------
+
+fn cors(mut resp: Response<Body>) -> Response<Body> {
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, PUT, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type"),
+    );
+    resp
+}
+
+fn store_error(e: CroquetError) -> Response<Body> {
+    let status = match &e {
+        CroquetError::BadPath(_) => StatusCode::BAD_REQUEST,
+        CroquetError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        CroquetError::StoreFull { .. } => StatusCode::INSUFFICIENT_STORAGE,
+        CroquetError::NotFound(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    if status == StatusCode::INTERNAL_SERVER_ERROR {
+        warn!("file store: {e}");
+    }
+    http::text(status, format!("{e}\n"))
+}
+
+/// `PUT` / `GET /files/<path>`: the snapshot and persistence store.
+pub(crate) async fn files(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let Some(svc) = service(ctx) else {
+        return off();
+    };
+    let Some(store) = svc.store.clone() else {
+        return http::text(
+            StatusCode::NOT_FOUND,
+            "this router keeps no files (no data directory)\n",
+        );
+    };
+    let path = req.uri().path()["/files/".len()..].to_string();
+    let resp = match *req.method() {
+        Method::OPTIONS => {
+            let mut r = Response::new(http::full(Bytes::new()));
+            *r.status_mut() = StatusCode::NO_CONTENT;
+            r
+        }
+        Method::GET | Method::HEAD => {
+            let head = req.method() == Method::HEAD;
+            match tokio::task::spawn_blocking(move || store.get(&path)).await {
+                Ok(Ok(data)) if head => {
+                    let mut r =
+                        http::bytes(StatusCode::OK, "application/octet-stream", Bytes::new());
+                    if let Ok(v) = HeaderValue::from_str(&data.len().to_string()) {
+                        r.headers_mut().insert(header::CONTENT_LENGTH, v);
+                    }
+                    r
+                }
+                Ok(Ok(data)) => http::bytes(StatusCode::OK, "application/octet-stream", data),
+                Ok(Err(e)) => store_error(e),
+                Err(_) => http::text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "file store task failed\n",
+                ),
+            }
+        }
+        Method::PUT => {
+            if let Err(e) = isthmus_croquet::store::check_path(&path) {
+                return cors(store_error(e));
+            }
+            let limit = store.config().max_file_bytes;
+            let body = match Limited::new(req.into_body(), limit as usize).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => {
+                    return cors(http::text(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("upload is larger than the limit of {limit} bytes (files.max_file_bytes), or was cut off\n"),
+                    ))
+                }
+            };
+            match tokio::task::spawn_blocking(move || store.put(&path, &body)).await {
+                Ok(Ok(())) => http::text(StatusCode::CREATED, "stored\n"),
+                Ok(Err(e)) => store_error(e),
+                Err(_) => http::text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "file store task failed\n",
+                ),
+            }
+        }
+        _ => http::text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "/files takes GET, HEAD, PUT and OPTIONS\n",
+        ),
+    };
+    cors(resp)
+}
+
+// ---- --web ------------------------------------------------------------------------------
+
+fn content_type(path: &Path) -> &'static str {
+    match path.extension().and_then(|e| e.to_str()).unwrap_or("") {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "json" | "map" => "application/json",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "ico" => "image/x-icon",
+        "wasm" => "application/wasm",
+        "txt" => "text/plain; charset=utf-8",
+        "woff2" => "font/woff2",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Every other path: a file of the `--web` directory (`index.html` for a directory), or 404.
+pub(crate) async fn web(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
+    let dir = service(ctx).and_then(|s| s.cfg.web.clone());
+    let path = req.uri().path().to_string();
+    let Some(dir) = dir else {
+        return http::text(
+            StatusCode::NOT_FOUND,
+            format!("isthmus router: nothing is served at {path}\n"),
+        );
+    };
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return http::text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the web app takes GET and HEAD\n",
+        );
+    }
+    let rel = path.trim_start_matches('/');
+    let rel = if rel.is_empty() || rel.ends_with('/') {
+        format!("{rel}index.html")
+    } else {
+        rel.to_string()
+    };
+    let decoded = percent_decode(&rel);
+    let ok = decoded.as_deref().is_some_and(|r| {
+        r.split('/').all(|p| {
+            !p.is_empty() && p != "." && p != ".." && !p.contains('\\') && !p.contains('\0')
+        })
+    });
+    let (true, Some(rel)) = (ok, decoded) else {
+        return http::text(StatusCode::BAD_REQUEST, "bad path\n");
+    };
+    let head = req.method() == Method::HEAD;
+    let result = tokio::task::spawn_blocking(move || read_web_file(&dir, &rel)).await;
+    match result {
+        Ok(Ok((data, file))) => {
+            let mut r = http::bytes(
+                StatusCode::OK,
+                content_type(&file),
+                if head { Vec::new() } else { data },
+            );
+            r.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            r
+        }
+        Ok(Err(status)) => http::text(status, format!("nothing is served at {path}\n")),
+        Err(_) => http::text(StatusCode::INTERNAL_SERVER_ERROR, "web task failed\n"),
+    }
+}
+
+/// Reads a file under `dir`, refusing anything that resolves outside it (symlinks included).
+fn read_web_file(dir: &Path, rel: &str) -> Result<(Vec<u8>, PathBuf), StatusCode> {
+    let root = dir.canonicalize().map_err(|_| StatusCode::NOT_FOUND)?;
+    let mut file = root
+        .join(rel)
+        .canonicalize()
+        .map_err(|_| StatusCode::NOT_FOUND)?;
+    if !file.starts_with(&root) {
+        return Err(StatusCode::NOT_FOUND);
+    }
+    if file.is_dir() {
+        file = file.join("index.html");
+    }
+    let meta = std::fs::metadata(&file).map_err(|_| StatusCode::NOT_FOUND)?;
+    if !meta.is_file() {
+        return Err(StatusCode::NOT_FOUND);
+    }
+    if meta.len() > MAX_WEB_FILE_BYTES {
+        return Err(StatusCode::PAYLOAD_TOO_LARGE);
+    }
+    let data = std::fs::read(&file).map_err(|_| StatusCode::NOT_FOUND)?;
+    Ok((data, file))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_urls_map_to_store_paths() {
+        assert_eq!(
+            files_path("http://127.0.0.1:7470/files/apps/a/snap/x?y=1").as_deref(),
+            Some("apps/a/snap/x")
+        );
+        assert_eq!(files_path("https://example.com/other"), None);
+    }
+
+    #[test]
+    fn web_paths_decode_and_refuse_escapes() {
+        assert_eq!(percent_decode("a%20b").as_deref(), Some("a b"));
+        assert_eq!(percent_decode("%2e%2e").as_deref(), Some(".."));
+        assert_eq!(percent_decode("%zz"), None);
+        let dir = std::env::temp_dir().join(format!("isthmus-web-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
+        std::fs::write(dir.join("sub/index.html"), "hi").expect("write");
+        assert!(read_web_file(&dir, "sub").is_ok());
+        assert!(read_web_file(&dir, "sub/index.html").is_ok());
+        assert!(read_web_file(&dir, "../../etc/passwd").is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
