@@ -519,8 +519,10 @@ fn croquet_config(
         }
         return Ok(None);
     }
-    let mut c = isthmus_dispatcher::croquet::CroquetConfig::default();
-    c.web = args.web.clone().or(p.web.as_ref().map(Into::into));
+    let mut c = isthmus_dispatcher::croquet::CroquetConfig {
+        web: args.web.clone().or(p.web.as_ref().map(Into::into)),
+        ..Default::default()
+    };
     if let Some(web) = &c.web {
         if !web.is_dir() {
             return Err(usage(format!(

@@ -807,7 +807,7 @@ impl CroquetSession {
         let Some(url) = args.url.filter(|u| u.len() <= MAX_FIELD_BYTES) else {
             return Err(malformed("SNAP without a url (or one too long)"));
         };
-        if !(args.time > self.snapshot_time) {
+        if args.time.partial_cmp(&self.snapshot_time) != Some(std::cmp::Ordering::Greater) {
             return Ok(()); // not newer than the one we have
         }
         let Some(core) = self.core.as_mut() else {
@@ -982,7 +982,7 @@ impl CroquetSession {
                         let Some(c) = self.conns.remove(&conn) else {
                             continue;
                         };
-                        let (code, reason) = goodbye.as_ref().and_then(|g| goodbye_code(g)).map_or(
+                        let (code, reason) = goodbye.as_ref().and_then(goodbye_code).map_or(
                             (close::RECONNECT, "please reconnect".to_string()),
                             |(code, reason)| {
                                 let (c, _) = frames::close_for(code);

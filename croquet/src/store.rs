@@ -280,7 +280,7 @@ impl FileStore {
         if newest.is_some() {
             files.sort_by(|a, b| b.0.cmp(&a.0));
         } else {
-            files.sort_by(|a, b| b.1.cmp(&a.1));
+            files.sort_by_key(|f| std::cmp::Reverse(f.1));
         }
         for (name, _, len) in files.into_iter().skip(KEEP_SNAPSHOTS) {
             if Some(name.as_str()) == newest {

@@ -1,6 +1,7 @@
 //! The `isthmus` command end to end: real processes, real loopback sockets.
 
 mod capture;
+mod croquet;
 mod island;
 mod lan;
 mod nat;

@@ -4,7 +4,7 @@
 // Prints one JSON line per finding and "PASS" at the end; exits non-zero on any failure.
 const { spawn } = require("child_process");
 const readline = require("readline");
-const [base, runId] = process.argv.slice(2);
+const [base, runId, phase] = process.argv.slice(2);
 const TIMEOUT = 30000;
 
 function fail(msg) { console.log(JSON.stringify({ fail: msg })); process.exit(1); }
@@ -46,6 +46,9 @@ async function library(lib) {
     await a.until("join", () => a.all("joined").length > 0);
     await b.until("join", () => b.all("joined").length > 0);
     if (a.all("joined")[0].id !== b.all("joined")[0].id) fail(`${lib}: two clients in different sessions`);
+    // Clients vote (on persistence, snapshots) only once they call themselves synced, a moment
+    // after SYNC: the first click persists the count for the next session.
+    await sleep(1500);
     // Both click, interleaved.
     for (let i = 0; i < 5; i++) { a.send("inc"); b.send("inc"); await sleep(30); }
     await a.until("count 10", () => a.count() === 10);
@@ -89,8 +92,20 @@ async function library(lib) {
     for (const c of [a, b, late]) await c.leave();
 }
 
+// Phase "persisted": the sessions above have ended; a new session of the same app starts from
+// the persistent data its clients saved (SAVE), not from zero.
+async function persisted(lib) {
+    const c = new Client(lib, `counter-${lib}-${runId}`, `${lib}-next`);
+    await c.until("count", () => c.count() > 0);
+    const sync = c.all("sync")[0];
+    if (!sync || !sync.persisted || !sync.url) fail(`${lib}: new session did not start from persisted data: ${JSON.stringify(sync)}`);
+    note({ lib, step: "new session started from persisted data", count: c.count() });
+    await c.leave();
+}
+
 (async () => {
-    await Promise.all([library("croquet"), library("multisynq")]);
+    const run = phase === "persisted" ? persisted : library;
+    await Promise.all([run("croquet"), run("multisynq")]);
     console.log("PASS");
     process.exit(0);
 })();
