@@ -6,6 +6,7 @@
 //! protocol, independent of the island client, so router tests do not trust the code they test
 //! against.
 
+pub mod croquet;
 pub mod netns;
 
 use bytes::{Bytes, BytesMut};

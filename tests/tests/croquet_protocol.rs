@@ -1,0 +1,244 @@
+//! The Croquet reflector protocol from a plain WebSocket client: close codes, PING / PONG,
+//! seq wrap-around past 2^32, SYNC replaying RECVs byte for byte.
+
+use isthmus_dispatcher::croquet::CroquetConfig;
+use isthmus_dispatcher::DispatcherConfig;
+use isthmus_tests::croquet::{join_args, CroquetClient};
+use isthmus_tests::{start_router, PATIENCE};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+fn config() -> DispatcherConfig {
+    DispatcherConfig {
+        croquet: Some(CroquetConfig {
+            join_timeout: Duration::from_millis(300),
+            ..CroquetConfig::default()
+        }),
+        ..DispatcherConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn malformed_json_missing_apikey_and_unknown_actions_are_closed_with_their_codes() {
+    let router = start_router(config()).await;
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    c.send_text("{not json").await;
+    assert_eq!(c.close_code(PATIENCE).await, Some(4102), "malformed JSON");
+
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    c.send_text("[1,2,3]").await;
+    assert_eq!(
+        c.close_code(PATIENCE).await,
+        Some(4102),
+        "JSON that is not an object"
+    );
+
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    let mut args = join_args("u");
+    args.as_object_mut().expect("object").remove("apiKey");
+    c.send("JOIN", args).await;
+    assert_eq!(
+        c.close_code(PATIENCE).await,
+        Some(4103),
+        "JOIN without apiKey"
+    );
+
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    let mut args = join_args("u");
+    args.as_object_mut().expect("object").remove("version");
+    c.send("JOIN", args).await;
+    assert_eq!(
+        c.close_code(PATIENCE).await,
+        Some(4100),
+        "JOIN without a version"
+    );
+
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    c.send("FROB", json!(1)).await;
+    assert_eq!(c.close_code(PATIENCE).await, Some(4100), "unknown action");
+
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    c.send("JOIN", join_args("u")).await;
+    c.next_action("SYNC", PATIENCE).await;
+    c.send("SEND", json!("not an array")).await;
+    assert_eq!(
+        c.close_code(PATIENCE).await,
+        Some(4102),
+        "SEND args not an array"
+    );
+
+    // Connected but never joined: 4121 after the join timeout.
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    assert_eq!(c.close_code(PATIENCE).await, Some(4121), "never joined");
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
+
+#[tokio::test]
+async fn ping_is_answered_with_pong_carrying_the_same_args() {
+    let router = start_router(config()).await;
+    let mut c = CroquetClient::connect(router.addr, "s2").await;
+    c.send_text(r#"{"action":"PING","args":1234567}"#).await;
+    let pong = c.next_action("PONG", PATIENCE).await;
+    assert_eq!(pong, json!({"action": "PONG", "args": 1234567}));
+    c.send_text(r#"{"action":"PING","args":{"a":[1,"x"]}}"#)
+        .await;
+    let pong = c.next_action("PONG", PATIENCE).await;
+    assert_eq!(pong["args"], json!({"a": [1, "x"]}));
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
+
+/// The RECV args of `n` messages `c` receives, skipping ticks and router messages.
+async fn recv_args(c: &mut CroquetClient, n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let v = c.next_action("RECV", PATIENCE).await;
+        if v["args"][2].is_string() {
+            out.push(v["args"].clone());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn seqs_start_below_2_32_and_wrap_and_sync_replays_the_same_bytes() {
+    let router = start_router(config()).await;
+    let mut a = CroquetClient::connect(router.addr, "wrap").await;
+    a.send("JOIN", join_args("alice")).await;
+    let sync = a.next_action("SYNC", PATIENCE).await;
+    assert_eq!(
+        sync["args"]["seq"], 0xFFFF_FFF0u32,
+        "the clients' initial seq"
+    );
+    assert_eq!(sync["args"]["messages"], json!([]));
+    assert_eq!(
+        sync["args"]["tove"], "t0ve",
+        "the first joiner's tove is echoed"
+    );
+    let timeline = sync["args"]["timeline"].clone();
+    for i in 0..24 {
+        a.send("SEND", json!([0, 0, format!("m{i}"), 5])).await;
+    }
+    let got = recv_args(&mut a, 24).await;
+    let seqs: Vec<u64> = got.iter().map(|m| m[1].as_u64().expect("seq")).collect();
+    // The "users" message announcing alice may come first; the SENDs follow in order.
+    let first = seqs[0];
+    assert!(first >= 0xFFFF_FFF1, "first seq {first:#x}");
+    for w in seqs.windows(2) {
+        assert_eq!(
+            w[1],
+            (w[0] + 1) % (1 << 32),
+            "seqs rise by one and wrap: {seqs:?}"
+        );
+    }
+    assert!(
+        seqs.contains(&0) && seqs.contains(&5),
+        "wrapped past 2^32: {seqs:?}"
+    );
+    let times: Vec<u64> = got.iter().map(|m| m[0].as_u64().expect("time")).collect();
+    assert!(
+        times.windows(2).all(|w| w[0] <= w[1]),
+        "times never decrease"
+    );
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m[2], format!("m{i}"));
+        assert_eq!(m[3], 5, "the rest of the SEND args travel untouched");
+    }
+    // A second client's SYNC replays exactly these messages (nothing was snapshotted).
+    let mut b = CroquetClient::connect(router.addr, "wrap").await;
+    b.send("JOIN", join_args("bob")).await;
+    let sync = b.next_action("SYNC", PATIENCE).await;
+    assert_eq!(
+        sync["args"]["timeline"], timeline,
+        "one timeline per session"
+    );
+    let replayed: Vec<Value> = sync["args"]["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter(|m| m[2].is_string())
+        .cloned()
+        .collect();
+    assert_eq!(replayed, got, "SYNC replays the RECVs as they were sent");
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
+
+#[tokio::test]
+async fn a_snapshot_cuts_the_replay_and_users_and_tallies_are_ordered_messages() {
+    let router = start_router(config()).await;
+    let mut a = CroquetClient::connect(router.addr, "snap").await;
+    a.send("JOIN", join_args("alice")).await;
+    a.next_action("SYNC", PATIENCE).await;
+    // alice's join is announced as an ordered "users" message.
+    let users = loop {
+        let v = a.next_action("RECV", PATIENCE).await;
+        if v["args"][2]["what"] == "users" {
+            break v;
+        }
+    };
+    assert_eq!(users["args"][2]["joined"], json!(["alice"]));
+    assert_eq!(users["args"][2]["active"], 1);
+    for i in 0..3 {
+        a.send("SEND", json!([0, 0, format!("m{i}"), 0])).await;
+    }
+    let got = recv_args(&mut a, 3).await;
+    // alice uploaded a snapshot taken after the second message.
+    let snap_seq = got[1][1].clone();
+    a.send(
+        "SNAP",
+        json!({"time": got[1][0], "seq": snap_seq, "hash": "h", "url": "http://x/files/s1"}),
+    )
+    .await;
+    // A TUTTI vote from the only client completes at once into a tally message.
+    a.send(
+        "TUTTI",
+        json!([got[2][0], 0, "vote-a", null, true, ["target"], "snapshot@1"]),
+    )
+    .await;
+    let tally = loop {
+        let v = a.next_action("RECV", PATIENCE).await;
+        if v["args"][2]["what"] == "tally" {
+            break v;
+        }
+    };
+    assert_eq!(tally["args"][2]["tally"], json!({"vote-a": 1}));
+    assert_eq!(tally["args"][2]["tuttiKey"], "snapshot@1");
+    let mut b = CroquetClient::connect(router.addr, "snap").await;
+    b.send("JOIN", join_args("bob")).await;
+    let sync = b.next_action("SYNC", PATIENCE).await;
+    assert_eq!(sync["args"]["url"], "http://x/files/s1");
+    assert_eq!(sync["args"]["snapshotSeq"], snap_seq);
+    let msgs = sync["args"]["messages"].as_array().expect("messages");
+    assert_eq!(
+        msgs[0][2], "m2",
+        "replay starts after the snapshot: {msgs:?}"
+    );
+    assert_eq!(msgs.last().expect("tally")[2]["what"], "tally");
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
+
+#[tokio::test]
+async fn debounced_sends_inside_their_window_are_dropped() {
+    let router = start_router(config()).await;
+    let mut a = CroquetClient::connect(router.addr, "deb").await;
+    a.send("JOIN", join_args("alice")).await;
+    a.next_action("SYNC", PATIENCE).await;
+    let tagged = |p: &str| {
+        json!({"action": "SEND", "args": [0, 0, p, 0], "tags": {"debounce": 60_000, "msgID": "poll"}})
+            .to_string()
+    };
+    a.send_text(tagged("first")).await;
+    a.send_text(tagged("second")).await;
+    a.send("SEND", json!([0, 0, "plain", 0])).await;
+    let got = recv_args(&mut a, 2).await;
+    assert_eq!(got[0][2], "first");
+    assert_eq!(
+        got[1][2], "plain",
+        "the repeat inside the window was dropped"
+    );
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
