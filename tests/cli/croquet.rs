@@ -169,3 +169,79 @@ fn croquet_and_multisynq_clients_sync_snapshot_rejoin_and_persist() {
     assert!(status.success());
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// Copies what `--web` serves for the browser test: the page, the shared app code and the
+/// unmodified library bundle from npm.
+fn web_dir(into: &Path) -> PathBuf {
+    let dir = into.join("app");
+    std::fs::create_dir_all(&dir).expect("web dir");
+    let src = croquet_dir();
+    for (from, name) in [
+        (src.join("web/index.html"), "index.html"),
+        (src.join("counter.js"), "counter.js"),
+        (
+            src.join("node_modules/@croquet/croquet/pub/croquet.min.js"),
+            "croquet.min.js",
+        ),
+    ] {
+        std::fs::copy(&from, dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    }
+    dir
+}
+
+#[test]
+fn the_counter_app_served_by_web_syncs_two_chromium_windows() {
+    if node_ready().is_none() {
+        return;
+    }
+    if !Path::new("/usr/bin/chromium").exists() {
+        isthmus_tests::netns::skip::<()>(
+            "SKIPPED browser test: /usr/bin/chromium is not installed",
+        );
+        return;
+    }
+    if !croquet_dir().join("node_modules/playwright-core").is_dir() {
+        isthmus_tests::netns::skip::<()>(
+            "SKIPPED browser test: playwright-core is not installed in tests/croquet",
+        );
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("isthmus-croquet-web-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let app = web_dir(&tmp);
+    let app = app.display().to_string();
+    let (router, port) = croquet_router(&tmp.join("data"), &["--web", &app]);
+    router.wait_stderr(&format!("web app http://127.0.0.1:{port}/"), 1);
+    // The screenshots stay under target/ for people to look at.
+    let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("croquet-browser");
+    let out = Command::new("node")
+        .arg(croquet_dir().join("browser.js"))
+        .arg(format!(
+            "http://127.0.0.1:{port}/?session=web-{}",
+            std::process::id()
+        ))
+        .arg(&shots)
+        .current_dir(croquet_dir())
+        .output()
+        .expect("run node");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.lines().any(|l| l == "PASS"),
+        "browser test failed:\n{text}"
+    );
+    assert!(text.contains(r#""pages":["2","2"]"#), "{text}");
+    for f in ["counter-1.png", "counter-2.png", "counter-both.png"] {
+        let len = std::fs::metadata(shots.join(f))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(len > 1000, "screenshot {f} missing or empty");
+    }
+    router.signal("INT");
+    let (status, _, _) = router.finish();
+    assert!(status.success());
+    let _ = std::fs::remove_dir_all(&tmp);
+}
