@@ -209,6 +209,141 @@ fn cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// CPU seconds of this process's threads whose name starts with `prefix` (from
+/// /proc/self/task): the router's own CPU when its runtime's threads are named apart.
+fn thread_cpu_seconds(prefix: &str) -> f64 {
+    let mut total = 0.0;
+    for e in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        total += (ticks(11) + ticks(12)) / 100.0;
+    }
+    total
+}
+
+/// One Croquet session of `clients` WebSocket clients: client 0 SENDs `messages` JSON frames
+/// (64-character payloads, as Croquet's encrypted payloads are strings), every client counts
+/// the RECVs. The router runs on its own one-thread runtime (threads named "isthmus-rt"), the
+/// clients on another. Returns (out messages/s, router CPU s per million out, router out
+/// messages per CPU second).
+fn croquet_bench(clients: usize, messages: u64) -> (f64, f64, f64) {
+    use isthmus_tests::croquet::{join_args, CroquetClient};
+    let router_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("isthmus-rt")
+        .enable_all()
+        .build()
+        .expect("router runtime");
+    let mut cfg = DispatcherConfig::default();
+    cfg.driver.session.max_outbound_bytes = 256 * 1024 * 1024;
+    cfg.driver.session.max_history_messages = usize::MAX / 16;
+    cfg.driver.session.max_history_bytes = usize::MAX / 16;
+    let router = router_rt.block_on(start_router(cfg));
+    let addr = router.addr;
+    let client_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("bench-clients")
+        .enable_all()
+        .build()
+        .expect("client runtime");
+    let result = client_rt.block_on(async move {
+        let counters: Vec<Arc<AtomicU64>> =
+            (0..clients).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let mut sender = None;
+        for (i, counter) in counters.iter().enumerate() {
+            let mut c = CroquetClient::connect(addr, "bench").await;
+            c.send("JOIN", join_args(&format!("u{i}"))).await;
+            c.next_action("SYNC", Duration::from_secs(10)).await;
+            if i == 0 {
+                sender = Some(c);
+                continue;
+            }
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                loop {
+                    match c.next_text().await {
+                        isthmus_tests::croquet::Got::Text(t) => {
+                            if t.contains("\"action\":\"RECV\"") && !t.contains("\"what\"") {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        _ => return,
+                    }
+                }
+            });
+        }
+        let mut sender = sender.expect("sender");
+        let payload = "x".repeat(64);
+        let frame = format!(r#"{{"id":"bench","action":"SEND","args":[0,0,"{payload}",12]}}"#);
+        let own = counters[0].clone();
+        // The sender reads its own RECVs on a second connection's worth of work: count them
+        // here between batches.
+        let window = 20_000u64;
+        let start = Instant::now();
+        let cpu0 = thread_cpu_seconds("isthmus-rt");
+        let mut sent = 0u64;
+        while sent < messages {
+            let batch = 256.min(messages - sent);
+            for _ in 0..batch {
+                sender.feed(frame.clone()).await;
+            }
+            sender.flush().await;
+            sent += batch;
+            while sent.saturating_sub(own.load(Ordering::Relaxed)) > window {
+                match sender.next_within(Duration::from_secs(10)).await {
+                    Some(isthmus_tests::croquet::Got::Json(v)) => {
+                        if v["action"] == "RECV" && v["args"][2].is_string() {
+                            own.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    other => panic!("sender lost its connection: {other:?}"),
+                }
+            }
+        }
+        while own.load(Ordering::Relaxed) < messages {
+            match sender.next_within(Duration::from_secs(10)).await {
+                Some(isthmus_tests::croquet::Got::Json(v)) => {
+                    if v["action"] == "RECV" && v["args"][2].is_string() {
+                        own.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                other => panic!("sender lost its connection: {other:?}"),
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while counters
+            .iter()
+            .any(|c| c.load(Ordering::Relaxed) < messages)
+        {
+            assert!(Instant::now() < deadline, "croquet bench stalled");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let cpu = thread_cpu_seconds("isthmus-rt") - cpu0;
+        let out = (messages * clients as u64) as f64;
+        (out / secs, cpu * 1e6 / out, out / cpu)
+    });
+    router.shutdown.cancel();
+    let _ = router_rt.block_on(router.task);
+    result
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -358,6 +493,17 @@ fn human(x: f64) -> String {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let scale = if quick { 10 } else { 1 };
+    if std::env::args().any(|a| a == "--croquet") {
+        // Only the Croquet row.
+        let messages = 100_000 / scale as u64;
+        let (rate, cpu_per_m, per_core) = croquet_bench(20, messages);
+        println!(
+            "| croquet (JSON over WebSocket) | 20 | {messages} | {} | {cpu_per_m:.2} | {} |",
+            human(rate),
+            human(per_core)
+        );
+        return;
+    }
     println!("| bench | replicas | payload B | messages | msgs/s | deliveries/s |");
     println!("|---|---|---|---|---|---|");
     for (members, payload) in [(4, 64), (16, 64), (64, 64), (16, 1024)] {
@@ -383,6 +529,16 @@ fn main() {
             human(d)
         );
     }
+    println!();
+    println!("| croquet bench | clients | messages | out msgs/s | router CPU s per million out | out msgs per router CPU s |");
+    println!("|---|---|---|---|---|---|");
+    let messages = 100_000 / scale as u64;
+    let (rate, cpu_per_m, per_core) = croquet_bench(20, messages);
+    println!(
+        "| croquet (JSON over WebSocket) | 20 | {messages} | {} | {cpu_per_m:.2} | {} |",
+        human(rate),
+        human(per_core)
+    );
     println!();
     println!("| safety | figure |");
     println!("|---|---|");
