@@ -276,6 +276,8 @@ pub struct CroquetSession {
     completed: HashMap<String, f64>,
     tally_sentinel: Option<f64>,
     debounce: HashMap<String, Instant>,
+    /// Core sessions ended so far; part of the timeline.
+    generation: u64,
 }
 
 impl std::fmt::Debug for CroquetSession {
@@ -319,6 +321,7 @@ impl CroquetSession {
             completed: HashMap::new(),
             tally_sentinel: None,
             debounce: HashMap::new(),
+            generation: 0,
         }
     }
 
@@ -412,6 +415,11 @@ impl CroquetSession {
             core.handle_timeout(now);
         }
         self.drain_core(now);
+        if self.core.as_ref().is_some_and(|c| c.is_expired(now)) {
+            // Lingered out while a connection that has not joined yet keeps this alive: the
+            // session is over, and that connection's JOIN starts a new one.
+            self.end_core();
+        }
         let late: Vec<ConnId> = self
             .conns
             .iter()
@@ -440,6 +448,26 @@ impl CroquetSession {
             self.send_users(now);
         }
         self.drain_core(now);
+    }
+
+    /// Forgets the core session and everything that belonged to it.
+    fn end_core(&mut self) {
+        self.core = None;
+        self.tove = None;
+        self.app_id = None;
+        self.persistent_id = None;
+        self.persistent_url = None;
+        self.snapshot_time = -1.0;
+        self.users_due = None;
+        self.users_joined.clear();
+        self.users_left.clear();
+        self.leaving.clear();
+        self.tallies.clear();
+        self.completed.clear();
+        self.tally_sentinel = None;
+        self.debounce.clear();
+        // Clients must not take a new session of the same id for the old one.
+        self.generation += 1;
     }
 
     /// Closes every connection, e.g. when the router shuts down (clients reconnect).
@@ -1101,9 +1129,12 @@ impl CroquetSession {
         }
         b.put_slice(format!(r#""reflector":"{REFLECTOR_NAME}","timeline":"#).as_bytes());
         b.put_slice(
-            serde_json::Value::String(self.timeline.clone())
-                .to_string()
-                .as_bytes(),
+            serde_json::Value::String(match self.generation {
+                0 => self.timeline.clone(),
+                g => format!("{}.{g}", self.timeline),
+            })
+            .to_string()
+            .as_bytes(),
         );
         b.put_slice(br#","flags":{},"url":"#);
         match (&snap, &self.persistent_url) {
