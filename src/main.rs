@@ -334,6 +334,23 @@ pub(crate) fn effective_settings(
             ms(cfg.handshake_timeout)
         ),
         format!("limits.idle_timeout_ms = {}", ms(s.idle_timeout)),
+        match &cfg.croquet {
+            None => "croquet = off".to_string(),
+            Some(c) => format!(
+                "croquet = on, data dir {}, web {}, {}",
+                c.store
+                    .as_ref()
+                    .map_or("none".to_string(), |st| st.dir.display().to_string()),
+                c.web
+                    .as_ref()
+                    .map_or("none".to_string(), |w| w.display().to_string()),
+                if c.api_keys.is_empty() {
+                    format!("joins by the create policy ({create})")
+                } else {
+                    format!("{} apiKeys", c.api_keys.len())
+                }
+            ),
+        },
     ])
 }
 
