@@ -242,3 +242,129 @@ async fn debounced_sends_inside_their_window_are_dropped() {
     router.shutdown.cancel();
     let _ = router.task.await;
 }
+
+/// One HTTP/1.1 request on a fresh connection (closed after): (status code, body).
+async fn http(addr: std::net::SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: router\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.expect("head");
+    s.write_all(body).await.expect("body");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("a response in time")
+        .expect("read");
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    let status = String::from_utf8_lossy(&buf[..end])
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status code");
+    (status, buf[end + 4..].to_vec())
+}
+
+#[tokio::test]
+async fn the_file_store_keeps_uploads_and_refuses_escapes_and_oversize() {
+    let dir = std::env::temp_dir().join(format!("isthmus-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut store = isthmus_croquet::store::StoreConfig::new(dir.clone());
+    store.max_file_bytes = 1024;
+    let router = start_router(DispatcherConfig {
+        croquet: Some(CroquetConfig {
+            store: Some(store),
+            ..CroquetConfig::default()
+        }),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    let blob: Vec<u8> = (0..=255u8).cycle().take(700).collect();
+    let (code, _) = http(
+        router.addr,
+        "PUT",
+        "/files/apps/a/snap/c/p.s/0001_1.h",
+        &blob,
+    )
+    .await;
+    assert_eq!(code, 201);
+    let (code, body) = http(router.addr, "GET", "/files/apps/a/snap/c/p.s/0001_1.h", b"").await;
+    assert_eq!(
+        (code, body),
+        (200, blob.clone()),
+        "the bytes come back as uploaded"
+    );
+    assert_eq!(
+        http(router.addr, "GET", "/files/apps/none", b"").await.0,
+        404
+    );
+    for bad in ["/files/a/../../etc/passwd", "/files/.hidden", "/files/a//b"] {
+        assert_eq!(http(router.addr, "PUT", bad, b"x").await.0, 400, "{bad}");
+        assert_eq!(http(router.addr, "GET", bad, b"").await.0, 400, "{bad}");
+    }
+    let big = vec![0u8; 2000];
+    assert_eq!(http(router.addr, "PUT", "/files/big", &big).await.0, 413);
+    assert!(!dir.join("files/big").exists());
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn web_serves_the_app_directory_and_nothing_outside_it() {
+    let dir = std::env::temp_dir().join(format!("isthmus-webdir-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("app/js")).expect("mkdir");
+    std::fs::write(dir.join("app/index.html"), "<h1>app</h1>").expect("write");
+    std::fs::write(dir.join("app/js/x.js"), "let x;").expect("write");
+    std::fs::write(dir.join("secret.txt"), "secret").expect("write");
+    let router = start_router(DispatcherConfig {
+        croquet: Some(CroquetConfig {
+            web: Some(dir.join("app")),
+            ..CroquetConfig::default()
+        }),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    assert_eq!(
+        http(router.addr, "GET", "/", b"").await,
+        (200, b"<h1>app</h1>".to_vec())
+    );
+    assert_eq!(http(router.addr, "GET", "/js/x.js", b"").await.0, 200);
+    assert_eq!(http(router.addr, "GET", "/nope.html", b"").await.0, 404);
+    for bad in [
+        "/../secret.txt",
+        "/js/../../secret.txt",
+        "/%2e%2e/secret.txt",
+    ] {
+        let (code, body) = http(router.addr, "GET", bad, b"").await;
+        assert!(code == 400 || code == 404, "{bad}: {code}");
+        assert!(!String::from_utf8_lossy(&body).contains("secret"), "{bad}");
+    }
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn with_croquet_off_its_routes_are_not_served() {
+    let router = start_router(DispatcherConfig {
+        croquet: None,
+        ..DispatcherConfig::default()
+    })
+    .await;
+    let (code, body) = http(router.addr, "GET", "/files/x", b"").await;
+    assert_eq!(code, 404);
+    assert!(String::from_utf8_lossy(&body).contains("--no-croquet"));
+    let url = format!("ws://{}/reflector/s", router.addr);
+    assert!(
+        tokio_tungstenite::connect_async(url).await.is_err(),
+        "no WebSocket"
+    );
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
