@@ -470,6 +470,12 @@ impl CroquetSession {
         self.generation += 1;
     }
 
+    /// Closes one connection with a Croquet close code, e.g. when the driver finds it is not
+    /// reading what it is sent.
+    pub fn disconnect(&mut self, conn: ConnId, code: u16, reason: &str, now: Instant) {
+        self.close(conn, code, reason, now);
+    }
+
     /// Closes every connection, e.g. when the router shuts down (clients reconnect).
     pub fn shutdown(&mut self, now: Instant) {
         let conns: Vec<ConnId> = self.conns.keys().copied().collect();

@@ -41,6 +41,8 @@ use tracing::{debug, info, warn};
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 1024 * 1024;
 /// Client frames queued for one session task; a reader waits when it is full.
 pub const SESSION_QUEUE: usize = 1024;
+/// How long a connection we closed is read and drained, so the client gets the close frame.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Largest static file `--web` serves (bigger ones are refused, not streamed).
 pub const MAX_WEB_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -106,7 +108,12 @@ enum Event {
 #[derive(Clone)]
 struct Outbox {
     tx: mpsc::UnboundedSender<Out>,
+    /// Written bytes of frames the core counts, to credit back.
     credit: Arc<AtomicUsize>,
+    /// Queued, unwritten bytes of frames the core does not count (SYNC, PONG, REQU): the
+    /// session task bounds these itself, so a client that sends PINGs and reads nothing cannot
+    /// grow its queue.
+    uncounted: Arc<AtomicUsize>,
 }
 
 enum Out {
@@ -266,9 +273,11 @@ async fn run_connection(
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let credit = Arc::new(AtomicUsize::new(0));
+    let uncounted = Arc::new(AtomicUsize::new(0));
     let outbox = Outbox {
         tx: out_tx,
         credit: credit.clone(),
+        uncounted: uncounted.clone(),
     };
     let Some((tx, notify)) = attach(shared, svc, &id, conn, open, outbox).await else {
         let _ = sink
@@ -282,6 +291,7 @@ async fn run_connection(
     let writer = async move {
         while let Some(first) = out_rx.recv().await {
             let mut counted = 0usize;
+            let mut other = 0usize;
             let mut item = Some(first);
             let mut closing = false;
             let mut n = 0;
@@ -290,10 +300,12 @@ async fn run_connection(
                     Out::Frame(text, c) => {
                         let len = text.len();
                         if sink.feed(Message::Text(text)).await.is_err() {
-                            return;
+                            return false;
                         }
                         if c {
                             counted += len;
+                        } else {
+                            other += len;
                         }
                     }
                     Out::Close(code, reason) => {
@@ -314,21 +326,27 @@ async fn run_connection(
                 }
             }
             if sink.flush().await.is_err() {
-                return;
+                return false;
             }
+            uncounted.fetch_sub(other, Ordering::Relaxed);
             if counted > 0 {
                 credit.fetch_add(counted, Ordering::Relaxed);
                 notify.notify_one();
             }
             if closing {
-                // Let the client answer the close; the reader sees it and ends.
-                return;
+                return true;
             }
         }
+        false
     };
     let reader_tx = tx.clone();
+    let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closed_r = closed.clone();
     let reader = async move {
         while let Some(msg) = stream.next().await {
+            if closed_r.load(Ordering::Relaxed) {
+                continue; // drained and dropped after our close
+            }
             match msg {
                 Ok(Message::Text(text)) => {
                     if reader_tx.send(Event::Text { conn, text }).await.is_err() {
@@ -345,9 +363,19 @@ async fn run_connection(
             }
         }
     };
+    tokio::pin!(reader);
+    tokio::pin!(writer);
     tokio::select! {
-        _ = reader => {}
-        _ = writer => {}
+        _ = &mut reader => {}
+        closing = &mut writer => {
+            if closing {
+                // Read and drop what the client still sends until it answers the close (or
+                // CLOSE_LINGER passes): closing a socket with unread input resets it, and the
+                // reset would overtake the close frame and its code.
+                closed.store(true, Ordering::Relaxed);
+                let _ = tokio::time::timeout(CLOSE_LINGER, &mut reader).await;
+            }
+        }
     }
     let _ = tx.send(Event::Gone { conn }).await;
 }
@@ -367,6 +395,13 @@ async fn attach(
             let mut sessions = lock(&svc.sessions);
             match sessions.get(id) {
                 Some(slot) if !slot.tx.is_closed() => (slot.tx.clone(), slot.notify.clone()),
+                _ if shared.budget.nearly_full() => {
+                    warn!(
+                        session = id,
+                        "Croquet session refused: the memory budget is nearly used up"
+                    );
+                    return None;
+                }
                 _ => {
                     let native = crate::lock(&shared.registry).sessions.len();
                     if native + sessions.len() >= shared.cfg.max_sessions {
@@ -433,6 +468,7 @@ async fn run_session(
     acfg.session.budget = s.budget.clone();
     let store = svc.store.clone();
     let stop = svc.shutdown.clone();
+    let max_uncounted = acfg.session.max_outbound_bytes;
     let timeline = {
         let b = isthmus_router::auth::fresh_nonce();
         b[..8]
@@ -448,6 +484,8 @@ async fn run_session(
     );
     drop(s);
     let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
+    // Per connection: the size of the last SYNC it was sent, on top of the uncounted bound.
+    let mut sync_allowance: HashMap<ConnId, usize> = HashMap::new();
     let mut stopping = false;
     loop {
         let deadline = adapter.poll_timeout().map(tokio::time::Instant::from_std);
@@ -468,6 +506,7 @@ async fn run_session(
                     Some(Event::Text { conn, text }) => adapter.handle_text(conn, text.as_str(), now),
                     Some(Event::Gone { conn }) => {
                         outboxes.remove(&conn);
+                        sync_allowance.remove(&conn);
                         adapter.handle_disconnect(conn, now);
                     }
                     None => break,
@@ -488,59 +527,89 @@ async fn run_session(
             }
         }
         let mut last: Option<(Bytes, Utf8Bytes)> = None;
-        while let Some(action) = adapter.poll_action() {
-            match action {
-                Action::Send {
-                    conn,
-                    frame,
-                    counted,
-                } => {
-                    let Some(ob) = outboxes.get(&conn) else {
-                        continue;
-                    };
-                    // A broadcast hands the same bytes to every recipient in a row: check the
-                    // UTF-8 once and share it.
-                    let text = match &last {
-                        Some((b, t)) if b.as_ptr() == frame.as_ptr() && b.len() == frame.len() => {
-                            t.clone()
-                        }
-                        _ => match Utf8Bytes::try_from(frame.clone()) {
-                            Ok(t) => {
-                                last = Some((frame, t.clone()));
-                                t
+        let mut unread: Vec<ConnId> = Vec::new();
+        loop {
+            while let Some(action) = adapter.poll_action() {
+                match action {
+                    Action::Send {
+                        conn,
+                        frame,
+                        counted,
+                    } => {
+                        let Some(ob) = outboxes.get(&conn) else {
+                            continue;
+                        };
+                        // A broadcast hands the same bytes to every recipient in a row: check the
+                        // UTF-8 once and share it.
+                        let text = match &last {
+                            Some((b, t))
+                                if b.as_ptr() == frame.as_ptr() && b.len() == frame.len() =>
+                            {
+                                t.clone()
                             }
-                            Err(_) => continue,
-                        },
-                    };
-                    let _ = ob.tx.send(Out::Frame(text, counted));
-                }
-                Action::Close { conn, code, reason } => {
-                    debug!(session = %id, ?conn, code, "closing: {reason}");
-                    if let Some(ob) = outboxes.remove(&conn) {
-                        let _ = ob.tx.send(Out::Close(code, reason));
+                            _ => match Utf8Bytes::try_from(frame.clone()) {
+                                Ok(t) => {
+                                    last = Some((frame, t.clone()));
+                                    t
+                                }
+                                Err(_) => continue,
+                            },
+                        };
+                        if !counted {
+                            let len = frame_len(&text);
+                            if text.as_str().contains(r#""action":"SYNC""#) {
+                                sync_allowance.insert(conn, len);
+                            }
+                            let queued = ob.uncounted.fetch_add(len, Ordering::Relaxed) + len;
+                            let allowed =
+                                max_uncounted + sync_allowance.get(&conn).copied().unwrap_or(0);
+                            if queued > allowed {
+                                unread.push(conn);
+                                continue;
+                            }
+                        }
+                        let _ = ob.tx.send(Out::Frame(text, counted));
                     }
-                }
-                Action::Save {
-                    app_id,
-                    persistent_id,
-                    url,
-                } => {
-                    if let Some(store) = store.clone() {
-                        tokio::task::spawn_blocking(move || {
-                            if let Err(e) = store.save(&app_id, &persistent_id, &url) {
-                                warn!(
+                    Action::Close { conn, code, reason } => {
+                        debug!(session = %id, ?conn, code, "closing: {reason}");
+                        if let Some(ob) = outboxes.remove(&conn) {
+                            let _ = ob.tx.send(Out::Close(code, reason));
+                        }
+                    }
+                    Action::Save {
+                        app_id,
+                        persistent_id,
+                        url,
+                    } => {
+                        if let Some(store) = store.clone() {
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = store.save(&app_id, &persistent_id, &url) {
+                                    warn!(
                                     "persistent data of {app_id}/{persistent_id} not recorded: {e}"
                                 );
-                            }
-                        });
+                                }
+                            });
+                        }
                     }
-                }
-                Action::SnapshotStored { url } => {
-                    if let (Some(store), Some(path)) = (store.clone(), files_path(&url)) {
-                        tokio::task::spawn_blocking(move || store.snapshot_stored(&path));
+                    Action::SnapshotStored { url } => {
+                        if let (Some(store), Some(path)) = (store.clone(), files_path(&url)) {
+                            tokio::task::spawn_blocking(move || store.snapshot_stored(&path));
+                        }
                     }
+                    Action::Log(line) => debug!(session = %id, "{line}"),
                 }
-                Action::Log(line) => debug!(session = %id, "{line}"),
+            }
+            if unread.is_empty() {
+                break;
+            }
+            for conn in unread.drain(..) {
+                sync_allowance.remove(&conn);
+                adapter.disconnect(
+                    conn,
+                    close::UNRESPONSIVE,
+                    "more unread replies queued than limits.max_outbound_bytes; reconnect",
+                    now,
+                );
             }
         }
         if stopping && outboxes.is_empty() {
@@ -569,6 +638,10 @@ async fn run_session(
         let id = id.clone();
         let _ = tokio::task::spawn_blocking(move || store.session_ended(&id)).await;
     }
+}
+
+fn frame_len(text: &Utf8Bytes) -> usize {
+    text.as_str().len()
 }
 
 /// The store path of a URL under some host's `/files/`.

@@ -65,6 +65,16 @@ impl CroquetClient {
             .expect("feed");
     }
 
+    /// Feeds and flushes a batch; false once the connection is gone.
+    pub async fn try_send_batch(&mut self, frames: impl IntoIterator<Item = String>) -> bool {
+        for f in frames {
+            if self.ws.feed(Message::Text(f.into())).await.is_err() {
+                return false;
+            }
+        }
+        self.ws.flush().await.is_ok()
+    }
+
     /// Flushes fed frames.
     pub async fn flush(&mut self) {
         self.ws.flush().await.expect("flush");

@@ -368,3 +368,32 @@ async fn with_croquet_off_its_routes_are_not_served() {
     router.shutdown.cancel();
     let _ = router.task.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pings_and_never_reads_is_closed_not_buffered_without_end() {
+    let mut cfg = config();
+    cfg.driver.session.max_outbound_bytes = 64 * 1024;
+    let router = start_router(cfg).await;
+    let mut c = CroquetClient::connect(router.addr, "flood").await;
+    c.send("JOIN", join_args("flooder")).await;
+    c.next_action("SYNC", PATIENCE).await;
+    // Far more PONGs than the kernel's socket buffers and the 64 KiB bound hold together.
+    let ping = r#"{"action":"PING","args":"0123456789012345678901234567890123456789"}"#;
+    let mut open = true;
+    for _ in 0..400 {
+        open = c.try_send_batch((0..1000).map(|_| ping.to_string())).await;
+        if !open {
+            break;
+        }
+    }
+    // The router closed it with 4001 (it drains what the client still sends, so the close
+    // frame is not overtaken by a reset); without the bound no close comes at all.
+    let code = c.close_code(PATIENCE).await;
+    assert_eq!(code, Some(4001), "writes still open: {open}");
+    // The router is fine for everyone else.
+    let mut d = CroquetClient::connect(router.addr, "flood").await;
+    d.send_text(r#"{"action":"PING","args":1}"#).await;
+    d.next_action("PONG", PATIENCE).await;
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
