@@ -4,5 +4,6 @@ mod capture;
 mod island;
 mod lan;
 mod nat;
+mod natpmp;
 mod proc;
 mod router;

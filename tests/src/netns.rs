@@ -195,7 +195,30 @@ fn miniupnpd_path() -> std::path::PathBuf {
             })
         })
         .unwrap_or_else(|| std::path::PathBuf::from("/nonexistent"));
-    cache.join("miniupnpd-2.3.9")
+    // The name carries the lab build's version (see the script): an older cached build is not
+    // used by mistake.
+    cache.join("miniupnpd-2.3.9-lab2")
+}
+
+/// The lab's miniupnpd built with PCP compiled out: a NAT-PMP-only gateway (see
+/// `tests/lab/build-miniupnpd.sh`).
+pub fn miniupnpd_nopcp() -> String {
+    let mut p = miniupnpd_path().into_os_string();
+    p.push("-nopcp");
+    p.to_string_lossy().into_owned()
+}
+
+/// Which protocols the lab gateway speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayProtocols {
+    /// UPnP IGD only.
+    Upnp,
+    /// PCP and NAT-PMP, no UPnP.
+    PcpPmp,
+    /// NAT-PMP only (the build without PCP), no UPnP.
+    NatPmpOnly,
+    /// UPnP, PCP and NAT-PMP.
+    All,
 }
 
 /// The lab's miniupnpd binary. Tests never build or install anything: `.ci/run` (or
@@ -256,10 +279,10 @@ impl HomeNet {
 
     fn build(test: &str, gw_wan_ip: &str, wan_ip: &str) -> Option<HomeNet> {
         let mut lab = NetLab::new(test)?;
-        if !miniupnpd_path().is_file() {
+        if !miniupnpd_path().is_file() || !Path::new(&miniupnpd_nopcp()).is_file() {
             return skip(&format!(
-                "SKIPPED {test}: needs the lab's miniupnpd 2.3.9 at {}; build it once with \
-                 `bash tests/lab/build-miniupnpd.sh` (as root; .ci/run does this)",
+                "SKIPPED {test}: needs the lab's miniupnpd 2.3.9 builds at {} (and -nopcp); build \
+                 them once with `bash tests/lab/build-miniupnpd.sh` (as root; .ci/run does this)",
                 miniupnpd_path().display()
             ));
         }
@@ -318,14 +341,51 @@ impl HomeNet {
 
     /// Like [`HomeNet::start_upnp`], with the gateway's HTTP (SOAP) port chosen.
     pub fn start_upnp_on(&self, http_port: u16, extra: &[&str]) -> std::process::Child {
-        let bin = miniupnpd();
+        self.start_gateway_on(GatewayProtocols::Upnp, http_port, extra)
+    }
+
+    /// Starts miniupnpd speaking `protocols`, with extra config lines. Waits until it answers
+    /// (on its HTTP port, or on UDP 5351 when it speaks no UPnP).
+    pub fn start_gateway(
+        &self,
+        protocols: GatewayProtocols,
+        extra: &[&str],
+    ) -> std::process::Child {
+        self.start_gateway_on(protocols, 5555, extra)
+    }
+
+    fn start_gateway_on(
+        &self,
+        protocols: GatewayProtocols,
+        http_port: u16,
+        extra: &[&str],
+    ) -> std::process::Child {
+        let bin = if protocols == GatewayProtocols::NatPmpOnly {
+            miniupnpd_nopcp()
+        } else {
+            miniupnpd()
+        };
+        let upnp = matches!(protocols, GatewayProtocols::Upnp | GatewayProtocols::All);
+        let pmp = protocols != GatewayProtocols::Upnp;
+        let yn = |b: bool| if b { "yes" } else { "no" };
         let dir = self.scratch.clone();
         let conf = dir.join("miniupnpd.conf");
+        // PCP leases are held to at least min_lifetime (120 s unless said): the lab asks for
+        // seconds, so renewals show within a test.
         let mut text = format!(
-            "ext_ifname={}\nlistening_ip={}\nhttp_port={http_port}\nenable_upnp=yes\nenable_natpmp=no\n\
-             secure_mode=yes\nsystem_uptime=yes\nnotify_interval=60\nclean_ruleset_interval=600\n\
+            "ext_ifname={}\nlistening_ip={}\nhttp_port={http_port}\nenable_upnp={}\nenable_pcp_pmp={}\n\
+             {}secure_mode=yes\nsystem_uptime=yes\nnotify_interval=60\nclean_ruleset_interval=600\n\
              uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n",
-            self.gw_wan_if, self.gw_lan_if
+            self.gw_wan_if,
+            self.gw_lan_if,
+            yn(upnp),
+            yn(pmp),
+            // Only a build with PCP knows the option (and refuses to start on an unknown one).
+            if protocols == GatewayProtocols::NatPmpOnly {
+                ""
+            } else {
+                "min_lifetime=2\n"
+            }
         );
         for l in extra {
             text.push_str(l);
@@ -342,13 +402,20 @@ impl HomeNet {
             .spawn()
             .expect("start miniupnpd");
         for _ in 0..100 {
-            let ok = self
-                .lab
-                .command(&self.lan, "bash")
-                .args(["-c", &format!("exec 3<>/dev/tcp/{GW_LAN_IP}/{http_port}")])
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
+            let ok = if upnp {
+                self.lab
+                    .command(&self.lan, "bash")
+                    .args(["-c", &format!("exec 3<>/dev/tcp/{GW_LAN_IP}/{http_port}")])
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            } else {
+                self.lab
+                    .command(&self.gw, "ss")
+                    .args(["-Hlun", "sport = :5351"])
+                    .output()
+                    .is_ok_and(|o| !o.stdout.is_empty())
+            };
             if ok {
                 return child;
             }
@@ -356,7 +423,7 @@ impl HomeNet {
         }
         let _ = child.kill();
         let _ = child.wait();
-        panic!("miniupnpd did not come up");
+        panic!("miniupnpd ({protocols:?}) did not come up");
     }
 
     /// The gateway's NAT rules as text.
