@@ -557,9 +557,16 @@ impl Dispatcher {
                 })
             };
             let cancel = shutdown.clone();
+            let families = isthmus_contact::lan::Families::of_listener(self.local.ip());
             tokio::spawn(async move {
-                if let Err(e) =
-                    isthmus_contact::lan::broadcast(b.port, b.interval, announcement, cancel).await
+                if let Err(e) = isthmus_contact::lan::announce(
+                    families,
+                    b.port,
+                    b.interval,
+                    announcement,
+                    cancel,
+                )
+                .await
                 {
                     warn!("LAN beacon stopped: {e}; islands will not be found by broadcast");
                 }

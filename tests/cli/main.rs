@@ -3,6 +3,7 @@
 mod capture;
 mod island;
 mod lan;
+mod lan6;
 mod nat;
 mod natpmp;
 mod proc;

@@ -100,6 +100,40 @@ impl NetLab {
         ip(&["-n", b, "link", "set", ib, "up"]).expect("up");
     }
 
+    /// Joins two hosts with a veth pair that carries IPv6 only: each end gets its link-local
+    /// address and the given (unique-local) address, usable at once (no duplicate address
+    /// detection to wait for), and no IPv4 address.
+    pub fn link_v6(&mut self, a: &str, a_cidr: &str, b: &str, b_cidr: &str) {
+        self.links += 1;
+        let ia = format!("va{}{}", self.links, &self.prefix[4..]);
+        let ib = format!("vb{}{}", self.links, &self.prefix[4..]);
+        let (ia, ib) = (&ia[..ia.len().min(15)], &ib[..ib.len().min(15)]);
+        ip(&["link", "add", ia, "type", "veth", "peer", "name", ib]).expect("veth pair");
+        ip(&["link", "set", ia, "netns", a]).expect("move veth");
+        ip(&["link", "set", ib, "netns", b]).expect("move veth");
+        for (ns, iface, cidr) in [(a, ia, a_cidr), (b, ib, b_cidr)] {
+            // Namespaces start with IPv6 on, but a host may have turned it off by default.
+            let sysctl = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+            self.run(ns, "sh", &["-c", &format!("echo 0 > {sysctl}")]);
+            ip(&["-n", ns, "-6", "addr", "add", cidr, "dev", iface, "nodad"]).expect("address");
+            ip(&["-n", ns, "link", "set", iface, "up"]).expect("up");
+        }
+        // The link-local addresses are made when the link comes up; wait until both are usable.
+        for ns in [a, b] {
+            let ready = (0..100).any(|_| {
+                let out = ip(&["-n", ns, "-6", "addr", "show", "scope", "link"])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                if out.contains("fe80::") && !out.contains("tentative") {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                false
+            });
+            assert!(ready, "no usable link-local IPv6 address in {ns}");
+        }
+    }
+
     /// A command that runs `program` inside host `ns`.
     pub fn command(&self, ns: &str, program: &str) -> Command {
         let mut c = Command::new(tool("ip"));
