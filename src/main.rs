@@ -500,9 +500,16 @@ fn router_config(
                 Some(isthmus_prefs::Fallback::Fail) => Fallback::Fail,
                 _ => Fallback::LanOnly,
             };
-            if let IpAddr::V4(v4) = cfg.listen.ip() {
-                if !v4.is_unspecified() {
-                    up.lan_ip = Some(v4);
+            match cfg.listen.ip() {
+                IpAddr::V4(v4) if !v4.is_unspecified() => up.lan_ip = Some(v4),
+                IpAddr::V4(_) => {}
+                // A router that takes IPv6 also gets a pinhole in the gateway's IPv6 firewall
+                // (PCP only), for its own address when it listens on one.
+                IpAddr::V6(v6) => {
+                    up.pinhole_v6 = true;
+                    if !v6.is_unspecified() {
+                        up.lan_ipv6 = Some(v6);
+                    }
                 }
             }
             Forwarding::Gateway(up)

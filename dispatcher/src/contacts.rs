@@ -94,19 +94,20 @@ pub fn contacts_for(
     if !listen.ip().is_unspecified() {
         ips.push(listen.ip());
     } else {
+        // A listener on `::` takes IPv4 too (dual-stack, the system default): hand out both
+        // families, so IPv4 hosts and IPv6-only hosts alike find an address, and a global IPv6
+        // address with a pinhole in the gateway reaches remote IPv6 users.
+        let dual = listen.is_ipv6();
         let usable: Vec<&LocalAddr> = host
             .iter()
-            .filter(|a| a.usable() && a.ip.is_ipv4() == listen.is_ipv4())
+            .filter(|a| a.usable() && (dual || a.ip.is_ipv4() == listen.is_ipv4()))
             .collect();
-        if usable.iter().any(|a| a.ip == local.ip()) {
-            ips.push(local.ip());
+        // A dual-stack listener sees IPv4 as ::ffff:a.b.c.d.
+        let (local_ip, peer_ip) = (local.ip().to_canonical(), peer.ip().to_canonical());
+        if usable.iter().any(|a| a.ip == local_ip) {
+            ips.push(local_ip);
         }
-        ips.extend(
-            usable
-                .iter()
-                .filter(|a| a.contains(peer.ip()))
-                .map(|a| a.ip),
-        );
+        ips.extend(usable.iter().filter(|a| a.contains(peer_ip)).map(|a| a.ip));
         ips.extend(usable.iter().map(|a| a.ip));
         if ips.is_empty() {
             ips.push(local.ip());

@@ -445,9 +445,7 @@ impl Dispatcher {
             }
             Forwarding::Gateway(up) => match portmap::start(up.clone(), local.port()).await {
                 Ok(m) => {
-                    let how = m
-                        .current()
-                        .map_or_else(|| "mapped".to_string(), |x| portmap::mapping_text(&x));
+                    let how = m.describe();
                     (External::Mapped(m.watch()), Some(m), how)
                 }
                 Err(e) => match up.fallback {

@@ -15,7 +15,7 @@ use igd_next::aio::Gateway;
 use igd_next::{AddAnyPortError, AddPortError, PortMappingProtocol, SearchOptions};
 use std::fmt;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::num::NonZeroU16;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -95,6 +95,11 @@ pub struct MapConfig {
     pub lan_ip: Option<Ipv4Addr>,
     /// The PCP / NAT-PMP server; the default route's gateway when `None`.
     pub gateway: Option<Ipv4Addr>,
+    /// When PCP grants the IPv4 mapping, also open an IPv6 pinhole in the gateway's firewall for
+    /// the router's global IPv6 address (set when the router listens on IPv6).
+    pub pinhole_v6: bool,
+    /// The global IPv6 address to open the pinhole for; the host's first when `None`.
+    pub lan_ipv6: Option<Ipv6Addr>,
 }
 
 impl Default for MapConfig {
@@ -109,6 +114,8 @@ impl Default for MapConfig {
             call_timeout: DEFAULT_CALL_TIMEOUT,
             lan_ip: None,
             gateway: None,
+            pinhole_v6: false,
+            lan_ipv6: None,
         }
     }
 }
@@ -251,31 +258,67 @@ enum Cmd {
     Shutdown(oneshot::Sender<()>),
 }
 
-/// The running mapper.
-pub struct PortMapper {
+/// One mapping's actor: its live state and the way to stop it.
+struct Actor {
     current: watch::Receiver<Option<Mapping>>,
     cmds: mpsc::Sender<Cmd>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl PortMapper {
-    /// The mapping in force now (`None` while it is lost).
-    pub fn current(&self) -> Option<Mapping> {
-        self.current.borrow().clone()
-    }
-
-    /// Follows the mapping as it changes.
-    pub fn watch(&self) -> watch::Receiver<Option<Mapping>> {
-        self.current.clone()
-    }
-
-    /// Removes the mapping from the gateway and stops.
-    pub async fn shutdown(self) {
+impl Actor {
+    async fn shutdown(self) {
         let (tx, rx) = oneshot::channel();
         if self.cmds.send(Cmd::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
         let _ = self.task.await;
+    }
+}
+
+/// The running mapper: the IPv4 port mapping, and the IPv6 pinhole when PCP opened one.
+pub struct PortMapper {
+    v4: Actor,
+    pinhole: Option<Actor>,
+}
+
+impl PortMapper {
+    /// The mapping in force now (`None` while it is lost).
+    pub fn current(&self) -> Option<Mapping> {
+        self.v4.current.borrow().clone()
+    }
+
+    /// Follows the mapping as it changes.
+    pub fn watch(&self) -> watch::Receiver<Option<Mapping>> {
+        self.v4.current.clone()
+    }
+
+    /// The IPv6 pinhole in force now, if one was opened and is not lost.
+    pub fn pinhole(&self) -> Option<Mapping> {
+        self.pinhole.as_ref()?.current.borrow().clone()
+    }
+
+    /// How the mapping (and the pinhole) read in the start-up summary.
+    pub fn describe(&self) -> String {
+        let mut text = self
+            .current()
+            .map_or_else(|| "mapping lost".to_string(), |m| mapping_text(&m));
+        if let Some(p) = self.pinhole() {
+            text.push_str(&format!(
+                "; IPv6 pinhole {} ({}, {})",
+                p.external,
+                p.protocol,
+                lease_text(p.lease)
+            ));
+        }
+        text
+    }
+
+    /// Removes the mapping (and the pinhole) from the gateway and stops.
+    pub async fn shutdown(self) {
+        if let Some(p) = self.pinhole {
+            p.shutdown().await;
+        }
+        self.v4.shutdown().await;
     }
 }
 
@@ -293,15 +336,17 @@ struct Upnp {
 }
 
 struct Pmp {
-    gateway: Ipv4Addr,
+    gateway: GatewayAddress,
     mapping: crab_nat::PortMapping,
 }
 
 struct Mapper {
     cfg: MapConfig,
-    local: SocketAddrV4,
+    local: SocketAddr,
     protocol: Protocol,
     backend: Backend,
+    /// "mapping", or "IPv6 pinhole", for the log.
+    kind: &'static str,
 }
 
 async fn find_upnp(cfg: &MapConfig, lan: Ipv4Addr) -> Result<Gateway<Tokio>, PortMapError> {
@@ -331,6 +376,37 @@ fn pmp_gateway(cfg: &MapConfig, protocol: Protocol) -> Result<Ipv4Addr, PortMapE
         None => default_gateway().map_err(|e| {
             PortMapError::NoGateway(protocol, format!("no default gateway to ask: {e}"))
         }),
+    }
+}
+
+/// The default route's IPv6 gateway, with its interface's scope when it is link-local (as
+/// routers advertise themselves).
+pub fn default_gateway_v6() -> Result<GatewayAddress, String> {
+    let iface = netdev::get_default_interface()?;
+    let gw = iface
+        .gateway
+        .as_ref()
+        .and_then(|g| g.ipv6.first().copied())
+        .ok_or_else(|| "the default route has no IPv6 gateway".to_string())?;
+    let link_local = (gw.segments()[0] & 0xffc0) == 0xfe80;
+    Ok(GatewayAddress::IpV6(gw, link_local.then_some(iface.index)))
+}
+
+/// The host's first global IPv6 address: the one a pinhole opens, as IPv6 needs no NAT.
+pub fn global_ipv6() -> Option<Ipv6Addr> {
+    crate::contacts::local_addrs()
+        .into_iter()
+        .find_map(|a| match a.ip {
+            IpAddr::V6(v6) if is_public(IpAddr::V6(v6)) => Some(v6),
+            _ => None,
+        })
+}
+
+fn gateway_text(g: GatewayAddress) -> String {
+    match g {
+        GatewayAddress::IpV4(a) => format!("{a}:{}", crab_nat::GATEWAY_PORT),
+        GatewayAddress::IpV6(a, Some(scope)) => format!("[{a}%{scope}]:{}", crab_nat::GATEWAY_PORT),
+        GatewayAddress::IpV6(a, None) => format!("[{a}]:{}", crab_nat::GATEWAY_PORT),
     }
 }
 
@@ -401,23 +477,49 @@ impl Mapper {
                 let gateway = pmp_gateway(cfg, protocol)?;
                 check_source(protocol, gateway, *local.ip())?;
                 let want = cfg.external_port.unwrap_or(local.port());
-                let mapping = Self::pmp_map(cfg, protocol, gateway, local, want).await?;
+                let gateway = GatewayAddress::IpV4(gateway);
+                let mapping =
+                    Self::pmp_map(cfg, protocol, gateway, SocketAddr::V4(local), want).await?;
                 Backend::Pmp(Pmp { gateway, mapping })
             }
         };
         Ok(Mapper {
             cfg: cfg.clone(),
-            local,
+            local: SocketAddr::V4(local),
             protocol,
             backend,
+            kind: "mapping",
+        })
+    }
+
+    /// Asks the gateway by PCP to open its IPv6 firewall for `local` (a pinhole: IPv6 has no
+    /// NAT, so the address stays the router's own).
+    async fn open_pinhole(cfg: &MapConfig, local: SocketAddrV6) -> Result<Mapper, PortMapError> {
+        let gateway = default_gateway_v6().map_err(|e| {
+            PortMapError::NoGateway(Protocol::Pcp, format!("no IPv6 gateway to ask: {e}"))
+        })?;
+        let mapping = Self::pmp_map(
+            cfg,
+            Protocol::Pcp,
+            gateway,
+            SocketAddr::V6(local),
+            local.port(),
+        )
+        .await?;
+        Ok(Mapper {
+            cfg: cfg.clone(),
+            local: SocketAddr::V6(local),
+            protocol: Protocol::Pcp,
+            backend: Backend::Pmp(Pmp { gateway, mapping }),
+            kind: "IPv6 pinhole",
         })
     }
 
     async fn pmp_map(
         cfg: &MapConfig,
         protocol: Protocol,
-        gateway: Ipv4Addr,
-        local: SocketAddrV4,
+        gw: GatewayAddress,
+        local: SocketAddr,
         want: u16,
     ) -> Result<crab_nat::PortMapping, PortMapError> {
         let internal = NonZeroU16::new(local.port())
@@ -428,14 +530,13 @@ impl Mapper {
             lifetime_seconds: Some(cfg.lease.as_secs().clamp(1, u64::from(u32::MAX)) as u32),
             timeout_config: Some(UDP_TIMEOUTS),
         };
-        let gw = GatewayAddress::IpV4(gateway);
         let r = match protocol {
             Protocol::Pcp => timed(
                 cfg.call_timeout,
                 crab_nat::pcp::port_mapping(
                     crab_nat::pcp::BaseMapRequest::new(
                         gw,
-                        IpAddr::V4(*local.ip()),
+                        local.ip(),
                         InternetProtocol::Tcp,
                         internal,
                     ),
@@ -465,7 +566,7 @@ impl Mapper {
         };
         let t = self.cfg.call_timeout;
         let desc = self.cfg.description.clone();
-        let local = SocketAddr::V4(self.local);
+        let local = self.local;
         let want = if u.port != 0 {
             u.port
         } else {
@@ -526,15 +627,16 @@ impl Mapper {
                 .await
             }
             Backend::Pmp(p) => match p.mapping.mapping_type() {
+                // A pinhole keeps the router's own address, whatever the gateway echoes.
+                crab_nat::PortMappingType::Pcp { .. } if self.local.is_ipv6() => {
+                    Ok(self.local.ip())
+                }
                 // A PCP grant carries the external address.
                 crab_nat::PortMappingType::Pcp { external_ip, .. } => Ok(external_ip),
                 crab_nat::PortMappingType::NatPmp => within(
                     self.cfg.call_timeout,
                     "the external address request",
-                    crab_nat::natpmp::external_address(
-                        GatewayAddress::IpV4(p.gateway),
-                        Some(UDP_TIMEOUTS),
-                    ),
+                    crab_nat::natpmp::external_address(p.gateway, Some(UDP_TIMEOUTS)),
                 )
                 .await
                 .map(IpAddr::V4),
@@ -560,11 +662,20 @@ impl Mapper {
     async fn reopen(&mut self) -> Result<IpAddr, PortMapError> {
         match &mut self.backend {
             Backend::Upnp(u) => {
-                u.gateway = find_upnp(&self.cfg, *self.local.ip()).await?;
+                let IpAddr::V4(lan) = self.local.ip() else {
+                    return Err(PortMapError::Gateway("UPnP maps IPv4 only".into()));
+                };
+                u.gateway = find_upnp(&self.cfg, lan).await?;
                 self.map_upnp().await?;
             }
             Backend::Pmp(p) => {
-                let gateway = pmp_gateway(&self.cfg, self.protocol)?;
+                let gateway = if self.local.is_ipv6() {
+                    default_gateway_v6().map_err(|e| {
+                        PortMapError::NoGateway(self.protocol, format!("no IPv6 gateway: {e}"))
+                    })?
+                } else {
+                    GatewayAddress::IpV4(pmp_gateway(&self.cfg, self.protocol)?)
+                };
                 let want = p.mapping.external_port().get();
                 p.mapping =
                     Self::pmp_map(&self.cfg, self.protocol, gateway, self.local, want).await?;
@@ -592,7 +703,7 @@ impl Mapper {
     fn gateway_text(&self) -> String {
         match &self.backend {
             Backend::Upnp(u) => u.gateway.addr.to_string(),
-            Backend::Pmp(p) => format!("{}:{}", p.gateway, crab_nat::GATEWAY_PORT),
+            Backend::Pmp(p) => gateway_text(p.gateway),
         }
     }
 
@@ -608,6 +719,7 @@ impl Mapper {
 
     async fn remove(self) {
         let protocol = self.protocol;
+        let kind = self.kind;
         let port = self.port();
         let r = match self.backend {
             Backend::Upnp(u) => {
@@ -625,8 +737,8 @@ impl Mapper {
             },
         };
         match r {
-            Ok(()) => info!(port, "{protocol} mapping removed"),
-            Err(e) => warn!(port, "could not remove the {protocol} mapping: {e}"),
+            Ok(()) => info!(port, "{protocol} {kind} removed"),
+            Err(e) => warn!(port, "could not remove the {protocol} {kind}: {e}"),
         }
     }
 }
@@ -657,7 +769,15 @@ pub async fn start(cfg: MapConfig, local_port: u16) -> Result<PortMapper, PortMa
                         list_failures(&failures)
                     );
                 }
-                return Ok(spawn(m, ip));
+                let pinhole = if protocol == Protocol::Pcp && cfg.pinhole_v6 {
+                    pinhole(&cfg, local_port).await
+                } else {
+                    None
+                };
+                return Ok(PortMapper {
+                    v4: spawn(m, ip),
+                    pinhole,
+                });
             }
             // Double NAT is a fact about the network, not about one protocol: another protocol
             // would meet the same outer NAT.
@@ -710,20 +830,43 @@ async fn open(
     Ok((m, ip))
 }
 
-fn spawn(m: Mapper, ip: IpAddr) -> PortMapper {
+/// The IPv6 pinhole beside a PCP mapping, or `None` (said in the log) when the host has no
+/// global IPv6 address or the gateway does not open one.
+async fn pinhole(cfg: &MapConfig, port: u16) -> Option<Actor> {
+    let Some(addr) = cfg.lan_ipv6.or_else(global_ipv6) else {
+        info!("no IPv6 pinhole: this host has no global IPv6 address");
+        return None;
+    };
+    match Mapper::open_pinhole(cfg, SocketAddrV6::new(addr, port, 0, 0)).await {
+        Ok(m) => {
+            let ip = m.local.ip();
+            Some(spawn(m, ip))
+        }
+        Err(e) => {
+            warn!(
+                "no IPv6 pinhole for [{addr}]:{port}: {}; IPv6 users outside cannot reach this router",
+                e.short()
+            );
+            None
+        }
+    }
+}
+
+fn spawn(m: Mapper, ip: IpAddr) -> Actor {
     let mapping = m.mapping(ip);
     info!(
         external = %mapping.external,
         local = %m.local,
         gateway = %m.gateway_text(),
-        "{} mapping granted ({})",
+        "{} {} granted ({})",
         m.protocol,
+        m.kind,
         lease_text(mapping.lease)
     );
     let (tx, rx) = watch::channel(Some(mapping));
     let (cmd_tx, cmd_rx) = mpsc::channel(1);
     let task = tokio::spawn(renew_loop(m, tx, cmd_rx));
-    PortMapper {
+    Actor {
         current: rx,
         cmds: cmd_tx,
         task,
@@ -759,6 +902,7 @@ async fn renew_loop(
     mut cmds: mpsc::Receiver<Cmd>,
 ) {
     let protocol = m.protocol;
+    let kind = m.kind;
     loop {
         let wait = if current.borrow().is_none() {
             RETRY
@@ -783,14 +927,14 @@ async fn renew_loop(
         let renewed = match m.renew().await {
             Ok(ip) => Ok(ip),
             Err(e) => {
-                warn!("{protocol} renewal failed ({e}); searching for the gateway again");
+                warn!("{protocol} {kind} renewal failed ({e}); searching for the gateway again");
                 m.reopen().await
             }
         };
         match renewed {
             Ok(ip) if is_public(ip) || m.cfg.fallback == Fallback::LanOnly => {
                 let mapping = m.mapping(ip);
-                info!(external = %mapping.external, "{protocol} mapping renewed ({})", lease_text(mapping.lease));
+                info!(external = %mapping.external, "{protocol} {kind} renewed ({})", lease_text(mapping.lease));
                 current.send_replace(Some(mapping));
             }
             Ok(ip) => {
@@ -798,7 +942,7 @@ async fn renew_loop(
                 current.send_replace(None);
             }
             Err(e) => {
-                warn!("{protocol} mapping lost: {e}; remote users cannot reach this router until it comes back");
+                warn!("{protocol} {kind} lost: {e}; remote users cannot reach this router until it comes back");
                 current.send_replace(None);
             }
         }

@@ -3,7 +3,7 @@
 //! SIGTERM and the reachability check.
 
 use crate::proc::{Proc, BIN};
-use isthmus_tests::netns::{GatewayProtocols, HomeNet, GW_WAN_IP, LAN_IP};
+use isthmus_tests::netns::{GatewayProtocols, HomeNet, GW_WAN_IP, LAN_IP, LAN_IP6};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -381,6 +381,98 @@ fn a_taken_external_port_gets_another_by_pcp_and_renewals_keep_it() {
     );
     first.signal("TERM");
     assert!(first.finish().0.success());
+    let _ = creator.finish_killed();
+    let _ = gw.kill();
+    let _ = gw.wait();
+}
+
+/// Whether miniupnpd holds an IPv6 pinhole for the LAN host (its rule matches the destination
+/// address as raw header bytes).
+fn pinholed(net: &HomeNet) -> bool {
+    let ip: std::net::Ipv6Addr = LAN_IP6.parse().expect("addr");
+    let hex: String = ip.octets().iter().map(|b| format!("{b:02x}")).collect();
+    net.nat_rules().contains(&format!("0x{hex}"))
+}
+
+/// Whether the WAN host can open a TCP connection to `[addr]:port` (3 s at most).
+fn wan_connects(net: &HomeNet, addr: &str, port: u16) -> bool {
+    net.lab
+        .command(&net.wan, "timeout")
+        .args([
+            "3",
+            "bash",
+            "-c",
+            &format!("exec 3<>/dev/tcp/{addr}/{port}"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+#[test]
+fn pcp_opens_an_ipv6_pinhole_for_the_router_and_closes_it_on_sigterm() {
+    let Some(net) =
+        HomeNet::dual_stack("pcp_opens_an_ipv6_pinhole_for_the_router_and_closes_it_on_sigterm")
+    else {
+        return;
+    };
+    let mut gw = gateway(&net, GatewayProtocols::PcpPmp);
+    // The gateway's firewall keeps IPv6 users outside from a router that asks for nothing.
+    let closed = in_ns(&net, &net.lan, &["router", "--listen", "::", "--no-beacon"]);
+    assert_eq!(closed.next_line(), "listening on [::]:7470");
+    assert!(
+        !wan_connects(&net, LAN_IP6, 7470),
+        "firewalled without a pinhole"
+    );
+    closed.signal("TERM");
+    assert!(closed.finish().0.success());
+
+    // With PCP, the router (on IPv6 too) gets its IPv4 mapping and an IPv6 pinhole.
+    let router = in_ns(
+        &net,
+        &net.lan,
+        &[
+            "router",
+            "--listen",
+            "::",
+            "--forwarding",
+            "pcp",
+            "--no-beacon",
+        ],
+    );
+    assert_eq!(router.next_line(), "listening on [::]:7470");
+    assert!(
+        pinholed(&net),
+        "pinhole in the gateway:\n{}",
+        net.nat_rules()
+    );
+    assert!(
+        wan_connects(&net, LAN_IP6, 7470),
+        "the pinhole lets the WAN in"
+    );
+    let (creator, card, fields) = island(&net, "fjord");
+    assert_eq!(fields["external"], format!("{GW_WAN_IP}:7470").as_str());
+    let internal: Vec<&str> = fields["internal"]
+        .as_array()
+        .expect("internal addresses")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        internal.contains(&format!("[{LAN_IP6}]:7470").as_str()),
+        "the postcard carries the pinholed IPv6 address: {internal:?}"
+    );
+    remote_join(&net, &card);
+    router.signal("TERM");
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains(&format!("IPv6 pinhole [{LAN_IP6}]:7470 (PCP, lease")),
+        "summary: {err}"
+    );
+    assert!(err.contains("PCP IPv6 pinhole removed"), "{err}");
+    assert!(!pinholed(&net), "pinhole removed:\n{}", net.nat_rules());
+    assert!(!mapped(&net), "mapping removed");
     let _ = creator.finish_killed();
     let _ = gw.kill();
     let _ = gw.wait();

@@ -12,6 +12,9 @@
 #                               NAT-PMP's "unsupported version", as a NAT-PMP-only gateway (an
 #                               Apple base station, an older ISP box) does. miniupnpd has no
 #                               run-time switch for this: `enable_pcp_pmp` turns both on or off.
+#   miniupnpd-2.3.9-lab2-ipv6   the first with IPv6 compiled in (`--ipv6`): PCP also opens
+#                               IPv6 firewall pinholes. Kept apart so the IPv4 lab runs the
+#                               plain build.
 # One lab change to the source: PCP's `min_lifetime` may go below RFC 6887's recommended 120 s,
 # so a test can see a PCP lease renewed within seconds. Nothing else is touched.
 #
@@ -20,7 +23,8 @@ set -euo pipefail
 cache="${ISTHMUS_LAB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/isthmus-lab}"
 bin="$cache/miniupnpd-2.3.9-lab2"
 nopcp="$cache/miniupnpd-2.3.9-lab2-nopcp"
-if [ -x "$bin" ] && [ -x "$nopcp" ]; then
+ipv6="$cache/miniupnpd-2.3.9-lab2-ipv6"
+if [ -x "$bin" ] && [ -x "$nopcp" ] && [ -x "$ipv6" ]; then
   echo "$bin"
   exit 0
 fi
@@ -64,6 +68,11 @@ fi
 if [ ! -x "$bin" ]; then
   (cd "$src" && ./configure --firewall=nftables >&2 && make -j2 >&2)
   install -m 755 "$src/miniupnpd" "$bin"
+fi
+if [ ! -x "$ipv6" ]; then
+  (cd "$src" && make clean >/dev/null 2>&1 || true)
+  (cd "$src" && ./configure --firewall=nftables --ipv6 >&2 && make -j2 >&2)
+  install -m 755 "$src/miniupnpd" "$ipv6"
 fi
 if [ ! -x "$nopcp" ]; then
   (cd "$src" && make clean >/dev/null 2>&1 || true)

@@ -242,6 +242,13 @@ pub fn miniupnpd_nopcp() -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// The lab's miniupnpd built with IPv6 (PCP opens IPv6 pinholes), for [`HomeNet::dual_stack`].
+pub fn miniupnpd_ipv6() -> String {
+    let mut p = miniupnpd_path().into_os_string();
+    p.push("-ipv6");
+    p.to_string_lossy().into_owned()
+}
+
 /// Which protocols the lab gateway speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GatewayProtocols {
@@ -281,6 +288,8 @@ pub struct HomeNet {
     pub scratch: std::path::PathBuf,
     /// The gateway's WAN address.
     pub gw_wan_ip: String,
+    /// The network also carries IPv6 (see [`HomeNet::dual_stack`]).
+    pub ipv6: bool,
 }
 
 impl Drop for HomeNet {
@@ -297,6 +306,14 @@ pub const GW_LAN_IP: &str = "10.210.1.1";
 pub const GW_WAN_IP: &str = "203.0.113.1";
 /// Remote host address.
 pub const WAN_IP: &str = "203.0.113.2";
+/// LAN host's global IPv6 address (in a dual-stack [`HomeNet`]).
+pub const LAN_IP6: &str = "2001:db8:1::2";
+/// Gateway's LAN-side IPv6 address.
+pub const GW_LAN_IP6: &str = "2001:db8:1::1";
+/// Gateway's WAN-side IPv6 address.
+pub const GW_WAN_IP6: &str = "2001:db8:2::1";
+/// Remote host's IPv6 address.
+pub const WAN_IP6: &str = "2001:db8:2::2";
 
 impl HomeNet {
     /// Builds the network with NAT and the nftables layout miniupnpd expects; `None` when the
@@ -311,12 +328,59 @@ impl HomeNet {
         Self::build(test, "10.220.0.1", "10.220.0.2")
     }
 
+    /// The same network with IPv6 beside IPv4: global addresses on both sides (documentation
+    /// ranges), routed by the gateway without NAT, and a firewall on the gateway that lets no
+    /// new IPv6 connection in from the WAN unless miniupnpd opened a pinhole for it (its
+    /// `miniupnpd` chain comes first). The gateway runs the IPv6 build of miniupnpd.
+    pub fn dual_stack(test: &str) -> Option<HomeNet> {
+        let mut net = Self::build(test, GW_WAN_IP, WAN_IP)?;
+        net.ipv6 = true;
+        let lan_if = net.lab.iface_of(&net.lan, LAN_IP);
+        let wan_if = net.lab.iface_of(&net.wan, WAN_IP);
+        for (ns, iface, cidr) in [
+            (&net.lan, lan_if.as_str(), format!("{LAN_IP6}/64")),
+            (&net.gw, net.gw_lan_if.as_str(), format!("{GW_LAN_IP6}/64")),
+            (&net.gw, net.gw_wan_if.as_str(), format!("{GW_WAN_IP6}/64")),
+            (&net.wan, wan_if.as_str(), format!("{WAN_IP6}/64")),
+        ] {
+            let sysctl = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+            net.lab
+                .run(ns, "sh", &["-c", &format!("echo 0 > {sysctl}")]);
+            ip(&["-n", ns, "-6", "addr", "add", &cidr, "dev", iface, "nodad"]).expect("address");
+        }
+        ip(&[
+            "-n", &net.lan, "-6", "route", "add", "default", "via", GW_LAN_IP6,
+        ])
+        .expect("route");
+        ip(&[
+            "-n", &net.wan, "-6", "route", "add", "default", "via", GW_WAN_IP6,
+        ])
+        .expect("route");
+        net.lab.run(
+            &net.gw,
+            "sh",
+            &["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"],
+        );
+        let wan = format!("iifname \"{}\"", net.gw_wan_if);
+        for rule in [
+            "ct state established,related accept".to_string(),
+            format!("meta nfproto ipv6 {wan} drop"),
+        ] {
+            let mut args = vec!["add", "rule", "inet", "filter", "forward"];
+            args.extend(rule.split(' '));
+            net.lab.run(&net.gw, "nft", &args);
+        }
+        Some(net)
+    }
+
     fn build(test: &str, gw_wan_ip: &str, wan_ip: &str) -> Option<HomeNet> {
         let mut lab = NetLab::new(test)?;
-        if !miniupnpd_path().is_file() || !Path::new(&miniupnpd_nopcp()).is_file() {
+        let builds = [miniupnpd(), miniupnpd_nopcp(), miniupnpd_ipv6()];
+        if builds.iter().any(|b| !Path::new(b).is_file()) {
             return skip(&format!(
-                "SKIPPED {test}: needs the lab's miniupnpd 2.3.9 builds at {} (and -nopcp); build \
-                 them once with `bash tests/lab/build-miniupnpd.sh` (as root; .ci/run does this)",
+                "SKIPPED {test}: needs the lab's miniupnpd 2.3.9 builds at {} (and -nopcp, -ipv6); \
+                 build them once with `bash tests/lab/build-miniupnpd.sh` (as root; .ci/run \
+                 does this)",
                 miniupnpd_path().display()
             ));
         }
@@ -357,6 +421,7 @@ impl HomeNet {
         lab.run(&gw, "nft", &["-f", file.to_str().expect("path")]);
         Some(HomeNet {
             scratch,
+            ipv6: false,
             gw_wan_ip: gw_wan_ip.to_string(),
             lab,
             lan,
@@ -396,6 +461,8 @@ impl HomeNet {
     ) -> std::process::Child {
         let bin = if protocols == GatewayProtocols::NatPmpOnly {
             miniupnpd_nopcp()
+        } else if self.ipv6 {
+            miniupnpd_ipv6()
         } else {
             miniupnpd()
         };
