@@ -171,6 +171,49 @@ mod tests {
     }
 
     #[test]
+    fn a_dual_stack_listener_hands_out_both_families_and_knows_mapped_peers() {
+        let mut h = host();
+        h.push(LocalAddr {
+            ip: "2001:db8:1::2".parse().expect("literal"),
+            prefix: 64,
+        });
+        // An IPv4 peer on the LAN, as a `::` listener sees it.
+        let c = contacts_for(
+            sa("[::]:7470"),
+            sa("[::ffff:10.0.0.7]:7470"),
+            sa("[::ffff:10.0.3.3]:5000"),
+            &h,
+            Some(sa("203.0.113.9:7000")),
+            Uuid::nil(),
+        );
+        assert_eq!(
+            c.internal,
+            vec![
+                sa("10.0.0.7:7470"),
+                sa("192.168.1.5:7470"),
+                sa("[2001:db8:1::2]:7470")
+            ]
+        );
+        assert!(!c.remote);
+        // A remote IPv6 peer: the external address first, the global IPv6 one among the rest.
+        let c = contacts_for(
+            sa("[::]:7470"),
+            sa("[2001:db8:1::2]:7470"),
+            sa("[2001:db8:2::2]:5000"),
+            &h,
+            Some(sa("203.0.113.9:7000")),
+            Uuid::nil(),
+        );
+        assert!(c.remote);
+        assert_eq!(c.internal[0], sa("[2001:db8:1::2]:7470"));
+        assert_eq!(c.ordered()[0], sa("203.0.113.9:7000"));
+        assert!(!c
+            .internal
+            .iter()
+            .any(|a| a.ip().to_string().starts_with("fe80")));
+    }
+
+    #[test]
     fn a_lan_peer_gets_its_own_subnet_first_and_is_local() {
         let c = contacts_for(
             sa("0.0.0.0:7470"),

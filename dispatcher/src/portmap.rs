@@ -948,3 +948,73 @@ async fn renew_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_tries_pcp_then_natpmp_then_upnp_and_names_them_as_users_know_them() {
+        assert_eq!(AUTO, [Protocol::Pcp, Protocol::NatPmp, Protocol::Upnp]);
+        let names: Vec<String> = AUTO.iter().map(ToString::to_string).collect();
+        assert_eq!(names, ["PCP", "NAT-PMP", "UPnP"]);
+    }
+
+    #[test]
+    fn when_every_protocol_fails_each_reason_is_listed_once_with_the_advice_once() {
+        let e = PortMapError::AllFailed(vec![
+            (
+                Protocol::Pcp,
+                PortMapError::NoGateway(Protocol::Pcp, "no answer on UDP port 5351".into()),
+            ),
+            (
+                Protocol::NatPmp,
+                PortMapError::Refused("NAT-PMP: not authorized".into()),
+            ),
+            (Protocol::Upnp, PortMapError::Timeout("the mapping request")),
+        ]);
+        let text = e.to_string();
+        assert!(
+            text.starts_with("no protocol got a mapping from the gateway (PCP: no gateway answered (no answer on UDP port 5351); NAT-PMP: refused (NAT-PMP: not authorized); UPnP: the gateway did not answer the mapping request in time)"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("remote users cannot reach").count(),
+            1,
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_gateway_without_the_protocol_is_no_gateway_and_a_refusal_is_a_refusal() {
+        use crab_nat::{natpmp, pcp, MappingFailure as F, VersionCode};
+        let no = pmp_error(
+            Protocol::Pcp,
+            F::Pcp(pcp::Failure::UnsupportedVersion(VersionCode::NatPmp)),
+        );
+        assert!(
+            matches!(no, PortMapError::NoGateway(Protocol::Pcp, ref why) if why.contains("does not speak PCP")),
+            "{no}"
+        );
+        let quiet = pmp_error(Protocol::NatPmp, F::NatPmp(natpmp::Failure::Timeout));
+        assert!(
+            matches!(quiet, PortMapError::NoGateway(Protocol::NatPmp, _)),
+            "{quiet}"
+        );
+        let refused = pmp_error(Protocol::Pcp, F::Pcp(pcp::Failure::NotAuthorized(0)));
+        assert!(matches!(refused, PortMapError::Refused(_)), "{refused}");
+    }
+
+    #[test]
+    fn the_summary_names_the_protocol_the_lease_and_double_nat() {
+        let m = Mapping {
+            external: "203.0.113.1:7470".parse().expect("addr"),
+            lease: Some(Duration::from_secs(4)),
+            public: true,
+            protocol: Protocol::NatPmp,
+        };
+        assert_eq!(mapping_text(&m), "NAT-PMP, lease 4 s, renewed every 2 s");
+        let inner = Mapping { public: false, ..m };
+        assert!(mapping_text(&inner).contains("double NAT"));
+    }
+}

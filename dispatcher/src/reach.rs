@@ -83,3 +83,65 @@ async fn hairpin(external: SocketAddr) -> Result<(), String> {
     wire::check_preamble(&answer)
         .map_err(|_| "something else answered there: the port leads to another service".to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::portmap::Protocol;
+    use crate::{Dispatcher, DispatcherConfig};
+    use tokio_util::sync::CancellationToken;
+
+    fn mapping(external: SocketAddr) -> Mapping {
+        Mapping {
+            external,
+            lease: None,
+            public: true,
+            protocol: Protocol::Pcp,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_router_answering_at_the_external_address_confirms_it() {
+        let cfg = DispatcherConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..DispatcherConfig::default()
+        };
+        let d = Dispatcher::bind(cfg).await.expect("bind");
+        let addr = d.local_addr();
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(d.run(stop.clone()));
+        assert_eq!(
+            check(&mapping(addr)).await,
+            Reachability::Confirmed { external: addr }
+        );
+        stop.cancel();
+        run.await.expect("router stopped");
+    }
+
+    #[tokio::test]
+    async fn another_service_or_nothing_at_the_external_address_is_not_confirmation() {
+        // Something that is not an Isthmus router answers there.
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = other.local_addr().expect("addr");
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = other.accept().await {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
+            }
+        });
+        let r = check(&mapping(addr)).await;
+        assert!(
+            matches!(&r, Reachability::Unconfirmed { why, .. } if why.contains("something else answered")),
+            "{r}"
+        );
+        assert!(r.to_string().starts_with("reachability not confirmed"));
+        // Nothing listens there at all.
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let r = check(&mapping(gone)).await;
+        assert!(matches!(r, Reachability::Unconfirmed { .. }), "{r}");
+    }
+}
