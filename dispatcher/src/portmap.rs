@@ -759,13 +759,15 @@ pub async fn start(cfg: MapConfig, local_port: u16) -> Result<PortMapper, PortMa
         )
     })?;
     let local = SocketAddrV4::new(lan, local_port);
-    let mut failures = Vec::new();
+    let mut failures: Vec<(Protocol, PortMapError)> = Vec::new();
     for &protocol in &cfg.protocols {
         match open(&cfg, protocol, local).await {
             Ok((m, ip)) => {
                 if !failures.is_empty() {
+                    let names: Vec<String> = failures.iter().map(|(p, _)| p.to_string()).collect();
                     info!(
-                        "{} failed; {protocol} granted the mapping",
+                        "{} got no mapping ({}); {protocol} granted it",
+                        names.join(" and "),
                         list_failures(&failures)
                     );
                 }

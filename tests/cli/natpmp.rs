@@ -139,6 +139,18 @@ fn maps_renews_serves_and_unmaps(test: &str, gateway_protocols: GatewayProtocols
         err.contains(&format!("{protocol} mapping granted")),
         "{err}"
     );
+    // `auto` says why it passed over the protocols before the one that granted.
+    let passed_over = match protocol {
+        "NAT-PMP" => {
+            Some("PCP got no mapping (PCP: no gateway answered (the gateway does not speak PCP")
+        }
+        "UPnP" => Some("PCP and NAT-PMP got no mapping (PCP: no gateway answered (UDP port 5351"),
+        _ => None,
+    };
+    if let Some(said) = passed_over {
+        assert!(err.contains(said), "{err}");
+        assert!(err.contains(&format!("; {protocol} granted it")), "{err}");
+    }
     assert!(err.matches(&renewed).count() >= 2, "renewals: {err}");
     assert!(
         err.contains(&format!("{protocol} mapping removed")),
@@ -476,4 +488,13 @@ fn pcp_opens_an_ipv6_pinhole_for_the_router_and_closes_it_on_sigterm() {
     let _ = creator.finish_killed();
     let _ = gw.kill();
     let _ = gw.wait();
+}
+
+#[test]
+fn auto_on_a_gateway_with_only_upnp_maps_through_upnp() {
+    maps_renews_serves_and_unmaps(
+        "auto_on_a_gateway_with_only_upnp_maps_through_upnp",
+        GatewayProtocols::Upnp,
+        "UPnP",
+    );
 }
