@@ -903,8 +903,6 @@ async fn renew_loop(
     current: watch::Sender<Option<Mapping>>,
     mut cmds: mpsc::Receiver<Cmd>,
 ) {
-    let protocol = m.protocol;
-    let kind = m.kind;
     loop {
         let wait = if current.borrow().is_none() {
             RETRY
@@ -915,38 +913,72 @@ async fn renew_loop(
             Duration::from_secs(u64::from(m.lease_secs())) / 2
         };
         tokio::select! {
-            cmd = cmds.recv() => {
-                if let Some(Cmd::Shutdown(done)) = cmd {
-                    if current.borrow().is_some() {
-                        m.remove().await;
-                    }
-                    let _ = done.send(());
-                }
-                return;
-            }
+            cmd = cmds.recv() => return stop(m, &current, cmd).await,
             _ = tokio::time::sleep(wait) => {}
         }
-        let renewed = match m.renew().await {
-            Ok(ip) => Ok(ip),
-            Err(e) => {
-                warn!("{protocol} {kind} renewal failed ({e}); searching for the gateway again");
-                m.reopen().await
+        // A renewal (with a search for a lost gateway) can take seconds: a shutdown asked
+        // meanwhile cuts it short instead of waiting for it.
+        let outcome = {
+            let renewal = renew_or_find(&mut m);
+            tokio::select! {
+                renewed = renewal => Ok(renewed),
+                cmd = cmds.recv() => Err(cmd),
             }
         };
-        match renewed {
-            Ok(ip) if is_public(ip) || m.cfg.fallback == Fallback::LanOnly => {
-                let mapping = m.mapping(ip);
-                info!(external = %mapping.external, "{protocol} {kind} renewed ({})", lease_text(mapping.lease));
-                current.send_replace(Some(mapping));
-            }
-            Ok(ip) => {
-                warn!("{}", PortMapError::DoubleNat(ip));
-                current.send_replace(None);
-            }
-            Err(e) => {
-                warn!("{protocol} {kind} lost: {e}; remote users cannot reach this router until it comes back");
-                current.send_replace(None);
-            }
+        match outcome {
+            Ok(renewed) => settle(&m, &current, renewed),
+            Err(cmd) => return stop(m, &current, cmd).await,
+        }
+    }
+}
+
+async fn renew_or_find(m: &mut Mapper) -> Result<IpAddr, PortMapError> {
+    match m.renew().await {
+        Ok(ip) => Ok(ip),
+        Err(e) => {
+            warn!(
+                "{} {} renewal failed ({e}); searching for the gateway again",
+                m.protocol, m.kind
+            );
+            m.reopen().await
+        }
+    }
+}
+
+/// Removes the mapping, if it is in force, on a shutdown; a dropped handle just stops.
+async fn stop(m: Mapper, current: &watch::Sender<Option<Mapping>>, cmd: Option<Cmd>) {
+    if let Some(Cmd::Shutdown(done)) = cmd {
+        if current.borrow().is_some() {
+            m.remove().await;
+        }
+        let _ = done.send(());
+    }
+}
+
+/// Publishes what a renewal found.
+fn settle(
+    m: &Mapper,
+    current: &watch::Sender<Option<Mapping>>,
+    renewed: Result<IpAddr, PortMapError>,
+) {
+    let (protocol, kind) = (m.protocol, m.kind);
+    match renewed {
+        Ok(ip) if is_public(ip) || m.cfg.fallback == Fallback::LanOnly => {
+            let mapping = m.mapping(ip);
+            info!(
+                external = %mapping.external,
+                "{protocol} {kind} renewed ({})",
+                lease_text(mapping.lease)
+            );
+            current.send_replace(Some(mapping));
+        }
+        Ok(ip) => {
+            warn!("{}", PortMapError::DoubleNat(ip));
+            current.send_replace(None);
+        }
+        Err(e) => {
+            warn!("{protocol} {kind} lost: {e}; remote users cannot reach this router until it comes back");
+            current.send_replace(None);
         }
     }
 }
