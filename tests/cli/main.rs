@@ -3,6 +3,8 @@
 mod capture;
 mod island;
 mod lan;
+mod lan6;
 mod nat;
+mod natpmp;
 mod proc;
 mod router;
