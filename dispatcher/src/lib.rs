@@ -28,6 +28,7 @@ use isthmus_contact::beacon::{Beacon, BeaconIsland};
 use isthmus_router::auth::{self, IslandKeys, NONCE_LEN};
 use isthmus_router::budget::MemoryBudget;
 use isthmus_router::driver::{spawn_session, Attach, DriverConfig, Ending, Retire, SessionHandle};
+use isthmus_router::framed::{FrameReader, ReadError};
 use isthmus_router::ids::{ConnId, SessionId};
 use isthmus_router::session::JoinRequest;
 use isthmus_router::wire::{
@@ -1101,18 +1102,16 @@ async fn read_hello(
     }
     stream.write_all(&wire::router_preamble(nonce)).await?;
     *greeted = true;
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        if let Some(frame) = wire::decode::<ClientFrame>(&mut buf, MAX_HELLO_BYTES.min(max_frame))?
-        {
-            return match frame {
-                ClientFrame::Hello(h) => Ok((h, buf)),
-                _ => Err(HandshakeError::NotHello),
-            };
-        }
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(HandshakeError::Closed);
-        }
+    let mut frames = FrameReader::new(stream, MAX_HELLO_BYTES.min(max_frame));
+    let frame = frames.read::<ClientFrame>().await.map_err(|e| match e {
+        ReadError::Decode(e) => HandshakeError::Decode(e),
+        ReadError::Io(e) => HandshakeError::Io(e),
+        ReadError::Closed => HandshakeError::Closed,
+    })?;
+    let (_, leftover) = frames.into_parts();
+    match frame {
+        ClientFrame::Hello(h) => Ok((h, leftover)),
+        _ => Err(HandshakeError::NotHello),
     }
 }
 

@@ -16,6 +16,7 @@
 //! [`Ending::Closed`] and ends.
 
 use crate::auth::IslandKeys;
+use crate::framed::FrameReader;
 use crate::ids::{ConnId, SessionId};
 use crate::session::{JoinRequest, Notice, Output, Session, SessionConfig};
 use crate::wire::{self, ClientFrame, Code, DecodeError};
@@ -23,7 +24,7 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -423,11 +424,6 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
-/// A reader's first buffer, and the least free room it reads into.
-const READ_ROOM_MIN: usize = 1024;
-/// The most a reader's buffer grows by for one read.
-const READ_ROOM_MAX: usize = 64 * 1024;
-
 /// Frames queued for one connection's writer. The session core bounds what is queued (it counts
 /// bytes until the writer reports them flushed), so this queue needs no bound of its own.
 #[derive(Default)]
@@ -485,17 +481,15 @@ impl Outbox {
 
 async fn read_loop<R: AsyncRead + Unpin>(
     conn: ConnId,
-    mut reader: R,
-    mut buf: BytesMut,
+    reader: R,
+    buf: BytesMut,
     max_frame: usize,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
 ) {
-    // An idle connection holds a small buffer; a reader that fills its buffer gets twice as
-    // much room for the next read, so a busy one still reads in large gulps.
-    let mut room = READ_ROOM_MIN;
+    let mut frames = FrameReader::with_buffered(reader, buf, max_frame);
     let event = loop {
-        match wire::decode::<ClientFrame>(&mut buf, max_frame) {
+        match frames.buffered::<ClientFrame>() {
             Ok(Some(frame)) => {
                 if events.send(Event::Frame(conn, frame)).await.is_err() {
                     return;
@@ -511,18 +505,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 break Event::Broken(conn, code, e.to_string());
             }
         }
-        if buf.capacity() - buf.len() < READ_ROOM_MIN / 2 {
-            buf.reserve(room);
-        }
-        let spare = buf.capacity() - buf.len();
         tokio::select! {
-            r = reader.read_buf(&mut buf) => match r {
+            r = frames.fill() => match r {
                 Ok(0) => break Event::Gone(conn, "closed by the replica".into()),
-                Ok(n) => {
-                    if n == spare {
-                        room = (room * 2).min(READ_ROOM_MAX);
-                    }
-                }
+                Ok(_) => {}
                 Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
             },
             _ = cancel.cancelled() => return,

@@ -12,6 +12,7 @@
 //!   and never reads a clock.
 //! - [`auth`]: capability secrets, the island's keys, signed hellos and admin commands.
 //! - [`budget`]: the byte budget every session's history and snapshots share.
+//! - `framed` (feature `io`): whole frames off a tokio stream, the one read loop both sides use.
 //! - `driver` (feature `server`, on by default): the tokio task that runs one session core and the
 //!   per-connection reader and writer tasks around it.
 //!
@@ -35,5 +36,7 @@ pub mod wire;
 
 #[cfg(feature = "server")]
 pub mod driver;
+#[cfg(feature = "io")]
+pub mod framed;
 
 pub use ids::{ConnId, ReplicaId, RouterTime, Seq, SessionId};
