@@ -19,6 +19,7 @@
 //! ```
 
 pub mod contacts;
+pub mod http;
 pub mod portmap;
 
 use bytes::BytesMut;
@@ -578,7 +579,7 @@ impl Dispatcher {
                         Ok(admission) => {
                             let shared = self.shared.clone();
                             handshakes.spawn(async move {
-                                shared.serve(stream, peer, admission).await;
+                                Shared::serve(shared, stream, peer, admission).await;
                             });
                         }
                         Err(reason) => {
@@ -682,15 +683,39 @@ impl Shared {
         }
     }
 
-    async fn serve(&self, mut stream: TcpStream, peer: SocketAddr, admission: Admission) {
+    async fn serve(self: Arc<Self>, mut stream: TcpStream, peer: SocketAddr, admission: Admission) {
         let Admission { conn, handshake } = admission;
         let timeout = self.cfg.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Ten bytes tell the protocols apart: a native preamble is exactly that long, and the
+        // shortest HTTP request line is longer.
+        let mut first = [0u8; PREAMBLE_LEN];
+        let read = tokio::time::timeout_at(deadline, read_exact(&mut stream, &mut first))
+            .await
+            .unwrap_or(Err(HandshakeError::Timeout(timeout)));
+        if let Err(e) = read {
+            info!(%peer, "handshake failed: {e}");
+            return;
+        }
+        if http::looks_like_http(&first) {
+            // hyper bounds the wait for each request head itself.
+            drop(handshake);
+            let ctx = http::Ctx {
+                local: stream.local_addr().unwrap_or(self.cfg.listen),
+                shared: self,
+                peer,
+                guard: Arc::new(conn),
+            };
+            http::serve(ctx, first.to_vec(), stream).await;
+            return;
+        }
         let nonce = auth::fresh_nonce();
         let mut greeted = false;
-        let result = tokio::time::timeout(
-            timeout,
+        let result = tokio::time::timeout_at(
+            deadline,
             read_hello(
                 &mut stream,
+                first,
                 &nonce,
                 self.cfg.driver.max_frame_bytes,
                 &mut greeted,
@@ -1041,16 +1066,15 @@ fn announced(registry: &Mutex<Reg>) -> Vec<BeaconIsland> {
         .collect()
 }
 
-/// Reads and checks the preamble, answers with ours and this connection's nonce, then reads the
+/// Checks the preamble (already read), answers with ours and this connection's nonce, then reads the
 /// hello (not yet verified).
 async fn read_hello(
     stream: &mut TcpStream,
+    pre: [u8; PREAMBLE_LEN],
     nonce: &[u8; NONCE_LEN],
     max_frame: usize,
     greeted: &mut bool,
 ) -> Result<(Hello, BytesMut), HandshakeError> {
-    let mut pre = [0u8; PREAMBLE_LEN];
-    read_exact(stream, &mut pre).await?;
     if let Err(e) = wire::check_preamble(&pre) {
         if matches!(e, DecodeError::UnsupportedVersion { .. }) {
             // Our plain preamble tells an old or new peer which version we speak.

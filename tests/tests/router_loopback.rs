@@ -157,9 +157,10 @@ async fn bad_input_is_refused_or_closed_and_a_good_session_carries_on() {
         a
     });
 
-    // Not Isthmus at all: closed without an answer.
+    // Neither Isthmus nor HTTP (an SSH client): closed without an answer. (HTTP is served:
+    // see http_front_door.rs.)
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    s.write_all(b"SSH-2.0-OpenSSH_9.2p1\r\n")
         .await
         .expect("write");
     assert!(read_to_close(&mut s).await.is_empty());
