@@ -52,7 +52,8 @@ pub enum Fallback {
     Fail,
 }
 
-/// Who may create islands on the router (the dispatcher's create policy).
+/// Who may create islands on the router (the dispatcher's create policy), and who may see its
+/// status page and metrics (`status_from`): the same three audiences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreateMode {
     /// Peers on loopback or the router's own subnets (the router's default).
@@ -132,6 +133,8 @@ pub struct Profile {
     pub linger_ms: Option<u64>,
     /// Who may create islands.
     pub create: Option<CreateMode>,
+    /// Who may see the status page, its JSON and `/metrics`.
+    pub status_from: Option<CreateMode>,
     /// UPnP settings.
     pub upnp: UpnpPrefs,
     /// Limits.
@@ -300,6 +303,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("tick_ms", Kind::Range(1, 60_000)),
     ("linger_ms", Kind::Range(1, 86_400_000)),
     ("create", Kind::Create),
+    ("status_from", Kind::Create),
     ("upnp.lease_secs", Kind::U32),
     ("upnp.external_port", Kind::Port),
     ("upnp.description", Kind::Text),
@@ -403,6 +407,13 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "linger_ms" => p.linger_ms = Some(n()),
         "create" => {
             p.create = Some(match v.as_str() {
+                Some("any") => CreateMode::Any,
+                Some("none") => CreateMode::None,
+                _ => CreateMode::Lan,
+            })
+        }
+        "status_from" => {
+            p.status_from = Some(match v.as_str() {
                 Some("any") => CreateMode::Any,
                 Some("none") => CreateMode::None,
                 _ => CreateMode::Lan,
@@ -820,12 +831,13 @@ impl fmt::Display for Profile {
         line(f, "beacon_interval_ms", &self.beacon_interval_ms, false)?;
         line(f, "tick_ms", &self.tick_ms, false)?;
         line(f, "linger_ms", &self.linger_ms, false)?;
-        let create = self.create.map(|c| match c {
+        let audience = |c: CreateMode| match c {
             CreateMode::Lan => "lan",
             CreateMode::Any => "any",
             CreateMode::None => "none",
-        });
-        line(f, "create", &create, true)?;
+        };
+        line(f, "create", &self.create.map(audience), true)?;
+        line(f, "status_from", &self.status_from.map(audience), true)?;
         line(f, "upnp.lease_secs", &self.upnp.lease_secs, false)?;
         line(f, "upnp.external_port", &self.upnp.external_port, false)?;
         line(f, "upnp.description", &self.upnp.description, true)?;

@@ -1469,14 +1469,11 @@ impl Session {
     /// Removes doomed members until none are left (a removal can doom others, e.g. a leave
     /// announcement that overflows another replica's queue).
     fn reap(&mut self, now: Instant) {
-        loop {
-            let Some((conn, (code, reason, discard))) = self
-                .members
-                .iter_mut()
-                .find_map(|(c, m)| m.doomed.take().map(|d| (*c, d)))
-            else {
-                break;
-            };
+        while let Some((conn, (code, reason, discard))) = self
+            .members
+            .iter_mut()
+            .find_map(|(c, m)| m.doomed.take().map(|d| (*c, d)))
+        {
             self.remove_member(conn, Some((code, reason)), discard, now);
         }
         for conn in std::mem::take(&mut self.synced) {

@@ -5,4 +5,6 @@ mod island;
 mod lan;
 mod nat;
 mod proc;
+mod prometheus;
 mod router;
+mod status;
