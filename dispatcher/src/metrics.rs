@@ -187,13 +187,18 @@ where
 }
 
 fn histogram(e: &mut DescriptorEncoder, name: &str, help: &str, h: &Histogram) -> std::fmt::Result {
-    let mut cumulative = 0;
-    let mut buckets = Vec::with_capacity(h.buckets.len());
-    for (i, n) in h.buckets.iter().enumerate() {
-        cumulative += n;
-        let bound = DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY);
-        buckets.push((bound, cumulative));
-    }
+    // Per bucket, not cumulative: the encoder sums them into the exposition's `le` counts.
+    let buckets: Vec<(f64, u64)> = h
+        .buckets
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                DURATION_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
+                *n,
+            )
+        })
+        .collect();
     let mut m = e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
     m.encode_histogram::<NoLabelSet>(h.sum_seconds, h.count, &buckets, None)
 }
