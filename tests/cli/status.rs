@@ -3,7 +3,7 @@
 
 use crate::proc::{exits_in_time, isthmus, BIN, PATIENCE};
 use crate::router::spawn_router;
-use isthmus_tests::netns::{skip, NetLab};
+use isthmus_tests::netns::{skip, HomeNet, NetLab, GW_WAN_IP, LAN_IP};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -216,6 +216,37 @@ fn status_json_follows_its_schema_and_the_terminal_view_names_people() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("participant"));
+
+    // A private island: listed, never with a postcard (the router holds no secret of it).
+    let mut private = isthmus()
+        .args([
+            "island",
+            "new",
+            "attic",
+            "--router",
+            &addr.to_string(),
+            "--private",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("island new --private");
+    let mut line = String::new();
+    BufReader::new(private.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("postcard line");
+    let v = status_until(addr, "the private island listed", |v| {
+        v["islands"].as_array().is_some_and(|i| i.len() == 2)
+    });
+    let attic = v["islands"]
+        .as_array()
+        .and_then(|i| i.iter().find(|i| i["name"] == "attic"))
+        .expect("attic listed");
+    assert_eq!(attic["lan_open"], false);
+    assert!(attic["postcard"].is_null(), "{attic:#}");
+    let _ = private.kill();
+    let _ = private.wait();
 
     // For people: the island, both names, the forwarding mode.
     let out = isthmus()
@@ -432,6 +463,43 @@ fn a_stranger_outside_the_routers_subnets_gets_403() {
             "{path}"
         );
     }
+    // Open to anyone, but a LAN-open island's postcard only on the router's own network.
+    let mut creator = lab.command(&home, BIN);
+    creator
+        .args(["island", "new", "lagoon", "--router", "127.0.0.1:7480"])
+        .env("ISTHMUS_PREFS", crate::proc::no_prefs())
+        .env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
+    let mut creator = creator
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("island new");
+    let mut card = String::new();
+    BufReader::new(creator.stdout.take().expect("stdout"))
+        .read_line(&mut card)
+        .expect("postcard line");
+    let json = |ns: &str, url: &str| -> Value {
+        serde_json::from_str(&lab.run(ns, "curl", &["-s", "--max-time", "30", url])).expect("json")
+    };
+    let near = json(&home, "http://127.0.0.1:7480/status.json");
+    let afar = json(&far, "http://10.77.1.1:7480/status.json");
+    assert_eq!(near["islands"][0]["lan_open"], true);
+    assert!(near["islands"][0]["postcard"].is_string(), "{near:#}");
+    assert_eq!(afar["islands"][0]["lan_open"], true);
+    assert!(afar["islands"][0]["postcard"].is_null(), "{afar:#}");
+    let page = lab.run(
+        &far,
+        "curl",
+        &["-s", "--max-time", "30", "http://10.77.1.1:7480/"],
+    );
+    assert!(
+        page.contains("lagoon") && !page.contains("isthmus2:"),
+        "{page}"
+    );
+    let _ = creator.kill();
+    let _ = creator.wait();
+
     let body = lab.run(
         &far,
         "curl",
@@ -445,4 +513,83 @@ fn a_stranger_outside_the_routers_subnets_gets_403() {
     let _ = open.kill();
     let _ = lan_only.wait();
     let _ = open.wait();
+}
+
+#[test]
+fn the_upnp_mapping_and_its_lease_are_on_the_status_and_in_the_metrics() {
+    let Some(net) =
+        HomeNet::new("the_upnp_mapping_and_its_lease_are_on_the_status_and_in_the_metrics")
+    else {
+        return;
+    };
+    let mut upnp = net.start_upnp(&[
+        "ext_allow_private_ipv4=yes",
+        &format!("ext_ip={GW_WAN_IP}"),
+        "allow 1024-65535 10.210.1.0/24 1024-65535",
+        "deny 0-65535 0.0.0.0/0 0-65535",
+    ]);
+    let prefs = net.scratch.join("prefs.toml");
+    std::fs::write(
+        &prefs,
+        "[profiles.home]\nforwarding = \"upnp\"\nupnp.lease_secs = 3600\nupnp.fallback = \"fail\"\nbeacon = false\n",
+    )
+    .expect("prefs");
+    let mut cmd = net.lab.command(&net.lan, BIN);
+    cmd.arg("--prefs")
+        .arg(&prefs)
+        .args(["router", "--profile", "home"]);
+    let mut router = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("router");
+    let mut line = String::new();
+    BufReader::new(router.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "listening on 0.0.0.0:7470");
+
+    let curl = |url: &str| {
+        net.lab
+            .run(&net.lan, "curl", &["-s", "--max-time", "30", url])
+    };
+    let status: Value =
+        serde_json::from_str(&curl("http://127.0.0.1:7470/status.json")).expect("json");
+    let f = &status["forwarding"];
+    assert_eq!(f["mode"], "upnp", "{f:#}");
+    assert_eq!(f["upnp_mapped"], true);
+    assert_eq!(f["lease_seconds"], 3600);
+    assert_eq!(f["external"], format!("{GW_WAN_IP}:7470").as_str());
+    assert_eq!(f["public"], true);
+    let internal = format!("{LAN_IP}:7470");
+    assert!(
+        f["internal"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|a| a == internal.as_str())),
+        "{f:#}"
+    );
+    let metrics = curl("http://127.0.0.1:7470/metrics");
+    for want in [
+        "isthmus_upnp_mapped 1\n",
+        "isthmus_upnp_lease_seconds 3600\n",
+        "isthmus_forwarding_info{mode=\"upnp\"} 1\n",
+    ] {
+        assert!(metrics.contains(want), "{want:?} in\n{metrics}");
+    }
+    let text = net.lab.run(&net.lan, BIN, &["status"]);
+    assert!(
+        text.contains(&format!("external: {GW_WAN_IP}:7470, lease 1 h 0 min")),
+        "{text}"
+    );
+    // From the Internet, through the mapping: refused, only the router's subnets may look.
+    let code = http_code(
+        &net.lab,
+        &net.wan,
+        &format!("http://{GW_WAN_IP}:7470/metrics"),
+    );
+    assert_eq!(code, "403");
+    let _ = router.kill();
+    let _ = router.wait();
+    let _ = upnp.kill();
+    let _ = upnp.wait();
 }
