@@ -1104,6 +1104,11 @@ port = 7471
         p.set("cabin", "forwarding", "manual").expect("set");
         p.set("cabin", "beacon", "false").expect("set");
         p.set("cabin", "create", "none").expect("set");
+        p.set("cabin", "status_from", "any").expect("set");
+        assert!(matches!(
+            p.set("cabin", "status_from", "world"),
+            Err(PrefsError::Edit(_))
+        ));
         let e = p
             .set("cabin", "limits.max_frame_bytes", "10")
             .expect_err("too small");
@@ -1129,6 +1134,7 @@ port = 7471
         let cabin = again.profile("cabin").expect("cabin");
         assert_eq!(cabin.forwarding, Some(ForwardingMode::Manual));
         assert_eq!(cabin.beacon, Some(false));
+        assert_eq!(cabin.status_from, Some(CreateMode::Any));
         // No temporary files left behind.
         let left: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
             .expect("ls")
