@@ -123,3 +123,41 @@ async fn counts_survive_their_session_and_refusals_and_joins_are_counted() {
     router.shutdown.cancel();
     router.task.await.expect("router ends");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_shed_at_a_cap_are_counted_by_cap() {
+    let router = start_router(DispatcherConfig {
+        max_connections_per_ip: 2,
+        ..DispatcherConfig::default()
+    })
+    .await;
+    let other = "127.0.0.2".parse().expect("ip");
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            isthmus_tests::connect_from(other, router.addr)
+                .await
+                .expect("connect"),
+        );
+    }
+    // Past the cap: answered with busy and closed.
+    let mut third = isthmus_tests::connect_from(other, router.addr)
+        .await
+        .expect("connect");
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, third.read_to_end(&mut sink)).await;
+    // Scraped from another address, which has room.
+    let m = until_sample(
+        router.addr,
+        r#"isthmus_connections_shed_total{limit="connections_per_ip"}"#,
+        1.0,
+    )
+    .await;
+    assert_eq!(
+        sample(&m, r#"isthmus_connections_shed_total{limit="connections"}"#),
+        Some(0.0)
+    );
+    drop(held);
+    router.shutdown.cancel();
+    router.task.await.expect("router ends");
+}
