@@ -231,6 +231,13 @@ struct SessionTask {
     flushed: Vec<(ConnId, usize)>,
 }
 
+impl Drop for SessionTask {
+    /// Also when the task panicked or was aborted: a session never stays in the gauges.
+    fn drop(&mut self) {
+        self.cfg.stats.retire(&self.stats);
+    }
+}
+
 impl SessionTask {
     async fn run(
         mut self,
@@ -285,13 +292,15 @@ impl SessionTask {
                 break;
             }
         }
+        // The counts are final (the last outputs were applied): the session leaves the gauges now,
+        // not after the goodbyes' grace.
+        self.cfg.stats.retire(&self.stats);
         // Give writers a moment to deliver goodbyes, then cut everything.
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while self.tasks.join_next().await.is_some() {}
         })
         .await;
         self.tasks.abort_all();
-        self.cfg.stats.retire(&self.stats);
         debug!(session = %id, "session task ended");
     }
 
