@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use isthmus_dispatcher::portmap::{Fallback, UpnpConfig};
+use isthmus_dispatcher::portmap::{Fallback, MapConfig, Protocol};
 use isthmus_dispatcher::status::StatusAccess;
 use isthmus_dispatcher::{
     BeaconConfig, CreatePolicy, Dispatcher, DispatcherConfig, Forwarding, DEFAULT_PORT,
@@ -70,7 +70,8 @@ pub(crate) struct RouterArgs {
     #[arg(long)]
     tick_ms: Option<u64>,
     /// How remote users reach this router: lan-only (no external address), manual (a port
-    /// forwarded by hand; say where with --external), upnp (ask the home router). Default: the
+    /// forwarded by hand; say where with --external), auto (ask the home router by PCP, then
+    /// NAT-PMP, then UPnP), pcp, natpmp or upnp (ask with that protocol only). Default: the
     /// profile's, else lan-only.
     #[arg(long, value_enum)]
     forwarding: Option<ForwardingArg>,
@@ -139,6 +140,9 @@ enum CreateArg {
 enum ForwardingArg {
     LanOnly,
     Manual,
+    Auto,
+    Pcp,
+    Natpmp,
     Upnp,
 }
 
@@ -279,8 +283,14 @@ pub(crate) fn effective_settings(
     let forwarding = match &cfg.forwarding {
         Forwarding::LanOnly => "lan-only".to_string(),
         Forwarding::Manual { external } => format!("manual, external {external}"),
-        Forwarding::Upnp(u) => format!(
-            "upnp, lease {} s, fallback {}",
+        Forwarding::Gateway(u) => format!(
+            "{}, lease {} s, fallback {}",
+            match u.protocols.as_slice() {
+                [Protocol::Upnp] => "upnp",
+                [Protocol::Pcp] => "pcp",
+                [Protocol::NatPmp] => "natpmp",
+                _ => "auto",
+            },
             u.lease.as_secs(),
             match u.fallback {
                 Fallback::Fail => "fail",
@@ -455,12 +465,29 @@ fn router_config(
         (Some(ForwardingArg::LanOnly), Some(e)) => return Err(usage(format!(
             "--forwarding lan-only and --external {e} contradict each other: a LAN-only router has no external address (drop one of them)"
         ))),
-        (Some(ForwardingArg::Upnp), Some(e)) => return Err(usage(format!(
-            "--forwarding upnp and --external {e} contradict each other: with UPnP the gateway says the external address (drop --external, or use --forwarding manual)"
-        ))),
         (Some(ForwardingArg::LanOnly), None) => M::LanOnly,
         (Some(ForwardingArg::Manual), _) => M::Manual,
-        (Some(ForwardingArg::Upnp), None) => M::Upnp,
+        (Some(f), e) => {
+            let m = match f {
+                ForwardingArg::Auto => M::Auto,
+                ForwardingArg::Pcp => M::Pcp,
+                ForwardingArg::Natpmp => M::NatPmp,
+                _ => M::Upnp,
+            };
+            if let Some(e) = e {
+                let how = match m {
+                    M::Upnp => "with UPnP",
+                    M::Pcp => "with PCP",
+                    M::NatPmp => "with NAT-PMP",
+                    _ => "when the gateway maps the port",
+                };
+                return Err(usage(format!(
+                    "--forwarding {} and --external {e} contradict each other: {how} the gateway says the external address (drop --external, or use --forwarding manual)",
+                    m.name()
+                )));
+            }
+            m
+        }
         (None, Some(_)) => M::Manual,
         (None, None) => p.forwarding.unwrap_or(M::LanOnly),
     };
@@ -471,9 +498,17 @@ fn router_config(
                 "manual forwarding needs the forwarded address: --external IP:PORT (or `external` in the profile)",
             )?,
         },
-        M::Upnp => {
+        M::Upnp | M::Auto | M::Pcp | M::NatPmp => {
             let u = &p.upnp;
-            let mut up = UpnpConfig::default();
+            let mut up = MapConfig {
+                protocols: match mode {
+                    M::Pcp => vec![Protocol::Pcp],
+                    M::NatPmp => vec![Protocol::NatPmp],
+                    M::Upnp => vec![Protocol::Upnp],
+                    _ => isthmus_dispatcher::portmap::AUTO.to_vec(),
+                },
+                ..MapConfig::default()
+            };
             if let Some(l) = u.lease_secs {
                 up.lease = Duration::from_secs(u64::from(l));
             }
@@ -485,12 +520,19 @@ fn router_config(
                 Some(isthmus_prefs::Fallback::Fail) => Fallback::Fail,
                 _ => Fallback::LanOnly,
             };
-            if let IpAddr::V4(v4) = cfg.listen.ip() {
-                if !v4.is_unspecified() {
-                    up.lan_ip = Some(v4);
+            match cfg.listen.ip() {
+                IpAddr::V4(v4) if !v4.is_unspecified() => up.lan_ip = Some(v4),
+                IpAddr::V4(_) => {}
+                // A router that takes IPv6 also gets a pinhole in the gateway's IPv6 firewall
+                // (PCP only), for its own address when it listens on one.
+                IpAddr::V6(v6) => {
+                    up.pinhole_v6 = true;
+                    if !v6.is_unspecified() {
+                        up.lan_ipv6 = Some(v6);
+                    }
                 }
             }
-            Forwarding::Upnp(up)
+            Forwarding::Gateway(up)
         }
     };
     let beacon_on = !args.no_beacon && p.beacon.unwrap_or(true);
@@ -522,8 +564,18 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
     print_line(&format!("listening on {local}"));
+    let summary = dispatcher.summary();
+    let check = dispatcher.reachability();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+    // The reachability check connects to the router through the gateway: it needs the
+    // dispatcher accepting, so the summary follows it (a few seconds at most).
+    let running = tokio::spawn(dispatcher.run(shutdown));
     // One line that says where the router can be reached, whatever RUST_LOG says.
-    eprint_line(&format!("isthmus router: {}", dispatcher.summary()));
+    match check {
+        Some(check) => eprint_line(&format!("isthmus router: {summary}; {}", check.await)),
+        None => eprint_line(&format!("isthmus router: {summary}")),
+    }
     match &beacon {
         Some(b) => tracing::info!(
             %local,
@@ -533,9 +585,9 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
         ),
         None => tracing::info!(%local, "router ready; LAN beacon off"),
     }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
-    dispatcher.run(shutdown).await;
+    running
+        .await
+        .context("the router's accept loop stopped unexpectedly")?;
     tracing::info!("router stopped");
     Ok(())
 }

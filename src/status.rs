@@ -185,8 +185,8 @@ pub(crate) fn lines(s: &Status) -> Vec<String> {
         ),
     ];
     let mut external = format!("  external: {}", f.external.as_deref().unwrap_or("none"));
-    if f.mode == "upnp" {
-        external.push_str(&match (f.upnp_mapped, f.lease_seconds) {
+    if f.mode == "gateway" {
+        external.push_str(&match (f.mapped, f.lease_seconds) {
             (true, Some(l)) => format!(", lease {}", ago(l as f64)),
             (true, None) => ", permanent mapping".to_string(),
             (false, _) => ", no mapping now".to_string(),

@@ -1,10 +1,101 @@
 //! UDP for the beacon: the broadcaster a dispatcher runs and the listener `discover` uses.
+//!
+//! IPv4 goes by directed broadcast; IPv6, which has no broadcast, by the link-local multicast
+//! group [`BEACON_GROUP_V6`] on each interface, so hosts with no IPv4 at all find islands too.
 
 use crate::beacon::{self, Beacon, Discovery};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
+
+/// The IPv6 beacon's multicast group: link-local scope (ff02::), so it never leaves the link,
+/// and a group id of the beacon port's digits.
+pub const BEACON_GROUP_V6: Ipv6Addr = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 0x7471);
+
+/// Which address families a router announces on: those its listening address accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Families {
+    /// IPv4 broadcast.
+    pub v4: bool,
+    /// IPv6 multicast.
+    pub v6: bool,
+}
+
+impl Families {
+    /// The families a listener bound to `listen` accepts: an IPv4 address takes IPv4 only, a
+    /// specific IPv6 address IPv6 only, and `::` both (the dispatcher's listener is dual-stack).
+    pub fn of_listener(listen: IpAddr) -> Families {
+        match listen {
+            IpAddr::V4(_) => Families {
+                v4: true,
+                v6: false,
+            },
+            IpAddr::V6(v6) if v6.is_unspecified() => Families { v4: true, v6: true },
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(_) => Families {
+                    v4: true,
+                    v6: false,
+                },
+                None => Families {
+                    v4: false,
+                    v6: true,
+                },
+            },
+        }
+    }
+}
+
+/// Each up, multicast-capable interface with IPv6, by index, with the source address to
+/// announce from: a routable (global or unique-local) address of that interface when it has
+/// one, as listeners take the packet's source for the router's address and a postcard cannot
+/// carry a link-local address's scope; else its link-local address.
+pub fn multicast_targets_v6() -> Vec<(u32, Ipv6Addr)> {
+    let mut out: Vec<(u32, Ipv6Addr)> = Vec::new();
+    for i in if_addrs::get_if_addrs().unwrap_or_default() {
+        let (Some(index), if_addrs::IfAddr::V6(a)) = (i.index, &i.addr) else {
+            continue;
+        };
+        if !i.is_oper_up() || i.is_loopback() || a.ip.is_multicast() {
+            continue;
+        }
+        let link_local = (a.ip.segments()[0] & 0xffc0) == 0xfe80;
+        match out.iter_mut().find(|(idx, _)| *idx == index) {
+            Some(entry) => {
+                let have_link_local = (entry.1.segments()[0] & 0xffc0) == 0xfe80;
+                if have_link_local && !link_local {
+                    entry.1 = a.ip;
+                }
+            }
+            None => out.push((index, a.ip)),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Sends `packets` to the IPv6 beacon group on every interface; failures are only logged (an
+/// interface may be going away).
+fn send_v6(packets: &[Vec<u8>], port: u16) {
+    for (index, source) in multicast_targets_v6() {
+        let scope = if (source.segments()[0] & 0xffc0) == 0xfe80 {
+            index
+        } else {
+            0
+        };
+        let sent =
+            std::net::UdpSocket::bind(SocketAddrV6::new(source, 0, 0, scope)).and_then(|s| {
+                socket2::SockRef::from(&s).set_multicast_if_v6(index)?;
+                for p in packets {
+                    s.send_to(p, SocketAddrV6::new(BEACON_GROUP_V6, port, 0, index))?;
+                }
+                Ok(())
+            });
+        if let Err(e) = sent {
+            tracing::debug!(index, %source, "IPv6 beacon not sent: {e}");
+        }
+    }
+}
 
 /// The directed broadcast address of every up IPv4 interface that has one (from if-addrs);
 /// 255.255.255.255 when there is none.
@@ -34,6 +125,23 @@ pub async fn broadcast(
     announcement: impl Fn() -> Option<Beacon> + Send + 'static,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
+    let v4_only = Families {
+        v4: true,
+        v6: false,
+    };
+    announce(v4_only, beacon_port, interval, announcement, cancel).await
+}
+
+/// Announces every `interval` until cancelled, by IPv4 broadcast and IPv6 multicast as
+/// `families` says. `announcement` is asked afresh each time (the islands and the external
+/// address change); `None` or no islands sends nothing.
+pub async fn announce(
+    families: Families,
+    beacon_port: u16,
+    interval: Duration,
+    announcement: impl Fn() -> Option<Beacon> + Send + 'static,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
     let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0)).await?;
     // Without SO_BROADCAST, send_to a broadcast address fails with "permission denied".
     socket.set_broadcast(true)?;
@@ -52,23 +160,32 @@ pub async fn broadcast(
             continue;
         }
         let packets = beacon::encode(&head, &islands);
-        for target in broadcast_targets() {
-            for p in &packets {
-                if let Err(e) = socket.send_to(p, (target, beacon_port)).await {
-                    tracing::debug!(%target, "beacon not sent: {e}");
+        if families.v4 {
+            for target in broadcast_targets() {
+                for p in &packets {
+                    if let Err(e) = socket.send_to(p, (target, beacon_port)).await {
+                        tracing::debug!(%target, "beacon not sent: {e}");
+                    }
                 }
             }
+        }
+        if families.v6 {
+            send_v6(&packets, beacon_port);
         }
     }
 }
 
-/// A bound beacon listener. Several may share a host (SO_REUSEADDR and SO_REUSEPORT).
+/// A bound beacon listener, on IPv4 and (where the host has it) IPv6. Several may share a host
+/// (SO_REUSEADDR and SO_REUSEPORT).
 pub struct Listener {
     socket: UdpSocket,
+    v6: Option<UdpSocket>,
 }
 
 impl Listener {
-    /// Listens on the beacon port on every interface.
+    /// Listens on the beacon port on every interface: for IPv4 broadcasts, and for the IPv6
+    /// beacon group joined on each interface with IPv6. A host without IPv6 listens on IPv4
+    /// only.
     pub fn bind(port: u16) -> std::io::Result<Listener> {
         use socket2::{Domain, Protocol, Socket, Type};
         let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
@@ -79,7 +196,36 @@ impl Listener {
         s.set_nonblocking(true)?;
         s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
         let socket = UdpSocket::from_std(s.into())?;
-        Ok(Listener { socket })
+        let v6 = match Self::bind_v6(port) {
+            Ok(v6) => Some(v6),
+            Err(e) => {
+                tracing::debug!("not listening for IPv6 beacons: {e}");
+                None
+            }
+        };
+        Ok(Listener { socket, v6 })
+    }
+
+    fn bind_v6(port: u16) -> std::io::Result<UdpSocket> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_only_v6(true)?;
+        s.set_reuse_address(true)?;
+        #[cfg(unix)]
+        s.set_reuse_port(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        let mut joined = 0;
+        for (index, _) in multicast_targets_v6() {
+            match s.join_multicast_v6(&BEACON_GROUP_V6, index) {
+                Ok(()) => joined += 1,
+                Err(e) => tracing::debug!(index, "cannot join the IPv6 beacon group: {e}"),
+            }
+        }
+        if joined == 0 {
+            return Err(std::io::Error::other("no interface with IPv6 multicast"));
+        }
+        UdpSocket::from_std(s.into())
     }
 
     /// Feeds packets into `table` until `until` returns true for it or `limit` passes.
@@ -91,14 +237,30 @@ impl Listener {
     ) {
         let deadline = tokio::time::Instant::now() + limit;
         let mut buf = vec![0u8; beacon::MAX_PACKET_BYTES + 64];
+        let mut buf6 = vec![0u8; beacon::MAX_PACKET_BYTES + 64];
         loop {
             table.expire(std::time::Instant::now());
             if until(table) {
                 return;
             }
-            let r = tokio::time::timeout_at(deadline, self.socket.recv_from(&mut buf)).await;
+            let v6 = async {
+                match &self.v6 {
+                    Some(s) => s.recv_from(&mut buf6).await.map(|(n, src)| (n, src, true)),
+                    None => std::future::pending().await,
+                }
+            };
+            let either = async {
+                tokio::select! {
+                    r = self.socket.recv_from(&mut buf) => r.map(|(n, src)| (n, src, false)),
+                    r = v6 => r,
+                }
+            };
+            let r = tokio::time::timeout_at(deadline, either).await;
             match r {
-                Ok(Ok((n, src))) => table.handle_packet(src, &buf[..n], std::time::Instant::now()),
+                Ok(Ok((n, src, from_v6))) => {
+                    let bytes = if from_v6 { &buf6[..n] } else { &buf[..n] };
+                    table.handle_packet(src, bytes, std::time::Instant::now())
+                }
                 Ok(Err(e)) => tracing::debug!("beacon receive failed: {e}"),
                 Err(_) => {
                     table.expire(std::time::Instant::now());

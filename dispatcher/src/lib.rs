@@ -22,6 +22,7 @@ pub mod contacts;
 pub mod http;
 pub mod metrics;
 pub mod portmap;
+pub mod reach;
 pub mod status;
 
 use bytes::BytesMut;
@@ -155,15 +156,16 @@ pub enum Forwarding {
         /// The forwarded external IP and port.
         external: SocketAddr,
     },
-    /// Ask the home router for a mapping with UPnP IGD.
-    Upnp(portmap::UpnpConfig),
+    /// Ask the home router for a mapping, with the protocols the config lists (PCP, NAT-PMP,
+    /// UPnP IGD).
+    Gateway(portmap::MapConfig),
 }
 
 /// Where the external address comes from now.
 enum External {
     None,
     Fixed(SocketAddr),
-    Upnp(tokio::sync::watch::Receiver<Option<portmap::Mapping>>),
+    Mapped(tokio::sync::watch::Receiver<Option<portmap::Mapping>>),
 }
 
 impl External {
@@ -171,7 +173,7 @@ impl External {
         match self {
             External::None => None,
             External::Fixed(a) => Some(*a),
-            External::Upnp(w) => w.borrow().as_ref().map(|m| m.external),
+            External::Mapped(w) => w.borrow().as_ref().map(|m| m.external),
         }
     }
 }
@@ -261,8 +263,8 @@ pub enum DispatchError {
         #[source]
         source: std::io::Error,
     },
-    /// UPnP forwarding failed and the profile says to stop rather than fall back.
-    #[error("{0}; not starting, as the profile's UPnP fallback is \"fail\" (set it to \"lan-only\" to carry on without remote access)")]
+    /// Port mapping failed and the profile says to stop rather than fall back.
+    #[error("{0}; not starting, as the profile's fallback is \"fail\" (upnp.fallback; set it to \"lan-only\" to carry on without remote access)")]
     Forwarding(#[source] portmap::PortMapError),
 }
 
@@ -448,18 +450,16 @@ impl Dispatcher {
                     "forwarded by hand".to_string(),
                 )
             }
-            Forwarding::Upnp(up) => match portmap::start(up.clone(), local.port()).await {
+            Forwarding::Gateway(up) => match portmap::start(up.clone(), local.port()).await {
                 Ok(m) => {
-                    let how = m
-                        .current()
-                        .map_or_else(|| "UPnP".to_string(), |x| portmap::mapping_text(&x));
-                    (External::Upnp(m.watch()), Some(m), how)
+                    let how = m.describe();
+                    (External::Mapped(m.watch()), Some(m), how)
                 }
                 Err(e) => match up.fallback {
                     portmap::Fallback::Fail => return Err(DispatchError::Forwarding(e)),
                     portmap::Fallback::LanOnly => {
                         warn!("{e}; continuing LAN-only");
-                        (External::None, None, format!("LAN-only: UPnP failed: {e}"))
+                        (External::None, None, format!("LAN-only: {e}"))
                     }
                 },
             },
@@ -499,6 +499,15 @@ impl Dispatcher {
     /// The external address published now, if any.
     pub fn external(&self) -> Option<SocketAddr> {
         self.shared.external.current()
+    }
+
+    /// The reachability check of the gateway's mapping (see [`reach`]), when there is one. Await
+    /// it once [`Dispatcher::run`] is accepting: the check connects to the router itself.
+    pub fn reachability(
+        &self,
+    ) -> Option<impl std::future::Future<Output = reach::Reachability> + Send + 'static> {
+        let mapping = self.mapper.as_ref()?.current()?;
+        Some(async move { reach::check(&mapping).await })
     }
 
     /// One line for people: where the router can be reached and how the external address was
@@ -557,9 +566,16 @@ impl Dispatcher {
                 })
             };
             let cancel = shutdown.clone();
+            let families = isthmus_contact::lan::Families::of_listener(self.local.ip());
             tokio::spawn(async move {
-                if let Err(e) =
-                    isthmus_contact::lan::broadcast(b.port, b.interval, announcement, cancel).await
+                if let Err(e) = isthmus_contact::lan::announce(
+                    families,
+                    b.port,
+                    b.interval,
+                    announcement,
+                    cancel,
+                )
+                .await
                 {
                     warn!("LAN beacon stopped: {e}; islands will not be found by broadcast");
                 }

@@ -77,25 +77,39 @@ impl Monitor {
     }
 }
 
-/// The forwarding mode as metrics and the status page name it, with the UPnP mapping's state.
+/// The forwarding mode as metrics and the status page name it, with the gateway mapping's state.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct ForwardingState {
-    /// `lan-only`, `manual` or `upnp`.
+    /// `lan-only`, `manual` or `gateway` (a mapping asked of the home gateway).
     pub(crate) mode: &'static str,
+    /// The protocol that granted the mapping in place (`pcp`, `natpmp`, `upnp`, as the
+    /// `--forwarding` flag names them); `None` without one.
+    pub(crate) protocol: Option<&'static str>,
     /// The external address published now.
     pub(crate) external: Option<std::net::SocketAddr>,
-    /// A UPnP mapping's lease; `None` for permanent mappings and other modes.
+    /// The mapping's lease; `None` for permanent mappings and other modes.
     pub(crate) lease_seconds: Option<u64>,
-    /// Whether a UPnP mapping is in place now (false for other modes).
+    /// Whether a gateway mapping is in place now (false in other modes).
     pub(crate) mapped: bool,
     /// Whether the external address is on the Internet (false under double NAT).
     pub(crate) public: Option<bool>,
 }
 
+fn protocol_name(p: crate::portmap::Protocol) -> &'static str {
+    use crate::portmap::Protocol;
+    match p {
+        Protocol::Pcp => "pcp",
+        Protocol::NatPmp => "natpmp",
+        Protocol::Upnp => "upnp",
+    }
+}
+
+/// Reads the forwarding state now (a gateway mapping can come and go).
 pub(crate) fn forwarding_state(external: &External) -> ForwardingState {
     match external {
         External::None => ForwardingState {
             mode: "lan-only",
+            protocol: None,
             external: None,
             lease_seconds: None,
             mapped: false,
@@ -103,15 +117,17 @@ pub(crate) fn forwarding_state(external: &External) -> ForwardingState {
         },
         External::Fixed(a) => ForwardingState {
             mode: "manual",
+            protocol: None,
             external: Some(*a),
             lease_seconds: None,
             mapped: false,
             public: Some(crate::portmap::is_public(a.ip())),
         },
-        External::Upnp(w) => {
+        External::Mapped(w) => {
             let m = w.borrow().clone();
             ForwardingState {
-                mode: "upnp",
+                mode: "gateway",
+                protocol: m.as_ref().map(|m| protocol_name(m.protocol)),
                 external: m.as_ref().map(|m| m.external),
                 lease_seconds: m.as_ref().and_then(|m| m.lease).map(|l| l.as_secs()),
                 mapped: m.is_some(),
@@ -354,22 +370,22 @@ impl Collector for RouterCollector {
         let fwd = forwarding_state(&self.shared.external);
         let mut m = e.encode_descriptor(
             "forwarding",
-            "How the router is reachable from outside: the mode.",
+            "How the router is reachable from outside: the mode, and the protocol of a gateway mapping in place.",
             None,
             MetricType::Info,
         )?;
-        m.encode_info(&[("mode", fwd.mode)])?;
+        m.encode_info(&[("mode", fwd.mode), ("protocol", fwd.protocol.unwrap_or(""))])?;
         gauge(
             e,
-            "upnp_mapped",
-            "1 while a UPnP port mapping is in place (0 otherwise, and in other modes).",
+            "port_mapped",
+            "1 while a port mapping by the home gateway (PCP, NAT-PMP or UPnP) is in place (0 otherwise, and in other modes).",
             None,
             i64::from(fwd.mapped),
         )?;
         gauge(
             e,
-            "upnp_lease",
-            "The UPnP mapping's lease (0 for a permanent mapping or none).",
+            "port_mapping_lease",
+            "The gateway mapping's lease (0 for a permanent mapping or none).",
             Some(&Unit::Seconds),
             fwd.lease_seconds.unwrap_or(0) as i64,
         )?;

@@ -182,18 +182,21 @@ pub struct RouterInfo {
 /// The forwarding mode and the contact points.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ForwardingInfo {
-    /// `lan-only`, `manual` or `upnp`.
+    /// `lan-only`, `manual` or `gateway` (a mapping asked of the home gateway).
     pub mode: String,
+    /// The protocol of the gateway mapping in place: `pcp`, `natpmp` or `upnp`; `null` without
+    /// one.
+    pub protocol: Option<String>,
     /// For people: how the external address was obtained, or why there is none.
     pub detail: String,
     /// The router's LAN addresses, best first for the requester.
     pub internal: Vec<String>,
     /// The external address published now, if any.
     pub external: Option<String>,
-    /// The UPnP lease in seconds; `null` for a permanent mapping or another mode.
+    /// The gateway mapping's lease in seconds; `null` for a permanent mapping or another mode.
     pub lease_seconds: Option<u64>,
-    /// Whether a UPnP mapping is in place now (false in other modes).
-    pub upnp_mapped: bool,
+    /// Whether a gateway mapping is in place now (false in other modes).
+    pub mapped: bool,
     /// Whether the external address is on the Internet (false: double NAT); `null` without one.
     pub public: Option<bool>,
 }
@@ -356,11 +359,12 @@ pub(crate) fn collect(shared: &Arc<Shared>, peer: SocketAddr, local: SocketAddr)
     let fwd = forwarding_state(&shared.external);
     let forwarding = ForwardingInfo {
         mode: fwd.mode.to_string(),
+        protocol: fwd.protocol.map(str::to_string),
         detail: monitor.how.clone(),
         internal: contacts.internal.iter().map(|a| a.to_string()).collect(),
         external: fwd.external.map(|a| a.to_string()),
         lease_seconds: fwd.lease_seconds,
-        upnp_mapped: fwd.mapped,
+        mapped: fwd.mapped,
         public: fwd.public,
     };
     // What only the registry knows: names announced and LAN-open secrets.
@@ -544,10 +548,10 @@ fn write_fragment(h: &mut String, s: &Status) -> fmt::Result {
                 .join(" ")
         }
     )?;
-    let lease = match (f.mode.as_str(), f.lease_seconds, f.upnp_mapped) {
-        ("upnp", Some(l), true) => format!(" &middot; lease {}", ago(l as f64)),
-        ("upnp", None, true) => " &middot; permanent mapping".to_string(),
-        ("upnp", _, false) => " &middot; <span class=\"bad\">no mapping now</span>".to_string(),
+    let lease = match (f.mode.as_str(), f.lease_seconds, f.mapped) {
+        ("gateway", Some(l), true) => format!(" &middot; lease {}", ago(l as f64)),
+        ("gateway", None, true) => " &middot; permanent mapping".to_string(),
+        ("gateway", _, false) => " &middot; <span class=\"bad\">no mapping now</span>".to_string(),
         _ => String::new(),
     };
     let public = if f.public == Some(false) {

@@ -466,6 +466,11 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
+/// A reader's first buffer, and the least free room it reads into.
+const READ_ROOM_MIN: usize = 1024;
+/// The most a reader's buffer grows by for one read.
+const READ_ROOM_MAX: usize = 64 * 1024;
+
 /// Frames queued for one connection's writer. The session core bounds what is queued (it counts
 /// bytes until the writer reports them flushed), so this queue needs no bound of its own.
 #[derive(Default)]
@@ -530,6 +535,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
     cancel: CancellationToken,
     stats: Arc<SessionStats>,
 ) {
+    // An idle connection holds a small buffer; a reader that fills its buffer gets twice as
+    // much room for the next read, so a busy one still reads in large gulps.
+    let mut room = READ_ROOM_MIN;
     let event = loop {
         match wire::decode::<ClientFrame>(&mut buf, max_frame) {
             Ok(Some(frame)) => {
@@ -547,13 +555,19 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 break Event::Broken(conn, code, e.to_string());
             }
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
+        if buf.capacity() - buf.len() < READ_ROOM_MIN / 2 {
+            buf.reserve(room);
         }
+        let spare = buf.capacity() - buf.len();
         tokio::select! {
             r = reader.read_buf(&mut buf) => match r {
                 Ok(0) => break Event::Gone(conn, "closed by the replica".into()),
-                Ok(n) => stats.read_bytes(n),
+                Ok(n) => {
+                    stats.read_bytes(n);
+                    if n == spare {
+                        room = (room * 2).min(READ_ROOM_MAX);
+                    }
+                }
                 Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
             },
             _ = cancel.cancelled() => return,
@@ -584,7 +598,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
         _guard,
     } = ctx;
     let mut frames = Vec::new();
-    let mut buf = Vec::with_capacity(64 * 1024);
+    // Allocated on the first batch of more than one frame: an idle connection that only gets
+    // ticks never needs it.
+    let mut merged = Vec::new();
     let mut ends = Vec::new();
     loop {
         let closing = outbox.take(&mut frames);
@@ -595,14 +611,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
                 _ = cancel.cancelled() => return,
             }
         }
-        buf.clear();
         ends.clear();
-        for f in frames.drain(..) {
-            buf.extend_from_slice(&f);
-            ends.push(buf.len());
-        }
+        // One frame goes out as it is; several are merged so they share one write.
+        let single;
+        let buf: &[u8] = if frames.len() == 1 {
+            single = frames.pop().unwrap_or_default();
+            ends.push(single.len());
+            &single
+        } else {
+            merged.clear();
+            for f in frames.drain(..) {
+                merged.extend_from_slice(&f);
+                ends.push(merged.len());
+            }
+            &merged
+        };
         if !buf.is_empty() {
-            match write_frames(&mut writer, &buf, &ends, &outbox, write_timeout, &cancel).await {
+            match write_frames(&mut writer, buf, &ends, &outbox, write_timeout, &cancel).await {
                 Written::All => flushes.report(conn, &outbox, buf.len()),
                 // Closed as a slow consumer mid-batch: the next round finds the goodbye.
                 Written::Cut if closing.is_none() => continue,

@@ -3,7 +3,9 @@
 mod capture;
 mod island;
 mod lan;
+mod lan6;
 mod nat;
+mod natpmp;
 mod proc;
 mod prometheus;
 mod router;

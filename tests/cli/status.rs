@@ -162,7 +162,8 @@ fn status_json_follows_its_schema_and_the_terminal_view_names_people() {
     assert_eq!(v["forwarding"]["mode"], "lan-only");
     assert!(v["forwarding"]["internal"].is_array());
     assert!(v["forwarding"]["external"].is_null());
-    assert_eq!(v["forwarding"]["upnp_mapped"], false);
+    assert_eq!(v["forwarding"]["mapped"], false);
+    assert!(v["forwarding"]["protocol"].is_null());
     let t = &v["totals"];
     assert_eq!(t["sessions"], 1);
     assert_eq!(t["replicas"], 2);
@@ -556,8 +557,9 @@ fn the_upnp_mapping_and_its_lease_are_on_the_status_and_in_the_metrics() {
     let status: Value =
         serde_json::from_str(&curl("http://127.0.0.1:7470/status.json")).expect("json");
     let f = &status["forwarding"];
-    assert_eq!(f["mode"], "upnp", "{f:#}");
-    assert_eq!(f["upnp_mapped"], true);
+    assert_eq!(f["mode"], "gateway", "{f:#}");
+    assert_eq!(f["protocol"], "upnp");
+    assert_eq!(f["mapped"], true);
     assert_eq!(f["lease_seconds"], 3600);
     assert_eq!(f["external"], format!("{GW_WAN_IP}:7470").as_str());
     assert_eq!(f["public"], true);
@@ -570,9 +572,9 @@ fn the_upnp_mapping_and_its_lease_are_on_the_status_and_in_the_metrics() {
     );
     let metrics = curl("http://127.0.0.1:7470/metrics");
     for want in [
-        "isthmus_upnp_mapped 1\n",
-        "isthmus_upnp_lease_seconds 3600\n",
-        "isthmus_forwarding_info{mode=\"upnp\"} 1\n",
+        "isthmus_port_mapped 1\n",
+        "isthmus_port_mapping_lease_seconds 3600\n",
+        "isthmus_forwarding_info{mode=\"gateway\",protocol=\"upnp\"} 1\n",
     ] {
         assert!(metrics.contains(want), "{want:?} in\n{metrics}");
     }

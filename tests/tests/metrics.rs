@@ -105,7 +105,10 @@ async fn counts_survive_their_session_and_refusals_and_joins_are_counted() {
     assert!(sample(&m, "isthmus_sent_bytes_total").is_some_and(|d| d > 0.0));
     assert!(sample(&m, "isthmus_received_bytes_total").is_some_and(|d| d > 0.0));
     assert_eq!(
-        sample(&m, r#"isthmus_forwarding_info{mode="lan-only"}"#),
+        sample(
+            &m,
+            r#"isthmus_forwarding_info{mode="lan-only",protocol=""}"#
+        ),
         Some(1.0)
     );
 
