@@ -238,10 +238,18 @@ fn by_code(
 
 impl Collector for RouterCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let e = &mut e;
+        self.encode_traffic(e)?;
+        self.encode_events(e)?;
+        self.encode_admission_and_forwarding(e)
+    }
+}
+
+impl RouterCollector {
+    /// The gauges of what is live and the per-message counters the sessions keep.
+    fn encode_traffic(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
         let monitor = &self.shared.monitor;
         let (t, sessions) = monitor.stats.totals();
-        let ev = monitor.stats.events();
-        let e = &mut e;
         gauge(
             e,
             "sessions",
@@ -299,6 +307,12 @@ impl Collector for RouterCollector {
             None,
             t.ticks,
         )?;
+        Ok(())
+    }
+
+    /// Joins, snapshots, closes, refusals, divergences: the rarer events.
+    fn encode_events(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let ev = self.shared.monitor.stats.events();
         counter(
             e,
             "snapshot_uploads",
@@ -358,6 +372,12 @@ impl Collector for RouterCollector {
             "Replica connections the router closed, by close code.",
             &ev.closes,
         )?;
+        Ok(())
+    }
+
+    /// What the admission caps turned away, and how the router is reachable.
+    fn encode_admission_and_forwarding(&self, e: &mut DescriptorEncoder) -> std::fmt::Result {
+        let monitor = &self.shared.monitor;
         let mut m = e.encode_descriptor(
             "connections_shed",
             "Connections turned away at an admission cap, by cap.",

@@ -347,72 +347,132 @@ pub(crate) fn collect(shared: &Arc<Shared>, peer: SocketAddr, local: SocketAddr)
     let now = unix_now();
     let host = contacts::local_addrs();
     let lan = contacts::is_lan_peer(peer.ip(), &host);
-    let external = shared.external.current();
     let contacts = contacts::contacts_for(
         shared.cfg.listen,
         local,
         peer,
         &host,
-        external,
+        shared.external.current(),
         shared.instance,
     );
+    let ev = monitor.stats.events();
+    let started = monitor
+        .started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    Status {
+        version: SCHEMA_VERSION,
+        router: RouterInfo {
+            instance: shared.instance.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            listen: shared.cfg.listen.to_string(),
+            started,
+            uptime_seconds: (now - started).max(0.0),
+            status_from: shared.cfg.status_from.to_string(),
+        },
+        forwarding: forwarding_info(shared, &contacts),
+        totals: totals(shared, &ev),
+        islands: islands(shared, &announced(shared, &contacts, lan), now),
+        recent_refusals: ev.recent_refusals.iter().rev().map(event).collect(),
+        recent_divergences: ev.recent_divergences.iter().rev().map(event).collect(),
+    }
+}
+
+fn forwarding_info(shared: &Shared, contacts: &isthmus_router::wire::Contacts) -> ForwardingInfo {
     let fwd = forwarding_state(&shared.external);
-    let forwarding = ForwardingInfo {
+    ForwardingInfo {
         mode: fwd.mode.to_string(),
         protocol: fwd.protocol.map(str::to_string),
-        detail: monitor.how.clone(),
+        detail: shared.monitor.how.clone(),
         internal: contacts.internal.iter().map(|a| a.to_string()).collect(),
         external: fwd.external.map(|a| a.to_string()),
         lease_seconds: fwd.lease_seconds,
         mapped: fwd.mapped,
         public: fwd.public,
-    };
-    // What only the registry knows: names announced and LAN-open secrets.
-    let announced: HashMap<SessionId, (String, Option<Postcard>, bool)> = {
-        let reg = lock(&shared.registry);
-        reg.sessions
-            .iter()
-            .map(|(id, slot)| {
-                let (name, secret) = slot
-                    .announce
-                    .as_ref()
-                    .map_or((String::new(), None), |a| (a.name.clone(), a.secret));
-                let card = secret.filter(|_| lan).and_then(|secret| {
-                    let contact = ContactPoint {
-                        session: *id,
-                        name: name.clone(),
-                        destination: slot.announce.as_ref().and_then(|a| a.destination),
-                        internal: contacts.internal.clone(),
-                        external: contacts.external,
-                        router: Some(shared.instance),
-                    };
-                    let cap = Capability::from_parts(Role::Replica, secret);
-                    Postcard::new(contact, cap, slot.keys).ok()
-                });
-                (*id, (name, card, secret.is_some()))
-            })
-            .collect()
-    };
+    }
+}
+
+fn totals(shared: &Shared, ev: &isthmus_router::stats::Events) -> Totals {
+    let monitor = &shared.monitor;
+    let (t, sessions) = monitor.stats.totals();
+    Totals {
+        sessions: sessions as u64,
+        replicas: monitor.stats.replicas() as u64,
+        messages_stamped: t.stamped,
+        deliveries: t.deliveries,
+        bytes_in: t.bytes_in,
+        bytes_out: t.bytes_out,
+        ticks: t.ticks,
+        resumes: ev.resumes,
+        late_joins: ev.late_joins,
+        snapshot_uploads: ev.snapshots,
+        slow_consumers: ev.slow_consumers,
+        divergences: ev.divergences,
+        refusals: ev.refusals.values().sum(),
+        connections_shed: monitor.shed_counts().iter().map(|(_, n)| n).sum(),
+    }
+}
+
+/// What only the registry knows of an island: its announced name and, for a LAN-open one, a
+/// participant postcard (for a requester on the LAN only: `lan`).
+struct Announced {
+    name: String,
+    lan_open: bool,
+    postcard: Option<Postcard>,
+}
+
+fn announced(
+    shared: &Shared,
+    contacts: &isthmus_router::wire::Contacts,
+    lan: bool,
+) -> HashMap<SessionId, Announced> {
+    let reg = lock(&shared.registry);
+    reg.sessions
+        .iter()
+        .map(|(id, slot)| {
+            let a = slot.announce.as_ref();
+            let name = a.map(|a| a.name.clone()).unwrap_or_default();
+            let secret = a.and_then(|a| a.secret);
+            let postcard = secret.filter(|_| lan).and_then(|secret| {
+                let contact = ContactPoint {
+                    session: *id,
+                    name: name.clone(),
+                    destination: a.and_then(|a| a.destination),
+                    internal: contacts.internal.clone(),
+                    external: contacts.external,
+                    router: Some(shared.instance),
+                };
+                let cap = Capability::from_parts(Role::Replica, secret);
+                Postcard::new(contact, cap, slot.keys).ok()
+            });
+            let entry = Announced {
+                name,
+                lan_open: secret.is_some(),
+                postcard,
+            };
+            (*id, entry)
+        })
+        .collect()
+}
+
+/// The live sessions, the most members first, then the highest seq.
+fn islands(shared: &Shared, announced: &HashMap<SessionId, Announced>, now: f64) -> Vec<Island> {
+    let rates = &shared.monitor.rates;
     let clock = Instant::now();
-    let readings = monitor.stats.sessions();
-    monitor
-        .rates
-        .keep_only(&readings.iter().map(|r| r.id).collect::<Vec<_>>());
+    let readings = shared.monitor.stats.sessions();
+    rates.keep_only(&readings.iter().map(|r| r.id).collect::<Vec<_>>());
     let mut islands: Vec<Island> = readings
         .into_iter()
         .map(|r| {
             let age = (now - r.started).max(0.0);
-            let (name, card, open) = announced
-                .get(&r.id)
-                .cloned()
-                .unwrap_or_else(|| (r.island.clone(), None, false));
+            let a = announced.get(&r.id);
             Island {
                 session: r.id.to_string(),
-                name,
-                lan_open: open,
-                postcard: card.map(|c| c.to_string()),
+                name: a.map_or_else(|| r.island.clone(), |a| a.name.clone()),
+                lan_open: a.is_some_and(|a| a.lan_open),
+                postcard: a.and_then(|a| a.postcard.as_ref()).map(|c| c.to_string()),
                 seq: r.traffic.stamped,
-                msgs_per_sec: monitor.rates.rate(r.id, r.traffic.stamped, age, clock),
+                msgs_per_sec: rates.rate(r.id, r.traffic.stamped, age, clock),
                 age_seconds: age,
                 members: r
                     .members
@@ -434,43 +494,7 @@ pub(crate) fn collect(shared: &Arc<Shared>, peer: SocketAddr, local: SocketAddr)
             .then(b.seq.cmp(&a.seq))
             .then(a.session.cmp(&b.session))
     });
-    let (t, sessions) = monitor.stats.totals();
-    let ev = monitor.stats.events();
-    let started = monitor
-        .started
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
-    Status {
-        version: SCHEMA_VERSION,
-        router: RouterInfo {
-            instance: shared.instance.to_string(),
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            listen: shared.cfg.listen.to_string(),
-            started,
-            uptime_seconds: (now - started).max(0.0),
-            status_from: shared.cfg.status_from.to_string(),
-        },
-        forwarding,
-        totals: Totals {
-            sessions: sessions as u64,
-            replicas: monitor.stats.replicas() as u64,
-            messages_stamped: t.stamped,
-            deliveries: t.deliveries,
-            bytes_in: t.bytes_in,
-            bytes_out: t.bytes_out,
-            ticks: t.ticks,
-            resumes: ev.resumes,
-            late_joins: ev.late_joins,
-            snapshot_uploads: ev.snapshots,
-            slow_consumers: ev.slow_consumers,
-            divergences: ev.divergences,
-            refusals: ev.refusals.values().sum(),
-            connections_shed: monitor.shed_counts().iter().map(|(_, n)| n).sum(),
-        },
-        islands,
-        recent_refusals: ev.recent_refusals.iter().rev().map(event).collect(),
-        recent_divergences: ev.recent_divergences.iter().rev().map(event).collect(),
-    }
+    islands
 }
 
 /// Text safe inside HTML elements and quoted attributes.
@@ -522,6 +546,12 @@ pub fn fragment(s: &Status) -> String {
 }
 
 fn write_fragment(h: &mut String, s: &Status) -> fmt::Result {
+    write_router(h, s)?;
+    write_islands(h, &s.islands)?;
+    write_events(h, s)
+}
+
+fn write_router(h: &mut String, s: &Status) -> fmt::Result {
     let f = &s.forwarding;
     writeln!(h, r#"<section class="card"><h2>Router</h2><dl>"#)?;
     // The detail says more than the mode except in the plainest case ("LAN-only").
@@ -580,19 +610,22 @@ fn write_fragment(h: &mut String, s: &Status) -> fmt::Result {
         t.connections_shed
     )?;
     writeln!(h, "</dl></section>")?;
+    Ok(())
+}
 
+fn write_islands(h: &mut String, islands: &[Island]) -> fmt::Result {
     writeln!(
         h,
         r#"<section class="card"><h2>Islands <span class="count">{}</span></h2>"#,
-        s.islands.len()
+        islands.len()
     )?;
-    if s.islands.is_empty() {
+    if islands.is_empty() {
         writeln!(
             h,
             r#"<p class="none">No island is live on this router.</p>"#
         )?;
     }
-    for i in &s.islands {
+    for i in islands {
         let title = if i.name.is_empty() {
             "<i>unnamed island</i>".to_string()
         } else {
@@ -645,7 +678,10 @@ fn write_fragment(h: &mut String, s: &Status) -> fmt::Result {
         writeln!(h, "</article>")?;
     }
     writeln!(h, "</section>")?;
+    Ok(())
+}
 
+fn write_events(h: &mut String, s: &Status) -> fmt::Result {
     for (title, list, empty) in [
         ("Recent refusals", &s.recent_refusals, "No refusals."),
         (
