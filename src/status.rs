@@ -5,7 +5,7 @@ use crate::{print_line, usage};
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use http_body_util::{BodyExt, Empty, Limited};
-use isthmus_dispatcher::status::{ago, rate, Event, Status, SCHEMA_VERSION};
+use isthmus_dispatcher::status::{ago, rate, Event, Island, Status, SCHEMA_VERSION};
 use isthmus_dispatcher::DEFAULT_PORT;
 use std::time::Duration;
 
@@ -164,26 +164,36 @@ fn event_line(e: &Event, now: f64) -> String {
 /// The status as lines for people.
 pub(crate) fn lines(s: &Status) -> Vec<String> {
     let now = s.router.started + s.router.uptime_seconds;
+    let mut out = router_lines(s);
+    out.push(String::new());
+    out.push(format!("islands: {}", s.islands.len()));
+    for i in &s.islands {
+        out.extend(island_lines(i));
+    }
+    for (title, list) in [
+        ("recent refusals", &s.recent_refusals),
+        ("recent divergences", &s.recent_divergences),
+    ] {
+        out.push(String::new());
+        out.push(if list.is_empty() {
+            format!("{title}: none")
+        } else {
+            format!("{title}:")
+        });
+        out.extend(list.iter().map(|e| event_line(e, now)));
+    }
+    out
+}
+
+/// The router, its forwarding and its totals.
+fn router_lines(s: &Status) -> Vec<String> {
     let f = &s.forwarding;
     let t = &s.totals;
-    let mut out = vec![
-        format!(
-            "router {} on {}, up {} (instance {})",
-            s.router.version,
-            s.router.listen,
-            ago(s.router.uptime_seconds),
-            s.router.instance
-        ),
-        format!("forwarding: {} ({})", f.mode, f.detail),
-        format!(
-            "  internal: {}",
-            if f.internal.is_empty() {
-                "none".to_string()
-            } else {
-                f.internal.join(", ")
-            }
-        ),
-    ];
+    let internal = if f.internal.is_empty() {
+        "none".to_string()
+    } else {
+        f.internal.join(", ")
+    };
     let mut external = format!("  external: {}", f.external.as_deref().unwrap_or("none"));
     if f.mode == "gateway" {
         external.push_str(&match (f.mapped, f.lease_seconds) {
@@ -195,60 +205,59 @@ pub(crate) fn lines(s: &Status) -> Vec<String> {
     if f.public == Some(false) {
         external.push_str(" (not public: double NAT)");
     }
-    out.push(external);
-    out.push(format!(
-        "totals: {} sessions, {} replicas, {} messages stamped, {} deliveries, {} in, {} out, {} refused, {} shed",
-        t.sessions,
-        t.replicas,
-        t.messages_stamped,
-        t.deliveries,
-        bytes(t.bytes_in),
-        bytes(t.bytes_out),
-        t.refusals,
-        t.connections_shed
-    ));
-    out.push(String::new());
-    out.push(format!("islands: {}", s.islands.len()));
-    for i in &s.islands {
-        let name = if i.name.is_empty() {
-            "(unnamed)".to_string()
-        } else {
-            format!("{:?}", i.name)
-        };
-        out.push(format!(
-            "  {name} {}  seq {}  {} msgs/s  up {}  session {}",
-            if i.lan_open { "LAN-open" } else { "private" },
-            i.seq,
-            rate(i.msgs_per_sec),
-            ago(i.age_seconds),
-            i.session
-        ));
-        if i.members.is_empty() {
-            out.push("    nobody attached (lingering)".to_string());
-        }
-        for m in &i.members {
-            out.push(format!(
-                "    {:?} for {}{}",
-                m.name,
-                ago(m.connected_seconds),
-                if m.resumed { ", resumed" } else { "" }
-            ));
-        }
-        if let Some(card) = &i.postcard {
-            out.push(format!("    postcard: {card}"));
-        }
+    vec![
+        format!(
+            "router {} on {}, up {} (instance {})",
+            s.router.version,
+            s.router.listen,
+            ago(s.router.uptime_seconds),
+            s.router.instance
+        ),
+        format!("forwarding: {} ({})", f.mode, f.detail),
+        format!("  internal: {internal}"),
+        external,
+        format!(
+            "totals: {} sessions, {} replicas, {} messages stamped, {} deliveries, {} in, {} out, {} refused, {} shed",
+            t.sessions,
+            t.replicas,
+            t.messages_stamped,
+            t.deliveries,
+            bytes(t.bytes_in),
+            bytes(t.bytes_out),
+            t.refusals,
+            t.connections_shed
+        ),
+    ]
+}
+
+/// One island: its line, its members, its postcard.
+fn island_lines(i: &Island) -> Vec<String> {
+    let name = if i.name.is_empty() {
+        "(unnamed)".to_string()
+    } else {
+        format!("{:?}", i.name)
+    };
+    let mut out = vec![format!(
+        "  {name} {}  seq {}  {} msgs/s  up {}  session {}",
+        if i.lan_open { "LAN-open" } else { "private" },
+        i.seq,
+        rate(i.msgs_per_sec),
+        ago(i.age_seconds),
+        i.session
+    )];
+    if i.members.is_empty() {
+        out.push("    nobody attached (lingering)".to_string());
     }
-    for (title, list) in [
-        ("recent refusals", &s.recent_refusals),
-        ("recent divergences", &s.recent_divergences),
-    ] {
-        out.push(String::new());
-        out.push(
-            format!("{title}: {}", if list.is_empty() { "none" } else { "" })
-                .trim_end()
-                .to_string(),
-        );
-        out.extend(list.iter().map(|e| event_line(e, now)));
+    for m in &i.members {
+        out.push(format!(
+            "    {:?} for {}{}",
+            m.name,
+            ago(m.connected_seconds),
+            if m.resumed { ", resumed" } else { "" }
+        ));
+    }
+    if let Some(card) = &i.postcard {
+        out.push(format!("    postcard: {card}"));
     }
     out
 }
