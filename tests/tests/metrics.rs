@@ -1,7 +1,8 @@
 //! `/metrics` and `/status.json` count what the router did, and keep counting after sessions end.
 
 use isthmus_dispatcher::DispatcherConfig;
-use isthmus_router::wire::Code;
+use isthmus_router::wire::{self, ClientFrame, Code};
+use isthmus_router::Seq;
 use isthmus_tests::{new_island, start_router, HelloOpts, WireReplica, PATIENCE};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -48,7 +49,7 @@ async fn until_sample(addr: SocketAddr, series: &str, want: f64) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counts_survive_their_session_and_refusals_and_joins_are_counted() {
+async fn counts_survive_their_session_and_refusals_joins_and_divergences_are_counted() {
     let mut cfg = DispatcherConfig::default();
     cfg.driver.session.linger = Duration::from_millis(100);
     let router = start_router(cfg).await;
@@ -60,7 +61,12 @@ async fn counts_survive_their_session_and_refusals_and_joins_are_counted() {
     assert_eq!(stranger.refused(PATIENCE).await, Code::UNKNOWN_SESSION);
 
     let island = new_island();
-    let mut a = WireReplica::connect(router.addr, HelloOpts::new(&island, true))
+    let named = |name: &str, create: bool| {
+        let mut opts = HelloOpts::new(&island, create);
+        opts.name = name.into();
+        opts
+    };
+    let mut a = WireReplica::connect(router.addr, named("ann", true))
         .await
         .expect("connect");
     a.wait_until(PATIENCE, "synced", |s| s.synced).await;
@@ -68,7 +74,7 @@ async fn counts_survive_their_session_and_refusals_and_joins_are_counted() {
         a.send(format!("m{i}")).await.expect("send");
     }
     a.wait_for_seq(5, PATIENCE).await;
-    let mut b = WireReplica::connect(router.addr, HelloOpts::new(&island, false))
+    let mut b = WireReplica::connect(router.addr, named("bob", false))
         .await
         .expect("connect");
     b.wait_for_seq(5, PATIENCE).await;
@@ -116,6 +122,25 @@ async fn counts_survive_their_session_and_refusals_and_joins_are_counted() {
         serde_json::from_str(&get(router.addr, "/status.json").await).expect("json");
     assert_eq!(status["recent_refusals"][0]["code"], 2002, "{status:#}");
     assert_eq!(status["islands"][0]["seq"], 5);
+
+    // Two replicas disagree about the state after seq 5.
+    for (r, hash) in [(&a, "aaaa"), (&b, "bbbb")] {
+        let frame = ClientFrame::Digest {
+            seq: Seq(5),
+            hash: hash.into(),
+        };
+        r.write_raw(&wire::encode(&frame)).await.expect("digest");
+    }
+    until_sample(router.addr, "isthmus_divergences_total", 1.0).await;
+    let status: serde_json::Value =
+        serde_json::from_str(&get(router.addr, "/status.json").await).expect("json");
+    let d = &status["recent_divergences"][0];
+    assert_eq!(d["what"], "digests differ at seq 5", "{status:#}");
+    let who = d["who"].as_str().expect("who");
+    assert!(
+        who.contains("ann") && who.contains("bob") && who.contains(" | "),
+        "{who}"
+    );
 
     // Everyone leaves, the island lingers out: the gauges drop, the counters stay.
     drop((a, b));
