@@ -28,7 +28,8 @@ pub const DURATION_BUCKETS: [f64; 12] = [
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
 ];
 
-/// Refusals and divergences kept for the status page, each (the newest; older ones drop off).
+/// Refusals and divergences kept for the status page, each: the newest, about a screenful;
+/// older ones drop off (the counters in `/metrics` keep the totals).
 pub const RECENT_EVENTS: usize = 32;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
