@@ -3,6 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use isthmus_dispatcher::portmap::{Fallback, MapConfig, Protocol};
+use isthmus_dispatcher::status::StatusAccess;
 use isthmus_dispatcher::{
     BeaconConfig, CreatePolicy, Dispatcher, DispatcherConfig, Forwarding, DEFAULT_PORT,
 };
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 mod island;
 mod prefs_cmd;
+mod status;
 mod tui;
 
 #[derive(Parser)]
@@ -49,6 +51,8 @@ enum Command {
     /// Saved router profiles.
     #[command(subcommand)]
     Prefs(prefs_cmd::PrefsCommand),
+    /// Show what a running router is doing: islands, members, forwarding, recent refusals.
+    Status(status::StatusArgs),
 }
 
 #[derive(Args, Default)]
@@ -90,6 +94,11 @@ pub(crate) struct RouterArgs {
     /// anyone who reaches the router, none = nobody (default lan).
     #[arg(long, value_enum)]
     create: Option<CreateArg>,
+    /// Who may see the status page (/), its JSON and /metrics on the router's port: lan =
+    /// loopback and this machine's own subnets, any = anyone who reaches the router, none =
+    /// nobody (default lan).
+    #[arg(long, value_enum, value_name = "WHO")]
+    status_from: Option<CreateArg>,
     /// Sessions alive at once; past it creating is refused as busy (default 10000).
     #[arg(long, value_name = "N")]
     max_sessions: Option<u64>,
@@ -178,6 +187,7 @@ fn main() -> std::process::ExitCode {
             Command::Join(args) => island::run_join(args).await,
             Command::Discover(args) => island::run_discover(args).await,
             Command::Postcard(args) => island::run_postcard(args).await,
+            Command::Status(args) => status::run(args).await,
         }
     });
     // A replica may leave a blocking stdin read behind: do not wait for it to see a line.
@@ -305,6 +315,7 @@ pub(crate) fn effective_settings(
         format!("forwarding = {forwarding}"),
         format!("beacon = {beacon}"),
         format!("create = {create}"),
+        format!("status_from = {}", cfg.status_from),
         format!("tick_ms = {}", ms(s.tick_interval)),
         format!("linger_ms = {}", ms(s.linger)),
         format!("limits.max_connections = {}", cfg.max_connections),
@@ -438,6 +449,15 @@ fn router_config(
             Some(isthmus_prefs::CreateMode::None) => CreatePolicy::None,
             Some(isthmus_prefs::CreateMode::Lan) | None => CreatePolicy::Lan,
         },
+    };
+    cfg.status_from = match args.status_from.or(p.status_from.map(|m| match m {
+        isthmus_prefs::CreateMode::Lan => CreateArg::Lan,
+        isthmus_prefs::CreateMode::Any => CreateArg::Any,
+        isthmus_prefs::CreateMode::None => CreateArg::None,
+    })) {
+        Some(CreateArg::Any) => StatusAccess::Any,
+        Some(CreateArg::None) => StatusAccess::None,
+        Some(CreateArg::Lan) | None => StatusAccess::Lan,
     };
 
     use isthmus_prefs::ForwardingMode as M;

@@ -79,6 +79,13 @@ pub const MAX_HEADER_BUF: usize = 64 * 1024;
 /// Picks the handler for a request by its path.
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let _ = (&ctx.shared, ctx.local, &ctx.guard);
+    match req.uri().path() {
+        "/metrics" => return crate::metrics::respond(ctx),
+        p @ ("/" | "/status.json" | "/status.fragment" | "/status.js" | "/status.css") => {
+            return crate::status::respond(ctx, p)
+        }
+        _ => {}
+    }
     text(
         StatusCode::NOT_FOUND,
         format!(

@@ -20,8 +20,10 @@
 
 pub mod contacts;
 pub mod http;
+pub mod metrics;
 pub mod portmap;
 pub mod reach;
+pub mod status;
 
 use bytes::BytesMut;
 use isthmus_contact::beacon::{Beacon, BeaconIsland};
@@ -224,6 +226,8 @@ pub struct DispatcherConfig {
     pub driver: DriverConfig,
     /// Announce islands on the LAN; `None` keeps the router silent.
     pub beacon: Option<BeaconConfig>,
+    /// Who may see the status page, its JSON and `/metrics`.
+    pub status_from: status::StatusAccess,
 }
 
 impl Default for DispatcherConfig {
@@ -240,6 +244,7 @@ impl Default for DispatcherConfig {
             forwarding: Forwarding::LanOnly,
             driver: DriverConfig::default(),
             beacon: None,
+            status_from: status::StatusAccess::Lan,
         }
     }
 }
@@ -413,6 +418,8 @@ struct Shared {
     turning_away: Arc<Semaphore>,
     /// Shared by every session.
     budget: Arc<MemoryBudget>,
+    /// Counters for `/metrics` and the status page.
+    monitor: metrics::Monitor,
 }
 
 impl Dispatcher {
@@ -458,12 +465,14 @@ impl Dispatcher {
                 },
             },
         };
+        let stats = Arc::new(isthmus_router::stats::RouterStats::default());
+        cfg.driver.stats = stats.clone();
         Ok(Dispatcher {
             listener,
             local,
             mapper,
-            how,
             shared: Arc::new(Shared {
+                monitor: metrics::Monitor::new(stats, how.clone()),
                 permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
                 sources: Arc::default(),
                 turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
@@ -474,6 +483,7 @@ impl Dispatcher {
                 registry: Arc::default(),
                 next_conn: AtomicU64::new(1),
             }),
+            how,
         })
     }
 
@@ -636,6 +646,7 @@ impl Shared {
     /// it meets.
     fn admit(&self, ip: IpAddr) -> Result<Admission, String> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.monitor.shed(metrics::Limit::Connections);
             return Err(format!(
                 "this router is at its limit of {} open connections; try again later",
                 self.cfg.max_connections
@@ -647,11 +658,13 @@ impl Shared {
             .get(&source)
             .map_or((0, 0), |c| (c.connections, c.handshakes));
         if connections >= self.cfg.max_connections_per_ip {
+            self.monitor.shed(metrics::Limit::ConnectionsPerIp);
             return Err(format!(
                 "{source} already has {connections} connections open to this router, its limit per address; close some and try again"
             ));
         }
         if handshakes >= self.cfg.max_handshakes_per_ip {
+            self.monitor.shed(metrics::Limit::HandshakesPerIp);
             return Err(format!(
                 "{source} already has {handshakes} handshakes in progress with this router, its limit per address; try again in a moment"
             ));
@@ -758,6 +771,7 @@ impl Shared {
                     HandshakeError::NotHello => Some(Code::PROTOCOL_VIOLATION),
                 };
                 if let Some(code) = code {
+                    self.refused(code, None, peer, &e.to_string());
                     refuse(&mut stream, code, &e.to_string()).await;
                 }
                 return;
@@ -766,6 +780,7 @@ impl Shared {
         let session = hello.body.session;
         if let Err((code, reason)) = check_hello(&nonce, &hello) {
             info!(%peer, %session, "refused: {code}: {reason}");
+            self.refused(code, Some(session), peer, &reason);
             refuse(&mut stream, code, &reason).await;
             return;
         }
@@ -800,6 +815,7 @@ impl Shared {
         };
         if let Err((mut attach, code, reason)) = self.route(&body, lan, attach) {
             info!(%peer, %session, "refused: {code}: {reason}");
+            self.refused(code, Some(session), peer, &reason);
             let stream = &mut attach.stream;
             let frame = wire::encode(&ServerFrame::Refuse { code, reason });
             let _ = tokio::time::timeout(timeout, async {
@@ -962,6 +978,24 @@ impl Shared {
             ));
         }
         Ok(())
+    }
+
+    /// Counts a hello refused by the dispatcher, for the metrics and the status page.
+    fn refused(&self, code: Code, session: Option<SessionId>, peer: SocketAddr, reason: &str) {
+        let island = session
+            .and_then(|id| {
+                let reg = lock(&self.registry);
+                reg.sessions
+                    .get(&id)?
+                    .announce
+                    .as_ref()
+                    .map(|a| a.name.clone())
+            })
+            .unwrap_or_default();
+        let who = peer.ip().to_string();
+        self.monitor
+            .stats
+            .refused(code, session, &island, who, reason.to_string());
     }
 
     async fn shutdown(&self) {

@@ -88,7 +88,8 @@ pub enum Fallback {
     Fail,
 }
 
-/// Who may create islands on the router (the dispatcher's create policy).
+/// Who may create islands on the router (the dispatcher's create policy), and who may see its
+/// status page and metrics (`status_from`): the same three audiences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreateMode {
     /// Peers on loopback or the router's own subnets (the router's default).
@@ -169,6 +170,8 @@ pub struct Profile {
     pub linger_ms: Option<u64>,
     /// Who may create islands.
     pub create: Option<CreateMode>,
+    /// Who may see the status page, its JSON and `/metrics`.
+    pub status_from: Option<CreateMode>,
     /// UPnP settings.
     pub upnp: UpnpPrefs,
     /// Limits.
@@ -354,6 +357,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("tick_ms", Kind::Range(1, 60_000)),
     ("linger_ms", Kind::Range(1, 86_400_000)),
     ("create", Kind::Create),
+    ("status_from", Kind::Create),
     ("upnp.lease_secs", Kind::U32),
     ("upnp.external_port", Kind::Port),
     ("upnp.description", Kind::Text),
@@ -457,6 +461,13 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "linger_ms" => p.linger_ms = Some(n()),
         "create" => {
             p.create = Some(match v.as_str() {
+                Some("any") => CreateMode::Any,
+                Some("none") => CreateMode::None,
+                _ => CreateMode::Lan,
+            })
+        }
+        "status_from" => {
+            p.status_from = Some(match v.as_str() {
                 Some("any") => CreateMode::Any,
                 Some("none") => CreateMode::None,
                 _ => CreateMode::Lan,
@@ -870,12 +881,13 @@ impl fmt::Display for Profile {
         line(f, "beacon_interval_ms", &self.beacon_interval_ms, false)?;
         line(f, "tick_ms", &self.tick_ms, false)?;
         line(f, "linger_ms", &self.linger_ms, false)?;
-        let create = self.create.map(|c| match c {
+        let audience = |c: CreateMode| match c {
             CreateMode::Lan => "lan",
             CreateMode::Any => "any",
             CreateMode::None => "none",
-        });
-        line(f, "create", &create, true)?;
+        };
+        line(f, "create", &self.create.map(audience), true)?;
+        line(f, "status_from", &self.status_from.map(audience), true)?;
         line(f, "upnp.lease_secs", &self.upnp.lease_secs, false)?;
         line(f, "upnp.external_port", &self.upnp.external_port, false)?;
         line(f, "upnp.description", &self.upnp.description, true)?;
@@ -1149,6 +1161,11 @@ port = 7471
         p.set("cabin", "forwarding", "manual").expect("set");
         p.set("cabin", "beacon", "false").expect("set");
         p.set("cabin", "create", "none").expect("set");
+        p.set("cabin", "status_from", "any").expect("set");
+        assert!(matches!(
+            p.set("cabin", "status_from", "world"),
+            Err(PrefsError::Edit(_))
+        ));
         let e = p
             .set("cabin", "limits.max_frame_bytes", "10")
             .expect_err("too small");
@@ -1174,6 +1191,7 @@ port = 7471
         let cabin = again.profile("cabin").expect("cabin");
         assert_eq!(cabin.forwarding, Some(ForwardingMode::Manual));
         assert_eq!(cabin.beacon, Some(false));
+        assert_eq!(cabin.status_from, Some(CreateMode::Any));
         // No temporary files left behind.
         let left: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
             .expect("ls")

@@ -19,6 +19,7 @@ use crate::auth::IslandKeys;
 use crate::framed::FrameReader;
 use crate::ids::{ConnId, SessionId};
 use crate::session::{JoinRequest, Notice, Output, Session, SessionConfig};
+use crate::stats::{RouterStats, SessionStats};
 use crate::wire::{self, ClientFrame, Code, DecodeError};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,8 @@ pub struct DriverConfig {
     pub write_timeout: Duration,
     /// The island's name for log lines (its beacon name; empty when it has none).
     pub island: String,
+    /// Where the session's counters go (the dispatcher shares one among all sessions).
+    pub stats: Arc<RouterStats>,
 }
 
 impl Default for DriverConfig {
@@ -63,6 +66,7 @@ impl Default for DriverConfig {
             event_queue: DEFAULT_EVENT_QUEUE,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             island: String::new(),
+            stats: Arc::default(),
         }
     }
 }
@@ -186,6 +190,8 @@ pub fn spawn_session(
         events: event_tx.clone(),
     };
     let task = SessionTask {
+        stats: cfg.stats.register(id, &cfg.island),
+        counts: Counts::default(),
         core: Session::new(id, keys, cfg.session.clone(), now()),
         cfg,
         conns: HashMap::new(),
@@ -207,14 +213,30 @@ struct Conn {
     cancel: CancellationToken,
 }
 
+/// The session task's own counts, published to its [`SessionStats`] once per batch.
+#[derive(Default)]
+struct Counts {
+    deliveries: u64,
+    bytes_out: u64,
+}
+
 struct SessionTask {
     core: Session,
+    stats: Arc<SessionStats>,
+    counts: Counts,
     cfg: DriverConfig,
     conns: HashMap<ConnId, Conn>,
     events_tx: mpsc::Sender<Event>,
     tasks: JoinSet<()>,
     flushes: Arc<Flushes>,
     flushed: Vec<(ConnId, usize)>,
+}
+
+impl Drop for SessionTask {
+    /// Also when the task panicked or was aborted: a session never stays in the gauges.
+    fn drop(&mut self) {
+        self.cfg.stats.retire(&self.stats);
+    }
 }
 
 impl SessionTask {
@@ -271,6 +293,9 @@ impl SessionTask {
                 break;
             }
         }
+        // The counts are final (the last outputs were applied): the session leaves the gauges now,
+        // not after the goodbyes' grace.
+        self.cfg.stats.retire(&self.stats);
         // Give writers a moment to deliver goodbyes, then cut everything.
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while self.tasks.join_next().await.is_some() {}
@@ -284,6 +309,7 @@ impl SessionTask {
         self.flushes.take(&mut self.flushed);
         let now = now();
         for (conn, bytes) in self.flushed.drain(..) {
+            self.counts.bytes_out += bytes as u64;
             self.core.handle_flushed(conn, bytes, now);
         }
     }
@@ -299,6 +325,7 @@ impl SessionTask {
             self.cfg.max_frame_bytes,
             self.events_tx.clone(),
             cancel.clone(),
+            self.stats.clone(),
         ));
         self.tasks.spawn(write_loop(
             writer,
@@ -352,6 +379,7 @@ impl SessionTask {
                 Output::Transmit { conn, frame } => {
                     if let Some(c) = self.conns.get(&conn) {
                         c.outbox.push(frame);
+                        self.counts.deliveries += 1;
                     }
                 }
                 Output::Close {
@@ -366,9 +394,18 @@ impl SessionTask {
                         c.outbox.close(goodbye, discard_queued);
                     }
                 }
-                Output::Notice(n) => log_notice(id, &self.cfg.island, &n),
+                Output::Notice(n) => {
+                    log_notice(id, &self.cfg.island, &n);
+                    self.stats.note(&n);
+                }
             }
         }
+        self.stats.publish(
+            self.core.last_seq().0,
+            self.counts.deliveries,
+            self.counts.bytes_out,
+            self.core.ticks(),
+        );
     }
 }
 
@@ -407,9 +444,15 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
                 .collect();
             warn!(session = %id, island = ?island, seq = d.seq.0, "replicas diverged: {}", groups.join("; "));
         }
-        Notice::SnapshotStored { at, bytes } => {
-            debug!(session = %id, at = at.0, bytes, "snapshot stored")
+        Notice::SnapshotStored { at, bytes, took } => {
+            debug!(session = %id, at = at.0, bytes, ?took, "snapshot stored")
         }
+        Notice::Synced {
+            replica,
+            resumed,
+            took,
+            ..
+        } => debug!(session = %id, %replica, resumed, ?took, "synced"),
     }
 }
 
@@ -486,6 +529,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     max_frame: usize,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
+    stats: Arc<SessionStats>,
 ) {
     let mut frames = FrameReader::with_buffered(reader, buf, max_frame);
     let event = loop {
@@ -508,7 +552,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         tokio::select! {
             r = frames.fill() => match r {
                 Ok(0) => break Event::Gone(conn, "closed by the replica".into()),
-                Ok(_) => {}
+                Ok(n) => stats.read_bytes(n),
                 Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
             },
             _ = cancel.cancelled() => return,

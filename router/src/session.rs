@@ -257,6 +257,19 @@ pub enum Notice {
         at: Seq,
         /// Its size.
         bytes: usize,
+        /// From the request to the last piece, for the upload-duration histogram.
+        took: Duration,
+    },
+    /// A joining replica got `Synced`: it is live now.
+    Synced {
+        /// Who.
+        replica: ReplicaId,
+        /// On which connection.
+        conn: ConnId,
+        /// Resumed (true) or synced from a snapshot or the start (false, a late join).
+        resumed: bool,
+        /// From its join to `Synced`, for the join-duration histogram.
+        took: Duration,
     },
 }
 
@@ -306,6 +319,9 @@ struct Member {
     /// The highest admin command seq carried out on this connection; each must be higher, so a
     /// recorded command cannot be replayed.
     admin_seq: u64,
+    /// When it joined and whether it resumed, for [`Notice::Synced`].
+    joined_at: Instant,
+    resumed: bool,
 }
 
 impl Member {
@@ -359,6 +375,10 @@ pub struct Session {
     empty_since: Option<Instant>,
     /// The admin closed the island: everyone was told, and joins are refused.
     closed: bool,
+    /// Ticks sent (each to every live replica), for the router's metrics.
+    ticks: u64,
+    /// Members that just got `Synced`, reported by the next `reap` (which knows the time).
+    synced: Vec<ConnId>,
     out: VecDeque<Output>,
 }
 
@@ -386,6 +406,8 @@ impl Session {
             digests: BTreeMap::new(),
             empty_since: Some(now),
             closed: false,
+            ticks: 0,
+            synced: Vec::new(),
             out: VecDeque::new(),
         }
     }
@@ -413,6 +435,11 @@ impl Session {
     /// Connections attached now, control connections included.
     pub fn member_count(&self) -> usize {
         self.members.len()
+    }
+
+    /// Ticks sent so far (each one to every live replica).
+    pub fn ticks(&self) -> u64 {
+        self.ticks
     }
 
     /// Entries and bytes in the history.
@@ -485,11 +512,14 @@ impl Session {
             Err((code, reason)) => return self.refuse(conn, req.replica, code, reason),
         };
         let welcome = self.welcome(&req, now);
+        let resumed = matches!(plan, Plan::Resume(_));
         self.insert_member(conn, &req, SyncState::AwaitingSnapshot, now);
+        if let Some(m) = self.members.get_mut(&conn) {
+            m.resumed = resumed;
+        }
         self.by_replica.insert(req.replica, conn);
         self.send_to(conn, wire::encode(&ServerFrame::Welcome(welcome)));
         self.announce_presence(conn, &req);
-        let resumed = matches!(plan, Plan::Resume(_));
         self.start_sync(conn, plan, now);
         self.out.push_back(Output::Notice(Notice::Joined {
             replica: req.replica,
@@ -577,6 +607,8 @@ impl Session {
                 doomed: None,
                 nonce: req.nonce,
                 admin_seq: 0,
+                joined_at: now,
+                resumed: false,
             },
         );
         self.empty_since = None;
@@ -778,6 +810,7 @@ impl Session {
         {
             let time = RouterTime(self.router_time(now));
             let frame = wire::encode(&ServerFrame::Tick { time });
+            self.ticks += 1;
             self.last_activity = now;
             self.broadcast_live(&frame);
         }
@@ -951,6 +984,7 @@ impl Session {
                 SyncState::Backlog { next } => {
                     if *next > self.last_seq {
                         m.state = SyncState::Live;
+                        self.synced.push(conn);
                         let last_client_seq =
                             self.client_seqs.get(&m.replica).map_or(0, |e| e.last);
                         wire::encode(&ServerFrame::Synced {
@@ -1342,6 +1376,7 @@ impl Session {
         self.out.push_back(Output::Notice(Notice::SnapshotStored {
             at: Seq(snap.at),
             bytes: snap.data.len(),
+            took: now.saturating_duration_since(p.asked_at),
         }));
         self.set_snapshot(Some(snap.clone()));
         let waiting = self.awaiting_snapshot();
@@ -1434,15 +1469,22 @@ impl Session {
     /// Removes doomed members until none are left (a removal can doom others, e.g. a leave
     /// announcement that overflows another replica's queue).
     fn reap(&mut self, now: Instant) {
-        loop {
-            let Some((conn, (code, reason, discard))) = self
-                .members
-                .iter_mut()
-                .find_map(|(c, m)| m.doomed.take().map(|d| (*c, d)))
-            else {
-                return;
-            };
+        while let Some((conn, (code, reason, discard))) = self
+            .members
+            .iter_mut()
+            .find_map(|(c, m)| m.doomed.take().map(|d| (*c, d)))
+        {
             self.remove_member(conn, Some((code, reason)), discard, now);
+        }
+        for conn in std::mem::take(&mut self.synced) {
+            if let Some(m) = self.members.get(&conn) {
+                self.out.push_back(Output::Notice(Notice::Synced {
+                    replica: m.replica,
+                    conn,
+                    resumed: m.resumed,
+                    took: now.saturating_duration_since(m.joined_at),
+                }));
+            }
         }
     }
 

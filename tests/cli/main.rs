@@ -7,4 +7,6 @@ mod lan6;
 mod nat;
 mod natpmp;
 mod proc;
+mod prometheus;
 mod router;
+mod status;
