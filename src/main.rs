@@ -536,27 +536,38 @@ fn router_config(
 }
 
 async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result<()> {
-    let cfg = router_config(&args, prefs)?;
-    // Catch Ctrl-C and SIGTERM before anything can be mapped or announced: a signal that
-    // arrives during start-up (a UPnP mapping takes a moment) is held and acted on at once.
+    let mut cfg = router_config(&args, prefs)?;
+    // Catch Ctrl-C and SIGTERM before anything can be mapped or announced. Asking the gateway
+    // can take seconds per protocol when nothing answers: a signal meanwhile cuts it short
+    // (what was granted is removed) instead of waiting for it.
     let signals = Signals::install()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+    if let Forwarding::Gateway(map) = &mut cfg.forwarding {
+        map.cancel = Some(shutdown.clone());
+    }
     let beacon = cfg.beacon.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
     print_line(&format!("listening on {local}"));
     let summary = dispatcher.summary();
     let check = dispatcher.reachability();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
     // The reachability check connects to the router through the gateway: it needs the
     // dispatcher accepting, so the summary follows it (a few seconds at most).
-    let running = tokio::spawn(dispatcher.run(shutdown));
+    let running = tokio::spawn(dispatcher.run(shutdown.clone()));
     // One line that says where the router can be reached, whatever RUST_LOG says.
     match check {
-        Some(check) => eprint_line(&format!("isthmus router: {summary}; {}", check.await)),
+        Some(check) => {
+            let outcome = tokio::select! {
+                r = check => r.to_string(),
+                _ = shutdown.cancelled() => "reachability not checked: stopping".to_string(),
+            };
+            eprint_line(&format!("isthmus router: {summary}; {outcome}"));
+        }
         None => eprint_line(&format!("isthmus router: {summary}")),
     }
     match &beacon {
+        _ if shutdown.is_cancelled() => {}
         Some(b) => tracing::info!(
             %local,
             "router ready; announcing islands on UDP {} every {:?}",
