@@ -50,26 +50,28 @@ impl Families {
 /// announce from: a routable (global or unique-local) address of that interface when it has
 /// one, as listeners take the packet's source for the router's address and a postcard cannot
 /// carry a link-local address's scope; else its link-local address.
+///
+/// Read with `netdev`, not `if-addrs`: `if-addrs` leaves every fe80:: address out, and a link
+/// with no IPv6 router (two hosts and a switch) has nothing else, so such hosts would neither
+/// announce nor listen.
 pub fn multicast_targets_v6() -> Vec<(u32, Ipv6Addr)> {
-    let mut out: Vec<(u32, Ipv6Addr)> = Vec::new();
-    for i in if_addrs::get_if_addrs().unwrap_or_default() {
-        let (Some(index), if_addrs::IfAddr::V6(a)) = (i.index, &i.addr) else {
-            continue;
-        };
-        if !i.is_oper_up() || i.is_loopback() || a.ip.is_multicast() {
-            continue;
-        }
-        let link_local = (a.ip.segments()[0] & 0xffc0) == 0xfe80;
-        match out.iter_mut().find(|(idx, _)| *idx == index) {
-            Some(entry) => {
-                let have_link_local = (entry.1.segments()[0] & 0xffc0) == 0xfe80;
-                if have_link_local && !link_local {
-                    entry.1 = a.ip;
-                }
-            }
-            None => out.push((index, a.ip)),
-        }
-    }
+    let link_local = |a: &Ipv6Addr| (a.segments()[0] & 0xffc0) == 0xfe80;
+    let mut out: Vec<(u32, Ipv6Addr)> = netdev::get_interfaces()
+        .into_iter()
+        .filter(|i| i.is_up() && i.is_running() && i.is_multicast() && !i.is_loopback())
+        .filter_map(|i| {
+            let addrs: Vec<Ipv6Addr> = i
+                .ipv6_addrs()
+                .into_iter()
+                .filter(|a| !a.is_multicast() && !a.is_loopback() && !a.is_unspecified())
+                .collect();
+            let source = addrs
+                .iter()
+                .find(|a| !link_local(a))
+                .or_else(|| addrs.first())?;
+            Some((i.index, *source))
+        })
+        .collect();
     out.sort();
     out
 }
