@@ -74,7 +74,7 @@ pub(crate) struct RouterArgs {
     /// The external IP:PORT forwarded by hand to this router (implies --forwarding manual).
     #[arg(long, value_name = "IP:PORT")]
     external: Option<SocketAddr>,
-    /// Do not announce islands by LAN broadcast.
+    /// Do not announce islands on the LAN (IPv4 broadcast and IPv6 multicast).
     #[arg(long)]
     no_beacon: bool,
     /// UDP port the LAN beacon announces to (default 7471).
@@ -459,7 +459,7 @@ fn router_config(
                     M::Upnp => "with UPnP",
                     M::Pcp => "with PCP",
                     M::NatPmp => "with NAT-PMP",
-                    _ => "when the gateway maps the port",
+                    _ => "with auto,"
                 };
                 return Err(usage(format!(
                     "--forwarding {} and --external {e} contradict each other: {how} the gateway says the external address (drop --external, or use --forwarding manual)",

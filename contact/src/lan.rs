@@ -87,6 +87,9 @@ fn send_v6(packets: &[Vec<u8>], port: u16) {
         };
         let sent =
             std::net::UdpSocket::bind(SocketAddrV6::new(source, 0, 0, scope)).and_then(|s| {
+                // Sent from inside the async beacon task: a full send buffer must skip a round,
+                // not block a runtime thread.
+                s.set_nonblocking(true)?;
                 socket2::SockRef::from(&s).set_multicast_if_v6(index)?;
                 for p in packets {
                     s.send_to(p, SocketAddrV6::new(BEACON_GROUP_V6, port, 0, index))?;

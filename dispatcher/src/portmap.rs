@@ -147,6 +147,9 @@ pub enum PortMapError {
     /// No gateway answered in this protocol.
     #[error("no {0} gateway answered on the LAN ({1}); remote users cannot reach this router unless a port is forwarded by hand (--forwarding manual)")]
     NoGateway(Protocol, String),
+    /// The host has no IPv4 LAN address, so there is no gateway to ask (nothing was asked).
+    #[error("this host has no IPv4 LAN address, so no gateway was asked for a port mapping; remote users cannot reach this router (connect the host to a network, or use --forwarding manual)")]
+    NoLan,
     /// The gateway's external address is not on the Internet.
     #[error("the gateway's external address {0} is not a public Internet address (private or carrier-grade NAT): this is double NAT, and remote users will not reach this router through it")]
     DoubleNat(IpAddr),
@@ -860,12 +863,7 @@ impl Mapper {
 /// published, as it serves hosts on the gateway's outer network (a campus, a lab, a larger home
 /// network), which is strictly more than LAN-only.
 pub async fn start(cfg: MapConfig, local_port: u16) -> Result<PortMapper, PortMapError> {
-    let lan = cfg.lan_ip.or_else(lan_ip).ok_or_else(|| {
-        PortMapError::NoGateway(
-            cfg.protocols.first().copied().unwrap_or(Protocol::Upnp),
-            "this host has no LAN address".into(),
-        )
-    })?;
+    let lan = cfg.lan_ip.or_else(lan_ip).ok_or(PortMapError::NoLan)?;
     let local = SocketAddrV4::new(lan, local_port);
     // Said before the wait, which is seconds per protocol when nothing answers.
     let names: Vec<String> = cfg.protocols.iter().map(ToString::to_string).collect();
