@@ -110,7 +110,7 @@ pub fn broadcast_targets() -> Vec<Ipv4Addr> {
         .into_iter()
         .filter(|i| i.is_oper_up() && !i.is_loopback())
         .filter_map(|i| match i.addr {
-            if_addrs::IfAddr::V4(a) => a.broadcast,
+            if_addrs::IfAddr::V4(a) => directed_broadcast(a.ip, a.prefixlen, a.broadcast),
             if_addrs::IfAddr::V6(_) => None,
         })
         .collect();
@@ -120,6 +120,18 @@ pub fn broadcast_targets() -> Vec<Ipv4Addr> {
         out.push(Ipv4Addr::BROADCAST);
     }
     out
+}
+
+/// The broadcast address of `ip`'s subnet. An address configured without one (`ip addr add
+/// 10.0.0.2/24` leaves `brd` out) is reported by getifaddrs with its own address there: the
+/// beacon then went only to this host. None for /31 and /32, which have no broadcast address.
+fn directed_broadcast(ip: Ipv4Addr, prefix: u8, reported: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    match reported {
+        Some(b) if b != ip => Some(b),
+        // No broadcast flag at all (point-to-point, tunnels): nothing to broadcast to.
+        Some(_) if prefix < 31 => Some(Ipv4Addr::from(u32::from(ip) | (u32::MAX >> prefix))),
+        _ => None,
+    }
 }
 
 /// Announces every `interval` until cancelled. `announcement` is asked afresh each time (the
@@ -273,5 +285,28 @@ impl Listener {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_without_a_broadcast_gets_its_subnets_not_its_own() {
+        let ip = Ipv4Addr::new(10, 99, 0, 2);
+        let brd = Ipv4Addr::new(10, 99, 0, 255);
+        assert_eq!(directed_broadcast(ip, 24, Some(brd)), Some(brd));
+        assert_eq!(directed_broadcast(ip, 24, Some(ip)), Some(brd));
+        assert_eq!(
+            directed_broadcast(
+                Ipv4Addr::new(192, 168, 7, 9),
+                22,
+                Some(Ipv4Addr::new(192, 168, 7, 9))
+            ),
+            Some(Ipv4Addr::new(192, 168, 7, 255))
+        );
+        assert_eq!(directed_broadcast(ip, 32, Some(ip)), None);
+        assert_eq!(directed_broadcast(ip, 24, None), None);
     }
 }
