@@ -78,7 +78,7 @@ pub(crate) struct RouterArgs {
     /// The external IP:PORT forwarded by hand to this router (implies --forwarding manual).
     #[arg(long, value_name = "IP:PORT")]
     external: Option<SocketAddr>,
-    /// Do not announce islands by LAN broadcast.
+    /// Do not announce islands on the LAN (IPv4 broadcast and IPv6 multicast).
     #[arg(long)]
     no_beacon: bool,
     /// UDP port the LAN beacon announces to (default 7471).
@@ -479,7 +479,7 @@ fn router_config(
                     M::Upnp => "with UPnP",
                     M::Pcp => "with PCP",
                     M::NatPmp => "with NAT-PMP",
-                    _ => "when the gateway maps the port",
+                    _ => "with auto,"
                 };
                 return Err(usage(format!(
                     "--forwarding {} and --external {e} contradict each other: {how} the gateway says the external address (drop --external, or use --forwarding manual)",
@@ -556,27 +556,38 @@ fn router_config(
 }
 
 async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result<()> {
-    let cfg = router_config(&args, prefs)?;
-    // Catch Ctrl-C and SIGTERM before anything can be mapped or announced: a signal that
-    // arrives during start-up (a UPnP mapping takes a moment) is held and acted on at once.
+    let mut cfg = router_config(&args, prefs)?;
+    // Catch Ctrl-C and SIGTERM before anything can be mapped or announced. Asking the gateway
+    // can take seconds per protocol when nothing answers: a signal meanwhile cuts it short
+    // (what was granted is removed) instead of waiting for it.
     let signals = Signals::install()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+    if let Forwarding::Gateway(map) = &mut cfg.forwarding {
+        map.cancel = Some(shutdown.clone());
+    }
     let beacon = cfg.beacon.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
     print_line(&format!("listening on {local}"));
     let summary = dispatcher.summary();
     let check = dispatcher.reachability();
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
     // The reachability check connects to the router through the gateway: it needs the
     // dispatcher accepting, so the summary follows it (a few seconds at most).
-    let running = tokio::spawn(dispatcher.run(shutdown));
+    let running = tokio::spawn(dispatcher.run(shutdown.clone()));
     // One line that says where the router can be reached, whatever RUST_LOG says.
     match check {
-        Some(check) => eprint_line(&format!("isthmus router: {summary}; {}", check.await)),
+        Some(check) => {
+            let outcome = tokio::select! {
+                r = check => r.to_string(),
+                _ = shutdown.cancelled() => "reachability not checked: stopping".to_string(),
+            };
+            eprint_line(&format!("isthmus router: {summary}; {outcome}"));
+        }
         None => eprint_line(&format!("isthmus router: {summary}")),
     }
     match &beacon {
+        _ if shutdown.is_cancelled() => {}
         Some(b) => tracing::info!(
             %local,
             "router ready; announcing islands on UDP {} every {:?}",

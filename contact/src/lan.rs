@@ -50,26 +50,28 @@ impl Families {
 /// announce from: a routable (global or unique-local) address of that interface when it has
 /// one, as listeners take the packet's source for the router's address and a postcard cannot
 /// carry a link-local address's scope; else its link-local address.
+///
+/// Read with `netdev`, not `if-addrs`: `if-addrs` leaves every fe80:: address out, and a link
+/// with no IPv6 router (two hosts and a switch) has nothing else, so such hosts would neither
+/// announce nor listen.
 pub fn multicast_targets_v6() -> Vec<(u32, Ipv6Addr)> {
-    let mut out: Vec<(u32, Ipv6Addr)> = Vec::new();
-    for i in if_addrs::get_if_addrs().unwrap_or_default() {
-        let (Some(index), if_addrs::IfAddr::V6(a)) = (i.index, &i.addr) else {
-            continue;
-        };
-        if !i.is_oper_up() || i.is_loopback() || a.ip.is_multicast() {
-            continue;
-        }
-        let link_local = (a.ip.segments()[0] & 0xffc0) == 0xfe80;
-        match out.iter_mut().find(|(idx, _)| *idx == index) {
-            Some(entry) => {
-                let have_link_local = (entry.1.segments()[0] & 0xffc0) == 0xfe80;
-                if have_link_local && !link_local {
-                    entry.1 = a.ip;
-                }
-            }
-            None => out.push((index, a.ip)),
-        }
-    }
+    let link_local = |a: &Ipv6Addr| (a.segments()[0] & 0xffc0) == 0xfe80;
+    let mut out: Vec<(u32, Ipv6Addr)> = netdev::get_interfaces()
+        .into_iter()
+        .filter(|i| i.is_up() && i.is_running() && i.is_multicast() && !i.is_loopback())
+        .filter_map(|i| {
+            let addrs: Vec<Ipv6Addr> = i
+                .ipv6_addrs()
+                .into_iter()
+                .filter(|a| !a.is_multicast() && !a.is_loopback() && !a.is_unspecified())
+                .collect();
+            let source = addrs
+                .iter()
+                .find(|a| !link_local(a))
+                .or_else(|| addrs.first())?;
+            Some((i.index, *source))
+        })
+        .collect();
     out.sort();
     out
 }
@@ -85,6 +87,9 @@ fn send_v6(packets: &[Vec<u8>], port: u16) {
         };
         let sent =
             std::net::UdpSocket::bind(SocketAddrV6::new(source, 0, 0, scope)).and_then(|s| {
+                // Sent from inside the async beacon task: a full send buffer must skip a round,
+                // not block a runtime thread.
+                s.set_nonblocking(true)?;
                 socket2::SockRef::from(&s).set_multicast_if_v6(index)?;
                 for p in packets {
                     s.send_to(p, SocketAddrV6::new(BEACON_GROUP_V6, port, 0, index))?;
@@ -105,7 +110,7 @@ pub fn broadcast_targets() -> Vec<Ipv4Addr> {
         .into_iter()
         .filter(|i| i.is_oper_up() && !i.is_loopback())
         .filter_map(|i| match i.addr {
-            if_addrs::IfAddr::V4(a) => a.broadcast,
+            if_addrs::IfAddr::V4(a) => directed_broadcast(a.ip, a.prefixlen, a.broadcast),
             if_addrs::IfAddr::V6(_) => None,
         })
         .collect();
@@ -115,6 +120,18 @@ pub fn broadcast_targets() -> Vec<Ipv4Addr> {
         out.push(Ipv4Addr::BROADCAST);
     }
     out
+}
+
+/// The broadcast address of `ip`'s subnet. An address configured without one (`ip addr add
+/// 10.0.0.2/24` leaves `brd` out) is reported by getifaddrs with its own address there: the
+/// beacon then went only to this host. None for /31 and /32, which have no broadcast address.
+fn directed_broadcast(ip: Ipv4Addr, prefix: u8, reported: Option<Ipv4Addr>) -> Option<Ipv4Addr> {
+    match reported {
+        Some(b) if b != ip => Some(b),
+        // No broadcast flag at all (point-to-point, tunnels): nothing to broadcast to.
+        Some(_) if prefix < 31 => Some(Ipv4Addr::from(u32::from(ip) | (u32::MAX >> prefix))),
+        _ => None,
+    }
 }
 
 /// Announces every `interval` until cancelled. `announcement` is asked afresh each time (the
@@ -268,5 +285,28 @@ impl Listener {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_without_a_broadcast_gets_its_subnets_not_its_own() {
+        let ip = Ipv4Addr::new(10, 99, 0, 2);
+        let brd = Ipv4Addr::new(10, 99, 0, 255);
+        assert_eq!(directed_broadcast(ip, 24, Some(brd)), Some(brd));
+        assert_eq!(directed_broadcast(ip, 24, Some(ip)), Some(brd));
+        assert_eq!(
+            directed_broadcast(
+                Ipv4Addr::new(192, 168, 7, 9),
+                22,
+                Some(Ipv4Addr::new(192, 168, 7, 9))
+            ),
+            Some(Ipv4Addr::new(192, 168, 7, 255))
+        );
+        assert_eq!(directed_broadcast(ip, 32, Some(ip)), None);
+        assert_eq!(directed_broadcast(ip, 24, None), None);
     }
 }

@@ -456,6 +456,11 @@ impl Dispatcher {
                     let how = m.describe();
                     (External::Mapped(m.watch()), Some(m), how)
                 }
+                // Asked to stop meanwhile: `run` returns at once; neither fallback applies.
+                Err(e @ portmap::PortMapError::Cancelled) => {
+                    info!("{e}");
+                    (External::None, None, format!("LAN-only: {e}"))
+                }
                 Err(e) => match up.fallback {
                     portmap::Fallback::Fail => return Err(DispatchError::Forwarding(e)),
                     portmap::Fallback::LanOnly => {

@@ -19,6 +19,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 use std::num::NonZeroU16;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Lease asked for by default: finite, because some gateways refuse permanent (0) leases and a
@@ -100,6 +101,10 @@ pub struct MapConfig {
     pub pinhole_v6: bool,
     /// The global IPv6 address to open the pinhole for; the host's first when `None`.
     pub lan_ipv6: Option<Ipv6Addr>,
+    /// Cancelled when the router is asked to stop (Ctrl-C, SIGTERM) while [`start`] is still
+    /// asking the gateway: `auto` can take seconds when nothing answers, and a user who asks to
+    /// stop must not wait for every protocol in turn. What was granted meanwhile is removed.
+    pub cancel: Option<CancellationToken>,
 }
 
 impl Default for MapConfig {
@@ -116,6 +121,7 @@ impl Default for MapConfig {
             gateway: None,
             pinhole_v6: false,
             lan_ipv6: None,
+            cancel: None,
         }
     }
 }
@@ -141,6 +147,9 @@ pub enum PortMapError {
     /// No gateway answered in this protocol.
     #[error("no {0} gateway answered on the LAN ({1}); remote users cannot reach this router unless a port is forwarded by hand (--forwarding manual)")]
     NoGateway(Protocol, String),
+    /// The host has no IPv4 LAN address, so there is no gateway to ask (nothing was asked).
+    #[error("this host has no IPv4 LAN address, so no gateway was asked for a port mapping; remote users cannot reach this router (connect the host to a network, or use --forwarding manual)")]
+    NoLan,
     /// The gateway's external address is not on the Internet.
     #[error("the gateway's external address {0} is not a public Internet address (private or carrier-grade NAT): this is double NAT, and remote users will not reach this router through it")]
     DoubleNat(IpAddr),
@@ -153,6 +162,9 @@ pub enum PortMapError {
     /// Another failure talking to the gateway.
     #[error("talking to the gateway failed: {0}")]
     Gateway(String),
+    /// The router was asked to stop while the gateway was being asked; nothing stays mapped.
+    #[error("stopped while asking the gateway for a port mapping")]
+    Cancelled,
     /// Every protocol tried failed; each failure is listed.
     #[error("no protocol got a mapping from the gateway ({}); remote users cannot reach this router unless a port is forwarded by hand (--forwarding manual)", list_failures(.0))]
     AllFailed(Vec<(Protocol, PortMapError)>),
@@ -254,6 +266,89 @@ async fn within<T, E: std::fmt::Display>(
     }
 }
 
+/// Waits for `f` unless the router is asked to stop first.
+async fn unless_cancelled<T>(
+    cfg: &MapConfig,
+    f: impl Future<Output = Result<T, PortMapError>>,
+) -> Result<T, PortMapError> {
+    match &cfg.cancel {
+        Some(c) => tokio::select! {
+            r = f => r,
+            _ = c.cancelled() => Err(PortMapError::Cancelled),
+        },
+        None => f.await,
+    }
+}
+
+fn cancelled(cfg: &MapConfig) -> bool {
+    cfg.cancel
+        .as_ref()
+        .is_some_and(CancellationToken::is_cancelled)
+}
+
+/// Retransmissions for a deletion after a request cut short: a gateway that speaks the
+/// protocol answers within milliseconds, and a user who pressed Ctrl-C is waiting.
+const FORGET_TIMEOUTS: TimeoutConfig = TimeoutConfig {
+    initial_timeout: Duration::from_millis(250),
+    max_retries: 1,
+    max_retry_timeout: Some(Duration::from_millis(500)),
+};
+
+/// A fresh PCP nonce, chosen here rather than inside `crab_nat` so that a request cut short by
+/// a shutdown can still be deleted: PCP deletes a mapping by the nonce that made it.
+fn pcp_nonce() -> Option<crab_nat::pcp::Nonce> {
+    let mut b = [0u8; 12];
+    getrandom::fill(&mut b).ok()?;
+    Some([0, 4, 8].map(|i| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])))
+}
+
+/// Deletes whatever a PCP or NAT-PMP request cut short by a shutdown may have been granted:
+/// the request may have reached the gateway with its answer still on the way.
+async fn forget(
+    protocol: Protocol,
+    gateway: GatewayAddress,
+    local: SocketAddr,
+    nonce: Option<crab_nat::pcp::Nonce>,
+) {
+    let Some(port) = NonZeroU16::new(local.port()) else {
+        return;
+    };
+    // One round of retransmissions at most (0.75 s); the crates' own limit, no timer of ours.
+    let r = match (protocol, nonce) {
+        (Protocol::Pcp, Some(nonce)) => crab_nat::pcp::try_drop_mapping(
+            gateway,
+            local.ip(),
+            nonce,
+            crab_nat::pcp::DropMappingRange::Single {
+                protocol: InternetProtocol::Tcp,
+                internal_port: port,
+            },
+            Some(FORGET_TIMEOUTS),
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        (Protocol::NatPmp, _) => crab_nat::natpmp::try_drop_mapping(
+            gateway,
+            InternetProtocol::Tcp,
+            Some(port),
+            Some(FORGET_TIMEOUTS),
+        )
+        .await
+        .map_err(|e| e.to_string()),
+        _ => return,
+    };
+    match r {
+        Ok(()) => info!(
+            port = port.get(),
+            "{protocol} request cut short by the shutdown; any mapping it got is removed"
+        ),
+        Err(e) => info!(
+            port = port.get(),
+            "{protocol} request cut short by the shutdown; no removal confirmed ({e})"
+        ),
+    }
+}
+
 enum Cmd {
     Shutdown(oneshot::Sender<()>),
 }
@@ -313,12 +408,15 @@ impl PortMapper {
         text
     }
 
-    /// Removes the mapping (and the pinhole) from the gateway and stops.
+    /// Removes the mapping (and the pinhole) from the gateway and stops. Both removals go at
+    /// once: a gateway that has gone away costs one call timeout at exit, not two.
     pub async fn shutdown(self) {
-        if let Some(p) = self.pinhole {
-            p.shutdown().await;
-        }
-        self.v4.shutdown().await;
+        let pinhole = async {
+            if let Some(p) = self.pinhole {
+                p.shutdown().await;
+            }
+        };
+        tokio::join!(pinhole, self.v4.shutdown());
     }
 }
 
@@ -466,7 +564,8 @@ impl Mapper {
     ) -> Result<Mapper, PortMapError> {
         let backend = match protocol {
             Protocol::Upnp => {
-                let gateway = find_upnp(cfg, *local.ip()).await?;
+                // Searching changes nothing on the gateway: a shutdown may cut it short.
+                let gateway = unless_cancelled(cfg, find_upnp(cfg, *local.ip())).await?;
                 Backend::Upnp(Upnp {
                     gateway,
                     port: 0,
@@ -478,8 +577,20 @@ impl Mapper {
                 check_source(protocol, gateway, *local.ip())?;
                 let want = cfg.external_port.unwrap_or(local.port());
                 let gateway = GatewayAddress::IpV4(gateway);
-                let mapping =
-                    Self::pmp_map(cfg, protocol, gateway, SocketAddr::V4(local), want).await?;
+                let nonce = if protocol == Protocol::Pcp {
+                    pcp_nonce()
+                } else {
+                    None
+                };
+                let asked =
+                    Self::pmp_map(cfg, protocol, gateway, SocketAddr::V4(local), want, nonce);
+                let mapping = match unless_cancelled(cfg, asked).await {
+                    Err(PortMapError::Cancelled) => {
+                        forget(protocol, gateway, SocketAddr::V4(local), nonce).await;
+                        return Err(PortMapError::Cancelled);
+                    }
+                    r => r?,
+                };
                 Backend::Pmp(Pmp { gateway, mapping })
             }
         };
@@ -504,6 +615,7 @@ impl Mapper {
             gateway,
             SocketAddr::V6(local),
             local.port(),
+            None,
         )
         .await?;
         Ok(Mapper {
@@ -521,6 +633,7 @@ impl Mapper {
         gw: GatewayAddress,
         local: SocketAddr,
         want: u16,
+        nonce: Option<crab_nat::pcp::Nonce>,
     ) -> Result<crab_nat::PortMapping, PortMapError> {
         let internal = NonZeroU16::new(local.port())
             .ok_or_else(|| PortMapError::Refused("the router listens on port 0".into()))?;
@@ -540,7 +653,7 @@ impl Mapper {
                         InternetProtocol::Tcp,
                         internal,
                     ),
-                    None,
+                    nonce,
                     None,
                     opts,
                 ),
@@ -678,7 +791,8 @@ impl Mapper {
                 };
                 let want = p.mapping.external_port().get();
                 p.mapping =
-                    Self::pmp_map(&self.cfg, self.protocol, gateway, self.local, want).await?;
+                    Self::pmp_map(&self.cfg, self.protocol, gateway, self.local, want, None)
+                        .await?;
                 p.gateway = gateway;
             }
         }
@@ -752,15 +866,19 @@ impl Mapper {
 /// published, as it serves hosts on the gateway's outer network (a campus, a lab, a larger home
 /// network), which is strictly more than LAN-only.
 pub async fn start(cfg: MapConfig, local_port: u16) -> Result<PortMapper, PortMapError> {
-    let lan = cfg.lan_ip.or_else(lan_ip).ok_or_else(|| {
-        PortMapError::NoGateway(
-            cfg.protocols.first().copied().unwrap_or(Protocol::Upnp),
-            "this host has no LAN address".into(),
-        )
-    })?;
+    let lan = cfg.lan_ip.or_else(lan_ip).ok_or(PortMapError::NoLan)?;
     let local = SocketAddrV4::new(lan, local_port);
+    // Said before the wait, which is seconds per protocol when nothing answers.
+    let names: Vec<String> = cfg.protocols.iter().map(ToString::to_string).collect();
+    info!(
+        "asking the gateway for a port mapping ({}); Ctrl-C stops this",
+        names.join(", then ")
+    );
     let mut failures: Vec<(Protocol, PortMapError)> = Vec::new();
     for &protocol in &cfg.protocols {
+        if cancelled(&cfg) {
+            return Err(PortMapError::Cancelled);
+        }
         match open(&cfg, protocol, local).await {
             Ok((m, ip)) => {
                 if !failures.is_empty() {
@@ -776,11 +894,18 @@ pub async fn start(cfg: MapConfig, local_port: u16) -> Result<PortMapper, PortMa
                 } else {
                     None
                 };
-                return Ok(PortMapper {
+                let mapper = PortMapper {
                     v4: spawn(m, ip),
                     pinhole,
-                });
+                };
+                // Asked to stop while the gateway was granting: take it all back.
+                if cancelled(&cfg) {
+                    mapper.shutdown().await;
+                    return Err(PortMapError::Cancelled);
+                }
+                return Ok(mapper);
             }
+            Err(PortMapError::Cancelled) => return Err(PortMapError::Cancelled),
             // Double NAT is a fact about the network, not about one protocol: another protocol
             // would meet the same outer NAT.
             Err(e @ PortMapError::DoubleNat(_)) => return Err(e),
@@ -827,6 +952,9 @@ async fn open(
         );
     }
     if !mapped {
+        if cancelled(cfg) {
+            return Err(PortMapError::Cancelled);
+        }
         m.map_upnp().await?;
     }
     Ok((m, ip))
@@ -1037,6 +1165,72 @@ mod tests {
         );
         let refused = pmp_error(Protocol::Pcp, F::Pcp(pcp::Failure::NotAuthorized(0)));
         assert!(matches!(refused, PortMapError::Refused(_)), "{refused}");
+    }
+
+    /// A PCP "gateway" on loopback that never answers, as on a network where nothing speaks
+    /// PCP and nothing says so; a loopback address of its own so parallel runs do not meet.
+    async fn silent_gateway(host: u8) -> (tokio::net::UdpSocket, Ipv4Addr) {
+        let ip = Ipv4Addr::new(127, 77, (std::process::id() % 250) as u8 + 1, host);
+        let s = tokio::net::UdpSocket::bind((ip, crab_nat::GATEWAY_PORT))
+            .await
+            .expect("bind the silent gateway");
+        (s, ip)
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_during_a_pcp_request_stops_it_and_deletes_what_it_may_have_got() {
+        let (gw, gw_ip) = silent_gateway(1).await;
+        let cancel = CancellationToken::new();
+        let cfg = MapConfig {
+            protocols: vec![Protocol::Pcp, Protocol::NatPmp],
+            lan_ip: Some(Ipv4Addr::LOCALHOST),
+            gateway: Some(gw_ip),
+            cancel: Some(cancel.clone()),
+            ..MapConfig::default()
+        };
+        let run = tokio::spawn(start(cfg, 7470));
+        // The MAP request: lifetime at bytes 4..8, the nonce at 24..36 (RFC 6887 11.1).
+        let mut buf = [0u8; 1100];
+        let (n, _) = gw.recv_from(&mut buf).await.expect("the map request");
+        assert!(n >= 36 && buf[1] == 1, "a PCP MAP request: {:?}", &buf[..n]);
+        assert_ne!(buf[4..8], [0, 0, 0, 0], "asks for a lease");
+        let nonce = buf[24..36].to_vec();
+        cancel.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("start returns once cancelled")
+            .expect("no panic");
+        assert!(matches!(r, Err(PortMapError::Cancelled)), "{:?}", r.err());
+        // Among what reached the gateway: a deletion (lifetime 0) with the request's nonce,
+        // and NAT-PMP was never asked.
+        let mut deleted = false;
+        while let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(100), gw.recv_from(&mut buf)).await
+        {
+            assert_eq!(buf[0], 2, "only PCP was asked: {:?}", &buf[..n]);
+            deleted |= n >= 36 && buf[4..8] == [0, 0, 0, 0] && buf[24..36] == nonce[..];
+        }
+        assert!(deleted, "a deletion with the request's nonce was sent");
+    }
+
+    #[tokio::test]
+    async fn a_shutdown_before_the_first_request_asks_nothing() {
+        let (gw, gw_ip) = silent_gateway(2).await;
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let cfg = MapConfig {
+            protocols: vec![Protocol::Pcp],
+            lan_ip: Some(Ipv4Addr::LOCALHOST),
+            gateway: Some(gw_ip),
+            cancel: Some(cancel),
+            ..MapConfig::default()
+        };
+        assert!(matches!(
+            start(cfg, 7470).await,
+            Err(PortMapError::Cancelled)
+        ));
+        let mut buf = [0u8; 64];
+        assert!(gw.try_recv_from(&mut buf).is_err(), "nothing was sent");
     }
 
     #[test]

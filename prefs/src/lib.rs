@@ -245,7 +245,7 @@ fn forwarding_consistent(name: &str, p: &mut Profile) -> Result<(), String> {
                 ForwardingMode::Upnp => "with UPnP",
                 ForwardingMode::Pcp => "with PCP",
                 ForwardingMode::NatPmp => "with NAT-PMP",
-                _ => "when the gateway maps the port",
+                _ => "with auto,"
             };
             return Err(format!(
                 "profile `{name}` has forwarding = \"{}\" and external = \"{e}\": {how} the gateway says the external address; remove `external` (or use upnp.external_port to ask for a port), or set forwarding = \"manual\"",

@@ -3,7 +3,7 @@
 //! SIGTERM and the reachability check.
 
 use crate::proc::{Proc, BIN};
-use isthmus_tests::netns::{GatewayProtocols, HomeNet, GW_WAN_IP, LAN_IP, LAN_IP6};
+use isthmus_tests::netns::{tool, GatewayProtocols, HomeNet, NetLab, GW_WAN_IP, LAN_IP, LAN_IP6};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -497,4 +497,42 @@ fn auto_on_a_gateway_with_only_upnp_maps_through_upnp() {
         GatewayProtocols::Upnp,
         "UPnP",
     );
+}
+
+#[test]
+fn a_signal_while_auto_asks_a_silent_gateway_stops_the_router_at_once() {
+    let Some(mut lab) =
+        NetLab::new("a_signal_while_auto_asks_a_silent_gateway_stops_the_router_at_once")
+    else {
+        return;
+    };
+    let lan = lab.host("lan");
+    let gw = lab.host("gw");
+    lab.link(&lan, "10.230.1.2/24", &gw, "10.230.1.1/24");
+    lab.default_route(&lan, "10.230.1.1");
+    // A gateway that drops PCP and NAT-PMP without a word: `auto` would wait seconds on each.
+    let nft = tool("nft");
+    for rule in [
+        "add table inet silent",
+        "add chain inet silent input { type filter hook input priority 0 ; }",
+        "add rule inet silent input udp dport 5351 drop",
+    ] {
+        let args: Vec<&str> = rule.split(' ').collect();
+        lab.run(&gw, &nft, &args);
+    }
+    let mut cmd = lab.command(&lan, BIN);
+    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
+    cmd.args(["router", "--forwarding", "auto", "--no-beacon"]);
+    let router = Proc::from_command(cmd);
+    router.wait_stderr("asking the gateway for a port mapping", 1);
+    router.signal("INT");
+    let (status, _, err) = router.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        err.contains("stopped while asking the gateway for a port mapping"),
+        "{err}"
+    );
+    // It did not sit through every protocol first, nor claim to be ready.
+    assert!(!err.contains("no protocol got a mapping"), "{err}");
+    assert!(!err.contains("router ready"), "{err}");
 }
