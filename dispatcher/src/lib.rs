@@ -420,6 +420,8 @@ struct Shared {
     budget: Arc<MemoryBudget>,
     /// Counters for `/metrics` and the status page.
     monitor: metrics::Monitor,
+    /// Nonces handed out while the reachability check runs.
+    probes: Arc<reach::Probes>,
 }
 
 impl Dispatcher {
@@ -482,6 +484,7 @@ impl Dispatcher {
                 sources: Arc::default(),
                 turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
                 budget,
+                probes: Arc::default(),
                 instance: uuid::Uuid::new_v4(),
                 external,
                 cfg,
@@ -513,7 +516,8 @@ impl Dispatcher {
         &self,
     ) -> Option<impl std::future::Future<Output = reach::Reachability> + Send + 'static> {
         let mapping = self.mapper.as_ref()?.current()?;
-        Some(async move { reach::check(&mapping).await })
+        let probes = self.shared.probes.clone();
+        Some(async move { reach::check(&mapping, &probes).await })
     }
 
     /// One line for people: where the router can be reached and how the external address was
@@ -745,6 +749,7 @@ impl Shared {
             return;
         }
         let nonce = auth::fresh_nonce();
+        self.probes.note(&nonce);
         let mut greeted = false;
         let result = tokio::time::timeout_at(
             deadline,

@@ -5,9 +5,13 @@
 //! grants is not always one the Internet can use.
 
 use crate::portmap::Mapping;
+use isthmus_router::auth::NONCE_LEN;
 use isthmus_router::wire::{self, PREAMBLE_LEN};
+use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,7 +23,7 @@ pub const HAIRPIN_TIMEOUT: Duration = Duration::from_secs(3);
 /// What the check found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Reachability {
-    /// A connection to the external address reached an Isthmus router.
+    /// A connection to the external address reached this very router.
     Confirmed {
         /// The address checked.
         external: SocketAddr,
@@ -51,9 +55,12 @@ impl fmt::Display for Reachability {
 
 /// Checks `mapping` by connecting to its external address; logs and returns the outcome. The
 /// router must be accepting connections already, or the check cannot succeed.
-pub async fn check(mapping: &Mapping) -> Reachability {
+pub async fn check(mapping: &Mapping, probes: &Probes) -> Reachability {
     let external = mapping.external;
-    let outcome = match tokio::time::timeout(HAIRPIN_TIMEOUT, hairpin(external)).await {
+    probes.start();
+    let outcome = tokio::time::timeout(HAIRPIN_TIMEOUT, hairpin(external, probes)).await;
+    probes.stop();
+    let outcome = match outcome {
         Ok(Ok(())) => Reachability::Confirmed { external },
         Ok(Err(why)) => Reachability::Unconfirmed { external, why },
         Err(_) => Reachability::Unconfirmed {
@@ -68,20 +75,80 @@ pub async fn check(mapping: &Mapping) -> Reachability {
     outcome
 }
 
-/// Connects to `external` and expects an Isthmus router's preamble in answer to ours.
-async fn hairpin(external: SocketAddr) -> Result<(), String> {
+/// Connects to `external` and expects this router's preamble in answer to ours: the nonce in
+/// it must be one this dispatcher handed out while the check ran, so another Isthmus router
+/// answering at that address (a stale mapping, someone else's router) does not count.
+async fn hairpin(external: SocketAddr, probes: &Probes) -> Result<(), String> {
     let mut s = TcpStream::connect(external)
         .await
         .map_err(|e| e.to_string())?;
     s.write_all(&wire::preamble())
         .await
         .map_err(|e| e.to_string())?;
-    let mut answer = [0u8; PREAMBLE_LEN];
-    s.read_exact(&mut answer)
+    let mut head = [0u8; PREAMBLE_LEN];
+    s.read_exact(&mut head)
         .await
         .map_err(|e| format!("no Isthmus answer: {e}"))?;
-    wire::check_preamble(&answer)
-        .map_err(|_| "something else answered there: the port leads to another service".to_string())
+    wire::check_preamble(&head).map_err(|_| {
+        "something else answered there: the port leads to another service".to_string()
+    })?;
+    let mut nonce = [0u8; NONCE_LEN];
+    s.read_exact(&mut nonce)
+        .await
+        .map_err(|e| format!("no whole Isthmus answer: {e}"))?;
+    if probes.issued(&nonce) {
+        Ok(())
+    } else {
+        Err("another Isthmus router answered there, not this one: the port leads elsewhere".into())
+    }
+}
+
+/// The nonces this dispatcher hands out while a check runs, so the check can tell its own
+/// router's answer from another's. Off (one relaxed load per connection) the rest of the time.
+#[derive(Debug, Default)]
+pub struct Probes {
+    on: AtomicBool,
+    nonces: Mutex<VecDeque<[u8; NONCE_LEN]>>,
+}
+
+/// Nonces kept while a check runs: the check's own connection is among the first few a
+/// router accepts in that moment.
+const PROBE_NONCES: usize = 256;
+
+impl Probes {
+    fn start(&self) {
+        if let Ok(mut n) = self.nonces.lock() {
+            n.clear();
+        }
+        self.on.store(true, Ordering::Release);
+    }
+
+    fn stop(&self) {
+        self.on.store(false, Ordering::Release);
+        if let Ok(mut n) = self.nonces.lock() {
+            n.clear();
+        }
+    }
+
+    /// Notes a nonce the dispatcher is about to send, if a check is running.
+    pub(crate) fn note(&self, nonce: &[u8; NONCE_LEN]) {
+        if !self.on.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(mut n) = self.nonces.lock() {
+            if n.len() == PROBE_NONCES {
+                n.pop_front();
+            }
+            n.push_back(*nonce);
+        }
+    }
+
+    fn issued(&self, nonce: &[u8; NONCE_LEN]) -> bool {
+        self.nonces
+            .lock()
+            .map(|n| n.iter().any(|x| x == nonce))
+            .unwrap_or(false)
+    }
 }
 
 #[cfg(test)]
@@ -108,14 +175,30 @@ mod tests {
         };
         let d = Dispatcher::bind(cfg).await.expect("bind");
         let addr = d.local_addr();
+        let probes = d.shared.probes.clone();
         let stop = CancellationToken::new();
         let run = tokio::spawn(d.run(stop.clone()));
         assert_eq!(
-            check(&mapping(addr)).await,
+            check(&mapping(addr), &probes).await,
             Reachability::Confirmed { external: addr }
+        );
+        // Another Isthmus router at the address is not this one.
+        let other = Dispatcher::bind(DispatcherConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            ..DispatcherConfig::default()
+        })
+        .await
+        .expect("bind");
+        let other_addr = other.local_addr();
+        let other_run = tokio::spawn(other.run(stop.clone()));
+        let r = check(&mapping(other_addr), &probes).await;
+        assert!(
+            matches!(&r, Reachability::Unconfirmed { why, .. } if why.contains("another Isthmus router")),
+            "{r}"
         );
         stop.cancel();
         run.await.expect("router stopped");
+        other_run.await.expect("router stopped");
     }
 
     #[tokio::test]
@@ -130,7 +213,7 @@ mod tests {
                 let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").await;
             }
         });
-        let r = check(&mapping(addr)).await;
+        let r = check(&mapping(addr), &Probes::default()).await;
         assert!(
             matches!(&r, Reachability::Unconfirmed { why, .. } if why.contains("something else answered")),
             "{r}"
@@ -141,7 +224,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr")
         };
-        let r = check(&mapping(gone)).await;
+        let r = check(&mapping(gone), &Probes::default()).await;
         assert!(matches!(r, Reachability::Unconfirmed { .. }), "{r}");
     }
 }
