@@ -24,7 +24,7 @@ mod tui;
     after_help = "Exit codes: 0 done; 1 error (unreachable or busy router, refused credentials, ...); \
 2 unreadable or damaged postcard (or an ISLAND that is neither an admin postcard nor a kept \
 island); 3 island session lost (kicked, closed, the router shut down or forgot it); \
-64 usage error (a bad flag or argument)."
+64 usage error (a bad flag or argument); 130 a second Ctrl-C while a router shuts down."
 )]
 struct Cli {
     /// The prefs file (default: $ISTHMUS_PREFS, else the platform config dir).
@@ -643,7 +643,12 @@ impl Signals {
         // Cancel first: shutting down (and removing a UPnP mapping) must never depend on a log
         // line reaching a stderr that may be closed.
         shutdown.cancel();
-        tracing::info!("signal received, shutting down");
+        tracing::info!("signal received, shutting down; a second Ctrl-C stops at once");
+        // Cleanup is bounded (a gateway that stopped answering costs a few seconds), but a
+        // person who presses again wants out now.
+        self.recv().await;
+        eprint_line("second signal: stopping now; a port mapping may be left until its lease ends");
+        std::process::exit(130);
     }
 }
 
