@@ -436,9 +436,10 @@ fn bind_listener(port: u16) -> Result<Listener> {
 /// Listens until an island matching `name` (or, without a name, exactly one open island) is
 /// heard.
 async fn discover_one(lan: &LanArgs, name: Option<&str>) -> Result<Heard> {
+    // Check the flags before binding: joining the IPv6 beacon group announces itself (MLD).
+    let limit = listen_for(lan.timeout)?;
     let listener = bind_listener(lan.beacon_port)?;
     let mut table = Discovery::default();
-    let limit = listen_for(lan.timeout)?;
     match name {
         Some(name) => {
             listener
@@ -512,9 +513,10 @@ fn heard_list(table: &Discovery) -> String {
 }
 
 pub async fn run_discover(args: DiscoverArgs) -> Result<u8> {
+    // Check the flags before binding: joining the IPv6 beacon group announces itself (MLD).
+    let limit = listen_for(args.timeout)?;
     let listener = bind_listener(args.beacon_port)?;
     let mut table = Discovery::default();
-    let limit = listen_for(args.timeout)?;
     if args.watch {
         watch(&listener, &mut table, limit, args.json).await;
         return Ok(0);

@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use isthmus_dispatcher::portmap::{Fallback, UpnpConfig};
+use isthmus_dispatcher::portmap::{Fallback, MapConfig, Protocol};
+use isthmus_dispatcher::status::StatusAccess;
 use isthmus_dispatcher::{
     BeaconConfig, CreatePolicy, Dispatcher, DispatcherConfig, Forwarding, DEFAULT_PORT,
 };
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 mod island;
 mod prefs_cmd;
+mod status;
 mod tui;
 
 #[derive(Parser)]
@@ -22,7 +24,7 @@ mod tui;
     after_help = "Exit codes: 0 done; 1 error (unreachable or busy router, refused credentials, ...); \
 2 unreadable or damaged postcard (or an ISLAND that is neither an admin postcard nor a kept \
 island); 3 island session lost (kicked, closed, the router shut down or forgot it); \
-64 usage error (a bad flag or argument)."
+64 usage error (a bad flag or argument); 130 a second Ctrl-C while a router shuts down."
 )]
 struct Cli {
     /// The prefs file (default: $ISTHMUS_PREFS, else the platform config dir).
@@ -49,6 +51,8 @@ enum Command {
     /// Saved router profiles.
     #[command(subcommand)]
     Prefs(prefs_cmd::PrefsCommand),
+    /// Show what a running router is doing: islands, members, forwarding, recent refusals.
+    Status(status::StatusArgs),
 }
 
 #[derive(Args, Default)]
@@ -66,14 +70,15 @@ pub(crate) struct RouterArgs {
     #[arg(long)]
     tick_ms: Option<u64>,
     /// How remote users reach this router: lan-only (no external address), manual (a port
-    /// forwarded by hand; say where with --external), upnp (ask the home router). Default: the
+    /// forwarded by hand; say where with --external), auto (ask the home router by PCP, then
+    /// NAT-PMP, then UPnP), pcp, natpmp or upnp (ask with that protocol only). Default: the
     /// profile's, else lan-only.
     #[arg(long, value_enum)]
     forwarding: Option<ForwardingArg>,
     /// The external IP:PORT forwarded by hand to this router (implies --forwarding manual).
     #[arg(long, value_name = "IP:PORT")]
     external: Option<SocketAddr>,
-    /// Do not announce islands by LAN broadcast.
+    /// Do not announce islands on the LAN (IPv4 broadcast and IPv6 multicast).
     #[arg(long)]
     no_beacon: bool,
     /// UDP port the LAN beacon announces to (default 7471).
@@ -89,6 +94,11 @@ pub(crate) struct RouterArgs {
     /// anyone who reaches the router, none = nobody (default lan).
     #[arg(long, value_enum)]
     create: Option<CreateArg>,
+    /// Who may see the status page (/), its JSON and /metrics on the router's port: lan =
+    /// loopback and this machine's own subnets, any = anyone who reaches the router, none =
+    /// nobody (default lan).
+    #[arg(long, value_enum, value_name = "WHO")]
+    status_from: Option<CreateArg>,
     /// Sessions alive at once; past it creating is refused as busy (default 10000).
     #[arg(long, value_name = "N")]
     max_sessions: Option<u64>,
@@ -141,6 +151,9 @@ enum CreateArg {
 enum ForwardingArg {
     LanOnly,
     Manual,
+    Auto,
+    Pcp,
+    Natpmp,
     Upnp,
 }
 
@@ -185,6 +198,7 @@ fn main() -> std::process::ExitCode {
             Command::Join(args) => island::run_join(args).await,
             Command::Discover(args) => island::run_discover(args).await,
             Command::Postcard(args) => island::run_postcard(args).await,
+            Command::Status(args) => status::run(args).await,
         }
     });
     // A replica may leave a blocking stdin read behind: do not wait for it to see a line.
@@ -280,8 +294,14 @@ pub(crate) fn effective_settings(
     let forwarding = match &cfg.forwarding {
         Forwarding::LanOnly => "lan-only".to_string(),
         Forwarding::Manual { external } => format!("manual, external {external}"),
-        Forwarding::Upnp(u) => format!(
-            "upnp, lease {} s, fallback {}",
+        Forwarding::Gateway(u) => format!(
+            "{}, lease {} s, fallback {}",
+            match u.protocols.as_slice() {
+                [Protocol::Upnp] => "upnp",
+                [Protocol::Pcp] => "pcp",
+                [Protocol::NatPmp] => "natpmp",
+                _ => "auto",
+            },
             u.lease.as_secs(),
             match u.fallback {
                 Fallback::Fail => "fail",
@@ -306,6 +326,7 @@ pub(crate) fn effective_settings(
         format!("forwarding = {forwarding}"),
         format!("beacon = {beacon}"),
         format!("create = {create}"),
+        format!("status_from = {}", cfg.status_from),
         format!("tick_ms = {}", ms(s.tick_interval)),
         format!("linger_ms = {}", ms(s.linger)),
         format!("limits.max_connections = {}", cfg.max_connections),
@@ -457,18 +478,44 @@ fn router_config(
             Some(isthmus_prefs::CreateMode::Lan) | None => CreatePolicy::Lan,
         },
     };
+    cfg.status_from = match args.status_from.or(p.status_from.map(|m| match m {
+        isthmus_prefs::CreateMode::Lan => CreateArg::Lan,
+        isthmus_prefs::CreateMode::Any => CreateArg::Any,
+        isthmus_prefs::CreateMode::None => CreateArg::None,
+    })) {
+        Some(CreateArg::Any) => StatusAccess::Any,
+        Some(CreateArg::None) => StatusAccess::None,
+        Some(CreateArg::Lan) | None => StatusAccess::Lan,
+    };
 
     use isthmus_prefs::ForwardingMode as M;
     let mode = match (args.forwarding, args.external) {
         (Some(ForwardingArg::LanOnly), Some(e)) => return Err(usage(format!(
             "--forwarding lan-only and --external {e} contradict each other: a LAN-only router has no external address (drop one of them)"
         ))),
-        (Some(ForwardingArg::Upnp), Some(e)) => return Err(usage(format!(
-            "--forwarding upnp and --external {e} contradict each other: with UPnP the gateway says the external address (drop --external, or use --forwarding manual)"
-        ))),
         (Some(ForwardingArg::LanOnly), None) => M::LanOnly,
         (Some(ForwardingArg::Manual), _) => M::Manual,
-        (Some(ForwardingArg::Upnp), None) => M::Upnp,
+        (Some(f), e) => {
+            let m = match f {
+                ForwardingArg::Auto => M::Auto,
+                ForwardingArg::Pcp => M::Pcp,
+                ForwardingArg::Natpmp => M::NatPmp,
+                _ => M::Upnp,
+            };
+            if let Some(e) = e {
+                let how = match m {
+                    M::Upnp => "with UPnP",
+                    M::Pcp => "with PCP",
+                    M::NatPmp => "with NAT-PMP",
+                    _ => "with auto,"
+                };
+                return Err(usage(format!(
+                    "--forwarding {} and --external {e} contradict each other: {how} the gateway says the external address (drop --external, or use --forwarding manual)",
+                    m.name()
+                )));
+            }
+            m
+        }
         (None, Some(_)) => M::Manual,
         (None, None) => p.forwarding.unwrap_or(M::LanOnly),
     };
@@ -479,9 +526,17 @@ fn router_config(
                 "manual forwarding needs the forwarded address: --external IP:PORT (or `external` in the profile)",
             )?,
         },
-        M::Upnp => {
+        M::Upnp | M::Auto | M::Pcp | M::NatPmp => {
             let u = &p.upnp;
-            let mut up = UpnpConfig::default();
+            let mut up = MapConfig {
+                protocols: match mode {
+                    M::Pcp => vec![Protocol::Pcp],
+                    M::NatPmp => vec![Protocol::NatPmp],
+                    M::Upnp => vec![Protocol::Upnp],
+                    _ => isthmus_dispatcher::portmap::AUTO.to_vec(),
+                },
+                ..MapConfig::default()
+            };
             if let Some(l) = u.lease_secs {
                 up.lease = Duration::from_secs(u64::from(l));
             }
@@ -493,12 +548,19 @@ fn router_config(
                 Some(isthmus_prefs::Fallback::Fail) => Fallback::Fail,
                 _ => Fallback::LanOnly,
             };
-            if let IpAddr::V4(v4) = cfg.listen.ip() {
-                if !v4.is_unspecified() {
-                    up.lan_ip = Some(v4);
+            match cfg.listen.ip() {
+                IpAddr::V4(v4) if !v4.is_unspecified() => up.lan_ip = Some(v4),
+                IpAddr::V4(_) => {}
+                // A router that takes IPv6 also gets a pinhole in the gateway's IPv6 firewall
+                // (PCP only), for its own address when it listens on one.
+                IpAddr::V6(v6) => {
+                    up.pinhole_v6 = true;
+                    if !v6.is_unspecified() {
+                        up.lan_ipv6 = Some(v6);
+                    }
                 }
             }
-            Forwarding::Upnp(up)
+            Forwarding::Gateway(up)
         }
     };
     cfg.croquet = croquet_config(args, &p.croquet)?;
@@ -581,17 +643,37 @@ fn croquet_config(
 }
 
 async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result<()> {
-    let cfg = router_config(&args, prefs)?;
-    // Catch Ctrl-C and SIGTERM before anything can be mapped or announced: a signal that
-    // arrives during start-up (a UPnP mapping takes a moment) is held and acted on at once.
+    let mut cfg = router_config(&args, prefs)?;
+    // Catch Ctrl-C and SIGTERM before anything can be mapped or announced. Asking the gateway
+    // can take seconds per protocol when nothing answers: a signal meanwhile cuts it short
+    // (what was granted is removed) instead of waiting for it.
     let signals = Signals::install()?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
+    if let Forwarding::Gateway(map) = &mut cfg.forwarding {
+        map.cancel = Some(shutdown.clone());
+    }
     let beacon = cfg.beacon.clone();
     let croquet = cfg.croquet.clone();
     let dispatcher = Dispatcher::bind(cfg).await?;
     let local = dispatcher.local_addr();
     print_line(&format!("listening on {local}"));
+    let summary = dispatcher.summary();
+    let check = dispatcher.reachability();
+    // The reachability check connects to the router through the gateway: it needs the
+    // dispatcher accepting, so the summary follows it (a few seconds at most).
+    let running = tokio::spawn(dispatcher.run(shutdown.clone()));
     // One line that says where the router can be reached, whatever RUST_LOG says.
-    eprint_line(&format!("isthmus router: {}", dispatcher.summary()));
+    match check {
+        Some(check) => {
+            let outcome = tokio::select! {
+                r = check => r.to_string(),
+                _ = shutdown.cancelled() => "reachability not checked: stopping".to_string(),
+            };
+            eprint_line(&format!("isthmus router: {summary}; {outcome}"));
+        }
+        None => eprint_line(&format!("isthmus router: {summary}")),
+    }
     if let Some(c) = &croquet {
         let host = match local.ip() {
             ip if ip.is_unspecified() => "localhost".to_string(),
@@ -600,7 +682,7 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
         };
         let port = local.port();
         let web = if c.web.is_some() {
-            format!("; web app http://{host}:{port}/")
+            format!("; web app http://{host}:{port}/ (status page at /status)")
         } else {
             String::new()
         };
@@ -609,6 +691,7 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
         ));
     }
     match &beacon {
+        _ if shutdown.is_cancelled() => {}
         Some(b) => tracing::info!(
             %local,
             "router ready; announcing islands on UDP {} every {:?}",
@@ -617,9 +700,9 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
         ),
         None => tracing::info!(%local, "router ready; LAN beacon off"),
     }
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signals.cancel_on_signal(shutdown.clone()));
-    dispatcher.run(shutdown).await;
+    running
+        .await
+        .context("the router's accept loop stopped unexpectedly")?;
     tracing::info!("router stopped");
     Ok(())
 }
@@ -664,7 +747,12 @@ impl Signals {
         // Cancel first: shutting down (and removing a UPnP mapping) must never depend on a log
         // line reaching a stderr that may be closed.
         shutdown.cancel();
-        tracing::info!("signal received, shutting down");
+        tracing::info!("signal received, shutting down; a second Ctrl-C stops at once");
+        // Cleanup is bounded (a gateway that stopped answering costs a few seconds), but a
+        // person who presses again wants out now.
+        self.recv().await;
+        eprint_line("second signal: stopping now; a port mapping may be left until its lease ends");
+        std::process::exit(130);
     }
 }
 

@@ -144,6 +144,9 @@ pub struct Heard {
     pub island: BeaconIsland,
     /// The router's LAN address: the packet's source address and the announced port.
     pub router: SocketAddr,
+    /// The router's address in the other family, when it is heard by both IPv4 broadcast and
+    /// IPv6 multicast (the first family heard stays in `router`, so the entry does not flap).
+    pub also: Option<SocketAddr>,
     /// The router's external address, if announced.
     pub external: Option<SocketAddr>,
     /// The announcing dispatcher.
@@ -164,7 +167,7 @@ impl Heard {
             session: self.island.session,
             name: self.island.name.clone(),
             destination: self.island.destination,
-            internal: vec![self.router],
+            internal: std::iter::once(self.router).chain(self.also).collect(),
             external: self.external,
             router: Some(self.instance),
         }
@@ -204,17 +207,25 @@ impl Discovery {
         };
         let ttl =
             Duration::from_millis(u64::from(b.interval_ms.clamp(100, 600_000))) * EXPIRY_INTERVALS;
-        let router = SocketAddr::new(src.ip(), b.port);
+        // The source keeps its scope id: an IPv6 link-local router address needs it to connect.
+        let mut heard_at = src;
+        heard_at.set_port(b.port);
         for island in b.islands {
             let key = (b.instance, island.session);
             if !self.heard.contains_key(&key) && self.heard.len() >= MAX_HEARD {
                 continue;
             }
+            let (router, also) = match self.heard.get(&key) {
+                Some(h) if h.router.is_ipv4() != heard_at.is_ipv4() => (h.router, Some(heard_at)),
+                Some(h) => (heard_at, h.also),
+                None => (heard_at, None),
+            };
             self.heard.insert(
                 key,
                 Heard {
                     island,
                     router,
+                    also,
                     external: b.external,
                     instance: b.instance,
                     expires: now + ttl,
@@ -282,6 +293,7 @@ mod tests {
         let heard = Heard {
             island: forged,
             router: "192.168.1.5:7470".parse().expect("addr"),
+            also: None,
             external: None,
             instance: Uuid::from_u128(1),
             expires: Instant::now(),
@@ -294,6 +306,32 @@ mod tests {
             ..heard
         };
         assert!(heard.postcard().is_none());
+    }
+
+    #[test]
+    fn a_router_heard_on_both_families_keeps_the_first_and_adds_the_other() {
+        let mut table = Discovery::default();
+        let b = Beacon {
+            islands: vec![island(3, true)],
+            ..head()
+        };
+        let packets = encode(&b, &b.islands);
+        let v4: SocketAddr = "192.168.1.5:50000".parse().expect("addr");
+        let v6: SocketAddr = "[fd00::5]:50001".parse().expect("addr");
+        let now = Instant::now();
+        table.handle_packet(v4, &packets[0], now);
+        table.handle_packet(v6, &packets[0], now);
+        table.handle_packet(v4, &packets[0], now);
+        let heard = table.islands();
+        assert_eq!(heard.len(), 1);
+        assert_eq!(heard[0].router, "192.168.1.5:7470".parse().expect("addr"));
+        assert_eq!(heard[0].also, Some("[fd00::5]:7470".parse().expect("addr")));
+        assert_eq!(heard[0].contact().internal.len(), 2);
+        // A link-local source keeps its scope: without it the address cannot be connected to.
+        let mut fresh = Discovery::default();
+        let ll: SocketAddr = "[fe80::5%3]:50001".parse().expect("addr");
+        fresh.handle_packet(ll, &packets[0], now);
+        assert_eq!(fresh.islands()[0].router.to_string(), "[fe80::5%3]:7470");
     }
 
     fn head() -> Beacon {

@@ -94,19 +94,20 @@ pub fn contacts_for(
     if !listen.ip().is_unspecified() {
         ips.push(listen.ip());
     } else {
+        // A listener on `::` takes IPv4 too (dual-stack, the system default): hand out both
+        // families, so IPv4 hosts and IPv6-only hosts alike find an address, and a global IPv6
+        // address with a pinhole in the gateway reaches remote IPv6 users.
+        let dual = listen.is_ipv6();
         let usable: Vec<&LocalAddr> = host
             .iter()
-            .filter(|a| a.usable() && a.ip.is_ipv4() == listen.is_ipv4())
+            .filter(|a| a.usable() && (dual || a.ip.is_ipv4() == listen.is_ipv4()))
             .collect();
-        if usable.iter().any(|a| a.ip == local.ip()) {
-            ips.push(local.ip());
+        // A dual-stack listener sees IPv4 as ::ffff:a.b.c.d.
+        let (local_ip, peer_ip) = (local.ip().to_canonical(), peer.ip().to_canonical());
+        if usable.iter().any(|a| a.ip == local_ip) {
+            ips.push(local_ip);
         }
-        ips.extend(
-            usable
-                .iter()
-                .filter(|a| a.contains(peer.ip()))
-                .map(|a| a.ip),
-        );
+        ips.extend(usable.iter().filter(|a| a.contains(peer_ip)).map(|a| a.ip));
         ips.extend(usable.iter().map(|a| a.ip));
         if ips.is_empty() {
             ips.push(local.ip());
@@ -167,6 +168,49 @@ mod tests {
         assert!(!is_lan_peer(ip("198.51.100.20"), &host()));
         // The loopback interface's /8 does not make every address "local".
         assert!(!is_lan_peer(ip("8.8.8.8"), &[host()[0]]));
+    }
+
+    #[test]
+    fn a_dual_stack_listener_hands_out_both_families_and_knows_mapped_peers() {
+        let mut h = host();
+        h.push(LocalAddr {
+            ip: "2001:db8:1::2".parse().expect("literal"),
+            prefix: 64,
+        });
+        // An IPv4 peer on the LAN, as a `::` listener sees it.
+        let c = contacts_for(
+            sa("[::]:7470"),
+            sa("[::ffff:10.0.0.7]:7470"),
+            sa("[::ffff:10.0.3.3]:5000"),
+            &h,
+            Some(sa("203.0.113.9:7000")),
+            Uuid::nil(),
+        );
+        assert_eq!(
+            c.internal,
+            vec![
+                sa("10.0.0.7:7470"),
+                sa("192.168.1.5:7470"),
+                sa("[2001:db8:1::2]:7470")
+            ]
+        );
+        assert!(!c.remote);
+        // A remote IPv6 peer: the external address first, the global IPv6 one among the rest.
+        let c = contacts_for(
+            sa("[::]:7470"),
+            sa("[2001:db8:1::2]:7470"),
+            sa("[2001:db8:2::2]:5000"),
+            &h,
+            Some(sa("203.0.113.9:7000")),
+            Uuid::nil(),
+        );
+        assert!(c.remote);
+        assert_eq!(c.internal[0], sa("[2001:db8:1::2]:7470"));
+        assert_eq!(c.ordered()[0], sa("203.0.113.9:7000"));
+        assert!(!c
+            .internal
+            .iter()
+            .any(|a| a.ip().to_string().starts_with("fe80")));
     }
 
     #[test]

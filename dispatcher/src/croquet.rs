@@ -772,6 +772,11 @@ fn content_type(path: &Path) -> &'static str {
     }
 }
 
+/// Whether a `--web` directory is served (it then has `/`).
+pub(crate) fn serves_web(ctx: &Ctx) -> bool {
+    service(ctx).is_some_and(|s| s.cfg.web.is_some())
+}
+
 /// Every other path: a file of the `--web` directory (`index.html` for a directory), or 404.
 pub(crate) async fn web(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let dir = service(ctx).and_then(|s| s.cfg.web.clone());

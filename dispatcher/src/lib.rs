@@ -21,13 +21,17 @@
 pub mod contacts;
 pub mod croquet;
 pub mod http;
+pub mod metrics;
 pub mod portmap;
+pub mod reach;
+pub mod status;
 
 use bytes::BytesMut;
 use isthmus_contact::beacon::{Beacon, BeaconIsland};
 use isthmus_router::auth::{self, IslandKeys, NONCE_LEN};
 use isthmus_router::budget::MemoryBudget;
 use isthmus_router::driver::{spawn_session, Attach, DriverConfig, Ending, Retire, SessionHandle};
+use isthmus_router::framed::{FrameReader, ReadError};
 use isthmus_router::ids::{ConnId, SessionId};
 use isthmus_router::session::JoinRequest;
 use isthmus_router::wire::{
@@ -154,15 +158,16 @@ pub enum Forwarding {
         /// The forwarded external IP and port.
         external: SocketAddr,
     },
-    /// Ask the home router for a mapping with UPnP IGD.
-    Upnp(portmap::UpnpConfig),
+    /// Ask the home router for a mapping, with the protocols the config lists (PCP, NAT-PMP,
+    /// UPnP IGD).
+    Gateway(portmap::MapConfig),
 }
 
 /// Where the external address comes from now.
 enum External {
     None,
     Fixed(SocketAddr),
-    Upnp(tokio::sync::watch::Receiver<Option<portmap::Mapping>>),
+    Mapped(tokio::sync::watch::Receiver<Option<portmap::Mapping>>),
 }
 
 impl External {
@@ -170,7 +175,7 @@ impl External {
         match self {
             External::None => None,
             External::Fixed(a) => Some(*a),
-            External::Upnp(w) => w.borrow().as_ref().map(|m| m.external),
+            External::Mapped(w) => w.borrow().as_ref().map(|m| m.external),
         }
     }
 }
@@ -224,6 +229,8 @@ pub struct DispatcherConfig {
     pub beacon: Option<BeaconConfig>,
     /// Serve Croquet / Multisynq clients on the same port; `None` turns it off (`--no-croquet`).
     pub croquet: Option<croquet::CroquetConfig>,
+    /// Who may see the status page, its JSON and `/metrics`.
+    pub status_from: status::StatusAccess,
 }
 
 impl Default for DispatcherConfig {
@@ -241,6 +248,7 @@ impl Default for DispatcherConfig {
             driver: DriverConfig::default(),
             beacon: None,
             croquet: Some(croquet::CroquetConfig::default()),
+            status_from: status::StatusAccess::Lan,
         }
     }
 }
@@ -260,8 +268,8 @@ pub enum DispatchError {
         #[source]
         source: std::io::Error,
     },
-    /// UPnP forwarding failed and the profile says to stop rather than fall back.
-    #[error("{0}; not starting, as the profile's UPnP fallback is \"fail\" (set it to \"lan-only\" to carry on without remote access)")]
+    /// Port mapping failed and the profile says to stop rather than fall back.
+    #[error("{0}; not starting, as the profile's fallback is \"fail\" (upnp.fallback; set it to \"lan-only\" to carry on without remote access)")]
     Forwarding(#[source] portmap::PortMapError),
     /// The Croquet file store could not be opened.
     #[error("{0}; pick another data directory with --data-dir, or turn the Croquet front door off with --no-croquet")]
@@ -419,6 +427,10 @@ struct Shared {
     budget: Arc<MemoryBudget>,
     /// The Croquet front door, unless turned off.
     croquet: Option<croquet::Service>,
+    /// Counters for `/metrics` and the status page.
+    monitor: metrics::Monitor,
+    /// Nonces handed out while the reachability check runs.
+    probes: Arc<reach::Probes>,
 }
 
 impl Dispatcher {
@@ -454,32 +466,38 @@ impl Dispatcher {
                     "forwarded by hand".to_string(),
                 )
             }
-            Forwarding::Upnp(up) => match portmap::start(up.clone(), local.port()).await {
+            Forwarding::Gateway(up) => match portmap::start(up.clone(), local.port()).await {
                 Ok(m) => {
-                    let how = m
-                        .current()
-                        .map_or_else(|| "UPnP".to_string(), |x| portmap::mapping_text(&x));
-                    (External::Upnp(m.watch()), Some(m), how)
+                    let how = m.describe();
+                    (External::Mapped(m.watch()), Some(m), how)
+                }
+                // Asked to stop meanwhile: `run` returns at once; neither fallback applies.
+                Err(e @ portmap::PortMapError::Cancelled) => {
+                    info!("{e}");
+                    (External::None, None, format!("LAN-only: {e}"))
                 }
                 Err(e) => match up.fallback {
                     portmap::Fallback::Fail => return Err(DispatchError::Forwarding(e)),
                     portmap::Fallback::LanOnly => {
                         warn!("{e}; continuing LAN-only");
-                        (External::None, None, format!("LAN-only: UPnP failed: {e}"))
+                        (External::None, None, format!("LAN-only: {e}"))
                     }
                 },
             },
         };
+        let stats = Arc::new(isthmus_router::stats::RouterStats::default());
+        cfg.driver.stats = stats.clone();
         Ok(Dispatcher {
             listener,
             local,
             mapper,
-            how,
             shared: Arc::new(Shared {
+                monitor: metrics::Monitor::new(stats, how.clone()),
                 permits: Arc::new(Semaphore::new(cfg.max_connections.max(1))),
                 sources: Arc::default(),
                 turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
                 budget,
+                probes: Arc::default(),
                 instance: uuid::Uuid::new_v4(),
                 external,
                 cfg,
@@ -487,6 +505,7 @@ impl Dispatcher {
                 next_conn: AtomicU64::new(1),
                 croquet,
             }),
+            how,
         })
     }
 
@@ -503,6 +522,16 @@ impl Dispatcher {
     /// The external address published now, if any.
     pub fn external(&self) -> Option<SocketAddr> {
         self.shared.external.current()
+    }
+
+    /// The reachability check of the gateway's mapping (see [`reach`]), when there is one. Await
+    /// it once [`Dispatcher::run`] is accepting: the check connects to the router itself.
+    pub fn reachability(
+        &self,
+    ) -> Option<impl std::future::Future<Output = reach::Reachability> + Send + 'static> {
+        let mapping = self.mapper.as_ref()?.current()?;
+        let probes = self.shared.probes.clone();
+        Some(async move { reach::check(&mapping, &probes).await })
     }
 
     /// One line for people: where the router can be reached and how the external address was
@@ -569,9 +598,16 @@ impl Dispatcher {
                 })
             };
             let cancel = shutdown.clone();
+            let families = isthmus_contact::lan::Families::of_listener(self.local.ip());
             tokio::spawn(async move {
-                if let Err(e) =
-                    isthmus_contact::lan::broadcast(b.port, b.interval, announcement, cancel).await
+                if let Err(e) = isthmus_contact::lan::announce(
+                    families,
+                    b.port,
+                    b.interval,
+                    announcement,
+                    cancel,
+                )
+                .await
                 {
                     warn!("LAN beacon stopped: {e}; islands will not be found by broadcast");
                 }
@@ -644,6 +680,7 @@ impl Shared {
     /// it meets.
     fn admit(&self, ip: IpAddr) -> Result<Admission, String> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.monitor.shed(metrics::Limit::Connections);
             return Err(format!(
                 "this router is at its limit of {} open connections; try again later",
                 self.cfg.max_connections
@@ -655,11 +692,13 @@ impl Shared {
             .get(&source)
             .map_or((0, 0), |c| (c.connections, c.handshakes));
         if connections >= self.cfg.max_connections_per_ip {
+            self.monitor.shed(metrics::Limit::ConnectionsPerIp);
             return Err(format!(
                 "{source} already has {connections} connections open to this router, its limit per address; close some and try again"
             ));
         }
         if handshakes >= self.cfg.max_handshakes_per_ip {
+            self.monitor.shed(metrics::Limit::HandshakesPerIp);
             return Err(format!(
                 "{source} already has {handshakes} handshakes in progress with this router, its limit per address; try again in a moment"
             ));
@@ -735,6 +774,7 @@ impl Shared {
             return;
         }
         let nonce = auth::fresh_nonce();
+        self.probes.note(&nonce);
         let mut greeted = false;
         let result = tokio::time::timeout_at(
             deadline,
@@ -766,6 +806,7 @@ impl Shared {
                     HandshakeError::NotHello => Some(Code::PROTOCOL_VIOLATION),
                 };
                 if let Some(code) = code {
+                    self.refused(code, None, peer, &e.to_string());
                     refuse(&mut stream, code, &e.to_string()).await;
                 }
                 return;
@@ -774,6 +815,7 @@ impl Shared {
         let session = hello.body.session;
         if let Err((code, reason)) = check_hello(&nonce, &hello) {
             info!(%peer, %session, "refused: {code}: {reason}");
+            self.refused(code, Some(session), peer, &reason);
             refuse(&mut stream, code, &reason).await;
             return;
         }
@@ -808,6 +850,7 @@ impl Shared {
         };
         if let Err((mut attach, code, reason)) = self.route(&body, lan, attach) {
             info!(%peer, %session, "refused: {code}: {reason}");
+            self.refused(code, Some(session), peer, &reason);
             let stream = &mut attach.stream;
             let frame = wire::encode(&ServerFrame::Refuse { code, reason });
             let _ = tokio::time::timeout(timeout, async {
@@ -972,6 +1015,24 @@ impl Shared {
         Ok(())
     }
 
+    /// Counts a hello refused by the dispatcher, for the metrics and the status page.
+    fn refused(&self, code: Code, session: Option<SessionId>, peer: SocketAddr, reason: &str) {
+        let island = session
+            .and_then(|id| {
+                let reg = lock(&self.registry);
+                reg.sessions
+                    .get(&id)?
+                    .announce
+                    .as_ref()
+                    .map(|a| a.name.clone())
+            })
+            .unwrap_or_default();
+        let who = peer.ip().to_string();
+        self.monitor
+            .stats
+            .refused(code, session, &island, who, reason.to_string());
+    }
+
     async fn shutdown(&self) {
         let slots: Vec<Slot> = lock(&self.registry)
             .sessions
@@ -1110,18 +1171,16 @@ async fn read_hello(
     }
     stream.write_all(&wire::router_preamble(nonce)).await?;
     *greeted = true;
-    let mut buf = BytesMut::with_capacity(1024);
-    loop {
-        if let Some(frame) = wire::decode::<ClientFrame>(&mut buf, MAX_HELLO_BYTES.min(max_frame))?
-        {
-            return match frame {
-                ClientFrame::Hello(h) => Ok((h, buf)),
-                _ => Err(HandshakeError::NotHello),
-            };
-        }
-        if stream.read_buf(&mut buf).await? == 0 {
-            return Err(HandshakeError::Closed);
-        }
+    let mut frames = FrameReader::new(stream, MAX_HELLO_BYTES.min(max_frame));
+    let frame = frames.read::<ClientFrame>().await.map_err(|e| match e {
+        ReadError::Decode(e) => HandshakeError::Decode(e),
+        ReadError::Io(e) => HandshakeError::Io(e),
+        ReadError::Closed => HandshakeError::Closed,
+    })?;
+    let (_, leftover) = frames.into_parts();
+    match frame {
+        ClientFrame::Hello(h) => Ok((h, leftover)),
+        _ => Err(HandshakeError::NotHello),
     }
 }
 

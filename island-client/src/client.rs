@@ -2,9 +2,10 @@
 
 use crate::replica::{Closed, Event, FrameError, Replica, ReplicaConfig};
 use crate::{ClientError, Island};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use isthmus_contact::Postcard;
 use isthmus_router::auth::{self, KeyPair, NONCE_LEN};
+use isthmus_router::framed::{FrameReader, ReadError};
 use isthmus_router::ids::Seq;
 use isthmus_router::wire::{
     self, AdminCommand, ClientFrame, Code, DecodeError, HelloBody, Role, ServerFrame, PREAMBLE_LEN,
@@ -138,8 +139,7 @@ impl<I: Island> ClientHandle<I> {
 
 /// One live connection.
 struct Conn {
-    reader: OwnedReadHalf,
-    buf: BytesMut,
+    reader: FrameReader<OwnedReadHalf>,
     writer: mpsc::UnboundedSender<Bytes>,
     writer_task: tokio::task::JoinHandle<()>,
 }
@@ -268,31 +268,19 @@ async fn handshake<I: Island>(
     stream: TcpStream,
     nonce: &[u8; NONCE_LEN],
 ) -> Result<Conn, ClientError> {
-    let (mut reader, mut write) = stream.into_split();
+    let (reader, mut write) = stream.into_split();
     write
         .write_all(&replica.hello(nonce))
         .await
         .map_err(|e| unreachable(cfg, e))?;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let first = tokio::time::timeout(cfg.connect_timeout, async {
-        loop {
-            if let Some(frame) = wire::decode::<ServerFrame>(&mut buf, cfg.max_frame_bytes)
-                .map_err(|e| unreachable(cfg, e))?
-            {
-                return Ok(frame);
-            }
-            if reader
-                .read_buf(&mut buf)
-                .await
-                .map_err(|e| unreachable(cfg, e))?
-                == 0
-            {
-                return Err(unreachable(cfg, "the router closed the connection"));
-            }
-        }
-    })
-    .await
-    .map_err(|_| unreachable(cfg, "no welcome in time"))??;
+    let mut reader = FrameReader::new(reader, cfg.max_frame_bytes);
+    let first = tokio::time::timeout(cfg.connect_timeout, reader.read::<ServerFrame>())
+        .await
+        .map_err(|_| unreachable(cfg, "no welcome in time"))?
+        .map_err(|e| match e {
+            ReadError::Closed => unreachable(cfg, "the router closed the connection"),
+            e => unreachable(cfg, e),
+        })?;
     match replica.handle_frame(first) {
         Ok(()) => {}
         Err(FrameError::Closed(Closed { code, reason })) => {
@@ -307,7 +295,6 @@ async fn handshake<I: Island>(
     let writer_task = tokio::spawn(write_loop(write, rx));
     Ok(Conn {
         reader,
-        buf,
         writer: tx,
         writer_task,
     })
@@ -509,7 +496,7 @@ async fn serve<I: Island>(
     let mut last_sent = Instant::now();
     let mut nonce = 0u64;
     // Frames that arrived with the welcome.
-    let mut pending_error = decode_all(cfg, replica, conn, &mut last_heard);
+    let mut pending_error = decode_all(replica, conn, &mut last_heard);
     loop {
         if flush(replica, conn) {
             last_sent = Instant::now();
@@ -526,10 +513,10 @@ async fn serve<I: Island>(
             return Ending::Done;
         }
         tokio::select! {
-            r = conn.reader.read_buf(&mut conn.buf) => match r {
+            r = conn.reader.fill() => match r {
                 Ok(0) => return Ending::Retry("the router closed the connection".into()),
                 Err(e) => return Ending::Retry(format!("connection lost: {e}")),
-                Ok(_) => pending_error = decode_all(cfg, replica, conn, &mut last_heard),
+                Ok(_) => pending_error = decode_all(replica, conn, &mut last_heard),
             },
             cmd = cmds.recv() => match cmd {
                 Some(Command::Send(payload, reply)) => { let _ = reply.send(replica.send(payload)); }
@@ -559,7 +546,6 @@ async fn serve<I: Island>(
 
 /// Decodes and applies every complete frame in the buffer.
 fn decode_all<I: Island>(
-    cfg: &ClientConfig,
     replica: &mut Replica<I>,
     conn: &mut Conn,
     last_heard: &mut Instant,
@@ -568,7 +554,7 @@ fn decode_all<I: Island>(
         if replica.is_stopped() {
             return None;
         }
-        let frame = match wire::decode::<ServerFrame>(&mut conn.buf, cfg.max_frame_bytes) {
+        let frame = match conn.reader.buffered::<ServerFrame>() {
             Ok(Some(f)) => f,
             Ok(None) => return None,
             Err(e) => {
@@ -605,25 +591,15 @@ fn closed_ending(code: Code, reason: String) -> Ending {
 
 /// Reads one frame within `limit`, or says plainly why not.
 async fn read_frame(
-    reader: &mut TcpStream,
-    buf: &mut BytesMut,
-    max_frame_bytes: usize,
+    reader: &mut FrameReader<TcpStream>,
     limit: Duration,
 ) -> Result<ServerFrame, String> {
-    tokio::time::timeout(limit, async {
-        loop {
-            if let Some(frame) =
-                wire::decode::<ServerFrame>(buf, max_frame_bytes).map_err(|e| e.to_string())?
-            {
-                return Ok(frame);
-            }
-            if reader.read_buf(buf).await.map_err(|e| e.to_string())? == 0 {
-                return Err("the router closed the connection".to_string());
-            }
-        }
-    })
-    .await
-    .map_err(|_| format!("no answer from the router within {limit:?}"))?
+    match tokio::time::timeout(limit, reader.read::<ServerFrame>()).await {
+        Ok(Ok(frame)) => Ok(frame),
+        Ok(Err(ReadError::Closed)) => Err("the router closed the connection".to_string()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer from the router within {limit:?}")),
+    }
 }
 
 /// Carries out one admin command: opens a control connection to the island on `card` (which
@@ -668,13 +644,13 @@ pub async fn admin(
             .write_all(&wire::encode(&ClientFrame::Hello(hello)))
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let mut buf = BytesMut::with_capacity(4096);
-        let max = wire::DEFAULT_MAX_FRAME_BYTES;
+        let mut reader = FrameReader::new(stream, wire::DEFAULT_MAX_FRAME_BYTES);
         let mut sent = false;
         loop {
-            let frame = read_frame(&mut stream, &mut buf, max, timeout)
+            let frame = read_frame(&mut reader, timeout)
                 .await
                 .map_err(unreachable)?;
+            let stream = reader.get_mut();
             match frame {
                 ServerFrame::Welcome(_) if !sent => {
                     let seq = 1;
@@ -733,6 +709,7 @@ pub async fn admin(
 mod tests {
     use super::*;
     use crate::chat::ChatIsland;
+    use bytes::BytesMut;
     use isthmus_contact::ContactPoint;
     use isthmus_router::auth::Capability;
     use isthmus_router::ids::{ReplicaId, RouterTime, SessionId};

@@ -10,7 +10,7 @@
 //! default = "home"
 //!
 //! [profiles.home]
-//! forwarding = "upnp"        # lan-only | manual | upnp
+//! forwarding = "upnp"        # lan-only | manual | auto | pcp | natpmp | upnp
 //! upnp.lease_secs = 3600
 //! upnp.fallback = "lan-only" # lan-only | fail
 //!
@@ -19,7 +19,9 @@
 //! external = "203.0.113.7:7470"
 //! ```
 //!
-//! Two profiles are built in and work with no file at all: `lan` (the default) and `upnp`.
+//! Three profiles are built in and work with no file at all: `lan` (the default), `auto` (ask
+//! the home router by PCP, then NAT-PMP, then UPnP) and `upnp`. The `upnp.*` keys (lease,
+//! external port, fallback) apply to whichever of the three protocols grants the mapping.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,6 +43,40 @@ pub enum ForwardingMode {
     Manual,
     /// Ask the home router for a mapping with UPnP IGD.
     Upnp,
+    /// Ask the home router with PCP, then NAT-PMP, then UPnP IGD; keep the first that grants.
+    Auto,
+    /// Ask the home router with PCP (RFC 6887) only.
+    Pcp,
+    /// Ask the home router with NAT-PMP (RFC 6886) only.
+    NatPmp,
+}
+
+impl ForwardingMode {
+    /// The name in the file and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardingMode::LanOnly => "lan-only",
+            ForwardingMode::Manual => "manual",
+            ForwardingMode::Upnp => "upnp",
+            ForwardingMode::Auto => "auto",
+            ForwardingMode::Pcp => "pcp",
+            ForwardingMode::NatPmp => "natpmp",
+        }
+    }
+
+    /// The mode a name stands for.
+    pub fn from_name(name: &str) -> Option<ForwardingMode> {
+        [
+            ForwardingMode::LanOnly,
+            ForwardingMode::Manual,
+            ForwardingMode::Upnp,
+            ForwardingMode::Auto,
+            ForwardingMode::Pcp,
+            ForwardingMode::NatPmp,
+        ]
+        .into_iter()
+        .find(|m| m.name() == name)
+    }
 }
 
 /// What to do when UPnP cannot give a usable mapping.
@@ -52,7 +88,8 @@ pub enum Fallback {
     Fail,
 }
 
-/// Who may create islands on the router (the dispatcher's create policy).
+/// Who may create islands on the router (the dispatcher's create policy), and who may see its
+/// status page and metrics (`status_from`): the same three audiences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CreateMode {
     /// Peers on loopback or the router's own subnets (the router's default).
@@ -63,7 +100,8 @@ pub enum CreateMode {
     None,
 }
 
-/// UPnP settings of a profile.
+/// Port-mapping settings of a profile (UPnP, PCP and NAT-PMP alike; the description is UPnP's
+/// only).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpnpPrefs {
     /// Lease asked for, in seconds.
@@ -149,6 +187,8 @@ pub struct Profile {
     pub linger_ms: Option<u64>,
     /// Who may create islands.
     pub create: Option<CreateMode>,
+    /// Who may see the status page, its JSON and `/metrics`.
+    pub status_from: Option<CreateMode>,
     /// UPnP settings.
     pub upnp: UpnpPrefs,
     /// Limits.
@@ -219,9 +259,16 @@ fn forwarding_consistent(name: &str, p: &mut Profile) -> Result<(), String> {
                 "profile `{name}` has forwarding = \"lan-only\" and external = \"{e}\": a LAN-only router has no external address; remove `external`, or set forwarding = \"manual\""
             ))
         }
-        (Some(ForwardingMode::Upnp), Some(e)) => {
+        (Some(m @ (ForwardingMode::Upnp | ForwardingMode::Auto | ForwardingMode::Pcp | ForwardingMode::NatPmp)), Some(e)) => {
+            let how = match m {
+                ForwardingMode::Upnp => "with UPnP",
+                ForwardingMode::Pcp => "with PCP",
+                ForwardingMode::NatPmp => "with NAT-PMP",
+                _ => "with auto,"
+            };
             return Err(format!(
-                "profile `{name}` has forwarding = \"upnp\" and external = \"{e}\": with UPnP the gateway says the external address; remove `external` (or use upnp.external_port to ask for a port), or set forwarding = \"manual\""
+                "profile `{name}` has forwarding = \"{}\" and external = \"{e}\": {how} the gateway says the external address; remove `external` (or use upnp.external_port to ask for a port), or set forwarding = \"manual\"",
+                m.name()
             ))
         }
         _ => {}
@@ -252,6 +299,14 @@ pub fn builtin(name: &str) -> Option<Profile> {
             forwarding: Some(ForwardingMode::LanOnly),
             ..Profile::default()
         }),
+        "auto" => Some(Profile {
+            forwarding: Some(ForwardingMode::Auto),
+            upnp: UpnpPrefs {
+                fallback: Some(Fallback::LanOnly),
+                ..UpnpPrefs::default()
+            },
+            ..Profile::default()
+        }),
         "upnp" => Some(Profile {
             forwarding: Some(ForwardingMode::Upnp),
             upnp: UpnpPrefs {
@@ -264,7 +319,7 @@ pub fn builtin(name: &str) -> Option<Profile> {
     }
 }
 
-const BUILTINS: [&str; 2] = ["lan", "upnp"];
+const BUILTINS: [&str; 3] = ["lan", "auto", "upnp"];
 
 #[derive(Clone, Copy)]
 enum Kind {
@@ -286,7 +341,9 @@ enum Kind {
 impl Kind {
     fn allowed(self) -> String {
         match self {
-            Kind::Forwarding => "\"lan-only\", \"manual\" or \"upnp\"".into(),
+            Kind::Forwarding => {
+                "\"lan-only\", \"manual\", \"auto\", \"pcp\", \"natpmp\" or \"upnp\"".into()
+            }
             Kind::Fallback => "\"lan-only\" or \"fail\"".into(),
             Kind::Create => "\"lan\", \"any\" or \"none\"".into(),
             Kind::Addr => "an \"IP:PORT\" string".into(),
@@ -322,6 +379,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("tick_ms", Kind::Range(1, 60_000)),
     ("linger_ms", Kind::Range(1, 86_400_000)),
     ("create", Kind::Create),
+    ("status_from", Kind::Create),
     ("upnp.lease_secs", Kind::U32),
     ("upnp.external_port", Kind::Port),
     ("upnp.description", Kind::Text),
@@ -381,7 +439,7 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
     let ok = match kind {
         Kind::Forwarding => v
             .as_str()
-            .is_some_and(|s| matches!(s, "lan-only" | "manual" | "upnp")),
+            .is_some_and(|s| ForwardingMode::from_name(s).is_some()),
         Kind::Fallback => v.as_str().is_some_and(|s| matches!(s, "lan-only" | "fail")),
         Kind::Create => v
             .as_str()
@@ -418,11 +476,11 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
     let n = || v.as_integer().unwrap_or_default() as u64;
     match key {
         "forwarding" => {
-            p.forwarding = Some(match v.as_str() {
-                Some("manual") => ForwardingMode::Manual,
-                Some("upnp") => ForwardingMode::Upnp,
-                _ => ForwardingMode::LanOnly,
-            })
+            p.forwarding = Some(
+                v.as_str()
+                    .and_then(ForwardingMode::from_name)
+                    .unwrap_or(ForwardingMode::LanOnly),
+            )
         }
         "external" => p.external = s().parse().ok(),
         "port" => p.port = Some(n() as u16),
@@ -434,6 +492,13 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "linger_ms" => p.linger_ms = Some(n()),
         "create" => {
             p.create = Some(match v.as_str() {
+                Some("any") => CreateMode::Any,
+                Some("none") => CreateMode::None,
+                _ => CreateMode::Lan,
+            })
+        }
+        "status_from" => {
+            p.status_from = Some(match v.as_str() {
                 Some("any") => CreateMode::Any,
                 Some("none") => CreateMode::None,
                 _ => CreateMode::Lan,
@@ -843,11 +908,7 @@ impl fmt::Display for Profile {
                 None => Ok(()),
             }
         }
-        let fwd = self.forwarding.map(|m| match m {
-            ForwardingMode::LanOnly => "lan-only",
-            ForwardingMode::Manual => "manual",
-            ForwardingMode::Upnp => "upnp",
-        });
+        let fwd = self.forwarding.map(ForwardingMode::name);
         line(f, "forwarding", &fwd, true)?;
         line(f, "external", &self.external, true)?;
         line(f, "port", &self.port, false)?;
@@ -857,12 +918,13 @@ impl fmt::Display for Profile {
         line(f, "beacon_interval_ms", &self.beacon_interval_ms, false)?;
         line(f, "tick_ms", &self.tick_ms, false)?;
         line(f, "linger_ms", &self.linger_ms, false)?;
-        let create = self.create.map(|c| match c {
+        let audience = |c: CreateMode| match c {
             CreateMode::Lan => "lan",
             CreateMode::Any => "any",
             CreateMode::None => "none",
-        });
-        line(f, "create", &create, true)?;
+        };
+        line(f, "create", &self.create.map(audience), true)?;
+        line(f, "status_from", &self.status_from.map(audience), true)?;
         line(f, "upnp.lease_secs", &self.upnp.lease_secs, false)?;
         line(f, "upnp.external_port", &self.upnp.external_port, false)?;
         line(f, "upnp.description", &self.upnp.description, true)?;
@@ -962,6 +1024,13 @@ port = 7471
             empty.profile("upnp").expect("upnp").upnp.fallback,
             Some(Fallback::LanOnly)
         );
+        let auto = empty.profile("auto").expect("auto");
+        assert_eq!(auto.forwarding, Some(ForwardingMode::Auto));
+        assert_eq!(auto.upnp.fallback, Some(Fallback::LanOnly));
+        for m in ["auto", "pcp", "natpmp", "upnp", "manual", "lan-only"] {
+            let mode = ForwardingMode::from_name(m).expect("a mode");
+            assert_eq!(mode.name(), m);
+        }
         assert!(matches!(
             empty.profile("nope"),
             Err(PrefsError::UnknownProfile { .. })
@@ -1040,7 +1109,7 @@ port = 7471
         let (line, msg) = invalid("\n\n[profiles.x]\nforwarding = \"carrier-pigeon\"\n");
         assert_eq!(line, 4);
         assert!(
-            msg.contains("\"lan-only\", \"manual\" or \"upnp\""),
+            msg.contains("\"lan-only\", \"manual\", \"auto\", \"pcp\", \"natpmp\" or \"upnp\""),
             "{msg}"
         );
         let (line, msg) = invalid("[profiles.x]\nport = 99999\n");
@@ -1136,6 +1205,11 @@ port = 7471
         p.set("cabin", "forwarding", "manual").expect("set");
         p.set("cabin", "beacon", "false").expect("set");
         p.set("cabin", "create", "none").expect("set");
+        p.set("cabin", "status_from", "any").expect("set");
+        assert!(matches!(
+            p.set("cabin", "status_from", "world"),
+            Err(PrefsError::Edit(_))
+        ));
         let e = p
             .set("cabin", "limits.max_frame_bytes", "10")
             .expect_err("too small");
@@ -1161,6 +1235,7 @@ port = 7471
         let cabin = again.profile("cabin").expect("cabin");
         assert_eq!(cabin.forwarding, Some(ForwardingMode::Manual));
         assert_eq!(cabin.beacon, Some(false));
+        assert_eq!(cabin.status_from, Some(CreateMode::Any));
         // No temporary files left behind.
         let left: Vec<_> = std::fs::read_dir(path.parent().expect("dir"))
             .expect("ls")

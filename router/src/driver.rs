@@ -16,14 +16,16 @@
 //! [`Ending::Closed`] and ends.
 
 use crate::auth::IslandKeys;
+use crate::framed::FrameReader;
 use crate::ids::{ConnId, SessionId};
 use crate::session::{JoinRequest, Notice, Output, Session, SessionConfig};
+use crate::stats::{RouterStats, SessionStats};
 use crate::wire::{self, ClientFrame, Code, DecodeError};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -52,6 +54,8 @@ pub struct DriverConfig {
     pub write_timeout: Duration,
     /// The island's name for log lines (its beacon name; empty when it has none).
     pub island: String,
+    /// Where the session's counters go (the dispatcher shares one among all sessions).
+    pub stats: Arc<RouterStats>,
 }
 
 impl Default for DriverConfig {
@@ -62,6 +66,7 @@ impl Default for DriverConfig {
             event_queue: DEFAULT_EVENT_QUEUE,
             write_timeout: DEFAULT_WRITE_TIMEOUT,
             island: String::new(),
+            stats: Arc::default(),
         }
     }
 }
@@ -185,6 +190,8 @@ pub fn spawn_session(
         events: event_tx.clone(),
     };
     let task = SessionTask {
+        stats: cfg.stats.register(id, &cfg.island),
+        counts: Counts::default(),
         core: Session::new(id, keys, cfg.session.clone(), now()),
         cfg,
         conns: HashMap::new(),
@@ -206,14 +213,30 @@ struct Conn {
     cancel: CancellationToken,
 }
 
+/// The session task's own counts, published to its [`SessionStats`] once per batch.
+#[derive(Default)]
+struct Counts {
+    deliveries: u64,
+    bytes_out: u64,
+}
+
 struct SessionTask {
     core: Session,
+    stats: Arc<SessionStats>,
+    counts: Counts,
     cfg: DriverConfig,
     conns: HashMap<ConnId, Conn>,
     events_tx: mpsc::Sender<Event>,
     tasks: JoinSet<()>,
     flushes: Arc<Flushes>,
     flushed: Vec<(ConnId, usize)>,
+}
+
+impl Drop for SessionTask {
+    /// Also when the task panicked or was aborted: a session never stays in the gauges.
+    fn drop(&mut self) {
+        self.cfg.stats.retire(&self.stats);
+    }
 }
 
 impl SessionTask {
@@ -270,6 +293,9 @@ impl SessionTask {
                 break;
             }
         }
+        // The counts are final (the last outputs were applied): the session leaves the gauges now,
+        // not after the goodbyes' grace.
+        self.cfg.stats.retire(&self.stats);
         // Give writers a moment to deliver goodbyes, then cut everything.
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while self.tasks.join_next().await.is_some() {}
@@ -283,6 +309,7 @@ impl SessionTask {
         self.flushes.take(&mut self.flushed);
         let now = now();
         for (conn, bytes) in self.flushed.drain(..) {
+            self.counts.bytes_out += bytes as u64;
             self.core.handle_flushed(conn, bytes, now);
         }
     }
@@ -298,6 +325,7 @@ impl SessionTask {
             self.cfg.max_frame_bytes,
             self.events_tx.clone(),
             cancel.clone(),
+            self.stats.clone(),
         ));
         self.tasks.spawn(write_loop(
             writer,
@@ -351,6 +379,7 @@ impl SessionTask {
                 Output::Transmit { conn, frame } => {
                     if let Some(c) = self.conns.get(&conn) {
                         c.outbox.push(frame);
+                        self.counts.deliveries += 1;
                     }
                 }
                 Output::Close {
@@ -365,9 +394,18 @@ impl SessionTask {
                         c.outbox.close(goodbye, discard_queued);
                     }
                 }
-                Output::Notice(n) => log_notice(id, &self.cfg.island, &n),
+                Output::Notice(n) => {
+                    log_notice(id, &self.cfg.island, &n);
+                    self.stats.note(&n);
+                }
             }
         }
+        self.stats.publish(
+            self.core.last_seq().0,
+            self.counts.deliveries,
+            self.counts.bytes_out,
+            self.core.ticks(),
+        );
     }
 }
 
@@ -409,9 +447,15 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
         Notice::SnapshotWanted { messages } => {
             debug!(session = %id, messages, "snapshot wanted")
         }
-        Notice::SnapshotStored { at, bytes } => {
-            debug!(session = %id, at = at.0, bytes, "snapshot stored")
+        Notice::SnapshotStored { at, bytes, took } => {
+            debug!(session = %id, at = at.0, bytes, ?took, "snapshot stored")
         }
+        Notice::Synced {
+            replica,
+            resumed,
+            took,
+            ..
+        } => debug!(session = %id, %replica, resumed, ?took, "synced"),
     }
 }
 
@@ -483,14 +527,16 @@ impl Outbox {
 
 async fn read_loop<R: AsyncRead + Unpin>(
     conn: ConnId,
-    mut reader: R,
-    mut buf: BytesMut,
+    reader: R,
+    buf: BytesMut,
     max_frame: usize,
     events: mpsc::Sender<Event>,
     cancel: CancellationToken,
+    stats: Arc<SessionStats>,
 ) {
+    let mut frames = FrameReader::with_buffered(reader, buf, max_frame);
     let event = loop {
-        match wire::decode::<ClientFrame>(&mut buf, max_frame) {
+        match frames.buffered::<ClientFrame>() {
             Ok(Some(frame)) => {
                 if events.send(Event::Frame(conn, frame)).await.is_err() {
                     return;
@@ -506,13 +552,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 break Event::Broken(conn, code, e.to_string());
             }
         }
-        if buf.capacity() - buf.len() < 4096 {
-            buf.reserve(16 * 1024);
-        }
         tokio::select! {
-            r = reader.read_buf(&mut buf) => match r {
+            r = frames.fill() => match r {
                 Ok(0) => break Event::Gone(conn, "closed by the replica".into()),
-                Ok(_) => {}
+                Ok(n) => stats.read_bytes(n),
                 Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
             },
             _ = cancel.cancelled() => return,
@@ -543,7 +586,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
         _guard,
     } = ctx;
     let mut frames = Vec::new();
-    let mut buf = Vec::with_capacity(64 * 1024);
+    // Allocated on the first batch of more than one frame: an idle connection that only gets
+    // ticks never needs it.
+    let mut merged = Vec::new();
     let mut ends = Vec::new();
     loop {
         let closing = outbox.take(&mut frames);
@@ -554,14 +599,23 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
                 _ = cancel.cancelled() => return,
             }
         }
-        buf.clear();
         ends.clear();
-        for f in frames.drain(..) {
-            buf.extend_from_slice(&f);
-            ends.push(buf.len());
-        }
+        // One frame goes out as it is; several are merged so they share one write.
+        let single;
+        let buf: &[u8] = if frames.len() == 1 {
+            single = frames.pop().unwrap_or_default();
+            ends.push(single.len());
+            &single
+        } else {
+            merged.clear();
+            for f in frames.drain(..) {
+                merged.extend_from_slice(&f);
+                ends.push(merged.len());
+            }
+            &merged
+        };
         if !buf.is_empty() {
-            match write_frames(&mut writer, &buf, &ends, &outbox, write_timeout, &cancel).await {
+            match write_frames(&mut writer, buf, &ends, &outbox, write_timeout, &cancel).await {
                 Written::All => flushes.report(conn, &outbox, buf.len()),
                 // Closed as a slow consumer mid-batch: the next round finds the goodbye.
                 Written::Cut if closing.is_none() => continue,

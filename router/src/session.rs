@@ -300,6 +300,19 @@ pub enum Notice {
         at: Seq,
         /// Its size.
         bytes: usize,
+        /// From the request to the last piece, for the upload-duration histogram.
+        took: Duration,
+    },
+    /// A joining replica got `Synced`: it is live now.
+    Synced {
+        /// Who.
+        replica: ReplicaId,
+        /// On which connection.
+        conn: ConnId,
+        /// Resumed (true) or synced from a snapshot or the start (false, a late join).
+        resumed: bool,
+        /// From its join to `Synced`, for the join-duration histogram.
+        took: Duration,
     },
 }
 
@@ -349,6 +362,9 @@ struct Member {
     /// The highest admin command seq carried out on this connection; each must be higher, so a
     /// recorded command cannot be replayed.
     admin_seq: u64,
+    /// When it joined and whether it resumed, for [`Notice::Synced`].
+    joined_at: Instant,
+    resumed: bool,
 }
 
 impl Member {
@@ -404,6 +420,10 @@ pub struct Session {
     closed: bool,
     /// History length at the last [`Notice::SnapshotWanted`], reset when a snapshot is stored.
     wanted_at: Option<usize>,
+    /// Ticks sent (each to every live replica), for the router's metrics.
+    ticks: u64,
+    /// Members that just got `Synced`, reported by the next `reap` (which knows the time).
+    synced: Vec<ConnId>,
     out: VecDeque<Output>,
 }
 
@@ -432,6 +452,8 @@ impl Session {
             empty_since: Some(now),
             closed: false,
             wanted_at: None,
+            ticks: 0,
+            synced: Vec::new(),
             out: VecDeque::new(),
         }
     }
@@ -459,6 +481,11 @@ impl Session {
     /// Connections attached now, control connections included.
     pub fn member_count(&self) -> usize {
         self.members.len()
+    }
+
+    /// Ticks sent so far (each one to every live replica).
+    pub fn ticks(&self) -> u64 {
+        self.ticks
     }
 
     /// Entries and bytes in the history.
@@ -531,11 +558,14 @@ impl Session {
             Err((code, reason)) => return self.refuse(conn, req.replica, code, reason),
         };
         let welcome = self.welcome(&req, now);
+        let resumed = matches!(plan, Plan::Resume(_));
         self.insert_member(conn, &req, SyncState::AwaitingSnapshot, now);
+        if let Some(m) = self.members.get_mut(&conn) {
+            m.resumed = resumed;
+        }
         self.by_replica.insert(req.replica, conn);
         self.send_to(conn, wire::encode(&ServerFrame::Welcome(welcome)));
         self.announce_presence(conn, &req);
-        let resumed = matches!(plan, Plan::Resume(_));
         self.start_sync(conn, plan, now);
         self.out.push_back(Output::Notice(Notice::Joined {
             replica: req.replica,
@@ -623,6 +653,8 @@ impl Session {
                 doomed: None,
                 nonce: req.nonce,
                 admin_seq: 0,
+                joined_at: now,
+                resumed: false,
             },
         );
         self.empty_since = None;
@@ -824,6 +856,7 @@ impl Session {
         {
             let time = RouterTime(self.router_time(now));
             let frame = self.cfg.framing.tick(time);
+            self.ticks += 1;
             self.last_activity = now;
             self.broadcast_live(&frame);
         }
@@ -882,6 +915,8 @@ impl Session {
         self.out.push_back(Output::Notice(Notice::SnapshotStored {
             at: Seq(at),
             bytes: data.len(),
+            // The client uploaded it elsewhere (the file store); the core did not wait.
+            took: Duration::ZERO,
         }));
         self.set_snapshot(Some(Snapshot { at, data }));
         self.wanted_at = None;
@@ -1051,6 +1086,7 @@ impl Session {
                 SyncState::Backlog { next } => {
                     if *next > self.last_seq {
                         m.state = SyncState::Live;
+                        self.synced.push(conn);
                         let last_client_seq =
                             self.client_seqs.get(&m.replica).map_or(0, |e| e.last);
                         wire::encode(&ServerFrame::Synced {
@@ -1450,6 +1486,7 @@ impl Session {
         self.out.push_back(Output::Notice(Notice::SnapshotStored {
             at: Seq(snap.at),
             bytes: snap.data.len(),
+            took: now.saturating_duration_since(p.asked_at),
         }));
         self.set_snapshot(Some(snap.clone()));
         let waiting = self.awaiting_snapshot();
@@ -1542,15 +1579,22 @@ impl Session {
     /// Removes doomed members until none are left (a removal can doom others, e.g. a leave
     /// announcement that overflows another replica's queue).
     fn reap(&mut self, now: Instant) {
-        loop {
-            let Some((conn, (code, reason, discard))) = self
-                .members
-                .iter_mut()
-                .find_map(|(c, m)| m.doomed.take().map(|d| (*c, d)))
-            else {
-                return;
-            };
+        while let Some((conn, (code, reason, discard))) = self
+            .members
+            .iter_mut()
+            .find_map(|(c, m)| m.doomed.take().map(|d| (*c, d)))
+        {
             self.remove_member(conn, Some((code, reason)), discard, now);
+        }
+        for conn in std::mem::take(&mut self.synced) {
+            if let Some(m) = self.members.get(&conn) {
+                self.out.push_back(Output::Notice(Notice::Synced {
+                    replica: m.replica,
+                    conn,
+                    resumed: m.resumed,
+                    took: now.saturating_duration_since(m.joined_at),
+                }));
+            }
         }
     }
 

@@ -156,19 +156,32 @@ impl Proc {
             }
             std::thread::sleep(Duration::from_millis(20));
         };
-        // The reader thread sees end of file once the process has exited: wait for that, so
-        // the last lines are in.
-        let lines = self.lines.try_iter().collect();
-        let (text, changed) = &*self.err;
-        let mut t = text.lock().expect("stderr buffer");
-        while !t.1 {
-            let (next, timeout) = changed.wait_timeout(t, PATIENCE).expect("stderr buffer");
-            t = next;
-            if timeout.timed_out() {
-                break;
+        // The reader threads see end of file once the process has exited: wait for both, so
+        // the last lines are in. (Taking only the stdout lines already read lost a last line
+        // the reader had not passed on yet: `postcard show --json` then seemed to print nothing.)
+        let err = {
+            let (text, changed) = &*self.err;
+            let mut t = text.lock().expect("stderr buffer");
+            while !t.1 {
+                let (next, timeout) = changed.wait_timeout(t, PATIENCE).expect("stderr buffer");
+                t = next;
+                if timeout.timed_out() {
+                    break;
+                }
             }
+            t.0.clone()
+        };
+        // The reader drops its sender at end of file; the limit covers a grandchild that still
+        // holds stdout open (as for stderr above).
+        let mut lines = Vec::new();
+        let drained_by = std::time::Instant::now() + PATIENCE;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(drained_by.saturating_duration_since(std::time::Instant::now()))
+        {
+            lines.push(line);
         }
-        (status, lines, t.0.clone())
+        (status, lines, err)
     }
 }
 

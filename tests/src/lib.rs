@@ -13,6 +13,7 @@ use bytes::{Bytes, BytesMut};
 use isthmus_dispatcher::{Dispatcher, DispatcherConfig};
 use isthmus_router::auth::{self, Capability, IslandKeys, KeyPair, NONCE_LEN};
 use isthmus_router::budget::MemoryBudget;
+use isthmus_router::framed::{FrameReader, ReadError};
 use isthmus_router::ids::{ReplicaId, Seq, SessionId};
 use isthmus_router::wire::{
     self, AdminCommand, ClientFrame, Code, CreateOptions, Hello, HelloBody, Message, Role,
@@ -248,7 +249,7 @@ impl WireReplica {
     /// Says hello on an open connection and starts applying what arrives.
     pub async fn on(mut stream: TcpStream, opts: HelloOpts) -> std::io::Result<WireReplica> {
         let nonce = exchange_preambles(&mut stream).await?;
-        let (mut read, mut write) = stream.into_split();
+        let (read, mut write) = stream.into_split();
         let hello = ClientFrame::Hello(opts.sign(&nonce));
         // A router that refused at once may have closed already; the reader reports it.
         let _ = write.write_all(&wire::encode(&hello)).await;
@@ -256,16 +257,13 @@ impl WireReplica {
         let (tx, rx) = watch::channel(ReplicaState::default());
         let snap_writer = writer.clone();
         let reader = tokio::spawn(async move {
-            let mut buf = BytesMut::new();
+            let mut frames = FrameReader::new(read, usize::MAX);
             let mut sync: Option<(u64, Option<u64>, BytesMut)> = None;
             loop {
-                let frame = match wire::decode::<ServerFrame>(&mut buf, usize::MAX) {
-                    Ok(Some(f)) => f,
-                    Ok(None) => match read.read_buf(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(_) => continue,
-                    },
-                    Err(e) => {
+                let frame = match frames.read::<ServerFrame>().await {
+                    Ok(f) => f,
+                    Err(ReadError::Closed | ReadError::Io(_)) => break,
+                    Err(ReadError::Decode(e)) => {
                         tx.send_modify(|s| s.violations.push(format!("bad frame: {e}")));
                         break;
                     }

@@ -100,6 +100,40 @@ impl NetLab {
         ip(&["-n", b, "link", "set", ib, "up"]).expect("up");
     }
 
+    /// Joins two hosts with a veth pair that carries IPv6 only: each end gets its link-local
+    /// address and the given (unique-local) address, usable at once (no duplicate address
+    /// detection to wait for), and no IPv4 address.
+    pub fn link_v6(&mut self, a: &str, a_cidr: &str, b: &str, b_cidr: &str) {
+        self.links += 1;
+        let ia = format!("va{}{}", self.links, &self.prefix[4..]);
+        let ib = format!("vb{}{}", self.links, &self.prefix[4..]);
+        let (ia, ib) = (&ia[..ia.len().min(15)], &ib[..ib.len().min(15)]);
+        ip(&["link", "add", ia, "type", "veth", "peer", "name", ib]).expect("veth pair");
+        ip(&["link", "set", ia, "netns", a]).expect("move veth");
+        ip(&["link", "set", ib, "netns", b]).expect("move veth");
+        for (ns, iface, cidr) in [(a, ia, a_cidr), (b, ib, b_cidr)] {
+            // Namespaces start with IPv6 on, but a host may have turned it off by default.
+            let sysctl = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+            self.run(ns, "sh", &["-c", &format!("echo 0 > {sysctl}")]);
+            ip(&["-n", ns, "-6", "addr", "add", cidr, "dev", iface, "nodad"]).expect("address");
+            ip(&["-n", ns, "link", "set", iface, "up"]).expect("up");
+        }
+        // The link-local addresses are made when the link comes up; wait until both are usable.
+        for ns in [a, b] {
+            let ready = (0..100).any(|_| {
+                let out = ip(&["-n", ns, "-6", "addr", "show", "scope", "link"])
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                if out.contains("fe80::") && !out.contains("tentative") {
+                    return true;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                false
+            });
+            assert!(ready, "no usable link-local IPv6 address in {ns}");
+        }
+    }
+
     /// A command that runs `program` inside host `ns`.
     pub fn command(&self, ns: &str, program: &str) -> Command {
         let mut c = Command::new(tool("ip"));
@@ -195,7 +229,37 @@ fn miniupnpd_path() -> std::path::PathBuf {
             })
         })
         .unwrap_or_else(|| std::path::PathBuf::from("/nonexistent"));
-    cache.join("miniupnpd-2.3.9")
+    // The name carries the lab build's version (see the script): an older cached build is not
+    // used by mistake.
+    cache.join("miniupnpd-2.3.9-lab2")
+}
+
+/// The lab's miniupnpd built with PCP compiled out: a NAT-PMP-only gateway (see
+/// `tests/lab/build-miniupnpd.sh`).
+pub fn miniupnpd_nopcp() -> String {
+    let mut p = miniupnpd_path().into_os_string();
+    p.push("-nopcp");
+    p.to_string_lossy().into_owned()
+}
+
+/// The lab's miniupnpd built with IPv6 (PCP opens IPv6 pinholes), for [`HomeNet::dual_stack`].
+pub fn miniupnpd_ipv6() -> String {
+    let mut p = miniupnpd_path().into_os_string();
+    p.push("-ipv6");
+    p.to_string_lossy().into_owned()
+}
+
+/// Which protocols the lab gateway speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayProtocols {
+    /// UPnP IGD only.
+    Upnp,
+    /// PCP and NAT-PMP, no UPnP.
+    PcpPmp,
+    /// NAT-PMP only (the build without PCP), no UPnP.
+    NatPmpOnly,
+    /// UPnP, PCP and NAT-PMP.
+    All,
 }
 
 /// The lab's miniupnpd binary. Tests never build or install anything: `.ci/run` (or
@@ -224,6 +288,8 @@ pub struct HomeNet {
     pub scratch: std::path::PathBuf,
     /// The gateway's WAN address.
     pub gw_wan_ip: String,
+    /// The network also carries IPv6 (see [`HomeNet::dual_stack`]).
+    pub ipv6: bool,
 }
 
 impl Drop for HomeNet {
@@ -240,6 +306,14 @@ pub const GW_LAN_IP: &str = "10.210.1.1";
 pub const GW_WAN_IP: &str = "203.0.113.1";
 /// Remote host address.
 pub const WAN_IP: &str = "203.0.113.2";
+/// LAN host's global IPv6 address (in a dual-stack [`HomeNet`]).
+pub const LAN_IP6: &str = "2001:db8:1::2";
+/// Gateway's LAN-side IPv6 address.
+pub const GW_LAN_IP6: &str = "2001:db8:1::1";
+/// Gateway's WAN-side IPv6 address.
+pub const GW_WAN_IP6: &str = "2001:db8:2::1";
+/// Remote host's IPv6 address.
+pub const WAN_IP6: &str = "2001:db8:2::2";
 
 impl HomeNet {
     /// Builds the network with NAT and the nftables layout miniupnpd expects; `None` when the
@@ -254,12 +328,59 @@ impl HomeNet {
         Self::build(test, "10.220.0.1", "10.220.0.2")
     }
 
+    /// The same network with IPv6 beside IPv4: global addresses on both sides (documentation
+    /// ranges), routed by the gateway without NAT, and a firewall on the gateway that lets no
+    /// new IPv6 connection in from the WAN unless miniupnpd opened a pinhole for it (its
+    /// `miniupnpd` chain comes first). The gateway runs the IPv6 build of miniupnpd.
+    pub fn dual_stack(test: &str) -> Option<HomeNet> {
+        let mut net = Self::build(test, GW_WAN_IP, WAN_IP)?;
+        net.ipv6 = true;
+        let lan_if = net.lab.iface_of(&net.lan, LAN_IP);
+        let wan_if = net.lab.iface_of(&net.wan, WAN_IP);
+        for (ns, iface, cidr) in [
+            (&net.lan, lan_if.as_str(), format!("{LAN_IP6}/64")),
+            (&net.gw, net.gw_lan_if.as_str(), format!("{GW_LAN_IP6}/64")),
+            (&net.gw, net.gw_wan_if.as_str(), format!("{GW_WAN_IP6}/64")),
+            (&net.wan, wan_if.as_str(), format!("{WAN_IP6}/64")),
+        ] {
+            let sysctl = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+            net.lab
+                .run(ns, "sh", &["-c", &format!("echo 0 > {sysctl}")]);
+            ip(&["-n", ns, "-6", "addr", "add", &cidr, "dev", iface, "nodad"]).expect("address");
+        }
+        ip(&[
+            "-n", &net.lan, "-6", "route", "add", "default", "via", GW_LAN_IP6,
+        ])
+        .expect("route");
+        ip(&[
+            "-n", &net.wan, "-6", "route", "add", "default", "via", GW_WAN_IP6,
+        ])
+        .expect("route");
+        net.lab.run(
+            &net.gw,
+            "sh",
+            &["-c", "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding"],
+        );
+        let wan = format!("iifname \"{}\"", net.gw_wan_if);
+        for rule in [
+            "ct state established,related accept".to_string(),
+            format!("meta nfproto ipv6 {wan} drop"),
+        ] {
+            let mut args = vec!["add", "rule", "inet", "filter", "forward"];
+            args.extend(rule.split(' '));
+            net.lab.run(&net.gw, "nft", &args);
+        }
+        Some(net)
+    }
+
     fn build(test: &str, gw_wan_ip: &str, wan_ip: &str) -> Option<HomeNet> {
         let mut lab = NetLab::new(test)?;
-        if !miniupnpd_path().is_file() {
+        let builds = [miniupnpd(), miniupnpd_nopcp(), miniupnpd_ipv6()];
+        if builds.iter().any(|b| !Path::new(b).is_file()) {
             return skip(&format!(
-                "SKIPPED {test}: needs the lab's miniupnpd 2.3.9 at {}; build it once with \
-                 `bash tests/lab/build-miniupnpd.sh` (as root; .ci/run does this)",
+                "SKIPPED {test}: needs the lab's miniupnpd 2.3.9 builds at {} (and -nopcp, -ipv6); \
+                 build them once with `bash tests/lab/build-miniupnpd.sh` (as root; .ci/run \
+                 does this)",
                 miniupnpd_path().display()
             ));
         }
@@ -300,6 +421,7 @@ impl HomeNet {
         lab.run(&gw, "nft", &["-f", file.to_str().expect("path")]);
         Some(HomeNet {
             scratch,
+            ipv6: false,
             gw_wan_ip: gw_wan_ip.to_string(),
             lab,
             lan,
@@ -318,14 +440,53 @@ impl HomeNet {
 
     /// Like [`HomeNet::start_upnp`], with the gateway's HTTP (SOAP) port chosen.
     pub fn start_upnp_on(&self, http_port: u16, extra: &[&str]) -> std::process::Child {
-        let bin = miniupnpd();
+        self.start_gateway_on(GatewayProtocols::Upnp, http_port, extra)
+    }
+
+    /// Starts miniupnpd speaking `protocols`, with extra config lines. Waits until it answers
+    /// (on its HTTP port, or on UDP 5351 when it speaks no UPnP).
+    pub fn start_gateway(
+        &self,
+        protocols: GatewayProtocols,
+        extra: &[&str],
+    ) -> std::process::Child {
+        self.start_gateway_on(protocols, 5555, extra)
+    }
+
+    fn start_gateway_on(
+        &self,
+        protocols: GatewayProtocols,
+        http_port: u16,
+        extra: &[&str],
+    ) -> std::process::Child {
+        let bin = if protocols == GatewayProtocols::NatPmpOnly {
+            miniupnpd_nopcp()
+        } else if self.ipv6 {
+            miniupnpd_ipv6()
+        } else {
+            miniupnpd()
+        };
+        let upnp = matches!(protocols, GatewayProtocols::Upnp | GatewayProtocols::All);
+        let pmp = protocols != GatewayProtocols::Upnp;
+        let yn = |b: bool| if b { "yes" } else { "no" };
         let dir = self.scratch.clone();
         let conf = dir.join("miniupnpd.conf");
+        // PCP leases are held to at least min_lifetime (120 s unless said): the lab asks for
+        // seconds, so renewals show within a test.
         let mut text = format!(
-            "ext_ifname={}\nlistening_ip={}\nhttp_port={http_port}\nenable_upnp=yes\nenable_natpmp=no\n\
-             secure_mode=yes\nsystem_uptime=yes\nnotify_interval=60\nclean_ruleset_interval=600\n\
+            "ext_ifname={}\nlistening_ip={}\nhttp_port={http_port}\nenable_upnp={}\nenable_pcp_pmp={}\n\
+             {}secure_mode=yes\nsystem_uptime=yes\nnotify_interval=60\nclean_ruleset_interval=600\n\
              uuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\n",
-            self.gw_wan_if, self.gw_lan_if
+            self.gw_wan_if,
+            self.gw_lan_if,
+            yn(upnp),
+            yn(pmp),
+            // Only a build with PCP knows the option (and refuses to start on an unknown one).
+            if protocols == GatewayProtocols::NatPmpOnly {
+                ""
+            } else {
+                "min_lifetime=2\n"
+            }
         );
         for l in extra {
             text.push_str(l);
@@ -342,13 +503,20 @@ impl HomeNet {
             .spawn()
             .expect("start miniupnpd");
         for _ in 0..100 {
-            let ok = self
-                .lab
-                .command(&self.lan, "bash")
-                .args(["-c", &format!("exec 3<>/dev/tcp/{GW_LAN_IP}/{http_port}")])
-                .stderr(std::process::Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
+            let ok = if upnp {
+                self.lab
+                    .command(&self.lan, "bash")
+                    .args(["-c", &format!("exec 3<>/dev/tcp/{GW_LAN_IP}/{http_port}")])
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+            } else {
+                self.lab
+                    .command(&self.gw, "ss")
+                    .args(["-Hlun", "sport = :5351"])
+                    .output()
+                    .is_ok_and(|o| !o.stdout.is_empty())
+            };
             if ok {
                 return child;
             }
@@ -356,7 +524,7 @@ impl HomeNet {
         }
         let _ = child.kill();
         let _ = child.wait();
-        panic!("miniupnpd did not come up");
+        panic!("miniupnpd ({protocols:?}) did not come up");
     }
 
     /// The gateway's NAT rules as text.

@@ -132,7 +132,7 @@ async fn http_connections_count_against_the_per_address_cap() {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.expect("connect");
-        let (status, _) = get(&mut s, "/").await;
+        let (status, _) = get(&mut s, "/nothing-here").await;
         assert!(status.starts_with("HTTP/1.1 404"), "{status}");
         held.push(s);
     }

@@ -1,0 +1,1229 @@
+//! `versus`: Isthmus side by side with NATS and Redis, one sitting, one load generator.
+//!
+//! ```text
+//! cargo build --release --bin isthmus -p isthmus-tests --bin versus
+//! target/release/versus [--quick] [--rounds N] [--only NAME]
+//! ```
+//!
+//! Each server runs alone on core 0 (`taskset -c 0`; the router with one tokio worker, so it is
+//! as single-threaded as Redis); this generator pins itself to core 1 and runs on one thread.
+//! The same generator speaks each protocol raw (NATS's text protocol, RESP2 pub/sub, Isthmus
+//! wire frames), the systems take turns round after round, and every figure is the median over
+//! the rounds. A run counts only if every message reached every receiver in order; the
+//! generator's own CPU is reported, and a run where it was the bottleneck is flagged.
+//!
+//! Needs `nats-server` and `redis-server` on the PATH (Debian: `apt-get install nats-server
+//! redis-server`) and the release `isthmus` binary next to this one. BENCHMARKS.md has the
+//! figures and how they were taken.
+
+use anyhow::{bail, Context as _, Result};
+use bytes::{Buf, Bytes, BytesMut};
+use isthmus_router::auth::Capability;
+use isthmus_router::wire::{self, ClientFrame};
+use isthmus_tests::{exchange_preambles, HelloOpts};
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Bytes of every payload: publisher seq, send time, publisher index, padding.
+const PAYLOAD: usize = 64;
+/// Messages a throughput publisher keeps ahead of its slowest receiver.
+const WINDOW: u64 = 20_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum System {
+    Nats,
+    Redis,
+    Isthmus,
+}
+
+impl System {
+    const ALL: [System; 3] = [System::Nats, System::Redis, System::Isthmus];
+
+    fn name(self) -> &'static str {
+        match self {
+            System::Nats => "NATS",
+            System::Redis => "Redis",
+            System::Isthmus => "Isthmus",
+        }
+    }
+}
+
+/// Nanoseconds since the generator started: the clock payloads carry.
+fn now_ns() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+fn payload(seq: u64, publisher: u32) -> [u8; PAYLOAD] {
+    let mut p = [b'x'; PAYLOAD];
+    p[..8].copy_from_slice(&seq.to_le_bytes());
+    p[8..16].copy_from_slice(&now_ns().to_le_bytes());
+    p[16..20].copy_from_slice(&publisher.to_le_bytes());
+    p
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers
+
+/// A server process on core 0.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Server {
+    fn start(system: System) -> Result<Server> {
+        let port = free_port()?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        let mut cmd = Command::new("taskset");
+        cmd.arg("-c").arg("0");
+        match system {
+            System::Nats => {
+                cmd.arg("nats-server")
+                    .args(["-a", "127.0.0.1", "-p"])
+                    .arg(port.to_string());
+            }
+            System::Redis => {
+                cmd.arg("redis-server")
+                    .args(["--bind", "127.0.0.1", "--port"])
+                    .arg(port.to_string())
+                    .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                    .args(["--maxclients", "15000"])
+                    .args(["--client-output-buffer-limit", "pubsub 0 0 0"]);
+            }
+            System::Isthmus => {
+                let exe = std::env::current_exe()?;
+                let isthmus = exe.with_file_name("isthmus");
+                if !isthmus.exists() {
+                    bail!(
+                        "{} is missing; build it first: cargo build --release --bin isthmus",
+                        isthmus.display()
+                    );
+                }
+                cmd.arg(isthmus)
+                    .arg("router")
+                    .arg("--listen")
+                    .arg(addr.to_string())
+                    .args(["--no-beacon", "--linger-ms", "1000"])
+                    .args(["--max-connections-per-ip", "100000"])
+                    .args(["--max-handshakes-per-ip", "100000"])
+                    .env("TOKIO_WORKER_THREADS", "1")
+                    .env("RUST_LOG", "warn");
+            }
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {}: is it installed? (apt-get install nats-server redis-server)",
+                    system.name()
+                )
+            })?;
+        let server = Server { child, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {addr} within 10 s", system.name());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(server)
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Resident memory of a process in bytes.
+fn rss_bytes(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb * 1024.0)
+}
+
+/// CPU of the server and of this generator over a measured stretch.
+struct CpuMeter {
+    pid: String,
+    server: f64,
+    me: f64,
+    wall: Instant,
+}
+
+impl CpuMeter {
+    fn start(server: &Server) -> CpuMeter {
+        let pid = server.pid().to_string();
+        CpuMeter {
+            server: cpu_seconds(&pid),
+            me: cpu_seconds("self"),
+            wall: Instant::now(),
+            pid,
+        }
+    }
+
+    /// (wall seconds, server CPU seconds, generator CPU seconds).
+    fn stop(&self) -> (f64, f64, f64) {
+        (
+            self.wall.elapsed().as_secs_f64(),
+            cpu_seconds(&self.pid) - self.server,
+            cpu_seconds("self") - self.me,
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clients
+
+/// What one receiver saw.
+#[derive(Default)]
+struct Seen {
+    /// Payloads received.
+    count: AtomicU64,
+    /// Messages out of order or missing (per publisher).
+    disorder: AtomicU64,
+    /// Latencies in microseconds, when sampled.
+    latencies: Mutex<Vec<u32>>,
+    /// Tells the receiver to hand in its latencies and end.
+    stop: tokio_util::sync::CancellationToken,
+}
+
+/// A topic: a NATS subject, a Redis channel, an Isthmus island.
+#[derive(Clone)]
+struct Topic {
+    name: String,
+    island: Capability,
+}
+
+impl Topic {
+    fn new(i: usize) -> Topic {
+        Topic {
+            name: format!("bench.{i}"),
+            island: Capability::new_island(),
+        }
+    }
+}
+
+/// Loopback source addresses, so the router's per-address caps see many households.
+fn source(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 1, (i / 200) as u8, (i % 200 + 1) as u8))
+}
+
+async fn connect(from: IpAddr, addr: SocketAddr) -> Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(from, 0))?;
+    let s = socket.connect(addr).await?;
+    s.set_nodelay(true)?;
+    Ok(s)
+}
+
+/// A connection that has subscribed (or joined) and is ready to receive, and may publish.
+struct Conn {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    /// Bytes read past the subscription's confirmation.
+    buf: BytesMut,
+    /// Isthmus only: this connection's client seq.
+    client_seq: u64,
+}
+
+impl Conn {
+    /// Connects from `from` and subscribes to `topic`; `create` makes an Isthmus island.
+    async fn subscribe(
+        system: System,
+        addr: SocketAddr,
+        from: IpAddr,
+        topic: &Topic,
+        create: bool,
+    ) -> Result<Conn> {
+        let stream = connect(from, addr).await?;
+        let (read, write) = stream.into_split();
+        let mut c = Conn {
+            read,
+            write,
+            buf: BytesMut::with_capacity(4096),
+            client_seq: 0,
+        };
+        match system {
+            System::Nats => {
+                let sub = format!(
+                    "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nSUB {} 1\r\nPING\r\n",
+                    topic.name
+                );
+                c.write.write_all(sub.as_bytes()).await?;
+                c.read_until(|b| find(b, b"PONG\r\n")).await?;
+            }
+            System::Redis => {
+                let sub = resp(&[b"SUBSCRIBE", topic.name.as_bytes()]);
+                c.write.write_all(&sub).await?;
+                c.read_until(|b| {
+                    find(b, b"subscribe\r\n").and_then(|i| find_from(b, i, b":1\r\n"))
+                })
+                .await?;
+            }
+            System::Isthmus => {
+                let mut stream = c.read.reunite(c.write).context("reunite")?;
+                let nonce = exchange_preambles(&mut stream).await?;
+                let mut opts = HelloOpts::new(&topic.island, create);
+                opts.name = "bench".into();
+                stream
+                    .write_all(&wire::encode(&ClientFrame::Hello(opts.sign(&nonce))))
+                    .await?;
+                let (read, write) = stream.into_split();
+                c = Conn {
+                    read,
+                    write,
+                    buf: BytesMut::with_capacity(4096),
+                    client_seq: 0,
+                };
+                // Walk frames until Synced (variant 7); a Refuse (1) is an error.
+                loop {
+                    let mut at = 0;
+                    while c.buf.len() >= at + 5 {
+                        let len = u32::from_be_bytes([
+                            c.buf[at],
+                            c.buf[at + 1],
+                            c.buf[at + 2],
+                            c.buf[at + 3],
+                        ]) as usize;
+                        if c.buf.len() < at + 4 + len {
+                            break;
+                        }
+                        match c.buf[at + 4] {
+                            1 => bail!("the router refused the bench replica"),
+                            7 => {
+                                c.buf.advance(at + 4 + len);
+                                return Ok(c);
+                            }
+                            _ => at += 4 + len,
+                        }
+                    }
+                    c.buf.advance(at);
+                    if c.read.read_buf(&mut c.buf).await? == 0 {
+                        bail!("the router closed the bench replica");
+                    }
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// A publishing-only connection (Redis: a subscribed connection cannot publish).
+    async fn publisher(system: System, addr: SocketAddr, from: IpAddr) -> Result<Conn> {
+        let stream = connect(from, addr).await?;
+        let (read, mut write) = stream.into_split();
+        if system == System::Nats {
+            write
+                .write_all(b"CONNECT {\"verbose\":false,\"pedantic\":false}\r\n")
+                .await?;
+        }
+        Ok(Conn {
+            read,
+            write,
+            buf: BytesMut::new(),
+            client_seq: 0,
+        })
+    }
+
+    async fn read_until(&mut self, done: impl Fn(&[u8]) -> Option<usize>) -> Result<()> {
+        loop {
+            if let Some(end) = done(&self.buf) {
+                self.buf.advance(end);
+                return Ok(());
+            }
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), self.read.read_buf(&mut self.buf))
+                    .await
+                    .context("no subscription confirmation within 10 s")??;
+            if read == 0 {
+                bail!("the server closed the connection while subscribing");
+            }
+        }
+    }
+
+    /// Appends one publish of `payload` to `out`.
+    fn publish(&mut self, system: System, topic: &Topic, payload: &[u8], out: &mut Vec<u8>) {
+        match system {
+            System::Nats => {
+                out.extend_from_slice(
+                    format!("PUB {} {}\r\n", topic.name, payload.len()).as_bytes(),
+                );
+                out.extend_from_slice(payload);
+                out.extend_from_slice(b"\r\n");
+            }
+            System::Redis => {
+                out.extend_from_slice(&resp(&[b"PUBLISH", topic.name.as_bytes(), payload]))
+            }
+            System::Isthmus => {
+                self.client_seq += 1;
+                out.extend_from_slice(&wire::encode(&ClientFrame::Send {
+                    client_seq: self.client_seq,
+                    payload: Bytes::copy_from_slice(payload),
+                }));
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    find_from(hay, 0, needle)
+}
+
+/// The end of the first `needle` at or after `from`.
+fn find_from(hay: &[u8], from: usize, needle: &[u8]) -> Option<usize> {
+    hay.get(from..)?
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| from + i + needle.len())
+}
+
+fn resp(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = format!("*{}\r\n", parts.len()).into_bytes();
+    for p in parts {
+        out.extend_from_slice(format!("${}\r\n", p.len()).as_bytes());
+        out.extend_from_slice(p);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+/// Takes complete messages off the front of `buf`, calling `each` with every payload; returns
+/// false if the stream holds something this generator does not expect.
+fn parse(system: System, buf: &mut BytesMut, mut each: impl FnMut(&[u8])) -> bool {
+    let mut at = 0;
+    let ok = loop {
+        let rest = &buf[at..];
+        match system {
+            System::Nats => {
+                let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    break true;
+                };
+                let line = &rest[..eol];
+                if let Some(head) = line.strip_prefix(b"MSG ") {
+                    let Some(n) = head
+                        .rsplit(|&b| b == b' ')
+                        .next()
+                        .and_then(|n| std::str::from_utf8(n).ok()?.parse::<usize>().ok())
+                    else {
+                        break false;
+                    };
+                    if rest.len() < eol + 2 + n + 2 {
+                        break true;
+                    }
+                    each(&rest[eol + 2..eol + 2 + n]);
+                    at += eol + 2 + n + 2;
+                } else if line == b"PING" {
+                    // Answered by the reader (it owns no writer here): servers ping every two
+                    // minutes, longer than any run.
+                    at += eol + 2;
+                } else if line.starts_with(b"-ERR") {
+                    break false;
+                } else {
+                    at += eol + 2;
+                }
+            }
+            System::Redis => match parse_resp(rest) {
+                Some((used, Resp::Message(p))) => {
+                    each(p);
+                    at += used;
+                }
+                Some((used, Resp::Other)) => at += used,
+                Some((_, Resp::Error)) => break false,
+                None => break true,
+            },
+            System::Isthmus => {
+                if rest.len() < 4 {
+                    break true;
+                }
+                let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+                if rest.len() < 4 + len {
+                    break true;
+                }
+                let body = &rest[4..4 + len];
+                match body.first() {
+                    // A message's payload is its last field, after a one-byte length.
+                    Some(2) if len > PAYLOAD => each(&body[len - PAYLOAD..]),
+                    Some(1) | Some(8) => break false,
+                    _ => {}
+                }
+                at += 4 + len;
+            }
+        }
+    };
+    buf.advance(at);
+    ok
+}
+
+enum Resp<'a> {
+    Message(&'a [u8]),
+    Other,
+    Error,
+}
+
+/// One RESP2 reply off the front: (bytes used, what it was), or None if incomplete.
+fn parse_resp(b: &[u8]) -> Option<(usize, Resp<'_>)> {
+    let line = |from: usize| -> Option<(usize, &[u8])> {
+        let eol = b.get(from..)?.windows(2).position(|w| w == b"\r\n")?;
+        Some((from + eol + 2, &b[from..from + eol]))
+    };
+    let num = |s: &[u8]| std::str::from_utf8(s).ok()?.parse::<i64>().ok();
+    let (mut at, first) = line(0)?;
+    match first.first()? {
+        b'-' => Some((at, Resp::Error)),
+        b':' | b'+' => Some((at, Resp::Other)),
+        b'*' => {
+            let n = num(&first[1..])?;
+            let mut parts: Vec<&[u8]> = Vec::with_capacity(3);
+            for _ in 0..n {
+                let (next, head) = line(at)?;
+                match head.first()? {
+                    b'$' => {
+                        let len = usize::try_from(num(&head[1..])?).ok()?;
+                        let end = next + len;
+                        if b.len() < end + 2 {
+                            return None;
+                        }
+                        parts.push(&b[next..end]);
+                        at = end + 2;
+                    }
+                    _ => at = next,
+                }
+            }
+            if parts.first() == Some(&&b"message"[..]) && parts.len() == 3 {
+                Some((at, Resp::Message(parts[2])))
+            } else {
+                Some((at, Resp::Other))
+            }
+        }
+        _ => Some((at, Resp::Error)),
+    }
+}
+
+/// Reads `conn` until `stop`, checking that each publisher's seqs arrive as 1, 2, 3...
+fn spawn_receiver(
+    system: System,
+    mut read: OwnedReadHalf,
+    mut buf: BytesMut,
+    seen: Arc<Seen>,
+    publishers: usize,
+    sample_latency: bool,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut next = vec![1u64; publishers];
+        let mut lat = Vec::new();
+        loop {
+            let mut n = 0u64;
+            let mut bad = 0u64;
+            let ok = parse(system, &mut buf, |p| {
+                if p.len() != PAYLOAD {
+                    bad += 1;
+                    return;
+                }
+                let seq = u64::from_le_bytes(p[..8].try_into().unwrap_or_default());
+                let publisher = u32::from_le_bytes(p[16..20].try_into().unwrap_or_default());
+                match next.get_mut(publisher as usize) {
+                    Some(expected) if *expected == seq => *expected += 1,
+                    _ => bad += 1,
+                }
+                if sample_latency {
+                    let sent = u64::from_le_bytes(p[8..16].try_into().unwrap_or_default());
+                    lat.push(
+                        (now_ns().saturating_sub(sent) / 1000).min(u64::from(u32::MAX)) as u32,
+                    );
+                }
+                n += 1;
+            });
+            if n > 0 {
+                seen.count.fetch_add(n, Ordering::Relaxed);
+            }
+            if bad > 0 || !ok {
+                seen.disorder.fetch_add(bad.max(1), Ordering::Relaxed);
+            }
+            if !lat.is_empty() && lat.len() >= 4096 {
+                if let Ok(mut l) = seen.latencies.lock() {
+                    l.append(&mut lat);
+                }
+            }
+            if buf.capacity() - buf.len() < 2048 {
+                buf.reserve(64 * 1024);
+            }
+            tokio::select! {
+                r = read.read_buf(&mut buf) => match r {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                },
+                _ = seen.stop.cancelled() => break,
+            }
+        }
+        if let Ok(mut l) = seen.latencies.lock() {
+            l.append(&mut lat);
+        }
+    })
+}
+
+/// Drains what a publishing connection is sent (Redis's replies, Isthmus's echoes).
+fn spawn_drain(mut read: OwnedReadHalf) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut sink = vec![0u8; 64 * 1024];
+        while let Ok(n) = read.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workloads
+
+/// One row's figures for one system and round; `None` where it does not apply.
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    values: BTreeMap<&'static str, f64>,
+    /// The run broke a rule (lost or reordered messages).
+    invalid: Option<String>,
+    /// The generator was the bottleneck.
+    generator_bound: bool,
+}
+
+impl Figures {
+    fn set(&mut self, k: &'static str, v: f64) {
+        self.values.insert(k, v);
+    }
+}
+
+fn check_generator(f: &mut Figures, wall: f64, me: f64) {
+    f.set("generator CPU %", me / wall * 100.0);
+    // One thread on one core: past ~90% busy it, not the server, sets the pace.
+    f.generator_bound = me / wall > 0.9;
+}
+
+/// One publisher, `receivers` subscribers, `messages` of 64 B as fast as the slowest receiver
+/// allows (at most [`WINDOW`] ahead).
+async fn fan_out(system: System, receivers: usize, messages: u64) -> Result<Figures> {
+    let server = Server::start(system)?;
+    let topic = Topic::new(0);
+    let mut seen = Vec::new();
+    let mut tasks = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..receivers {
+        let c = Conn::subscribe(system, server.addr, source(i), &topic, i == 0).await?;
+        let s = Arc::new(Seen::default());
+        tasks.push(spawn_receiver(system, c.read, c.buf, s.clone(), 1, false));
+        // Dropping a write half would shut the connection down.
+        writers.push(c.write);
+        seen.push(s);
+    }
+    let mut publisher = if system == System::Isthmus {
+        Conn::subscribe(system, server.addr, source(receivers), &topic, false).await?
+    } else {
+        Conn::publisher(system, server.addr, source(receivers)).await?
+    };
+    let drain = spawn_drain(publisher.read);
+    publisher.read = connect_dummy().await?;
+    let meter = CpuMeter::start(&server);
+    let mut out = Vec::with_capacity(256 * 1024);
+    let slowest = |seen: &[Arc<Seen>]| {
+        seen.iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    };
+    for k in 1..=messages {
+        publisher.publish(system, &topic, &payload(k, 0), &mut out);
+        if out.len() >= 32 * 1024 || k == messages {
+            publisher.write.write_all(&out).await?;
+            out.clear();
+            while k.saturating_sub(slowest(&seen)) > WINDOW {
+                tokio::task::yield_now().await;
+                if seen.iter().any(|s| s.disorder.load(Ordering::Relaxed) > 0) {
+                    break;
+                }
+            }
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while slowest(&seen) < messages && Instant::now() < deadline {
+        if seen.iter().any(|s| s.disorder.load(Ordering::Relaxed) > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let (wall, server_cpu, me) = meter.stop();
+    let mut f = Figures::default();
+    let delivered: u64 = seen.iter().map(|s| s.count.load(Ordering::Relaxed)).sum();
+    let disorder: u64 = seen
+        .iter()
+        .map(|s| s.disorder.load(Ordering::Relaxed))
+        .sum();
+    if delivered != messages * receivers as u64 || disorder > 0 {
+        f.invalid = Some(format!(
+            "{delivered} of {} delivered, {disorder} out of order",
+            messages * receivers as u64
+        ));
+    }
+    f.set("deliveries/s", delivered as f64 / wall);
+    f.set("server CPU-s per 1M", server_cpu / (delivered as f64 / 1e6));
+    check_generator(&mut f, wall, me);
+    drop(server);
+    for t in tasks {
+        t.abort();
+    }
+    drain.abort();
+    Ok(f)
+}
+
+/// A connected socket to stand in for a read half handed to a task.
+async fn connect_dummy() -> Result<OwnedReadHalf> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let c = TcpStream::connect(l.local_addr()?).await?;
+    Ok(c.into_split().0)
+}
+
+/// `sessions` topics of `members` each; every member publishes `rate` msgs/s to its topic and
+/// receives everything on it (its own messages included) for `secs`.
+async fn many_sessions(
+    system: System,
+    sessions: usize,
+    members: usize,
+    rate: u32,
+    secs: f64,
+) -> Result<Figures> {
+    let server = Server::start(system)?;
+    let mut seen = Vec::new();
+    let mut tasks = Vec::new();
+    let mut writers = Vec::new();
+    let mut pubs = Vec::new();
+    let mut drains = Vec::new();
+    let topics: Vec<Topic> = (0..sessions).map(Topic::new).collect();
+    for (t, topic) in topics.iter().enumerate() {
+        for m in 0..members {
+            let i = t * members + m;
+            let c = Conn::subscribe(system, server.addr, source(i), topic, m == 0)
+                .await
+                .with_context(|| format!("connection {i} (topic {t})"))?;
+            let s = Arc::new(Seen::default());
+            tasks.push(spawn_receiver(
+                system,
+                c.read,
+                c.buf,
+                s.clone(),
+                members,
+                true,
+            ));
+            seen.push(s);
+            let publisher = if system == System::Redis {
+                writers.push(c.write);
+                let p = Conn::publisher(system, server.addr, source(i)).await?;
+                drains.push(spawn_drain(p.read));
+                (p.write, 0)
+            } else {
+                (c.write, 0)
+            };
+            pubs.push((t, m as u32, publisher));
+        }
+    }
+    // Every publisher sends at its own phase within each period.
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let n = pubs.len();
+    let total_per = (secs * f64::from(rate)).round() as u64;
+    let meter = CpuMeter::start(&server);
+    let start = tokio::time::Instant::now();
+    let mut out = Vec::new();
+    let mut sent = vec![0u64; n];
+    let mut client_seq = vec![0u64; n];
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    loop {
+        ticker.tick().await;
+        let elapsed = start.elapsed();
+        let mut all_done = true;
+        for (i, (t, m, (w, _))) in pubs.iter_mut().enumerate() {
+            let phase = period.mul_f64(i as f64 / n as f64);
+            let due = if elapsed < phase {
+                0
+            } else {
+                ((elapsed - phase).as_secs_f64() / period.as_secs_f64()) as u64 + 1
+            }
+            .min(total_per);
+            if sent[i] < total_per {
+                all_done = false;
+            }
+            while sent[i] < due {
+                sent[i] += 1;
+                let p = payload(sent[i], *m);
+                let topic = &topics[*t];
+                out.clear();
+                match system {
+                    System::Nats => {
+                        out.extend_from_slice(
+                            format!("PUB {} {PAYLOAD}\r\n", topic.name).as_bytes(),
+                        );
+                        out.extend_from_slice(&p);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    System::Redis => {
+                        out.extend_from_slice(&resp(&[b"PUBLISH", topic.name.as_bytes(), &p]))
+                    }
+                    System::Isthmus => {
+                        client_seq[i] += 1;
+                        out.extend_from_slice(&wire::encode(&ClientFrame::Send {
+                            client_seq: client_seq[i],
+                            payload: Bytes::copy_from_slice(&p),
+                        }));
+                    }
+                }
+                w.write_all(&out).await?;
+            }
+        }
+        if all_done {
+            break;
+        }
+    }
+    let expected = total_per * members as u64 * members as u64 * sessions as u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let delivered = |seen: &[Arc<Seen>]| {
+        seen.iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    while delivered(&seen) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (wall, server_cpu, me) = meter.stop();
+    let mut f = Figures::default();
+    let got = delivered(&seen);
+    let disorder: u64 = seen
+        .iter()
+        .map(|s| s.disorder.load(Ordering::Relaxed))
+        .sum();
+    if got != expected || disorder > 0 {
+        f.invalid = Some(format!(
+            "{got} of {expected} delivered, {disorder} out of order"
+        ));
+    }
+    drop(pubs);
+    for d in drains {
+        d.abort();
+    }
+    for s in &seen {
+        s.stop.cancel();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let mut lat: Vec<u32> = Vec::new();
+    for s in &seen {
+        if let Ok(mut l) = s.latencies.lock() {
+            lat.append(&mut l);
+        }
+    }
+    lat.sort_unstable();
+    f.set("server CPU-s per 1M", server_cpu / (got as f64 / 1e6));
+    f.set("server CPU %", server_cpu / wall * 100.0);
+    f.set("p50 ms", percentile(&lat, 0.5));
+    f.set("p99 ms", percentile(&lat, 0.99));
+    f.set("p999 ms", percentile(&lat, 0.999));
+    check_generator(&mut f, wall, me);
+    Ok(f)
+}
+
+fn percentile(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    f64::from(sorted_us[((sorted_us.len() - 1) as f64 * p).round() as usize]) / 1000.0
+}
+
+/// One publisher at a fixed `rate` to `receivers` subscribers for `secs`: latency.
+async fn fixed_rate(system: System, receivers: usize, rate: u32, secs: f64) -> Result<Figures> {
+    let server = Server::start(system)?;
+    let topic = Topic::new(0);
+    let mut seen = Vec::new();
+    let mut tasks = Vec::new();
+    let mut writers = Vec::new();
+    for i in 0..receivers {
+        let c = Conn::subscribe(system, server.addr, source(i), &topic, i == 0).await?;
+        let s = Arc::new(Seen::default());
+        tasks.push(spawn_receiver(system, c.read, c.buf, s.clone(), 1, true));
+        // Dropping a write half would shut the connection down.
+        writers.push(c.write);
+        seen.push(s);
+    }
+    let mut publisher = if system == System::Isthmus {
+        Conn::subscribe(system, server.addr, source(receivers), &topic, false).await?
+    } else {
+        Conn::publisher(system, server.addr, source(receivers)).await?
+    };
+    let drain = spawn_drain(publisher.read);
+    publisher.read = connect_dummy().await?;
+    let total = (secs * f64::from(rate)) as u64;
+    let period = Duration::from_secs_f64(1.0 / f64::from(rate));
+    let meter = CpuMeter::start(&server);
+    let start = tokio::time::Instant::now();
+    let mut out = Vec::new();
+    for k in 1..=total {
+        tokio::time::sleep_until(start + period.mul_f64(k as f64)).await;
+        out.clear();
+        publisher.publish(system, &topic, &payload(k, 0), &mut out);
+        publisher.write.write_all(&out).await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let delivered = |seen: &[Arc<Seen>]| {
+        seen.iter()
+            .map(|s| s.count.load(Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    while delivered(&seen) < total * receivers as u64 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let (wall, server_cpu, me) = meter.stop();
+    let mut f = Figures::default();
+    let got = delivered(&seen);
+    let disorder: u64 = seen
+        .iter()
+        .map(|s| s.disorder.load(Ordering::Relaxed))
+        .sum();
+    if got != total * receivers as u64 || disorder > 0 {
+        f.invalid = Some(format!(
+            "{got} of {} delivered, {disorder} out of order",
+            total * receivers as u64
+        ));
+    }
+    for s in &seen {
+        s.stop.cancel();
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    drain.abort();
+    let mut lat: Vec<u32> = Vec::new();
+    for s in &seen {
+        if let Ok(mut l) = s.latencies.lock() {
+            lat.append(&mut l);
+        }
+    }
+    lat.sort_unstable();
+    f.set("p50 ms", percentile(&lat, 0.5));
+    f.set("p99 ms", percentile(&lat, 0.99));
+    f.set("p999 ms", percentile(&lat, 0.999));
+    f.set("server CPU %", server_cpu / wall * 100.0);
+    check_generator(&mut f, wall, me);
+    Ok(f)
+}
+
+/// `conns` subscribers spread over `sessions` topics, then idle: the server's resident memory
+/// per connection, and (Isthmus) the CPU its ticks cost over `secs`.
+async fn idle(system: System, sessions: usize, conns: usize, secs: f64) -> Result<Figures> {
+    let server = Server::start(system)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_bytes(server.pid());
+    let topics: Vec<Topic> = (0..sessions).map(Topic::new).collect();
+    let mut held = Vec::new();
+    let per = conns / sessions;
+    for (t, topic) in topics.iter().enumerate() {
+        for m in 0..per {
+            let i = t * per + m;
+            let c = Conn::subscribe(system, server.addr, source(i), topic, m == 0)
+                .await
+                .with_context(|| format!("connection {i} (topic {t})"))?;
+            // Keep reading (ticks arrive), counting nothing.
+            held.push(spawn_drain(c.read));
+            held.push(tokio::spawn(async move {
+                let _w = c.write;
+                std::future::pending::<()>().await;
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_bytes(server.pid());
+    let meter = CpuMeter::start(&server);
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    let (wall, server_cpu, me) = meter.stop();
+    let mut f = Figures::default();
+    f.set(
+        "kB per connection",
+        (after - before) / conns as f64 / 1024.0,
+    );
+    f.set("idle server CPU %", server_cpu / wall * 100.0);
+    check_generator(&mut f, wall, me);
+    for t in held {
+        t.abort();
+    }
+    Ok(f)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+/// A metric that gets no ratio column (it describes the generator, not the servers).
+const NO_RATIO: Option<bool> = None;
+
+struct Row {
+    workload: String,
+    metric: &'static str,
+    /// Higher is better (throughput) or lower (CPU, latency, memory); `None`: no ratio.
+    higher_better: Option<bool>,
+    figures: BTreeMap<System, Vec<Figures>>,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+fn fmt_value(x: f64) -> String {
+    if x >= 1e6 {
+        format!("{:.2}M", x / 1e6)
+    } else if x >= 1e4 {
+        format!("{:.0}k", x / 1e3)
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else if x >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn print_rows(rows: &[Row]) {
+    println!("| workload | metric | NATS | Redis | Isthmus | Isthmus / best peer |");
+    println!("|---|---|---|---|---|---|");
+    for row in rows {
+        let cell = |sys: System| -> (String, Option<f64>) {
+            let Some(runs) = row.figures.get(&sys) else {
+                return ("-".into(), None);
+            };
+            let valid: Vec<&Figures> = runs.iter().filter(|f| f.invalid.is_none()).collect();
+            let m = median(
+                valid
+                    .iter()
+                    .filter_map(|f| f.values.get(row.metric).copied())
+                    .collect(),
+            );
+            let mut notes = Vec::new();
+            let invalid = runs.len() - valid.len();
+            if invalid > 0 {
+                let why = runs
+                    .iter()
+                    .find_map(|f| f.invalid.clone())
+                    .unwrap_or_default();
+                notes.push(format!("{invalid} run(s) invalid: {why}"));
+            }
+            let bound = valid.iter().filter(|f| f.generator_bound).count();
+            if bound > 0 {
+                notes.push(format!("generator-bound in {bound} of {}", valid.len()));
+            }
+            let text = match m {
+                Some(v) => fmt_value(v),
+                None => "-".into(),
+            };
+            if notes.is_empty() {
+                (text, m)
+            } else {
+                (format!("{text} ({})", notes.join("; ")), m)
+            }
+        };
+        let (nats, n) = cell(System::Nats);
+        let (redis, r) = cell(System::Redis);
+        let (isthmus, i) = cell(System::Isthmus);
+        let best = match (n, r, row.higher_better) {
+            (_, _, None) => None,
+            (Some(a), Some(b), Some(true)) => Some(a.max(b)),
+            (Some(a), Some(b), Some(false)) => Some(a.min(b)),
+            (a, b, _) => a.or(b),
+        };
+        let ratio = match (i, best) {
+            (Some(i), Some(b)) if b > 0.0 => format!("{:.2}x", i / b),
+            _ => "-".into(),
+        };
+        println!(
+            "| {} | {} | {nats} | {redis} | {isthmus} | {ratio} |",
+            row.workload, row.metric
+        );
+    }
+}
+
+type Run =
+    Box<dyn Fn(System) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Figures>>>>>;
+
+struct Workload {
+    name: String,
+    systems: Vec<System>,
+    metrics: Vec<(&'static str, Option<bool>)>,
+    run: Run,
+}
+
+fn workloads(quick: bool) -> Vec<Workload> {
+    let q = |full: u64, quick_n: u64| if quick { quick_n } else { full };
+    let secs = if quick { 2.0 } else { 8.0 };
+    let mut w = Vec::new();
+    for receivers in [50usize, 200] {
+        let messages = q(if receivers == 50 { 400_000 } else { 100_000 }, 20_000);
+        w.push(Workload {
+            name: format!("fan-out, 1 session, {receivers} receivers, 64 B"),
+            systems: System::ALL.to_vec(),
+            metrics: vec![
+                ("deliveries/s", Some(true)),
+                ("server CPU-s per 1M", Some(false)),
+                ("generator CPU %", NO_RATIO),
+            ],
+            run: Box::new(move |s| Box::pin(fan_out(s, receivers, messages))),
+        });
+    }
+    w.push(Workload {
+        name: "250 sessions x 4 replicas x 20 msg/s".into(),
+        systems: System::ALL.to_vec(),
+        metrics: vec![
+            ("server CPU-s per 1M", Some(false)),
+            ("p50 ms", Some(false)),
+            ("p99 ms", Some(false)),
+            ("p999 ms", Some(false)),
+            ("generator CPU %", NO_RATIO),
+        ],
+        run: Box::new(move |s| Box::pin(many_sessions(s, 250, 4, 20, secs))),
+    });
+    w.push(Workload {
+        name: "1,000 sessions x 4 replicas x 20 msg/s".into(),
+        systems: System::ALL.to_vec(),
+        metrics: vec![("server CPU %", Some(false)), ("p99 ms", Some(false))],
+        run: Box::new(move |s| Box::pin(many_sessions(s, 1000, 4, 20, secs))),
+    });
+    w.push(Workload {
+        name: "1 publisher, 50 receivers at 4,000 msg/s".into(),
+        systems: System::ALL.to_vec(),
+        metrics: vec![
+            ("p50 ms", Some(false)),
+            ("p99 ms", Some(false)),
+            ("p999 ms", Some(false)),
+            ("server CPU %", Some(false)),
+        ],
+        run: Box::new(move |s| Box::pin(fixed_rate(s, 50, 4000, secs))),
+    });
+    w.push(Workload {
+        name: "2,000 idle connections in 20 sessions (Isthmus: 50 ms ticks)".into(),
+        systems: System::ALL.to_vec(),
+        metrics: vec![
+            ("kB per connection", Some(false)),
+            ("idle server CPU %", Some(false)),
+        ],
+        run: Box::new(move |s| Box::pin(idle(s, 20, 2000, secs.min(5.0)))),
+    });
+    w
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let rounds: usize = match args.iter().position(|a| a == "--rounds") {
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .context("--rounds takes a number")?,
+        None if quick => 1,
+        None => 3,
+    };
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    if let Some(bad) = args
+        .iter()
+        .find(|a| a.starts_with("--") && !["--quick", "--rounds", "--only"].contains(&a.as_str()))
+    {
+        bail!("unknown option {bad}; usage: versus [--quick] [--rounds N] [--only TEXT]");
+    }
+    // The generator on core 1, the servers on core 0 (each started under taskset).
+    let pinned = Command::new("taskset")
+        .args(["-a", "-p", "-c", "1"])
+        .arg(std::process::id().to_string())
+        .stdout(Stdio::null())
+        .status();
+    if !pinned.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "warning: could not pin the generator to core 1 (taskset); figures will be noisier"
+        );
+    }
+    now_ns();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let mut rows: Vec<Row> = Vec::new();
+    for w in workloads(quick) {
+        if only.as_ref().is_some_and(|o| !w.name.contains(o.as_str())) {
+            continue;
+        }
+        let mut figures: BTreeMap<System, Vec<Figures>> = BTreeMap::new();
+        for round in 0..rounds {
+            for &s in &w.systems {
+                eprintln!(
+                    "[{:>4.0} s] {} / {} / round {}",
+                    started.elapsed().as_secs_f64(),
+                    w.name,
+                    s.name(),
+                    round + 1
+                );
+                let f = rt
+                    .block_on((w.run)(s))
+                    .with_context(|| format!("{}: {}", w.name, s.name()))?;
+                figures.entry(s).or_default().push(f);
+                // Let the last server's sockets clear before the next starts.
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+        for (metric, higher_better) in &w.metrics {
+            rows.push(Row {
+                workload: w.name.clone(),
+                metric,
+                higher_better: *higher_better,
+                figures: figures.clone(),
+            });
+        }
+    }
+    print_rows(&rows);
+    eprintln!("done in {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
