@@ -335,6 +335,11 @@ async fn web_serves_the_app_directory_and_nothing_outside_it() {
         (200, b"<h1>app</h1>".to_vec())
     );
     assert_eq!(http(router.addr, "GET", "/js/x.js", b"").await.0, 200);
+    // The app has "/", so the status page is at /status; the router's own routes stay.
+    let (code, body) = http(router.addr, "GET", "/status", b"").await;
+    assert_eq!(code, 200);
+    assert!(!String::from_utf8_lossy(&body).contains("<h1>app</h1>"));
+    assert_eq!(http(router.addr, "GET", "/status.json", b"").await.0, 200);
     assert_eq!(http(router.addr, "GET", "/nope.html", b"").await.0, 404);
     for bad in [
         "/../secret.txt",
