@@ -323,3 +323,83 @@ fn a_session_that_lingered_out_starts_again_under_a_new_timeline() {
     w.apply(&Op::Join(3));
     assert_ne!(w.clients[3].timeline, first.0, "{:?}", w.agreed);
 }
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(|n| json!(n)),
+        any::<f64>().prop_map(|x| json!(x)),
+        "[ -~]{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 6, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..7).prop_map(Value::Array),
+            proptest::collection::btree_map(
+                prop_oneof![
+                    Just("time".to_string()),
+                    Just("seq".to_string()),
+                    Just("url".to_string()),
+                    Just("apiKey".to_string()),
+                    Just("version".to_string()),
+                    Just("tick".to_string()),
+                    Just("debounce".to_string()),
+                    Just("msgID".to_string()),
+                    "[a-z]{1,6}",
+                ],
+                inner,
+                0..6
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn hostile_frame() -> impl Strategy<Value = String> {
+    let action = prop_oneof![
+        Just(json!("JOIN")),
+        Just(json!("SEND")),
+        Just(json!("TUTTI")),
+        Just(json!("SNAP")),
+        Just(json!("SAVE")),
+        Just(json!("TICKS")),
+        Just(json!("PING")),
+        Just(json!("PULSE")),
+        json_value(),
+    ];
+    prop_oneof![
+        (action, json_value(), proptest::option::of(json_value())).prop_map(|(a, args, tags)| {
+            let mut f = json!({"action": a, "args": args});
+            if let Some(t) = tags {
+                f["tags"] = t;
+            }
+            f.to_string()
+        }),
+        "\\PC{0,40}",
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Whatever joined and unjoined clients send, the adapter neither panics nor breaks the
+    /// order the other clients see, and closes only with Croquet codes.
+    #[test]
+    fn hostile_frames_never_break_the_session(
+        frames in proptest::collection::vec((0usize..3, hostile_frame()), 1..60),
+    ) {
+        let mut w = World::new();
+        for i in 0..3 {
+            w.apply(&Op::Connect(i));
+        }
+        w.apply(&Op::Join(0));
+        w.apply(&Op::Join(1));
+        for (i, f) in &frames {
+            w.text(*i, f);
+            w.drain();
+            w.apply(&Op::Send(0));
+            w.apply(&Op::Advance(150));
+        }
+        w.apply(&Op::Flush);
+        w.apply(&Op::Advance(3000));
+    }
+}
