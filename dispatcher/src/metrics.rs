@@ -138,8 +138,8 @@ pub(crate) fn forwarding_state(external: &External) -> ForwardingState {
 }
 
 /// Answers `/metrics`.
-pub(crate) fn respond(ctx: &Ctx) -> Response<Body> {
-    if let Some(refused) = crate::status::refusal(ctx) {
+pub(crate) fn respond(ctx: &Ctx, headers: &hyper::HeaderMap) -> Response<Body> {
+    if let Some(refused) = crate::status::refusal(ctx, headers) {
         return refused;
     }
     match render(&ctx.shared) {

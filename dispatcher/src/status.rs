@@ -13,7 +13,8 @@ use crate::contacts;
 use crate::http::{self, Body, Ctx};
 use crate::metrics::forwarding_state;
 use crate::{lock, Shared};
-use hyper::{Response, StatusCode};
+use hyper::header::HOST;
+use hyper::{HeaderMap, Response, StatusCode};
 use isthmus_contact::{ContactPoint, Postcard};
 use isthmus_router::auth::Capability;
 use isthmus_router::stats::RecentEvent;
@@ -78,23 +79,72 @@ impl std::str::FromStr for StatusAccess {
 }
 
 /// `None` when the requester may see the status and metrics, else the 403 to answer.
-pub(crate) fn refusal(ctx: &Ctx) -> Option<Response<Body>> {
+///
+/// Under `lan` the request must also name the router by an address or a name that only a local
+/// network resolves (see [`local_host_name`]): a web page on the Internet could otherwise point
+/// a name of its own at the router's LAN address (DNS rebinding) and read the status, postcards
+/// included, through the browser of anyone on the LAN.
+pub(crate) fn refusal(ctx: &Ctx, headers: &HeaderMap) -> Option<Response<Body>> {
     let lan = || contacts::is_lan_peer(ctx.peer.ip(), &contacts::local_addrs());
+    let host = headers
+        .get(HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()));
     let why = match ctx.shared.cfg.status_from {
         StatusAccess::Any => return None,
-        StatusAccess::Lan if lan() => return None,
-        StatusAccess::Lan => format!(
+        StatusAccess::Lan if !lan() => format!(
             "403 forbidden: this router shows its status and metrics only to its own network (status_from = \"lan\"), and {} is not on it; ask its operator, or run the router with --status-from any\n",
             ctx.peer.ip()
         ),
+        StatusAccess::Lan => match host.as_deref() {
+            Some(host) if !local_host_name(host) => format!(
+                "403 forbidden: this router shows its status and metrics only to its own network (status_from = \"lan\"), and this request named it {host:?}, a name from outside that network (a web page can point such a name at the router to read it through your browser); open it by its address (http://{}/), localhost or a .local name, or run the router with --status-from any\n",
+                ctx.local
+            ),
+            // No Host at all (HTTP/1.0, scripts): browsers always send one, so no page can be
+            // behind such a request.
+            _ => return None,
+        },
         StatusAccess::None => "403 forbidden: this router shows its status and metrics to nobody (status_from = \"none\"); run it with --status-from lan to see them from its own network\n".to_string(),
     };
     Some(http::text(StatusCode::FORBIDDEN, why))
 }
 
+/// Whether a `Host` header names the router by an IP address, `localhost`, a one-label name or a
+/// name under a suffix reserved for local networks (`.local`, `.lan`, `.home.arpa`, ...): names
+/// no web site on the Internet can own, and so cannot rebind to the router's LAN address.
+pub fn local_host_name(host: &str) -> bool {
+    let host = host.trim();
+    // `[v6]:port`, `[v6]`, `name:port`, `v4:port`, `name`.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((ip, _)) => return ip.parse::<std::net::Ipv6Addr>().is_ok(),
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if name.is_empty() {
+        return false;
+    }
+    if name.parse::<std::net::IpAddr>().is_ok() || !name.contains('.') {
+        return true;
+    }
+    const LOCAL_SUFFIXES: [&str; 7] = [
+        ".localhost",
+        ".local",
+        ".lan",
+        ".home",
+        ".home.arpa",
+        ".internal",
+        ".localdomain",
+    ];
+    LOCAL_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
 /// Answers `/`, `/status.json`, `/status.fragment`, `/status.js` and `/status.css`.
-pub(crate) fn respond(ctx: &Ctx, path: &str) -> Response<Body> {
-    if let Some(refused) = refusal(ctx) {
+pub(crate) fn respond(ctx: &Ctx, headers: &HeaderMap, path: &str) -> Response<Body> {
+    if let Some(refused) = refusal(ctx, headers) {
         return refused;
     }
     let with_cache = |mut r: Response<Body>| {
@@ -754,6 +804,36 @@ mod tests {
         );
         rates.keep_only(&[]);
         assert!(lock(&rates.0).is_empty());
+    }
+
+    #[test]
+    fn only_names_a_local_network_owns_pass_the_rebinding_check() {
+        for ok in [
+            "127.0.0.1:7470",
+            "192.168.1.5",
+            "[::1]:7470",
+            "[fe80::1]",
+            "localhost:7470",
+            "cabin",
+            "cabin:7470",
+            "cabin.local",
+            "Cabin.Local.:7470",
+            "nas.home.arpa",
+            "router.lan",
+        ] {
+            assert!(local_host_name(ok), "{ok}");
+        }
+        for no in [
+            "evil.example",
+            "rebind.attacker.com:7470",
+            "192.168.1.5.nip.io",
+            "local.example.com",
+            "[::1",
+            "",
+            ":7470",
+        ] {
+            assert!(!local_host_name(no), "{no}");
+        }
     }
 
     #[test]
