@@ -21,7 +21,7 @@ use isthmus_router::stats::RecentEvent;
 use isthmus_router::wire::Role;
 use isthmus_router::SessionId;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -368,7 +368,9 @@ impl Rates {
         s.rate
     }
 
-    fn keep_only(&self, live: &[SessionId]) {
+    /// Forgets ended sessions; a set, as a router may hold thousands of sessions and every
+    /// request for the status comes through here.
+    fn keep_only(&self, live: &HashSet<SessionId>) {
         lock(&self.0).retain(|id, _| live.contains(id));
     }
 }
@@ -510,7 +512,7 @@ fn islands(shared: &Shared, announced: &HashMap<SessionId, Announced>, now: f64)
     let rates = &shared.monitor.rates;
     let clock = Instant::now();
     let readings = shared.monitor.stats.sessions();
-    rates.keep_only(&readings.iter().map(|r| r.id).collect::<Vec<_>>());
+    rates.keep_only(&readings.iter().map(|r| r.id).collect());
     let mut islands: Vec<Island> = readings
         .into_iter()
         .map(|r| {
@@ -802,7 +804,7 @@ mod tests {
             rates.rate(id, 170, 12.1, t1 + std::time::Duration::from_millis(100)),
             30.0
         );
-        rates.keep_only(&[]);
+        rates.keep_only(&HashSet::new());
         assert!(lock(&rates.0).is_empty());
     }
 
