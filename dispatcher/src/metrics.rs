@@ -329,7 +329,7 @@ impl RouterCollector {
         counter(
             e,
             "late_joins",
-            "Replicas that synced afresh (snapshot or whole order) and went live.",
+            "Replicas that joined an island with something to catch up on (a snapshot or stamped messages) and went live.",
             None,
             ev.late_joins,
         )?;

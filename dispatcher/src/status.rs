@@ -270,7 +270,7 @@ pub struct Totals {
     pub ticks: u64,
     /// Replicas that resumed.
     pub resumes: u64,
-    /// Replicas that synced afresh.
+    /// Replicas that joined with something to catch up on (not a fresh island's creator).
     pub late_joins: u64,
     /// Snapshots stored.
     pub snapshot_uploads: u64,
