@@ -478,16 +478,22 @@ fn announced(
     contacts: &isthmus_router::wire::Contacts,
     lan: bool,
 ) -> HashMap<SessionId, Announced> {
-    let reg = lock(&shared.registry);
-    reg.sessions
+    // Copied out first: deriving each postcard's key pair costs an Ed25519 key derivation,
+    // and the registry's lock is the one every hello and island creation waits for.
+    let slots: Vec<_> = lock(&shared.registry)
+        .sessions
         .iter()
-        .map(|(id, slot)| {
-            let a = slot.announce.as_ref();
+        .map(|(id, slot)| (*id, slot.announce.clone(), slot.keys))
+        .collect();
+    slots
+        .into_iter()
+        .map(|(id, a, keys)| {
+            let a = a.as_ref();
             let name = a.map(|a| a.name.clone()).unwrap_or_default();
             let secret = a.and_then(|a| a.secret);
             let postcard = secret.filter(|_| lan).and_then(|secret| {
                 let contact = ContactPoint {
-                    session: *id,
+                    session: id,
                     name: name.clone(),
                     destination: a.and_then(|a| a.destination),
                     internal: contacts.internal.clone(),
@@ -495,14 +501,14 @@ fn announced(
                     router: Some(shared.instance),
                 };
                 let cap = Capability::from_parts(Role::Replica, secret);
-                Postcard::new(contact, cap, slot.keys).ok()
+                Postcard::new(contact, cap, keys).ok()
             });
             let entry = Announced {
                 name,
                 lan_open: secret.is_some(),
                 postcard,
             };
-            (*id, entry)
+            (id, entry)
         })
         .collect()
 }
