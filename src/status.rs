@@ -171,19 +171,34 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// Text from the network (names in a divergence, a gateway's words in the forwarding detail)
+/// with control characters shown escaped, so it cannot move the cursor or recolour a terminal.
+/// Names elsewhere are printed quoted (`{:?}`), which escapes them the same way.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn event_line(e: &Event, now: f64) -> String {
     let mut line = format!("  {} ago", ago(now - e.at));
     if let (Some(code), Some(name)) = (e.code, &e.code_name) {
-        line.push_str(&format!("  {code} {name}"));
+        line.push_str(&format!("  {code} {}", clean(name)));
     }
     if !e.island.is_empty() {
         line.push_str(&format!("  island {:?}", e.island));
     }
     if !e.who.is_empty() {
-        line.push_str(&format!("  {}", e.who));
+        line.push_str(&format!("  {}", clean(&e.who)));
     }
     if !e.what.is_empty() {
-        line.push_str(&format!(": {}", e.what));
+        line.push_str(&format!(": {}", clean(&e.what)));
     }
     line
 }
@@ -240,7 +255,7 @@ fn router_lines(s: &Status) -> Vec<String> {
             ago(s.router.uptime_seconds),
             s.router.instance
         ),
-        format!("forwarding: {} ({})", f.mode, f.detail),
+        format!("forwarding: {} ({})", clean(&f.mode), clean(&f.detail)),
         format!("  internal: {internal}"),
         external,
         format!(
@@ -312,6 +327,22 @@ mod tests {
         assert!(target("https://cabin.local/").is_err());
         assert!(target("a:b:c").is_err());
         assert!(target("").is_err());
+    }
+
+    #[test]
+    fn divergences_cannot_drive_the_terminal() {
+        let e = Event {
+            at: 100.0,
+            code: None,
+            code_name: None,
+            session: None,
+            island: "isle".into(),
+            who: "ann\u{1b}[2J, bob | eve\r".into(),
+            what: "digests differ at seq 7".into(),
+        };
+        let line = event_line(&e, 105.0);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains(r"ann\u{1b}[2J, bob | eve\r"), "{line}");
     }
 
     #[test]
