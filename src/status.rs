@@ -255,7 +255,12 @@ fn router_lines(s: &Status) -> Vec<String> {
             ago(s.router.uptime_seconds),
             s.router.instance
         ),
-        format!("forwarding: {} ({})", clean(&f.mode), clean(&f.detail)),
+        // As on the page: the detail only where it says more than the mode.
+        if f.detail.eq_ignore_ascii_case(&f.mode) {
+            format!("forwarding: {}", clean(&f.mode))
+        } else {
+            format!("forwarding: {} ({})", clean(&f.mode), clean(&f.detail))
+        },
         format!("  internal: {internal}"),
         external,
         format!(
