@@ -117,7 +117,11 @@ pub fn local_host_name(host: &str) -> bool {
     // `[v6]:port`, `[v6]`, `name:port`, `v4:port`, `name`.
     let name = if let Some(rest) = host.strip_prefix('[') {
         match rest.split_once(']') {
-            Some((ip, _)) => return ip.parse::<std::net::Ipv6Addr>().is_ok(),
+            // A link-local address may carry its zone (`fe80::1%25eth0`).
+            Some((ip, _)) => {
+                let ip = ip.split_once('%').map_or(ip, |(ip, _)| ip);
+                return ip.parse::<std::net::Ipv6Addr>().is_ok();
+            }
             None => return false,
         }
     } else {
@@ -821,6 +825,7 @@ mod tests {
             "192.168.1.5",
             "[::1]:7470",
             "[fe80::1]",
+            "[fe80::1%25eth0]:7470",
             "localhost:7470",
             "cabin",
             "cabin:7470",
