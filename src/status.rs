@@ -5,7 +5,7 @@ use crate::usage;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use http_body_util::{BodyExt, Empty, Limited};
-use isthmus_dispatcher::status::{ago, rate, Event, Island, Status, SCHEMA_VERSION};
+use isthmus_dispatcher::status::{ago, count, rate, Event, Island, Status, SCHEMA_VERSION};
 use isthmus_dispatcher::DEFAULT_PORT;
 use std::time::Duration;
 
@@ -264,11 +264,11 @@ fn router_lines(s: &Status) -> Vec<String> {
         format!("  internal: {internal}"),
         external,
         format!(
-            "totals: {} sessions, {} replicas, {} messages stamped, {} deliveries, {} in, {} out, {} refused, {} shed",
-            t.sessions,
-            t.replicas,
-            t.messages_stamped,
-            t.deliveries,
+            "totals: {}, {}, {} stamped, {}, {} in, {} out, {} refused, {} shed",
+            count(t.sessions, "session", "sessions"),
+            count(t.replicas, "replica", "replicas"),
+            count(t.messages_stamped, "message", "messages"),
+            count(t.deliveries, "delivery", "deliveries"),
             bytes(t.bytes_in),
             bytes(t.bytes_out),
             t.refusals,

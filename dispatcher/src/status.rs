@@ -586,6 +586,11 @@ pub fn ago(seconds: f64) -> String {
     }
 }
 
+/// A count for people: "1 session", "2 sessions".
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// A rate for people.
 pub fn rate(r: f64) -> String {
     if r >= 100.0 {
@@ -662,12 +667,12 @@ fn write_router(h: &mut String, s: &Status) -> fmt::Result {
     let t = &s.totals;
     writeln!(
         h,
-        "<dt>Up</dt><dd>{} &middot; version {} &middot; {} sessions, {} replicas, {} messages, {} refused, {} shed</dd>",
+        "<dt>Up</dt><dd>{} &middot; version {} &middot; {}, {}, {}, {} refused, {} shed</dd>",
         ago(s.router.uptime_seconds),
         escape(&s.router.version),
-        t.sessions,
-        t.replicas,
-        t.messages_stamped,
+        count(t.sessions, "session", "sessions"),
+        count(t.replicas, "replica", "replicas"),
+        count(t.messages_stamped, "message", "messages"),
         t.refusals,
         t.connections_shed
     )?;
@@ -788,6 +793,12 @@ mod tests {
             escape(r#"<b a="x">&'"#),
             "&lt;b a=&quot;x&quot;&gt;&amp;&#39;"
         );
+    }
+
+    #[test]
+    fn counts_read_well() {
+        assert_eq!(count(1, "session", "sessions"), "1 session");
+        assert_eq!(count(0, "session", "sessions"), "0 sessions");
     }
 
     #[test]
