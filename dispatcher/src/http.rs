@@ -80,9 +80,9 @@ pub const MAX_HEADER_BUF: usize = 64 * 1024;
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let _ = (&ctx.shared, ctx.local, &ctx.guard);
     match req.uri().path() {
-        "/metrics" => return crate::metrics::respond(ctx),
+        "/metrics" => return crate::metrics::respond(ctx, req.headers()),
         p @ ("/" | "/status.json" | "/status.fragment" | "/status.js" | "/status.css") => {
-            return crate::status::respond(ctx, p)
+            return crate::status::respond(ctx, req.headers(), p)
         }
         _ => {}
     }
