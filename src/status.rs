@@ -1,11 +1,11 @@
 //! `isthmus status`: what a running router is doing, from its `/status.json` on its one port,
 //! for people (plain lines) or scripts (`--json`, the schema in docs/status.md).
 
-use crate::{print_line, usage};
+use crate::usage;
 use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use http_body_util::{BodyExt, Empty, Limited};
-use isthmus_dispatcher::status::{ago, rate, Event, Island, Status, SCHEMA_VERSION};
+use isthmus_dispatcher::status::{ago, count, rate, Event, Island, Status, SCHEMA_VERSION};
 use isthmus_dispatcher::DEFAULT_PORT;
 use std::time::Duration;
 
@@ -41,20 +41,41 @@ pub(crate) async fn run(args: StatusArgs) -> Result<u8> {
     if args.json {
         // As the router sent it: fields a newer router adds are passed on, not dropped.
         let text = String::from_utf8_lossy(&body);
-        print_line(text.trim_end());
+        write_out([text.trim_end().to_string()])?;
     } else {
-        for line in lines(&status) {
-            if !print_line(&line) {
-                break;
-            }
-        }
+        write_out(lines(&status))?;
     }
     Ok(0)
 }
 
-/// `host:port`, with the default port or host filled in.
+/// Prints the lines. A reader that went away (`| head`) ends the output quietly; any other
+/// failure (a full disk) is an error, so a script never takes a cut-off status for a whole one.
+fn write_out(lines: impl IntoIterator<Item = String>) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = lines
+        .into_iter()
+        .try_for_each(|l| writeln!(out, "{l}"))
+        .and_then(|()| out.flush());
+    match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(anyhow!(
+            "writing the status to stdout failed ({e}); is the disk full, or the output closed?"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `host:port`, with the default port or host filled in. The page's URL as a browser shows it
+/// (`http://192.168.1.5:7470/`) is taken too: it is what a newcomer has at hand.
 fn target(router: &str) -> Result<String> {
     let router = router.trim();
+    let router = router.strip_prefix("http://").unwrap_or(router);
+    let router = router.strip_suffix('/').unwrap_or(router);
+    // `[v6]` alone.
+    let router = match router.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        Some(ip) if ip.parse::<std::net::Ipv6Addr>().is_ok() => ip,
+        _ => router,
+    };
     if router.is_empty() {
         return Err(usage(
             "--router needs an address, e.g. 127.0.0.1:7470".into(),
@@ -121,9 +142,15 @@ async fn fetch(target: &str, path: &str) -> Result<Vec<u8>> {
         ));
     }
     if !code.is_success() {
+        let said = String::from_utf8_lossy(&body);
+        let said = said.trim();
+        let said = if said.is_empty() {
+            String::new()
+        } else {
+            format!(": {said}")
+        };
         return Err(anyhow!(
-            "the router at {target} answered {code}: {}; is it an isthmus router with the status page?",
-            String::from_utf8_lossy(&body).trim()
+            "the router at {target} answered {code}{said}; is it an isthmus router with the status page?"
         ));
     }
     Ok(body.to_vec())
@@ -144,19 +171,34 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// Text from the network (names in a divergence, a gateway's words in the forwarding detail)
+/// with control characters shown escaped, so it cannot move the cursor or recolour a terminal.
+/// Names elsewhere are printed quoted (`{:?}`), which escapes them the same way.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 fn event_line(e: &Event, now: f64) -> String {
     let mut line = format!("  {} ago", ago(now - e.at));
     if let (Some(code), Some(name)) = (e.code, &e.code_name) {
-        line.push_str(&format!("  {code} {name}"));
+        line.push_str(&format!("  {code} {}", clean(name)));
     }
     if !e.island.is_empty() {
         line.push_str(&format!("  island {:?}", e.island));
     }
     if !e.who.is_empty() {
-        line.push_str(&format!("  {}", e.who));
+        line.push_str(&format!("  {}", clean(&e.who)));
     }
     if !e.what.is_empty() {
-        line.push_str(&format!(": {}", e.what));
+        line.push_str(&format!(": {}", clean(&e.what)));
     }
     line
 }
@@ -213,15 +255,20 @@ fn router_lines(s: &Status) -> Vec<String> {
             ago(s.router.uptime_seconds),
             s.router.instance
         ),
-        format!("forwarding: {} ({})", f.mode, f.detail),
+        // As on the page: the detail only where it says more than the mode.
+        if f.detail.eq_ignore_ascii_case(&f.mode) {
+            format!("forwarding: {}", clean(&f.mode))
+        } else {
+            format!("forwarding: {} ({})", clean(&f.mode), clean(&f.detail))
+        },
         format!("  internal: {internal}"),
         external,
         format!(
-            "totals: {} sessions, {} replicas, {} messages stamped, {} deliveries, {} in, {} out, {} refused, {} shed",
-            t.sessions,
-            t.replicas,
-            t.messages_stamped,
-            t.deliveries,
+            "totals: {}, {}, {} stamped, {}, {} in, {} out, {} refused, {} shed",
+            count(t.sessions, "session", "sessions"),
+            count(t.replicas, "replica", "replicas"),
+            count(t.messages_stamped, "message", "messages"),
+            count(t.deliveries, "delivery", "deliveries"),
             bytes(t.bytes_in),
             bytes(t.bytes_out),
             t.refusals,
@@ -273,8 +320,34 @@ mod tests {
         assert_eq!(target("9000").expect("ok"), "127.0.0.1:9000");
         assert_eq!(target("cabin.local").expect("ok"), "cabin.local:7470");
         assert_eq!(target("[::1]:7470").expect("ok"), "[::1]:7470");
+        assert_eq!(target("[::1]").expect("ok"), "[::1]:7470");
+        assert_eq!(
+            target("http://192.168.1.5:7470/").expect("ok"),
+            "192.168.1.5:7470"
+        );
+        assert_eq!(
+            target("http://cabin.local").expect("ok"),
+            "cabin.local:7470"
+        );
+        assert!(target("https://cabin.local/").is_err());
         assert!(target("a:b:c").is_err());
         assert!(target("").is_err());
+    }
+
+    #[test]
+    fn divergences_cannot_drive_the_terminal() {
+        let e = Event {
+            at: 100.0,
+            code: None,
+            code_name: None,
+            session: None,
+            island: "isle".into(),
+            who: "ann\u{1b}[2J, bob | eve\r".into(),
+            what: "digests differ at seq 7".into(),
+        };
+        let line = event_line(&e, 105.0);
+        assert!(!line.chars().any(char::is_control), "{line:?}");
+        assert!(line.contains(r"ann\u{1b}[2J, bob | eve\r"), "{line}");
     }
 
     #[test]

@@ -80,13 +80,13 @@ pub const MAX_HEADER_BUF: usize = 64 * 1024;
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let _ = (&ctx.shared, ctx.local, &ctx.guard);
     match req.uri().path() {
-        "/metrics" => crate::metrics::respond(ctx),
+        "/metrics" => crate::metrics::respond(ctx, req.headers()),
         // With --web the app has "/" (a person opens http://ROUTER:7470/ and gets the app);
         // the status page is then at /status.
         "/" if crate::croquet::serves_web(ctx) => crate::croquet::web(ctx, req).await,
-        "/status" => crate::status::respond(ctx, "/"),
+        "/status" => crate::status::respond(ctx, req.headers(), "/"),
         p @ ("/" | "/status.json" | "/status.fragment" | "/status.js" | "/status.css") => {
-            crate::status::respond(ctx, p)
+            crate::status::respond(ctx, req.headers(), p)
         }
         p if p.starts_with("/reflector/") => crate::croquet::reflector(ctx, req).await,
         p if p.starts_with("/files/") => crate::croquet::files(ctx, req).await,

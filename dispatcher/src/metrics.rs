@@ -1,4 +1,5 @@
-//! `/metrics`: the router's counters in the OpenMetrics text format, for Prometheus.
+//! `/metrics`: the router's counters in the OpenMetrics text format, for Prometheus (and in
+//! the older Prometheus text format for clients that do not ask for OpenMetrics).
 //!
 //! Nothing here is counted per message: the sessions count in their own [`RouterStats`]
 //! entries, and a scrape reads them all through one [`Collector`]. The names follow
@@ -23,6 +24,9 @@ use std::time::SystemTime;
 
 /// The OpenMetrics text format's content type, which Prometheus asks for and understands.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format's content type, for a client that does not ask for OpenMetrics
+/// (curl, a browser, `promtool check metrics`, older scrapers).
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// An admission cap a connection can be turned away at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,17 +142,54 @@ pub(crate) fn forwarding_state(external: &External) -> ForwardingState {
 }
 
 /// Answers `/metrics`.
-pub(crate) fn respond(ctx: &Ctx) -> Response<Body> {
-    if let Some(refused) = crate::status::refusal(ctx) {
+pub(crate) fn respond(ctx: &Ctx, headers: &hyper::HeaderMap) -> Response<Body> {
+    if let Some(refused) = crate::status::refusal(ctx, headers) {
         return refused;
     }
+    let openmetrics = headers.get_all(hyper::header::ACCEPT).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.contains("application/openmetrics-text"))
+    });
     match render(&ctx.shared) {
-        Ok(text) => http::bytes(StatusCode::OK, CONTENT_TYPE, text),
+        Ok(text) if openmetrics => http::bytes(StatusCode::OK, CONTENT_TYPE, text),
+        Ok(text) => http::bytes(StatusCode::OK, TEXT_CONTENT_TYPE, to_text_format(&text)),
         Err(_) => http::text(
             StatusCode::INTERNAL_SERVER_ERROR,
             "the metrics could not be encoded; this is a bug, please report it\n",
         ),
     }
+}
+
+/// OpenMetrics text as the Prometheus text format (0.0.4) has it: a counter family is named
+/// with its `_total`, an info family becomes a gauge named with its `_info`, and `# UNIT` and
+/// `# EOF` go (the unit is in the names already). Samples read the same in both formats.
+/// prometheus-client encodes OpenMetrics only; this small rewrite of its output spares a client
+/// that asks for nothing else an `unknown metric type "info"`.
+pub(crate) fn to_text_format(openmetrics: &str) -> String {
+    let kinds: std::collections::HashMap<&str, &str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.split_once(' '))
+        .collect();
+    let renamed = |name: &str| match kinds.get(name) {
+        Some(&"counter") => format!("{name}_total"),
+        Some(&"info") => format!("{name}_info"),
+        _ => name.to_string(),
+    };
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if let Some((name, help)) = line.strip_prefix("# HELP ").and_then(|l| l.split_once(' ')) {
+            out.push_str(&format!("# HELP {} {help}\n", renamed(name)));
+        } else if let Some((name, kind)) =
+            line.strip_prefix("# TYPE ").and_then(|l| l.split_once(' '))
+        {
+            let kind = if kind == "info" { "gauge" } else { kind };
+            out.push_str(&format!("# TYPE {} {kind}\n", renamed(name)));
+        } else if !(line.starts_with("# UNIT ") || line == "# EOF") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The whole exposition, as a scrape sees it.
@@ -329,7 +370,7 @@ impl RouterCollector {
         counter(
             e,
             "late_joins",
-            "Replicas that synced afresh (snapshot or whole order) and went live.",
+            "Replicas that joined an island with something to catch up on (a snapshot or stamped messages) and went live.",
             None,
             ev.late_joins,
         )?;
@@ -532,6 +573,19 @@ mod tests {
         assert_eq!(p.rss_bytes, 2000 * 4096);
         assert_eq!(p.open_fds, 12);
         assert_eq!(parse_process("garbage", "", "", 0, 100, 4096), None);
+    }
+
+    #[test]
+    fn openmetrics_is_rewritten_for_the_older_text_format() {
+        let om = "# HELP x_ticks Ticks.\n# TYPE x_ticks counter\nx_ticks_total 3\n\
+                  # HELP x_fwd How.\n# TYPE x_fwd info\nx_fwd_info{mode=\"lan-only\"} 1\n\
+                  # HELP x_up Up.\n# TYPE x_up gauge\n# UNIT x_up seconds\nx_up 2\n# EOF\n";
+        assert_eq!(
+            to_text_format(om),
+            "# HELP x_ticks_total Ticks.\n# TYPE x_ticks_total counter\nx_ticks_total 3\n\
+             # HELP x_fwd_info How.\n# TYPE x_fwd_info gauge\nx_fwd_info{mode=\"lan-only\"} 1\n\
+             # HELP x_up Up.\n# TYPE x_up gauge\nx_up 2\n"
+        );
     }
 
     #[test]

@@ -13,14 +13,15 @@ use crate::contacts;
 use crate::http::{self, Body, Ctx};
 use crate::metrics::forwarding_state;
 use crate::{lock, Shared};
-use hyper::{Response, StatusCode};
+use hyper::header::HOST;
+use hyper::{HeaderMap, Response, StatusCode};
 use isthmus_contact::{ContactPoint, Postcard};
 use isthmus_router::auth::Capability;
 use isthmus_router::stats::RecentEvent;
 use isthmus_router::wire::Role;
 use isthmus_router::SessionId;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::{self, Write as _};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -78,23 +79,76 @@ impl std::str::FromStr for StatusAccess {
 }
 
 /// `None` when the requester may see the status and metrics, else the 403 to answer.
-pub(crate) fn refusal(ctx: &Ctx) -> Option<Response<Body>> {
+///
+/// Under `lan` the request must also name the router by an address or a name that only a local
+/// network resolves (see [`local_host_name`]): a web page on the Internet could otherwise point
+/// a name of its own at the router's LAN address (DNS rebinding) and read the status, postcards
+/// included, through the browser of anyone on the LAN.
+pub(crate) fn refusal(ctx: &Ctx, headers: &HeaderMap) -> Option<Response<Body>> {
     let lan = || contacts::is_lan_peer(ctx.peer.ip(), &contacts::local_addrs());
+    let host = headers
+        .get(HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()));
     let why = match ctx.shared.cfg.status_from {
         StatusAccess::Any => return None,
-        StatusAccess::Lan if lan() => return None,
-        StatusAccess::Lan => format!(
+        StatusAccess::Lan if !lan() => format!(
             "403 forbidden: this router shows its status and metrics only to its own network (status_from = \"lan\"), and {} is not on it; ask its operator, or run the router with --status-from any\n",
             ctx.peer.ip()
         ),
+        StatusAccess::Lan => match host.as_deref() {
+            Some(host) if !local_host_name(host) => format!(
+                "403 forbidden: this router shows its status and metrics only to its own network (status_from = \"lan\"), and this request named it {host:?}, a name from outside that network (a web page can point such a name at the router to read it through your browser); open it by its address (http://{}/), localhost or a .local name, or run the router with --status-from any\n",
+                ctx.local
+            ),
+            // No Host at all (HTTP/1.0, scripts): browsers always send one, so no page can be
+            // behind such a request.
+            _ => return None,
+        },
         StatusAccess::None => "403 forbidden: this router shows its status and metrics to nobody (status_from = \"none\"); run it with --status-from lan to see them from its own network\n".to_string(),
     };
     Some(http::text(StatusCode::FORBIDDEN, why))
 }
 
+/// Whether a `Host` header names the router by an IP address, `localhost`, a one-label name or a
+/// name under a suffix reserved for local networks (`.local`, `.lan`, `.home.arpa`, ...): names
+/// no web site on the Internet can own, and so cannot rebind to the router's LAN address.
+pub fn local_host_name(host: &str) -> bool {
+    let host = host.trim();
+    // `[v6]:port`, `[v6]`, `name:port`, `v4:port`, `name`.
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            // A link-local address may carry its zone (`fe80::1%25eth0`).
+            Some((ip, _)) => {
+                let ip = ip.split_once('%').map_or(ip, |(ip, _)| ip);
+                return ip.parse::<std::net::Ipv6Addr>().is_ok();
+            }
+            None => return false,
+        }
+    } else {
+        host.rsplit_once(':').map_or(host, |(name, _)| name)
+    };
+    let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if name.is_empty() {
+        return false;
+    }
+    if name.parse::<std::net::IpAddr>().is_ok() || !name.contains('.') {
+        return true;
+    }
+    const LOCAL_SUFFIXES: [&str; 7] = [
+        ".localhost",
+        ".local",
+        ".lan",
+        ".home",
+        ".home.arpa",
+        ".internal",
+        ".localdomain",
+    ];
+    LOCAL_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
 /// Answers `/`, `/status.json`, `/status.fragment`, `/status.js` and `/status.css`.
-pub(crate) fn respond(ctx: &Ctx, path: &str) -> Response<Body> {
-    if let Some(refused) = refusal(ctx) {
+pub(crate) fn respond(ctx: &Ctx, headers: &HeaderMap, path: &str) -> Response<Body> {
+    if let Some(refused) = refusal(ctx, headers) {
         return refused;
     }
     let with_cache = |mut r: Response<Body>| {
@@ -220,7 +274,7 @@ pub struct Totals {
     pub ticks: u64,
     /// Replicas that resumed.
     pub resumes: u64,
-    /// Replicas that synced afresh.
+    /// Replicas that joined with something to catch up on (not a fresh island's creator).
     pub late_joins: u64,
     /// Snapshots stored.
     pub snapshot_uploads: u64,
@@ -318,7 +372,9 @@ impl Rates {
         s.rate
     }
 
-    fn keep_only(&self, live: &[SessionId]) {
+    /// Forgets ended sessions; a set, as a router may hold thousands of sessions and every
+    /// request for the status comes through here.
+    fn keep_only(&self, live: &HashSet<SessionId>) {
         lock(&self.0).retain(|id, _| live.contains(id));
     }
 }
@@ -426,16 +482,22 @@ fn announced(
     contacts: &isthmus_router::wire::Contacts,
     lan: bool,
 ) -> HashMap<SessionId, Announced> {
-    let reg = lock(&shared.registry);
-    reg.sessions
+    // Copied out first: deriving each postcard's key pair costs an Ed25519 key derivation,
+    // and the registry's lock is the one every hello and island creation waits for.
+    let slots: Vec<_> = lock(&shared.registry)
+        .sessions
         .iter()
-        .map(|(id, slot)| {
-            let a = slot.announce.as_ref();
+        .map(|(id, slot)| (*id, slot.announce.clone(), slot.keys))
+        .collect();
+    slots
+        .into_iter()
+        .map(|(id, a, keys)| {
+            let a = a.as_ref();
             let name = a.map(|a| a.name.clone()).unwrap_or_default();
             let secret = a.and_then(|a| a.secret);
             let postcard = secret.filter(|_| lan).and_then(|secret| {
                 let contact = ContactPoint {
-                    session: *id,
+                    session: id,
                     name: name.clone(),
                     destination: a.and_then(|a| a.destination),
                     internal: contacts.internal.clone(),
@@ -443,14 +505,14 @@ fn announced(
                     router: Some(shared.instance),
                 };
                 let cap = Capability::from_parts(Role::Replica, secret);
-                Postcard::new(contact, cap, slot.keys).ok()
+                Postcard::new(contact, cap, keys).ok()
             });
             let entry = Announced {
                 name,
                 lan_open: secret.is_some(),
                 postcard,
             };
-            (*id, entry)
+            (id, entry)
         })
         .collect()
 }
@@ -460,7 +522,7 @@ fn islands(shared: &Shared, announced: &HashMap<SessionId, Announced>, now: f64)
     let rates = &shared.monitor.rates;
     let clock = Instant::now();
     let readings = shared.monitor.stats.sessions();
-    rates.keep_only(&readings.iter().map(|r| r.id).collect::<Vec<_>>());
+    rates.keep_only(&readings.iter().map(|r| r.id).collect());
     let mut islands: Vec<Island> = readings
         .into_iter()
         .map(|r| {
@@ -522,6 +584,11 @@ pub fn ago(seconds: f64) -> String {
         3600..=86_399 => format!("{} h {} min", s / 3600, s % 3600 / 60),
         _ => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
     }
+}
+
+/// A count for people: "1 session", "2 sessions".
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// A rate for people.
@@ -600,12 +667,12 @@ fn write_router(h: &mut String, s: &Status) -> fmt::Result {
     let t = &s.totals;
     writeln!(
         h,
-        "<dt>Up</dt><dd>{} &middot; version {} &middot; {} sessions, {} replicas, {} messages, {} refused, {} shed</dd>",
+        "<dt>Up</dt><dd>{} &middot; version {} &middot; {}, {}, {}, {} refused, {} shed</dd>",
         ago(s.router.uptime_seconds),
         escape(&s.router.version),
-        t.sessions,
-        t.replicas,
-        t.messages_stamped,
+        count(t.sessions, "session", "sessions"),
+        count(t.replicas, "replica", "replicas"),
+        count(t.messages_stamped, "message", "messages"),
         t.refusals,
         t.connections_shed
     )?;
@@ -729,6 +796,12 @@ mod tests {
     }
 
     #[test]
+    fn counts_read_well() {
+        assert_eq!(count(1, "session", "sessions"), "1 session");
+        assert_eq!(count(0, "session", "sessions"), "0 sessions");
+    }
+
+    #[test]
     fn durations_read_well() {
         assert_eq!(ago(5.2), "5 s");
         assert_eq!(ago(301.0), "5 min");
@@ -752,8 +825,39 @@ mod tests {
             rates.rate(id, 170, 12.1, t1 + std::time::Duration::from_millis(100)),
             30.0
         );
-        rates.keep_only(&[]);
+        rates.keep_only(&HashSet::new());
         assert!(lock(&rates.0).is_empty());
+    }
+
+    #[test]
+    fn only_names_a_local_network_owns_pass_the_rebinding_check() {
+        for ok in [
+            "127.0.0.1:7470",
+            "192.168.1.5",
+            "[::1]:7470",
+            "[fe80::1]",
+            "[fe80::1%25eth0]:7470",
+            "localhost:7470",
+            "cabin",
+            "cabin:7470",
+            "cabin.local",
+            "Cabin.Local.:7470",
+            "nas.home.arpa",
+            "router.lan",
+        ] {
+            assert!(local_host_name(ok), "{ok}");
+        }
+        for no in [
+            "evil.example",
+            "rebind.attacker.com:7470",
+            "192.168.1.5.nip.io",
+            "local.example.com",
+            "[::1",
+            "",
+            ":7470",
+        ] {
+            assert!(!local_host_name(no), "{no}");
+        }
     }
 
     #[test]

@@ -309,8 +309,11 @@ pub enum Notice {
         replica: ReplicaId,
         /// On which connection.
         conn: ConnId,
-        /// Resumed (true) or synced from a snapshot or the start (false, a late join).
+        /// Resumed (true) or synced from a snapshot or the start (false).
         resumed: bool,
+        /// It had a snapshot or messages to catch up on: a late join. False for a resume and
+        /// for the first replica of an island with nothing stamped yet (its creator).
+        late: bool,
         /// From its join to `Synced`, for the join-duration histogram.
         took: Duration,
     },
@@ -362,9 +365,11 @@ struct Member {
     /// The highest admin command seq carried out on this connection; each must be higher, so a
     /// recorded command cannot be replayed.
     admin_seq: u64,
-    /// When it joined and whether it resumed, for [`Notice::Synced`].
+    /// When it joined, whether it resumed and whether it had anything to catch up on, for
+    /// [`Notice::Synced`].
     joined_at: Instant,
     resumed: bool,
+    late: bool,
 }
 
 impl Member {
@@ -655,6 +660,7 @@ impl Session {
                 admin_seq: 0,
                 joined_at: now,
                 resumed: false,
+                late: false,
             },
         );
         self.empty_since = None;
@@ -995,6 +1001,14 @@ impl Session {
     }
 
     fn start_sync(&mut self, conn: ConnId, plan: Plan, now: Instant) {
+        let late = match plan {
+            Plan::Resume(_) => false,
+            Plan::Fresh => self.last_seq > 0,
+            Plan::Stored(_) | Plan::AwaitSnapshot => true,
+        };
+        if let Some(m) = self.members.get_mut(&conn) {
+            m.late = late;
+        }
         let state = match plan {
             Plan::Resume(next) => SyncState::Backlog { next },
             Plan::Fresh => self.begin_fresh(conn),
@@ -1592,6 +1606,7 @@ impl Session {
                     replica: m.replica,
                     conn,
                     resumed: m.resumed,
+                    late: m.late,
                     took: now.saturating_duration_since(m.joined_at),
                 }));
             }

@@ -242,11 +242,16 @@ impl SessionStats {
                 ev.snapshots += 1;
                 ev.upload_durations.observe(*took);
             }
-            Notice::Synced { resumed, took, .. } => {
+            Notice::Synced {
+                resumed,
+                late,
+                took,
+                ..
+            } => {
                 let mut ev = lock(&self.router.events);
                 if *resumed {
                     ev.resumes += 1;
-                } else {
+                } else if *late {
                     ev.late_joins += 1;
                     ev.join_durations.observe(*took);
                 }
@@ -284,7 +289,8 @@ pub struct RecentEvent {
 pub struct Events {
     /// Replicas that resumed.
     pub resumes: u64,
-    /// Replicas that synced afresh (from a snapshot or the start) and went live.
+    /// Replicas that joined an island with something to catch up on (a snapshot or stamped
+    /// messages) and went live; a creator of a fresh island is not one.
     pub late_joins: u64,
     /// Their join-to-`Synced` durations.
     pub join_durations: Histogram,
@@ -470,6 +476,7 @@ mod tests {
             replica: y,
             conn: ConnId(1),
             resumed: false,
+            late: true,
             took: Duration::from_millis(20),
         });
         s.note(&Notice::Left {

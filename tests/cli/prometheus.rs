@@ -153,6 +153,26 @@ async fn prometheus_scrapes_the_session_gauge_and_the_message_counter() {
     assert!(query(prom.addr, "process_resident_memory_bytes")
         .await
         .is_some_and(|v| v > 0.0));
+    // Prometheus asked for OpenMetrics; a client that does not (curl, promtool) gets the older
+    // text format, and Prometheus's own linter passes it.
+    let text = get(addr, "/metrics").await.expect("/metrics");
+    assert!(!text.contains("# EOF") && text.contains("# TYPE isthmus_forwarding_info gauge"));
+    let mut lint = Command::new("/usr/bin/promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start promtool (Debian's prometheus package has it)");
+    std::io::Write::write_all(&mut lint.stdin.take().expect("stdin"), text.as_bytes())
+        .expect("feed promtool");
+    let out = lint.wait_with_output().expect("promtool");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop((a1, a2, b1));
     let _ = router.kill();
     let _ = router.wait();

@@ -288,6 +288,20 @@ fn status_json_follows_its_schema_and_the_terminal_view_names_people() {
         status.success() && !err.contains("panicked"),
         "{status:?} {err}"
     );
+
+    // Output that cannot be written (a full disk) is a failure, not a quiet success.
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("open /dev/full");
+    let out = isthmus()
+        .args(["status", "--router", &addr.to_string(), "--json"])
+        .stdout(full)
+        .output()
+        .expect("isthmus status");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("writing the status to stdout failed"), "{err}");
     let _ = router.kill();
     let _ = router.wait();
 }
