@@ -154,6 +154,9 @@ pub enum Action {
     },
     /// Worth a log line.
     Log(String),
+    /// What the session core noticed (joins, leaves, refusals, snapshots): for logs, metrics
+    /// and the status page, as the native driver reports it.
+    Notice(Notice),
 }
 
 #[derive(Debug)]
@@ -328,6 +331,11 @@ impl CroquetSession {
     /// The Croquet session id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The app (the first JOIN's `appId`), once known.
+    pub fn app_id(&self) -> Option<&str> {
+        self.app_id.as_deref()
     }
 
     /// The session core, once the first JOIN created it.
@@ -624,11 +632,13 @@ impl CroquetSession {
                 .map_or(0, |d| d as u64),
         )
         .min(MAX_LEAVE_DELAY);
+        // A display name for logs and the status page: the user's text when it is a JSON
+        // string (the usual case), else the JSON itself when short.
         let name = user
             .as_deref()
-            .filter(|u| u.len() <= 64)
-            .unwrap_or("croquet client")
-            .to_string();
+            .map(|u| serde_json::from_str::<String>(u).unwrap_or_else(|_| u.to_string()))
+            .filter(|u| !u.is_empty() && u.len() <= 64)
+            .unwrap_or_else(|| "croquet client".to_string());
         if let Some(c) = self.conns.get_mut(&conn) {
             c.joined = true;
             c.user = user;
@@ -1042,7 +1052,7 @@ impl CroquetSession {
                             self.send(conn, requ.clone(), false);
                         }
                     }
-                    Output::Notice(n) => self.out.push_back(Action::Log(format!("{n:?}"))),
+                    Output::Notice(n) => self.out.push_back(Action::Notice(n)),
                 }
             }
             if credits.is_empty() {

@@ -224,7 +224,10 @@ impl World {
                         self.clients[i] = Client::default();
                     }
                 }
-                Action::Save { .. } | Action::SnapshotStored { .. } | Action::Log(_) => {}
+                Action::Save { .. }
+                | Action::SnapshotStored { .. }
+                | Action::Log(_)
+                | Action::Notice(_) => {}
             }
         }
     }

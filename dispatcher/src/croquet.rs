@@ -23,6 +23,7 @@ use isthmus_croquet::frames::{self, close};
 use isthmus_croquet::store::{FileStore, StoreConfig};
 use isthmus_croquet::CroquetError;
 use isthmus_router::ids::ConnId;
+use isthmus_router::stats::SessionStats;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -482,7 +483,12 @@ async fn run_session(
         timeline,
         Box::new(StorePersistence(store.clone())),
     );
+    let router_stats = s.cfg.driver.stats.clone();
     drop(s);
+    // The session's counters for /metrics and the status page, registered once the first JOIN
+    // made the core (and named the app); the same as a native session's.
+    let mut stats: Option<Arc<SessionStats>> = None;
+    let (mut deliveries, mut bytes_out) = (0u64, 0u64);
     let mut outboxes: HashMap<ConnId, Outbox> = HashMap::new();
     // Per connection: the size of the last SYNC it was sent, on top of the uncounted bound.
     let mut sync_allowance: HashMap<ConnId, usize> = HashMap::new();
@@ -503,7 +509,12 @@ async fn run_session(
                         outboxes.insert(conn, outbox);
                         adapter.handle_connect(conn, open, now);
                     }
-                    Some(Event::Text { conn, text }) => adapter.handle_text(conn, text.as_str(), now),
+                    Some(Event::Text { conn, text }) => {
+                        if let Some(st) = &stats {
+                            st.read_bytes(text.len());
+                        }
+                        adapter.handle_text(conn, text.as_str(), now)
+                    }
                     Some(Event::Gone { conn }) => {
                         outboxes.remove(&conn);
                         sync_allowance.remove(&conn);
@@ -524,6 +535,15 @@ async fn run_session(
             let n = ob.credit.swap(0, Ordering::Relaxed);
             if n > 0 {
                 adapter.handle_flushed(*conn, n, now);
+            }
+        }
+        if let Some(core) = adapter.core() {
+            if stats.as_ref().map(|st| st.id()) != Some(core.id()) {
+                if let Some(old) = stats.take() {
+                    router_stats.retire(&old);
+                }
+                let name = format!("{} (Croquet)", adapter.app_id().unwrap_or("an app"));
+                stats = Some(router_stats.register(core.id(), &name));
             }
         }
         let mut last: Option<(Bytes, Utf8Bytes)> = None;
@@ -568,6 +588,10 @@ async fn run_session(
                                 continue;
                             }
                         }
+                        bytes_out += text.len() as u64;
+                        if counted {
+                            deliveries += 1;
+                        }
                         let _ = ob.tx.send(Out::Frame(text, counted));
                     }
                     Action::Close { conn, code, reason } => {
@@ -597,6 +621,12 @@ async fn run_session(
                         }
                     }
                     Action::Log(line) => debug!(session = %id, "{line}"),
+                    Action::Notice(n) => {
+                        debug!(session = %id, "{n:?}");
+                        if let Some(st) = &stats {
+                            st.note(&n);
+                        }
+                    }
                 }
             }
             if unread.is_empty() {
@@ -611,6 +641,9 @@ async fn run_session(
                     now,
                 );
             }
+        }
+        if let (Some(st), Some(core)) = (&stats, adapter.core()) {
+            st.publish(core.last_seq().0, deliveries, bytes_out, core.ticks());
         }
         if stopping && outboxes.is_empty() {
             break;
@@ -632,6 +665,9 @@ async fn run_session(
             sessions.remove(&id);
             break;
         }
+    }
+    if let Some(st) = stats.take() {
+        router_stats.retire(&st);
     }
     info!(session = %id, "Croquet session ended");
     if let Some(store) = store {

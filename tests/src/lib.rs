@@ -555,3 +555,21 @@ impl Drop for Proxy {
         self.cut();
     }
 }
+
+/// GETs `path` (HTTP/1.0, so the router closes after the body) naming the router `host`, and
+/// returns the status line and the body.
+pub async fn http_request(addr: SocketAddr, host: &str, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
+        .await
+        .expect("an answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    let status = head.lines().next().unwrap_or_default().to_string();
+    (status, body.to_string())
+}

@@ -4,7 +4,7 @@
 use isthmus_dispatcher::croquet::CroquetConfig;
 use isthmus_dispatcher::DispatcherConfig;
 use isthmus_tests::croquet::{join_args, CroquetClient};
-use isthmus_tests::{start_router, PATIENCE};
+use isthmus_tests::{http_request, start_router, PATIENCE};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -399,6 +399,78 @@ async fn a_client_that_pings_and_never_reads_is_closed_not_buffered_without_end(
     let mut d = CroquetClient::connect(router.addr, "flood").await;
     d.send_text(r#"{"action":"PING","args":1}"#).await;
     d.next_action("PONG", PATIENCE).await;
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
+
+/// Polls `/status.json` until `ok` holds for it.
+async fn status_until(
+    addr: std::net::SocketAddr,
+    what: &str,
+    ok: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (status, body) = http_request(addr, "router", "/status.json").await;
+        assert!(status.contains(" 200"), "{status}\n{body}");
+        let v: Value = serde_json::from_str(&body).expect("json");
+        if ok(&v) {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the status never showed {what}:\n{v:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn croquet_sessions_show_on_the_status_page_and_in_the_metrics() {
+    let router = start_router(config()).await;
+    let mut ann = CroquetClient::connect(router.addr, "shown").await;
+    ann.send("JOIN", join_args("ann")).await;
+    ann.next_action("SYNC", PATIENCE).await;
+    let mut bob = CroquetClient::connect(router.addr, "shown").await;
+    bob.send("JOIN", join_args("bob")).await;
+    bob.next_action("SYNC", PATIENCE).await;
+    for k in 0..3 {
+        ann.send("SEND", json!([0, 0, format!("m{k}"), 0])).await;
+    }
+    let status = status_until(router.addr, "the Croquet session with both members", |v| {
+        v["islands"].as_array().is_some_and(|a| {
+            a.iter().any(|i| {
+                i["members"].as_array().is_some_and(|m| m.len() == 2)
+                    && i["seq"].as_u64() >= Some(3)
+            })
+        })
+    })
+    .await;
+    let island = &status["islands"][0];
+    assert_eq!(island["name"], "io.isthmus.test (Croquet)", "{status:#}");
+    let names: Vec<&str> = island["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .filter_map(|m| m["name"].as_str())
+        .collect();
+    assert_eq!(names, ["ann", "bob"], "{status:#}");
+
+    let (_, metrics) = http_request(router.addr, "router", "/metrics").await;
+    let sample = |series: &str| {
+        metrics.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .parse::<f64>()
+                .ok()
+        })
+    };
+    assert_eq!(sample("isthmus_sessions"), Some(1.0), "{metrics}");
+    assert_eq!(sample("isthmus_replicas"), Some(2.0), "{metrics}");
+    assert!(
+        sample("isthmus_messages_stamped_total").is_some_and(|n| n >= 3.0),
+        "{metrics}"
+    );
     router.shutdown.cancel();
     let _ = router.task.await;
 }

@@ -3,33 +3,14 @@
 use isthmus_dispatcher::DispatcherConfig;
 use isthmus_router::wire::{self, ClientFrame, Code};
 use isthmus_router::Seq;
-use isthmus_tests::{new_island, start_router, HelloOpts, WireReplica, PATIENCE};
+use isthmus_tests::{http_request, new_island, start_router, HelloOpts, WireReplica, PATIENCE};
 use std::net::SocketAddr;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-
-/// GETs `path` (HTTP/1.0, so the router closes after the body) naming the router `host`, and
-/// returns the status line and the body.
-async fn request(addr: SocketAddr, host: &str, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(PATIENCE, s.read_to_end(&mut buf))
-        .await
-        .expect("an answer in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
-    let status = head.lines().next().unwrap_or_default().to_string();
-    (status, body.to_string())
-}
+use tokio::io::AsyncReadExt;
 
 /// GETs `path` and returns the body of a 200.
 async fn get(addr: SocketAddr, path: &str) -> String {
-    let (status, body) = request(addr, "router", path).await;
+    let (status, body) = http_request(addr, "router", path).await;
     assert!(status.starts_with("HTTP/1.0 200"), "{status}\n{body}");
     body
 }
@@ -206,7 +187,7 @@ async fn connections_shed_at_a_cap_are_counted_by_cap() {
 async fn a_page_that_rebinds_its_own_name_to_the_router_is_refused() {
     let router = start_router(DispatcherConfig::default()).await;
     for path in ["/", "/status.json", "/status.fragment", "/metrics"] {
-        let (status, body) = request(router.addr, "rebind.attacker.example:7470", path).await;
+        let (status, body) = http_request(router.addr, "rebind.attacker.example:7470", path).await;
         assert!(
             status.starts_with("HTTP/1.0 403"),
             "{path}: {status}\n{body}"
@@ -220,7 +201,7 @@ async fn a_page_that_rebinds_its_own_name_to_the_router_is_refused() {
             "localhost".into(),
             "cabin.local".into(),
         ] {
-            let (status, body) = request(router.addr, &host, path).await;
+            let (status, body) = http_request(router.addr, &host, path).await;
             assert!(
                 status.starts_with("HTTP/1.0 200"),
                 "{host}{path}: {status}\n{body}"
