@@ -2,6 +2,7 @@
 
 mod capture;
 mod croquet;
+mod homelab;
 mod island;
 mod lan;
 mod lan6;

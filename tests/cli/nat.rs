@@ -1,86 +1,10 @@
 //! Port forwarding through a real NAT gateway: a home network in network namespaces with
 //! miniupnpd on the gateway and a remote user on the WAN side.
 
-use crate::proc::{Proc, BIN};
+use crate::homelab::{in_ns, island, prefs_file, remote_join, router_with_profile};
 use isthmus_tests::netns::{HomeNet, GW_WAN_IP, LAN_IP};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-fn in_ns(net: &HomeNet, ns: &str, args: &[&str]) -> Proc {
-    let mut cmd = net.lab.command(ns, BIN);
-    // Islands created here keep their admin postcards in the test run's data dir.
-    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
-    cmd.args(args);
-    Proc::from_command(cmd)
-}
-
-fn prefs_file(net: &HomeNet, text: &str) -> String {
-    let path = net.scratch.join("prefs.toml");
-    std::fs::write(&path, text).expect("write prefs");
-    path.to_string_lossy().into_owned()
-}
-
-/// Starts the LAN host's router from a `[profiles.home]` with these settings (beacon off).
-fn router_with_profile(net: &HomeNet, settings: &str) -> Proc {
-    let prefs = prefs_file(net, &format!("[profiles.home]\n{settings}"));
-    let router = in_ns(
-        net,
-        &net.lan,
-        &[
-            "--prefs",
-            &prefs,
-            "router",
-            "--profile",
-            "home",
-            "--no-beacon",
-        ],
-    );
-    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
-    router
-}
-
-/// Creates an island on the LAN host's router and returns (creator, postcard fields).
-fn island(net: &HomeNet, name: &str) -> (Proc, String, Value) {
-    let creator = in_ns(
-        net,
-        &net.lan,
-        &[
-            "island",
-            "new",
-            name,
-            "--router",
-            &format!("{LAN_IP}:7470"),
-            "--json",
-        ],
-    );
-    let card = creator.next_line();
-    let (status, lines, err) =
-        in_ns(net, &net.lan, &["postcard", "show", &card, "--json"]).finish();
-    assert!(status.success(), "{err}");
-    let fields: Value = serde_json::from_str(&lines[0]).expect("json");
-    (creator, card, fields)
-}
-
-/// The remote user joins by postcard, sends a line and sees it come back.
-fn remote_join(net: &HomeNet, card: &str) {
-    let (status, lines, err) = in_ns(
-        net,
-        &net.wan,
-        &[
-            "join",
-            card,
-            "--send",
-            "hello from afar",
-            "--json",
-            "--exit-after-seq",
-            "1",
-        ],
-    )
-    .finish();
-    assert!(status.success(), "remote join failed: {err}");
-    let v: Value = serde_json::from_str(&lines[0]).expect("json");
-    assert_eq!(v["text"], "hello from afar");
-}
 
 #[test]
 fn upnp_maps_renews_serves_a_remote_user_and_unmaps_on_sigterm() {

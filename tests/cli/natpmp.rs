@@ -2,17 +2,11 @@
 //! or with all three on): `--forwarding auto` and the single-protocol modes, renewal, removal on
 //! SIGTERM and the reachability check.
 
+use crate::homelab::{in_ns, island, remote_join, router_with_profile};
 use crate::proc::{Proc, BIN};
 use isthmus_tests::netns::{tool, GatewayProtocols, HomeNet, NetLab, GW_WAN_IP, LAN_IP, LAN_IP6};
 use serde_json::Value;
 use std::time::{Duration, Instant};
-
-fn in_ns(net: &HomeNet, ns: &str, args: &[&str]) -> Proc {
-    let mut cmd = net.lab.command(ns, BIN);
-    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
-    cmd.args(args);
-    Proc::from_command(cmd)
-}
 
 /// The gateway lets the LAN map its own ports and nothing else.
 const RULES: [&str; 2] = [
@@ -25,72 +19,6 @@ fn gateway(net: &HomeNet, protocols: GatewayProtocols) -> std::process::Child {
     let mut conf = vec!["ext_allow_private_ipv4=yes", ext.as_str()];
     conf.extend(RULES);
     net.start_gateway(protocols, &conf)
-}
-
-/// Starts the LAN host's router from a `[profiles.home]` with these settings (beacon off).
-fn router_with(net: &HomeNet, settings: &str) -> Proc {
-    let path = net.scratch.join("prefs.toml");
-    std::fs::write(
-        &path,
-        format!("[profiles.home]\nbeacon = false\n{settings}"),
-    )
-    .expect("prefs");
-    let router = in_ns(
-        net,
-        &net.lan,
-        &[
-            "--prefs",
-            path.to_str().expect("path"),
-            "router",
-            "--profile",
-            "home",
-        ],
-    );
-    assert_eq!(router.next_line(), "listening on 0.0.0.0:7470");
-    router
-}
-
-/// Creates an island on the LAN host's router; returns (creator, postcard, its fields).
-fn island(net: &HomeNet, name: &str) -> (Proc, String, Value) {
-    let creator = in_ns(
-        net,
-        &net.lan,
-        &[
-            "island",
-            "new",
-            name,
-            "--router",
-            &format!("{LAN_IP}:7470"),
-            "--json",
-        ],
-    );
-    let card = creator.next_line();
-    let (status, lines, err) =
-        in_ns(net, &net.lan, &["postcard", "show", &card, "--json"]).finish();
-    assert!(status.success(), "{err}");
-    let fields: Value = serde_json::from_str(&lines[0]).expect("json");
-    (creator, card, fields)
-}
-
-/// The remote user joins by postcard through the mapping, sends a line and sees it come back.
-fn remote_join(net: &HomeNet, card: &str) {
-    let (status, lines, err) = in_ns(
-        net,
-        &net.wan,
-        &[
-            "join",
-            card,
-            "--send",
-            "hello from afar",
-            "--json",
-            "--exit-after-seq",
-            "1",
-        ],
-    )
-    .finish();
-    assert!(status.success(), "remote join failed: {err}");
-    let v: Value = serde_json::from_str(&lines[0]).expect("json");
-    assert_eq!(v["text"], "hello from afar");
 }
 
 /// Whether miniupnpd holds a mapping to the router (its rule; a lab's own hairpin rule reads
@@ -109,7 +37,7 @@ fn maps_renews_serves_and_unmaps(test: &str, gateway_protocols: GatewayProtocols
     let mut gw = gateway(&net, gateway_protocols);
     let started = Instant::now();
     // A short lease, so renewals show within the test.
-    let router = router_with(
+    let router = router_with_profile(
         &net,
         "forwarding = \"auto\"\nupnp.lease_secs = 4\nupnp.fallback = \"fail\"\n",
     );
@@ -366,7 +294,7 @@ fn a_taken_external_port_gets_another_by_pcp_and_renewals_keep_it() {
         "{}",
         net.nat_rules()
     );
-    let router = router_with(
+    let router = router_with_profile(
         &net,
         "forwarding = \"pcp\"\nupnp.external_port = 7471\nupnp.lease_secs = 2\nupnp.fallback = \"fail\"\n",
     );

@@ -573,3 +573,25 @@ pub async fn http_request(addr: SocketAddr, host: &str, path: &str) -> (String, 
     let status = head.lines().next().unwrap_or_default().to_string();
     (status, body.to_string())
 }
+
+/// The command name and CPU seconds (user + system) in the text of a `/proc/.../stat` file.
+pub fn stat_cpu_seconds(stat: &str) -> Option<(&str, f64)> {
+    // Fields after the command name (which may hold spaces and parentheses) start after the
+    // last ')'.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let fields: Vec<&str> = stat.get(close + 1..)?.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the whole line; 12 and 13 after the name.
+    Some((stat.get(open + 1..close)?, (ticks(11) + ticks(12)) / 100.0))
+}
+
+/// CPU seconds a process (`"self"` or a pid) has used, from /proc; 0 when it cannot be read.
+pub fn process_cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat_cpu_seconds(&stat).map_or(0.0, |(_, cpu)| cpu)
+}

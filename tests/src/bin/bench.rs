@@ -195,18 +195,7 @@ async fn loopback_bench(replicas: usize, payload: usize, messages: u64) -> (f64,
 /// CPU seconds this process has used (user + system), from /proc: the bench's router and
 /// clients share the process, so per-join CPU includes the client's signing.
 fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of the whole line; 12 and 13 after the name.
-    (ticks(11) + ticks(12)) / 100.0
+    isthmus_tests::process_cpu_seconds("self")
 }
 
 /// CPU seconds of this process's threads whose name starts with `prefix` (from
@@ -219,20 +208,11 @@ fn thread_cpu_seconds(prefix: &str) -> f64 {
         .flatten()
     {
         let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if !stat[open + 1..close].starts_with(prefix) {
-            continue;
+        if let Some((name, cpu)) = isthmus_tests::stat_cpu_seconds(&stat) {
+            if name.starts_with(prefix) {
+                total += cpu;
+            }
         }
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        total += (ticks(11) + ticks(12)) / 100.0;
     }
     total
 }

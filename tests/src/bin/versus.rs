@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 use bytes::{Buf, Bytes, BytesMut};
 use isthmus_router::auth::Capability;
 use isthmus_router::wire::{self, ClientFrame};
-use isthmus_tests::{exchange_preambles, HelloOpts};
+use isthmus_tests::{exchange_preambles, process_cpu_seconds, HelloOpts};
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::{Child, Command, Stdio};
@@ -157,21 +157,6 @@ fn free_port() -> Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// CPU seconds (user + system) a process has used, from /proc.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit(')').next().unwrap_or_default();
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 /// Resident memory of a process in bytes.
 fn rss_bytes(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -194,8 +179,8 @@ impl CpuMeter {
     fn start(server: &Server) -> CpuMeter {
         let pid = server.pid().to_string();
         CpuMeter {
-            server: cpu_seconds(&pid),
-            me: cpu_seconds("self"),
+            server: process_cpu_seconds(&pid),
+            me: process_cpu_seconds("self"),
             wall: Instant::now(),
             pid,
         }
@@ -205,8 +190,8 @@ impl CpuMeter {
     fn stop(&self) -> (f64, f64, f64) {
         (
             self.wall.elapsed().as_secs_f64(),
-            cpu_seconds(&self.pid) - self.server,
-            cpu_seconds("self") - self.me,
+            process_cpu_seconds(&self.pid) - self.server,
+            process_cpu_seconds("self") - self.me,
         )
     }
 }
@@ -637,29 +622,73 @@ fn check_generator(f: &mut Figures, wall: f64, me: f64) {
     f.generator_bound = me / wall > 0.9;
 }
 
+/// One topic with `receivers` subscribers and a publisher (for Isthmus a replica of the island
+/// too, whose echoes are drained).
+struct Audience {
+    topic: Topic,
+    seen: Vec<Arc<Seen>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held: dropping a write half would shut its connection down.
+    writers: Vec<OwnedWriteHalf>,
+    publisher: Conn,
+    drain: tokio::task::JoinHandle<()>,
+}
+
+impl Audience {
+    async fn gather(
+        system: System,
+        server: &Server,
+        receivers: usize,
+        sample_latency: bool,
+    ) -> Result<Audience> {
+        let topic = Topic::new(0);
+        let mut seen = Vec::new();
+        let mut tasks = Vec::new();
+        let mut writers = Vec::new();
+        for i in 0..receivers {
+            let c = Conn::subscribe(system, server.addr, source(i), &topic, i == 0).await?;
+            let s = Arc::new(Seen::default());
+            tasks.push(spawn_receiver(
+                system,
+                c.read,
+                c.buf,
+                s.clone(),
+                1,
+                sample_latency,
+            ));
+            writers.push(c.write);
+            seen.push(s);
+        }
+        let mut publisher = if system == System::Isthmus {
+            Conn::subscribe(system, server.addr, source(receivers), &topic, false).await?
+        } else {
+            Conn::publisher(system, server.addr, source(receivers)).await?
+        };
+        let read = std::mem::replace(&mut publisher.read, connect_dummy().await?);
+        let drain = spawn_drain(read);
+        Ok(Audience {
+            topic,
+            seen,
+            tasks,
+            writers,
+            publisher,
+            drain,
+        })
+    }
+}
+
 /// One publisher, `receivers` subscribers, `messages` of 64 B as fast as the slowest receiver
 /// allows (at most [`WINDOW`] ahead).
 async fn fan_out(system: System, receivers: usize, messages: u64) -> Result<Figures> {
     let server = Server::start(system)?;
-    let topic = Topic::new(0);
-    let mut seen = Vec::new();
-    let mut tasks = Vec::new();
-    let mut writers = Vec::new();
-    for i in 0..receivers {
-        let c = Conn::subscribe(system, server.addr, source(i), &topic, i == 0).await?;
-        let s = Arc::new(Seen::default());
-        tasks.push(spawn_receiver(system, c.read, c.buf, s.clone(), 1, false));
-        // Dropping a write half would shut the connection down.
-        writers.push(c.write);
-        seen.push(s);
-    }
-    let mut publisher = if system == System::Isthmus {
-        Conn::subscribe(system, server.addr, source(receivers), &topic, false).await?
-    } else {
-        Conn::publisher(system, server.addr, source(receivers)).await?
-    };
-    let drain = spawn_drain(publisher.read);
-    publisher.read = connect_dummy().await?;
+    let Audience {
+        topic,
+        seen,
+        tasks,
+        writers: _writers,
+        mut publisher,
+        drain,
+    } = Audience::gather(system, &server, receivers, false).await?;
     let meter = CpuMeter::start(&server);
     let mut out = Vec::with_capacity(256 * 1024);
     let slowest = |seen: &[Arc<Seen>]| {
@@ -876,25 +905,14 @@ fn percentile(sorted_us: &[u32], p: f64) -> f64 {
 /// One publisher at a fixed `rate` to `receivers` subscribers for `secs`: latency.
 async fn fixed_rate(system: System, receivers: usize, rate: u32, secs: f64) -> Result<Figures> {
     let server = Server::start(system)?;
-    let topic = Topic::new(0);
-    let mut seen = Vec::new();
-    let mut tasks = Vec::new();
-    let mut writers = Vec::new();
-    for i in 0..receivers {
-        let c = Conn::subscribe(system, server.addr, source(i), &topic, i == 0).await?;
-        let s = Arc::new(Seen::default());
-        tasks.push(spawn_receiver(system, c.read, c.buf, s.clone(), 1, true));
-        // Dropping a write half would shut the connection down.
-        writers.push(c.write);
-        seen.push(s);
-    }
-    let mut publisher = if system == System::Isthmus {
-        Conn::subscribe(system, server.addr, source(receivers), &topic, false).await?
-    } else {
-        Conn::publisher(system, server.addr, source(receivers)).await?
-    };
-    let drain = spawn_drain(publisher.read);
-    publisher.read = connect_dummy().await?;
+    let Audience {
+        topic,
+        seen,
+        tasks,
+        writers: _writers,
+        mut publisher,
+        drain,
+    } = Audience::gather(system, &server, receivers, true).await?;
     let total = (secs * f64::from(rate)) as u64;
     let period = Duration::from_secs_f64(1.0 / f64::from(rate));
     let meter = CpuMeter::start(&server);
