@@ -429,6 +429,11 @@ pub struct Session {
     ticks: u64,
     /// Members that just got `Synced`, reported by the next `reap` (which knows the time).
     synced: Vec<ConnId>,
+    /// Some member was doomed since the last reap.
+    any_doomed: bool,
+    /// When a member may next be idle past the idle timeout (a lower bound; see
+    /// `handle_timeout`), so finding the next deadline does not scan every member.
+    idle_due: Option<Instant>,
     out: VecDeque<Output>,
 }
 
@@ -459,6 +464,8 @@ impl Session {
             wanted_at: None,
             ticks: 0,
             synced: Vec::new(),
+            any_doomed: false,
+            idle_due: None,
             out: VecDeque::new(),
         }
     }
@@ -524,8 +531,8 @@ impl Session {
         if self.members.values().any(Member::is_live) {
             consider(self.last_activity + self.cfg.tick_interval);
         }
-        if let Some(oldest) = self.members.values().map(|m| m.last_heard).min() {
-            consider(oldest + self.cfg.idle_timeout);
+        if let Some(due) = self.idle_due.filter(|_| !self.members.is_empty()) {
+            consider(due);
         }
         if let Some(p) = &self.pending {
             consider(p.asked_at + self.cfg.snapshot_timeout);
@@ -664,6 +671,8 @@ impl Session {
             },
         );
         self.empty_since = None;
+        let due = now + self.cfg.idle_timeout;
+        self.idle_due = Some(self.idle_due.map_or(due, |d| d.min(due)));
     }
 
     /// An admin's control connection: welcomed and then left alone. It is not in `by_replica`
@@ -872,6 +881,16 @@ impl Session {
             .filter(|(_, m)| now >= m.last_heard + self.cfg.idle_timeout)
             .map(|(c, _)| *c)
             .collect();
+        // The next time anyone can be idle, from the oldest time heard among the others.
+        // Members are only ever heard later, so this is never later than the truth: at worst a
+        // timeout comes early and finds nobody idle.
+        self.idle_due = self
+            .members
+            .iter()
+            .filter(|(c, _)| !idle.contains(c))
+            .map(|(_, m)| m.last_heard)
+            .min()
+            .map(|oldest| oldest + self.cfg.idle_timeout);
         for conn in idle {
             let reason = format!("nothing heard for {:?}", self.cfg.idle_timeout);
             self.doom(conn, Code::IDLE_TIMEOUT, reason, true);
@@ -1113,6 +1132,7 @@ impl Session {
                             "the messages this replica needs are no longer kept".into(),
                             true,
                         ));
+                        self.any_doomed = true;
                         return;
                     } else {
                         let index = (*next - self.history_first) as usize;
@@ -1240,6 +1260,7 @@ impl Session {
                 self.cfg.max_outbound_bytes
             );
             m.doomed = Some((Code::SLOW_CONSUMER, reason, true));
+            self.any_doomed = true;
             return;
         }
         m.unflushed += frame.len();
@@ -1306,6 +1327,7 @@ impl Session {
                     "the messages this replica needs are no longer kept".into(),
                     true,
                 ));
+                self.any_doomed = true;
             }
         }
     }
@@ -1586,6 +1608,7 @@ impl Session {
         if let Some(m) = self.members.get_mut(&conn) {
             if m.doomed.is_none() {
                 m.doomed = Some((code, reason.into(), discard));
+                self.any_doomed = true;
             }
         }
     }
@@ -1593,6 +1616,14 @@ impl Session {
     /// Removes doomed members until none are left (a removal can doom others, e.g. a leave
     /// announcement that overflows another replica's queue).
     fn reap(&mut self, now: Instant) {
+        // Most calls (one per inbound frame) find nothing doomed: skip the scan of every member.
+        while std::mem::take(&mut self.any_doomed) {
+            self.reap_doomed(now);
+        }
+        self.report_synced(now);
+    }
+
+    fn reap_doomed(&mut self, now: Instant) {
         while let Some((conn, (code, reason, discard))) = self
             .members
             .iter_mut()
@@ -1600,6 +1631,9 @@ impl Session {
         {
             self.remove_member(conn, Some((code, reason)), discard, now);
         }
+    }
+
+    fn report_synced(&mut self, now: Instant) {
         for conn in std::mem::take(&mut self.synced) {
             if let Some(m) = self.members.get(&conn) {
                 self.out.push_back(Output::Notice(Notice::Synced {

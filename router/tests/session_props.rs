@@ -917,6 +917,40 @@ fn a_silent_replica_is_dropped_after_the_idle_timeout_and_a_chatty_one_is_not() 
 }
 
 #[test]
+fn the_next_deadline_is_never_later_than_the_first_replica_to_fall_silent() {
+    // Ticks far apart, so the idle deadline is the one poll_timeout reports.
+    let cfg = SessionConfig {
+        idle_timeout: Duration::from_secs(60),
+        tick_interval: Duration::from_secs(3600),
+        ..SessionConfig::default()
+    };
+    let mut w = World::new(2, cfg);
+    let t0 = w.now;
+    w.join(0, false);
+    w.join(1, false);
+    w.drain();
+    assert_eq!(w.core.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    // Replica 0 speaks at 30 s; replica 1 stays silent and is due first, at 60 s.
+    w.now = t0 + Duration::from_secs(30);
+    w.frame(0, ClientFrame::Ping { nonce: 1 });
+    w.drain();
+    assert_eq!(w.core.poll_timeout(), Some(t0 + Duration::from_secs(60)));
+    // Woken at that deadline (driven by poll_timeout alone), replica 1 goes; the next deadline
+    // is replica 0's, 60 s after it last spoke.
+    w.now = w.core.poll_timeout().expect("a deadline");
+    w.core.handle_timeout(w.now);
+    w.drain();
+    w.flush(0);
+    assert_eq!(w.replicas[1].closed_with, Some(Code::IDLE_TIMEOUT));
+    assert!(w.replicas[0].closed_with.is_none());
+    assert_eq!(w.core.poll_timeout(), Some(t0 + Duration::from_secs(90)));
+    w.now = w.core.poll_timeout().expect("a deadline");
+    w.core.handle_timeout(w.now);
+    w.drain();
+    assert_eq!(w.replicas[0].closed_with, Some(Code::IDLE_TIMEOUT));
+}
+
+#[test]
 fn an_observer_follows_but_may_not_send() {
     let mut w = World::new(2, SessionConfig::default());
     w.join(0, false);
