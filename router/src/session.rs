@@ -1235,14 +1235,12 @@ impl Session {
     }
 
     fn broadcast_live(&mut self, frame: &Bytes) {
-        let live: Vec<ConnId> = self
-            .members
-            .iter()
-            .filter(|(_, m)| m.is_live())
-            .map(|(c, _)| *c)
-            .collect();
-        for conn in live {
-            self.send_to(conn, frame.clone());
+        // One pass over the members, no lookup per recipient: this runs for every message.
+        let max = self.cfg.max_outbound_bytes;
+        for (&conn, m) in self.members.iter_mut() {
+            if m.is_live() {
+                self.any_doomed |= !queue_to(m, conn, frame.clone(), max, &mut self.out);
+            }
         }
     }
 
@@ -1251,20 +1249,10 @@ impl Session {
         let Some(m) = self.members.get_mut(&conn) else {
             return;
         };
-        if m.doomed.is_some() {
-            return;
+        if m.doomed.is_none() {
+            let max = self.cfg.max_outbound_bytes;
+            self.any_doomed |= !queue_to(m, conn, frame, max, &mut self.out);
         }
-        if m.unflushed + frame.len() > self.cfg.max_outbound_bytes {
-            let reason = format!(
-                "more than {} bytes queued and not read; reconnect to resume",
-                self.cfg.max_outbound_bytes
-            );
-            m.doomed = Some((Code::SLOW_CONSUMER, reason, true));
-            self.any_doomed = true;
-            return;
-        }
-        m.unflushed += frame.len();
-        self.out.push_back(Output::Transmit { conn, frame });
     }
 
     // ---- history and snapshots -----------------------------------------------------------
@@ -1746,6 +1734,25 @@ impl Session {
             .filter(|m| !matches!(m.state, SyncState::Control))
             .map(|m| (m.replica, m.name.as_str()))
     }
+}
+
+/// Queues `frame` to member `m` on `conn` unless that would pass its bound of `max` unwritten
+/// bytes; then dooms it as a slow consumer instead and returns false.
+fn queue_to(
+    m: &mut Member,
+    conn: ConnId,
+    frame: Bytes,
+    max: usize,
+    out: &mut VecDeque<Output>,
+) -> bool {
+    if m.unflushed + frame.len() > max {
+        let reason = format!("more than {max} bytes queued and not read; reconnect to resume");
+        m.doomed = Some((Code::SLOW_CONSUMER, reason, true));
+        return false;
+    }
+    m.unflushed += frame.len();
+    out.push_back(Output::Transmit { conn, frame });
+    true
 }
 
 /// The reports grouped by digest, largest group first.
