@@ -593,7 +593,10 @@ async fn run_session(
                     }
                     Action::SnapshotStored { url } => {
                         if let (Some(store), Some(path)) = (store.clone(), files_path(&url)) {
-                            tokio::task::spawn_blocking(move || store.snapshot_stored(&path));
+                            let session = id.clone();
+                            tokio::task::spawn_blocking(move || {
+                                store.snapshot_stored(&session, &path)
+                            });
                         }
                     }
                     Action::Log(line) => debug!(session = %id, "{line}"),
