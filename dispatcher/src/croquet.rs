@@ -103,6 +103,13 @@ enum Event {
     Gone {
         conn: ConnId,
     },
+    /// The reader refuses what the client sent (a message over the size bound): close it with
+    /// this code.
+    Refuse {
+        conn: ConnId,
+        code: u16,
+        reason: String,
+    },
 }
 
 #[derive(Clone)]
@@ -270,6 +277,7 @@ async fn run_connection(
     open: bool,
     ws: Ws,
 ) {
+    let max = svc.cfg.max_frame_bytes;
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let credit = Arc::new(AtomicUsize::new(0));
@@ -357,6 +365,23 @@ async fn run_connection(
                     // Croquet frames are text: treat bytes as a malformed message.
                     let text = Utf8Bytes::from_static("\u{0}");
                     let _ = reader_tx.send(Event::Text { conn, text }).await;
+                }
+                Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
+                    // Say why with a fatal code rather than drop the socket: a client that
+                    // sees 1006 reconnects and sends the same message again, without end.
+                    let reason = format!(
+                        "message refused ({e}): the router takes messages of at most {max} bytes"
+                    );
+                    let refuse = Event::Refuse {
+                        conn,
+                        code: close::MALFORMED,
+                        reason,
+                    };
+                    if reader_tx.send(refuse).await.is_ok() {
+                        // The session closes the connection; the writer's close ends this.
+                        std::future::pending::<()>().await;
+                    }
+                    return;
                 }
                 Ok(Message::Close(_)) | Err(_) => return,
                 Ok(_) => {} // pings are answered by tungstenite itself
@@ -504,6 +529,9 @@ async fn run_session(
                         adapter.handle_connect(conn, open, now);
                     }
                     Some(Event::Text { conn, text }) => adapter.handle_text(conn, text.as_str(), now),
+                    Some(Event::Refuse { conn, code, reason }) => {
+                        adapter.disconnect(conn, code, &reason, now);
+                    }
                     Some(Event::Gone { conn }) => {
                         outboxes.remove(&conn);
                         sync_allowance.remove(&conn);

@@ -67,6 +67,17 @@ async fn malformed_json_missing_apikey_and_unknown_actions_are_closed_with_their
         "SEND args not an array"
     );
 
+    // A message over the size bound: a fatal 4102 with the reason, not a dropped socket (on
+    // which clients reconnect and send it again).
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    c.send_text("x".repeat(isthmus_dispatcher::croquet::DEFAULT_MAX_FRAME_BYTES + 1))
+        .await;
+    assert_eq!(
+        c.close_code(PATIENCE).await,
+        Some(4102),
+        "a message over max_frame_bytes"
+    );
+
     // Connected but never joined: 4121 after the join timeout.
     let mut c = CroquetClient::connect(router.addr, "s1").await;
     assert_eq!(c.close_code(PATIENCE).await, Some(4121), "never joined");
