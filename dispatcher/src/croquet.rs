@@ -179,6 +179,13 @@ fn service(ctx: &Ctx) -> Option<&Service> {
     ctx.shared.croquet.as_ref()
 }
 
+/// Whether the router's create policy lets this peer in without a listed apiKey.
+fn create_allowed(ctx: &Ctx) -> bool {
+    let host = crate::contacts::local_addrs();
+    let lan = crate::contacts::is_lan_peer(ctx.peer.ip(), &host);
+    ctx.shared.cfg.create.check(lan).is_ok()
+}
+
 fn off() -> Response<Body> {
     http::text(
         StatusCode::NOT_FOUND,
@@ -224,9 +231,7 @@ pub(crate) async fn reflector(ctx: &Ctx, req: Request<Incoming>) -> Response<Bod
             "this is a Croquet reflector: connect with a WebSocket (version 13)\n",
         );
     };
-    let host = crate::contacts::local_addrs();
-    let lan = crate::contacts::is_lan_peer(ctx.peer.ip(), &host);
-    let open = ctx.shared.cfg.create.check(lan).is_ok();
+    let open = create_allowed(ctx);
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(req);
     let shared = ctx.shared.clone();
@@ -751,6 +756,15 @@ pub(crate) async fn files(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
                     "file store task failed\n",
                 ),
             }
+        }
+        Method::PUT if svc.api_keys.is_empty() && !create_allowed(ctx) => {
+            // Uploads carry no apiKey: without a list, only peers that may create sessions
+            // may fill the store (else anyone who reaches the port could use it up and make
+            // every session's snapshot uploads fail).
+            http::text(
+                StatusCode::FORBIDDEN,
+                "this router takes uploads only from its own network (create = \"lan\") and has no croquet.api_keys list\n",
+            )
         }
         Method::PUT => {
             if let Err(e) = isthmus_croquet::store::check_path(&path) {

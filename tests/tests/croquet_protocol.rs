@@ -367,6 +367,61 @@ async fn web_serves_the_app_directory_and_nothing_outside_it() {
 }
 
 #[tokio::test]
+async fn without_an_apikey_list_joins_and_uploads_follow_the_create_policy() {
+    let dir = std::env::temp_dir().join(format!("isthmus-files-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let croquet = |keys: Vec<String>| {
+        Some(CroquetConfig {
+            api_keys: keys,
+            store: Some(isthmus_croquet::store::StoreConfig::new(dir.clone())),
+            ..CroquetConfig::default()
+        })
+    };
+    // Nobody may create: loopback is refused like any peer.
+    let router = start_router(DispatcherConfig {
+        create: isthmus_dispatcher::CreatePolicy::None,
+        croquet: croquet(Vec::new()),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    assert_eq!(
+        http(router.addr, "PUT", "/files/apps/a/x", b"junk").await.0,
+        403,
+        "an upload from a peer the create policy refuses"
+    );
+    assert_eq!(
+        http(router.addr, "GET", "/files/apps/a/x", b"").await.0,
+        404
+    );
+    let mut c = CroquetClient::connect(router.addr, "p1").await;
+    c.send("JOIN", join_args("u")).await;
+    assert_eq!(c.close_code(PATIENCE).await, Some(4103));
+    router.shutdown.cancel();
+    let _ = router.task.await;
+
+    // With a list, the apiKey decides JOINs and uploads are taken from anyone.
+    let router = start_router(DispatcherConfig {
+        create: isthmus_dispatcher::CreatePolicy::None,
+        croquet: croquet(vec![join_args("u")["apiKey"]
+            .as_str()
+            .expect("apiKey")
+            .to_string()]),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    assert_eq!(
+        http(router.addr, "PUT", "/files/apps/a/x", b"blob").await.0,
+        201
+    );
+    let mut c = CroquetClient::connect(router.addr, "p1").await;
+    c.send("JOIN", join_args("u")).await;
+    c.next_action("SYNC", PATIENCE).await;
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
 async fn with_croquet_off_its_routes_are_not_served() {
     let router = start_router(DispatcherConfig {
         croquet: None,
