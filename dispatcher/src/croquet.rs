@@ -121,6 +121,9 @@ struct Outbox {
     /// session task bounds these itself, so a client that sends PINGs and reads nothing cannot
     /// grow its queue.
     uncounted: Arc<AtomicUsize>,
+    /// Cancelled when the session closes the connection: from then on it has
+    /// [`CLOSE_LINGER`] to go, even when its writer is stuck behind a client that reads nothing.
+    closed: CancellationToken,
 }
 
 enum Out {
@@ -287,10 +290,12 @@ async fn run_connection(
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let credit = Arc::new(AtomicUsize::new(0));
     let uncounted = Arc::new(AtomicUsize::new(0));
+    let kill = CancellationToken::new();
     let outbox = Outbox {
         tx: out_tx,
         credit: credit.clone(),
         uncounted: uncounted.clone(),
+        closed: kill.clone(),
     };
     let Some((tx, notify)) = attach(shared, svc, &id, conn, open, outbox).await else {
         let _ = sink
@@ -405,6 +410,19 @@ async fn run_connection(
                 closed.store(true, Ordering::Relaxed);
                 let _ = tokio::time::timeout(CLOSE_LINGER, &mut reader).await;
             }
+        }
+        _ = kill.cancelled() => {
+            // The session closed this connection. The writer may be stuck behind a full
+            // socket (a client that reads nothing, closed with 4001): without a deadline the
+            // connection, its queue and its slot under the caps would live as long as the
+            // client keeps sending. Write the rest and the close frame, drain, within the linger.
+            closed.store(true, Ordering::Relaxed);
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                if (&mut writer).await {
+                    (&mut reader).await;
+                }
+            })
+            .await;
         }
     }
     let _ = tx.send(Event::Gone { conn }).await;
@@ -607,6 +625,7 @@ async fn run_session(
                         debug!(session = %id, ?conn, code, "closing: {reason}");
                         if let Some(ob) = outboxes.remove(&conn) {
                             let _ = ob.tx.send(Out::Close(code, reason));
+                            ob.closed.cancel();
                         }
                     }
                     Action::Save {
