@@ -177,6 +177,20 @@ impl FileStore {
         }
     }
 
+    /// The size of the file stored at `path` (to budget memory before reading it).
+    pub fn len(&self, path: &str) -> Result<u64, CroquetError> {
+        let parts = check_path(path)?;
+        let target = self.resolve("files", &parts)?;
+        match fs::metadata(&target) {
+            Ok(m) if m.is_file() => Ok(m.len()),
+            Ok(_) => Err(CroquetError::NotFound(path.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(CroquetError::NotFound(path.to_string()))
+            }
+            Err(e) => Err(io(&target, e)),
+        }
+    }
+
     /// The bytes stored at `path`.
     pub fn get(&self, path: &str) -> Result<Vec<u8>, CroquetError> {
         let parts = check_path(path)?;

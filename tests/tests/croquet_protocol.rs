@@ -327,6 +327,41 @@ async fn the_file_store_keeps_uploads_and_refuses_escapes_and_oversize() {
 }
 
 #[tokio::test]
+async fn file_bodies_in_memory_at_once_are_bounded() {
+    let dir = std::env::temp_dir().join(format!("isthmus-files-inflight-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut store = isthmus_croquet::store::StoreConfig::new(dir.clone());
+    store.max_file_bytes = 1024;
+    let router = start_router(DispatcherConfig {
+        croquet: Some(CroquetConfig {
+            store: Some(store),
+            max_file_bytes_in_flight: 800,
+            ..CroquetConfig::default()
+        }),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    let blob = vec![7u8; 700];
+    assert_eq!(http(router.addr, "PUT", "/files/a/x", &blob).await.0, 201);
+    // Within the file limit, over what memory may hold at once: refused, nothing stored.
+    assert_eq!(
+        http(router.addr, "PUT", "/files/a/y", &[1u8; 900]).await.0,
+        503
+    );
+    assert_eq!(http(router.addr, "GET", "/files/a/y", b"").await.0, 404);
+    // What earlier requests held was given back: the 700 bytes fit again, every time.
+    for _ in 0..3 {
+        assert_eq!(
+            http(router.addr, "GET", "/files/a/x", b"").await,
+            (200, blob.clone())
+        );
+    }
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
 async fn web_serves_the_app_directory_and_nothing_outside_it() {
     let dir = std::env::temp_dir().join(format!("isthmus-webdir-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("app/js")).expect("mkdir");
