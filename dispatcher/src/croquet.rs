@@ -137,8 +137,23 @@ struct Outbox {
 }
 
 enum Out {
-    Frame(Utf8Bytes, bool),
+    /// A frame, whether the core counts it, and what it holds of the memory budget until
+    /// written.
+    Frame(Utf8Bytes, bool, Option<Reserved>),
     Close(u16, String),
+}
+
+/// Bytes taken from the router's memory budget, given back when dropped (written, or the
+/// connection gone).
+struct Reserved {
+    budget: Arc<isthmus_router::budget::MemoryBudget>,
+    bytes: usize,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -379,9 +394,12 @@ async fn run_connection(
             let mut item = Some(first);
             let mut closing = false;
             let mut n = 0;
+            // Budget held by frames fed but not flushed yet (the sink copies them whole).
+            let mut held: Vec<Reserved> = Vec::new();
             while let Some(it) = item.take() {
                 match it {
-                    Out::Frame(text, c) => {
+                    Out::Frame(text, c, reserved) => {
+                        held.extend(reserved);
                         let len = text.len();
                         if sink.feed(Message::Text(text)).await.is_err() {
                             return false;
@@ -412,6 +430,7 @@ async fn run_connection(
             if sink.flush().await.is_err() {
                 return false;
             }
+            drop(held);
             uncounted.fetch_sub(other, Ordering::Relaxed);
             if counted > 0 {
                 credit.fetch_add(counted, Ordering::Relaxed);
@@ -583,6 +602,7 @@ async fn run_session(
     let store = svc.store.clone();
     let stop = svc.shutdown.clone();
     let max_uncounted = acfg.session.max_outbound_bytes;
+    let budget = acfg.session.budget.clone();
     let timeline = {
         let b = isthmus_router::auth::fresh_nonce();
         b[..8]
@@ -645,6 +665,7 @@ async fn run_session(
         }
         let mut last: Option<(Bytes, Utf8Bytes)> = None;
         let mut unread: Vec<ConnId> = Vec::new();
+        let mut no_room: Vec<ConnId> = Vec::new();
         loop {
             while let Some(action) = adapter.poll_action() {
                 match action {
@@ -672,9 +693,21 @@ async fn run_session(
                                 Err(_) => continue,
                             },
                         };
+                        let mut reserved = None;
                         if !counted {
                             let len = frame_len(&text);
                             if text.as_str().contains(r#""action":"SYNC""#) {
+                                // Each joiner's SYNC is its own copy of the history: it takes
+                                // its size from the memory budget until written, or many
+                                // joiners that do not read would hold a history each.
+                                if !budget.try_reserve(len) {
+                                    no_room.push(conn);
+                                    continue;
+                                }
+                                reserved = Some(Reserved {
+                                    budget: budget.clone(),
+                                    bytes: len,
+                                });
                                 sync_allowance.insert(conn, len);
                             }
                             let queued = ob.uncounted.fetch_add(len, Ordering::Relaxed) + len;
@@ -685,7 +718,7 @@ async fn run_session(
                                 continue;
                             }
                         }
-                        let _ = ob.tx.send(Out::Frame(text, counted));
+                        let _ = ob.tx.send(Out::Frame(text, counted, reserved));
                     }
                     Action::Close { conn, code, reason } => {
                         debug!(session = %id, ?conn, code, "closing: {reason}");
@@ -720,8 +753,16 @@ async fn run_session(
                     Action::Log(line) => debug!(session = %id, "{line}"),
                 }
             }
-            if unread.is_empty() {
+            if unread.is_empty() && no_room.is_empty() {
                 break;
+            }
+            for conn in no_room.drain(..) {
+                adapter.disconnect(
+                    conn,
+                    close::RECONNECT,
+                    "the router's memory budget has no room for this session's history now; reconnect",
+                    now,
+                );
             }
             for conn in unread.drain(..) {
                 sync_allowance.remove(&conn);

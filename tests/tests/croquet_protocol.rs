@@ -546,3 +546,29 @@ async fn a_client_that_reads_nothing_is_let_go_after_its_close_not_kept_while_it
     router.shutdown.cancel();
     let _ = router.task.await;
 }
+
+#[tokio::test]
+async fn a_sync_takes_its_size_from_the_memory_budget() {
+    let mut cfg = config();
+    cfg.memory_budget_bytes = 4 * 1024 * 1024;
+    let router = start_router(cfg).await;
+    let mut a = CroquetClient::connect(router.addr, "big").await;
+    a.send("JOIN", join_args("a")).await;
+    a.next_action("SYNC", PATIENCE).await;
+    // About 2.4 MB of history, held by the session (and the budget).
+    let payload = "p".repeat(200_000);
+    for _ in 0..12 {
+        a.send("SEND", json!([0, 0, payload])).await;
+    }
+    let _ = recv_args(&mut a, 12).await;
+    // A joiner's SYNC is a second copy of it: more than the budget has left.
+    let mut b = CroquetClient::connect(router.addr, "big").await;
+    b.send("JOIN", join_args("b")).await;
+    assert_eq!(b.close_code(PATIENCE).await, Some(4003));
+    // The session goes on for the one already in it.
+    a.send("SEND", json!([0, 0, "small"])).await;
+    let got = recv_args(&mut a, 1).await;
+    assert_eq!(got[0][2], "small");
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
