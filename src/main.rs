@@ -675,8 +675,19 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
         None => eprint_line(&format!("isthmus router: {summary}")),
     }
     if let Some(c) = &croquet {
+        // Listening on every address: name the one a browser elsewhere on the LAN uses (the
+        // apps' reflector and files URLs must carry it); localhost only serves this machine.
+        let lan = || {
+            isthmus_dispatcher::contacts::local_addrs()
+                .into_iter()
+                .map(|a| a.ip)
+                .find(|ip| match ip {
+                    IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+                    IpAddr::V6(_) => false,
+                })
+        };
         let host = match local.ip() {
-            ip if ip.is_unspecified() => "localhost".to_string(),
+            ip if ip.is_unspecified() => lan().map_or("localhost".to_string(), |ip| ip.to_string()),
             IpAddr::V6(v6) => format!("[{v6}]"),
             ip => ip.to_string(),
         };

@@ -854,6 +854,15 @@ impl CroquetSession {
         if args.time.partial_cmp(&self.snapshot_time) != Some(std::cmp::Ordering::Greater) {
             return Ok(()); // not newer than the one we have
         }
+        if args.time > self.now_ms(now) as f64 {
+            // No replica can be ahead of the router's time. Taken, it would shut out every
+            // real snapshot for the rest of the session (they must be newer by time).
+            self.out.push_back(Action::Log(format!(
+                "snapshot at time {} ignored: ahead of the session's time",
+                args.time
+            )));
+            return Ok(());
+        }
         let Some(core) = self.core.as_mut() else {
             return Ok(());
         };

@@ -147,21 +147,48 @@ impl FileStore {
         let target = self.resolve("files", &parts)?;
         let old = fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
         {
-            let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+            // Reserve the bytes under the lock, so uploads running at once cannot all pass
+            // the check and together overshoot the store's bound.
+            let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
             if *used - old.min(*used) + size > self.cfg.max_total_bytes {
                 return Err(CroquetError::StoreFull {
                     used: *used,
                     limit: self.cfg.max_total_bytes,
                 });
             }
+            *used += size;
         }
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-        }
-        write_atomically(&target, data)?;
+        let written = target
+            .parent()
+            .map_or(Ok(()), |parent| {
+                fs::create_dir_all(parent).map_err(|e| io(parent, e))
+            })
+            .and_then(|()| write_atomically(&target, data));
         let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-        *used = (*used + size).saturating_sub(old);
-        Ok(())
+        match written {
+            Ok(()) => {
+                *used = used.saturating_sub(old);
+                Ok(())
+            }
+            Err(e) => {
+                *used = used.saturating_sub(size);
+                Err(e)
+            }
+        }
+    }
+
+    /// The size of the file stored at `path` (to budget memory before reading it).
+    pub fn len(&self, path: &str) -> Result<u64, CroquetError> {
+        let parts = check_path(path)?;
+        let target = self.resolve("files", &parts)?;
+        match fs::metadata(&target) {
+            Ok(m) if m.is_file() => Ok(m.len()),
+            Ok(_) => Err(CroquetError::NotFound(path.to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(CroquetError::NotFound(path.to_string()))
+            }
+            Err(e) => Err(io(&target, e)),
+        }
     }
 
     /// The bytes stored at `path`.
@@ -211,19 +238,29 @@ impl FileStore {
         v.get("url")?.as_str().map(str::to_string)
     }
 
-    /// A snapshot at `path` now serves its session: older snapshots in its directory are
+    /// A snapshot at `path` now serves session `session`: older snapshots in its directory are
     /// removed, all but the newest [`KEEP_SNAPSHOTS`] (names start with the padded time).
-    pub fn snapshot_stored(&self, path: &str) {
+    /// Only the session's own snapshot directory is touched (`apps/*/snap/*/<pid>.<session>/`
+    /// or `snapshots/<session>/`, where the clients put them): the URL comes from a client's
+    /// SNAP, and must not let it prune another session's snapshots or an app's saves.
+    pub fn snapshot_stored(&self, session: &str, path: &str) {
         let Ok(parts) = check_path(path) else {
             return;
         };
+        let suffix = format!(".{session}");
+        let own = match parts.as_slice() {
+            ["apps", _, "snap", _, dir, _] => dir.ends_with(&suffix),
+            ["snapshots", dir, _] => *dir == session,
+            _ => false,
+        };
+        if !own {
+            return;
+        }
         let Ok(file) = self.resolve("files", &parts) else {
             return;
         };
         if let Some(dir) = file.parent() {
-            if dir != self.cfg.dir.join("files") {
-                self.keep_newest(dir, file.file_name().and_then(|n| n.to_str()));
-            }
+            self.keep_newest(dir, file.file_name().and_then(|n| n.to_str()));
         }
     }
 
@@ -320,7 +357,11 @@ fn dir_size(dir: &Path) -> u64 {
 
 fn write_atomically(target: &Path, data: &[u8]) -> Result<(), CroquetError> {
     let mut tmp = target.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
+    // Unique per write: two uploads to the same path at once must not share (and mix) one
+    // temporary file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp.push(format!(".tmp{}-{n}", std::process::id()));
     let tmp = PathBuf::from(tmp);
     let write = || -> std::io::Result<()> {
         let mut f = fs::File::create(&tmp)?;
@@ -403,6 +444,31 @@ mod tests {
     }
 
     #[test]
+    fn uploads_at_once_stay_within_the_store_bound_and_failed_ones_are_not_counted() {
+        let (store, dir) = temp_store(250);
+        let store = std::sync::Arc::new(store);
+        let ok: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let store = store.clone();
+                    s.spawn(move || store.put(&format!("f{i}"), &[0; 100]).is_ok())
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| usize::from(h.join().expect("thread")))
+                .sum()
+        });
+        assert_eq!(ok, 2);
+        assert_eq!(store.used(), 200);
+        // A write that fails (the target is a directory) gives its reservation back.
+        store.put("d/x", b"1").expect("put");
+        assert!(store.put("d", b"2").is_err());
+        assert_eq!(store.used(), 201);
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn snapshots_are_cleaned_up_and_saves_remembered() {
         let (store, dir) = temp_store(10_000);
         let d = "apps/app/snap/code/pid.sess1";
@@ -414,7 +480,22 @@ mod tests {
         store
             .put("apps/app/snap/code/pid.sess2/0000000001_1.h", b"s")
             .expect("put");
-        store.snapshot_stored(&format!("{d}/0000000004_4.h"));
+        for t in 1..=3 {
+            store
+                .put(&format!("apps/other/pid/save/000000000{t}"), b"p")
+                .expect("put");
+        }
+        // A SNAP URL in another session's or an app's save directory prunes nothing.
+        store.snapshot_stored("sess2", &format!("{d}/0000000009_9.h"));
+        store.snapshot_stored("sess1", "apps/other/pid/save/0000000009");
+        store.snapshot_stored("sess1", "apps/app/snap/code/pid.sess2/0000000009_9.h");
+        for t in 1..=3 {
+            assert!(store.get(&format!("{d}/000000000{t}_{t}.h")).is_ok());
+            assert!(store
+                .get(&format!("apps/other/pid/save/000000000{t}"))
+                .is_ok());
+        }
+        store.snapshot_stored("sess1", &format!("{d}/0000000004_4.h"));
         assert!(store.get(&format!("{d}/0000000004_4.h")).is_ok());
         assert!(store.get(&format!("{d}/0000000003_3.h")).is_ok());
         assert!(store.get(&format!("{d}/0000000002_2.h")).is_err());
@@ -423,7 +504,7 @@ mod tests {
         assert!(store
             .get("apps/app/snap/code/pid.sess2/0000000001_1.h")
             .is_ok());
-        assert_eq!(store.used(), 1);
+        assert_eq!(store.used(), 1 + 3);
         assert_eq!(store.saved("app", "pid"), None);
         store
             .save("app", "pid", "http://h/files/apps/app/pid/save/x")

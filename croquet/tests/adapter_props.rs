@@ -406,3 +406,38 @@ proptest! {
         w.apply(&Op::Advance(3000));
     }
 }
+
+#[test]
+fn a_snapshot_from_the_future_is_ignored_and_does_not_shut_out_real_ones() {
+    let t0 = Instant::now();
+    let mut s = CroquetSession::new(
+        "future",
+        AdapterConfig::default(),
+        "tl".into(),
+        Box::new(NoPersistence),
+    );
+    let join = json!({"action": "JOIN", "args": {"apiKey": "k", "version": 1, "user": "u"}});
+    s.handle_connect(ConnId(1), true, t0);
+    s.handle_text(ConnId(1), &join.to_string(), t0);
+    let t1 = t0 + std::time::Duration::from_millis(500);
+    let snap = |time: f64, url: &str| {
+        json!({"action": "SNAP", "args": {"time": time, "seq": 0xFFFF_FFF0u32, "url": url}})
+            .to_string()
+    };
+    s.handle_text(ConnId(1), &snap(1e300, "http://h/files/evil"), t1);
+    s.handle_text(ConnId(1), &snap(400.0, "http://h/files/real"), t1);
+    while s.poll_action().is_some() {}
+    s.handle_connect(ConnId(2), true, t1);
+    s.handle_text(ConnId(2), &join.to_string(), t1);
+    let mut sync = None;
+    while let Some(a) = s.poll_action() {
+        if let Action::Send { conn, frame, .. } = a {
+            let v: Value = serde_json::from_slice(&frame).expect("json");
+            if conn == ConnId(2) && v["action"] == "SYNC" {
+                sync = Some(v);
+            }
+        }
+    }
+    let sync = sync.expect("a SYNC for the joiner");
+    assert_eq!(sync["args"]["url"], "http://h/files/real", "{sync}");
+}

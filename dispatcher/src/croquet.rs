@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
@@ -46,6 +46,10 @@ pub const SESSION_QUEUE: usize = 1024;
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Largest static file `--web` serves (bigger ones are refused, not streamed).
 pub const MAX_WEB_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// File bytes held in memory at once by `/files` uploads and downloads and `--web` files
+/// together (each is read or received whole); past it a request gets 503. Without it, the
+/// per-address connection cap times the file limit (256 x 64 MiB) would fit in memory.
+pub const MAX_FILE_BYTES_IN_FLIGHT: usize = 256 * 1024 * 1024;
 
 /// The Croquet front door's settings.
 #[derive(Clone, Debug)]
@@ -61,6 +65,9 @@ pub struct CroquetConfig {
     pub max_frame_bytes: usize,
     /// Longest time a connection may take to send JOIN.
     pub join_timeout: Duration,
+    /// File bytes held in memory at once by `/files` and `--web` bodies
+    /// ([`MAX_FILE_BYTES_IN_FLIGHT`]).
+    pub max_file_bytes_in_flight: usize,
 }
 
 impl Default for CroquetConfig {
@@ -71,6 +78,7 @@ impl Default for CroquetConfig {
             web: None,
             max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
             join_timeout: isthmus_croquet::adapter::DEFAULT_JOIN_TIMEOUT,
+            max_file_bytes_in_flight: MAX_FILE_BYTES_IN_FLIGHT,
         }
     }
 }
@@ -82,6 +90,8 @@ pub(crate) struct Service {
     store: Option<Arc<FileStore>>,
     sessions: Mutex<HashMap<String, Slot>>,
     shutdown: CancellationToken,
+    /// [`MAX_FILE_BYTES_IN_FLIGHT`], one permit a byte.
+    in_flight: Arc<Semaphore>,
 }
 
 struct Slot {
@@ -104,6 +114,13 @@ enum Event {
     Gone {
         conn: ConnId,
     },
+    /// The reader refuses what the client sent (a message over the size bound): close it with
+    /// this code.
+    Refuse {
+        conn: ConnId,
+        code: u16,
+        reason: String,
+    },
 }
 
 #[derive(Clone)]
@@ -115,11 +132,29 @@ struct Outbox {
     /// session task bounds these itself, so a client that sends PINGs and reads nothing cannot
     /// grow its queue.
     uncounted: Arc<AtomicUsize>,
+    /// Cancelled when the session closes the connection: from then on it has
+    /// [`CLOSE_LINGER`] to go, even when its writer is stuck behind a client that reads nothing.
+    closed: CancellationToken,
 }
 
 enum Out {
-    Frame(Utf8Bytes, bool),
+    /// A frame, whether the core counts it, and what it holds of the memory budget until
+    /// written.
+    Frame(Utf8Bytes, bool, Option<Reserved>),
     Close(u16, String),
+}
+
+/// Bytes taken from the router's memory budget, given back when dropped (written, or the
+/// connection gone).
+struct Reserved {
+    budget: Arc<isthmus_router::budget::MemoryBudget>,
+    bytes: usize,
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.budget.release(self.bytes);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,12 +168,14 @@ impl Service {
             Some(s) => Some(Arc::new(FileStore::open(s.clone())?)),
             None => None,
         };
+        let cfg_in_flight = cfg.max_file_bytes_in_flight;
         Ok(Service {
             api_keys: Arc::new(cfg.api_keys.clone()),
             cfg,
             store,
             sessions: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            in_flight: Arc::new(Semaphore::new(cfg_in_flight.min(Semaphore::MAX_PERMITS))),
         })
     }
 
@@ -171,6 +208,67 @@ impl Persistence for StorePersistence {
 
 fn service(ctx: &Ctx) -> Option<&Service> {
     ctx.shared.croquet.as_ref()
+}
+
+/// Whether the router's create policy lets this peer in without a listed apiKey.
+fn create_allowed(ctx: &Ctx) -> bool {
+    let host = crate::contacts::local_addrs();
+    let lan = crate::contacts::is_lan_peer(ctx.peer.ip(), &host);
+    ctx.shared.cfg.create.check(lan).is_ok()
+}
+
+/// `n` bytes of the in-flight budget for file bodies, or None when it is used up.
+fn take_bytes(svc: &Service, n: u64) -> Option<OwnedSemaphorePermit> {
+    let n = u32::try_from(n).ok()?;
+    svc.in_flight.clone().try_acquire_many_owned(n).ok()
+}
+
+fn busy() -> Response<Body> {
+    let mut r = http::text(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the router holds as many file bytes in memory as it may (max_file_bytes_in_flight); try again in a moment\n",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
+}
+
+/// A whole body that keeps its share of the in-flight budget until it is sent or dropped
+/// (and keeps its length, so the response has a Content-Length).
+struct Held {
+    data: Option<Bytes>,
+    len: u64,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl hyper::body::Body for Held {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        std::task::Poll::Ready(self.data.take().map(|d| Ok(hyper::body::Frame::data(d))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.data.is_none()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(if self.data.is_some() { self.len } else { 0 })
+    }
+}
+
+fn held_body(data: impl Into<Bytes>, permit: OwnedSemaphorePermit) -> Body {
+    let data: Bytes = data.into();
+    Held {
+        len: data.len() as u64,
+        data: (!data.is_empty()).then_some(data),
+        _permit: permit,
+    }
+    .boxed()
 }
 
 fn off() -> Response<Body> {
@@ -218,9 +316,7 @@ pub(crate) async fn reflector(ctx: &Ctx, req: Request<Incoming>) -> Response<Bod
             "this is a Croquet reflector: connect with a WebSocket (version 13)\n",
         );
     };
-    let host = crate::contacts::local_addrs();
-    let lan = crate::contacts::is_lan_peer(ctx.peer.ip(), &host);
-    let open = ctx.shared.cfg.create.check(lan).is_ok();
+    let open = create_allowed(ctx);
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let on_upgrade = hyper::upgrade::on(req);
     let shared = ctx.shared.clone();
@@ -271,14 +367,17 @@ async fn run_connection(
     open: bool,
     ws: Ws,
 ) {
+    let max = svc.cfg.max_frame_bytes;
     let (mut sink, mut stream) = ws.split();
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Out>();
     let credit = Arc::new(AtomicUsize::new(0));
     let uncounted = Arc::new(AtomicUsize::new(0));
+    let kill = CancellationToken::new();
     let outbox = Outbox {
         tx: out_tx,
         credit: credit.clone(),
         uncounted: uncounted.clone(),
+        closed: kill.clone(),
     };
     let Some((tx, notify)) = attach(shared, svc, &id, conn, open, outbox).await else {
         let _ = sink
@@ -296,9 +395,12 @@ async fn run_connection(
             let mut item = Some(first);
             let mut closing = false;
             let mut n = 0;
+            // Budget held by frames fed but not flushed yet (the sink copies them whole).
+            let mut held: Vec<Reserved> = Vec::new();
             while let Some(it) = item.take() {
                 match it {
-                    Out::Frame(text, c) => {
+                    Out::Frame(text, c, reserved) => {
+                        held.extend(reserved);
                         let len = text.len();
                         if sink.feed(Message::Text(text)).await.is_err() {
                             return false;
@@ -329,6 +431,7 @@ async fn run_connection(
             if sink.flush().await.is_err() {
                 return false;
             }
+            drop(held);
             uncounted.fetch_sub(other, Ordering::Relaxed);
             if counted > 0 {
                 credit.fetch_add(counted, Ordering::Relaxed);
@@ -359,6 +462,23 @@ async fn run_connection(
                     let text = Utf8Bytes::from_static("\u{0}");
                     let _ = reader_tx.send(Event::Text { conn, text }).await;
                 }
+                Err(tokio_tungstenite::tungstenite::Error::Capacity(e)) => {
+                    // Say why with a fatal code rather than drop the socket: a client that
+                    // sees 1006 reconnects and sends the same message again, without end.
+                    let reason = format!(
+                        "message refused ({e}): the router takes messages of at most {max} bytes"
+                    );
+                    let refuse = Event::Refuse {
+                        conn,
+                        code: close::MALFORMED,
+                        reason,
+                    };
+                    if reader_tx.send(refuse).await.is_ok() {
+                        // The session closes the connection; the writer's close ends this.
+                        std::future::pending::<()>().await;
+                    }
+                    return;
+                }
                 Ok(Message::Close(_)) | Err(_) => return,
                 Ok(_) => {} // pings are answered by tungstenite itself
             }
@@ -376,6 +496,19 @@ async fn run_connection(
                 closed.store(true, Ordering::Relaxed);
                 let _ = tokio::time::timeout(CLOSE_LINGER, &mut reader).await;
             }
+        }
+        _ = kill.cancelled() => {
+            // The session closed this connection. The writer may be stuck behind a full
+            // socket (a client that reads nothing, closed with 4001): without a deadline the
+            // connection, its queue and its slot under the caps would live as long as the
+            // client keeps sending. Write the rest and the close frame, drain, within the linger.
+            closed.store(true, Ordering::Relaxed);
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                if (&mut writer).await {
+                    (&mut reader).await;
+                }
+            })
+            .await;
         }
     }
     let _ = tx.send(Event::Gone { conn }).await;
@@ -470,6 +603,7 @@ async fn run_session(
     let store = svc.store.clone();
     let stop = svc.shutdown.clone();
     let max_uncounted = acfg.session.max_outbound_bytes;
+    let budget = acfg.session.budget.clone();
     let timeline = {
         let b = isthmus_router::auth::fresh_nonce();
         b[..8]
@@ -515,6 +649,9 @@ async fn run_session(
                         }
                         adapter.handle_text(conn, text.as_str(), now)
                     }
+                    Some(Event::Refuse { conn, code, reason }) => {
+                        adapter.disconnect(conn, code, &reason, now);
+                    }
                     Some(Event::Gone { conn }) => {
                         outboxes.remove(&conn);
                         sync_allowance.remove(&conn);
@@ -548,6 +685,7 @@ async fn run_session(
         }
         let mut last: Option<(Bytes, Utf8Bytes)> = None;
         let mut unread: Vec<ConnId> = Vec::new();
+        let mut no_room: Vec<ConnId> = Vec::new();
         loop {
             while let Some(action) = adapter.poll_action() {
                 match action {
@@ -575,9 +713,21 @@ async fn run_session(
                                 Err(_) => continue,
                             },
                         };
+                        let mut reserved = None;
                         if !counted {
                             let len = frame_len(&text);
                             if text.as_str().contains(r#""action":"SYNC""#) {
+                                // Each joiner's SYNC is its own copy of the history: it takes
+                                // its size from the memory budget until written, or many
+                                // joiners that do not read would hold a history each.
+                                if !budget.try_reserve(len) {
+                                    no_room.push(conn);
+                                    continue;
+                                }
+                                reserved = Some(Reserved {
+                                    budget: budget.clone(),
+                                    bytes: len,
+                                });
                                 sync_allowance.insert(conn, len);
                             }
                             let queued = ob.uncounted.fetch_add(len, Ordering::Relaxed) + len;
@@ -592,12 +742,13 @@ async fn run_session(
                         if counted {
                             deliveries += 1;
                         }
-                        let _ = ob.tx.send(Out::Frame(text, counted));
+                        let _ = ob.tx.send(Out::Frame(text, counted, reserved));
                     }
                     Action::Close { conn, code, reason } => {
                         debug!(session = %id, ?conn, code, "closing: {reason}");
                         if let Some(ob) = outboxes.remove(&conn) {
                             let _ = ob.tx.send(Out::Close(code, reason));
+                            ob.closed.cancel();
                         }
                     }
                     Action::Save {
@@ -617,7 +768,10 @@ async fn run_session(
                     }
                     Action::SnapshotStored { url } => {
                         if let (Some(store), Some(path)) = (store.clone(), files_path(&url)) {
-                            tokio::task::spawn_blocking(move || store.snapshot_stored(&path));
+                            let session = id.clone();
+                            tokio::task::spawn_blocking(move || {
+                                store.snapshot_stored(&session, &path)
+                            });
                         }
                     }
                     Action::Log(line) => debug!(session = %id, "{line}"),
@@ -629,8 +783,16 @@ async fn run_session(
                     }
                 }
             }
-            if unread.is_empty() {
+            if unread.is_empty() && no_room.is_empty() {
                 break;
+            }
+            for conn in no_room.drain(..) {
+                adapter.disconnect(
+                    conn,
+                    close::RECONNECT,
+                    "the router's memory budget has no room for this session's history now; reconnect",
+                    now,
+                );
             }
             for conn in unread.drain(..) {
                 sync_allowance.remove(&conn);
@@ -740,8 +902,31 @@ pub(crate) async fn files(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         }
         Method::GET | Method::HEAD => {
             let head = req.method() == Method::HEAD;
-            match tokio::task::spawn_blocking(move || store.get(&path)).await {
-                Ok(Ok(data)) if head => {
+            let svc_bytes = svc.in_flight.clone();
+            let got = tokio::task::spawn_blocking(move || {
+                // Take the file's share of the budget before reading it into memory.
+                let size = store.len(&path)?;
+                let take = |n: u64| {
+                    let n = u32::try_from(n).ok()?;
+                    svc_bytes.clone().try_acquire_many_owned(n).ok()
+                };
+                let Some(mut permit) = take(size) else {
+                    return Ok(None);
+                };
+                let data = store.get(&path)?;
+                if data.len() as u64 > size {
+                    // Replaced by a larger file in between: its share must grow too.
+                    let Some(more) = take(data.len() as u64 - size) else {
+                        return Ok(None);
+                    };
+                    permit.merge(more);
+                }
+                Ok(Some((data, permit)))
+            })
+            .await;
+            match got {
+                Ok(Ok(None)) => busy(),
+                Ok(Ok(Some((data, _)))) if head => {
                     let mut r =
                         http::bytes(StatusCode::OK, "application/octet-stream", Bytes::new());
                     if let Ok(v) = HeaderValue::from_str(&data.len().to_string()) {
@@ -749,7 +934,14 @@ pub(crate) async fn files(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
                     }
                     r
                 }
-                Ok(Ok(data)) => http::bytes(StatusCode::OK, "application/octet-stream", data),
+                Ok(Ok(Some((data, permit)))) => {
+                    let mut r = Response::new(held_body(data, permit));
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/octet-stream"),
+                    );
+                    r
+                }
                 Ok(Err(e)) => store_error(e),
                 Err(_) => http::text(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -757,21 +949,52 @@ pub(crate) async fn files(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
                 ),
             }
         }
+        Method::PUT if svc.api_keys.is_empty() && !create_allowed(ctx) => {
+            // Uploads carry no apiKey: without a list, only peers that may create sessions
+            // may fill the store (else anyone who reaches the port could use it up and make
+            // every session's snapshot uploads fail).
+            http::text(
+                StatusCode::FORBIDDEN,
+                "this router takes uploads only from its own network (create = \"lan\") and has no croquet.api_keys list\n",
+            )
+        }
         Method::PUT => {
             if let Err(e) = isthmus_croquet::store::check_path(&path) {
                 return cors(store_error(e));
             }
             let limit = store.config().max_file_bytes;
-            let body = match Limited::new(req.into_body(), limit as usize).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(_) => {
-                    return cors(http::text(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("upload is larger than the limit of {limit} bytes (files.max_file_bytes), or was cut off\n"),
-                    ))
-                }
+            let too_large = || {
+                cors(http::text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("upload is larger than the limit of {limit} bytes (croquet.max_file_mb), or was cut off\n"),
+                ))
             };
-            match tokio::task::spawn_blocking(move || store.put(&path, &body)).await {
+            // Received whole, each chunk taking its share of the in-flight budget first.
+            let Some(mut permit) = take_bytes(svc, 0) else {
+                return cors(busy());
+            };
+            let mut body = Limited::new(req.into_body(), limit as usize);
+            let mut received = bytes::BytesMut::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(frame) = frame else {
+                    return too_large();
+                };
+                if let Ok(chunk) = frame.into_data() {
+                    let Some(more) = take_bytes(svc, chunk.len() as u64) else {
+                        return cors(busy());
+                    };
+                    permit.merge(more);
+                    received.extend_from_slice(&chunk);
+                }
+            }
+            let body = received.freeze();
+            match tokio::task::spawn_blocking(move || {
+                let stored = store.put(&path, &body);
+                drop(permit);
+                stored
+            })
+            .await
+            {
                 Ok(Ok(())) => http::text(StatusCode::CREATED, "stored\n"),
                 Ok(Err(e)) => store_error(e),
                 Err(_) => http::text(
@@ -816,6 +1039,7 @@ pub(crate) fn serves_web(ctx: &Ctx) -> bool {
 /// Every other path: a file of the `--web` directory (`index.html` for a directory), or 404.
 pub(crate) async fn web(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let dir = service(ctx).and_then(|s| s.cfg.web.clone());
+    let budget = service(ctx).map(|s| s.in_flight.clone());
     let path = req.uri().path().to_string();
     let Some(dir) = dir else {
         return http::text(
@@ -841,29 +1065,35 @@ pub(crate) async fn web(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
             !p.is_empty() && p != "." && p != ".." && !p.contains('\\') && !p.contains('\0')
         })
     });
-    let (true, Some(rel)) = (ok, decoded) else {
+    let (true, Some(rel), Some(budget)) = (ok, decoded, budget) else {
         return http::text(StatusCode::BAD_REQUEST, "bad path\n");
     };
     let head = req.method() == Method::HEAD;
-    let result = tokio::task::spawn_blocking(move || read_web_file(&dir, &rel)).await;
+    let result = tokio::task::spawn_blocking(move || read_web_file(&dir, &rel, &budget)).await;
     match result {
-        Ok(Ok((data, file))) => {
-            let mut r = http::bytes(
-                StatusCode::OK,
-                content_type(&file),
-                if head { Vec::new() } else { data },
+        Ok(Ok((data, file, permit))) => {
+            let mut r = Response::new(held_body(if head { Vec::new() } else { data }, permit));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(content_type(&file)),
             );
             r.headers_mut()
                 .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             r
         }
+        Ok(Err(StatusCode::SERVICE_UNAVAILABLE)) => busy(),
         Ok(Err(status)) => http::text(status, format!("nothing is served at {path}\n")),
         Err(_) => http::text(StatusCode::INTERNAL_SERVER_ERROR, "web task failed\n"),
     }
 }
 
-/// Reads a file under `dir`, refusing anything that resolves outside it (symlinks included).
-fn read_web_file(dir: &Path, rel: &str) -> Result<(Vec<u8>, PathBuf), StatusCode> {
+/// Reads a file under `dir`, refusing anything that resolves outside it (symlinks included),
+/// after taking its size from the in-flight `budget` (503 when used up).
+fn read_web_file(
+    dir: &Path,
+    rel: &str,
+    budget: &Arc<Semaphore>,
+) -> Result<(Vec<u8>, PathBuf, OwnedSemaphorePermit), StatusCode> {
     let root = dir.canonicalize().map_err(|_| StatusCode::NOT_FOUND)?;
     let mut file = root
         .join(rel)
@@ -882,8 +1112,22 @@ fn read_web_file(dir: &Path, rel: &str) -> Result<(Vec<u8>, PathBuf), StatusCode
     if meta.len() > MAX_WEB_FILE_BYTES {
         return Err(StatusCode::PAYLOAD_TOO_LARGE);
     }
+    let take = |n: u64| {
+        let n = u32::try_from(n).map_err(|_| StatusCode::PAYLOAD_TOO_LARGE)?;
+        budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+    };
+    let mut permit = take(meta.len())?;
     let data = std::fs::read(&file).map_err(|_| StatusCode::NOT_FOUND)?;
-    Ok((data, file))
+    if data.len() as u64 > meta.len() {
+        if data.len() as u64 > MAX_WEB_FILE_BYTES {
+            return Err(StatusCode::PAYLOAD_TOO_LARGE);
+        }
+        permit.merge(take(data.len() as u64 - meta.len())?);
+    }
+    Ok((data, file, permit))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -924,9 +1168,20 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("isthmus-web-{}", std::process::id()));
         std::fs::create_dir_all(dir.join("sub")).expect("mkdir");
         std::fs::write(dir.join("sub/index.html"), "hi").expect("write");
-        assert!(read_web_file(&dir, "sub").is_ok());
-        assert!(read_web_file(&dir, "sub/index.html").is_ok());
-        assert!(read_web_file(&dir, "../../etc/passwd").is_err());
+        let budget = Arc::new(Semaphore::new(MAX_FILE_BYTES_IN_FLIGHT));
+        assert!(read_web_file(&dir, "sub", &budget).is_ok());
+        assert!(read_web_file(&dir, "sub/index.html", &budget).is_ok());
+        assert!(read_web_file(&dir, "../../etc/passwd", &budget).is_err());
+        let held = read_web_file(&dir, "sub/index.html", &budget).expect("read");
+        assert_eq!(budget.available_permits(), MAX_FILE_BYTES_IN_FLIGHT - 2);
+        let none = Arc::new(Semaphore::new(1));
+        assert_eq!(
+            read_web_file(&dir, "sub", &none).err(),
+            Some(StatusCode::SERVICE_UNAVAILABLE),
+            "a file larger than what is left of the budget waits"
+        );
+        drop(held);
+        assert_eq!(budget.available_permits(), MAX_FILE_BYTES_IN_FLIGHT);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

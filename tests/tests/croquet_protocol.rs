@@ -67,6 +67,17 @@ async fn malformed_json_missing_apikey_and_unknown_actions_are_closed_with_their
         "SEND args not an array"
     );
 
+    // A message over the size bound: a fatal 4102 with the reason, not a dropped socket (on
+    // which clients reconnect and send it again).
+    let mut c = CroquetClient::connect(router.addr, "s1").await;
+    c.send_text("x".repeat(isthmus_dispatcher::croquet::DEFAULT_MAX_FRAME_BYTES + 1))
+        .await;
+    assert_eq!(
+        c.close_code(PATIENCE).await,
+        Some(4102),
+        "a message over max_frame_bytes"
+    );
+
     // Connected but never joined: 4121 after the join timeout.
     let mut c = CroquetClient::connect(router.addr, "s1").await;
     assert_eq!(c.close_code(PATIENCE).await, Some(4121), "never joined");
@@ -316,6 +327,41 @@ async fn the_file_store_keeps_uploads_and_refuses_escapes_and_oversize() {
 }
 
 #[tokio::test]
+async fn file_bodies_in_memory_at_once_are_bounded() {
+    let dir = std::env::temp_dir().join(format!("isthmus-files-inflight-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut store = isthmus_croquet::store::StoreConfig::new(dir.clone());
+    store.max_file_bytes = 1024;
+    let router = start_router(DispatcherConfig {
+        croquet: Some(CroquetConfig {
+            store: Some(store),
+            max_file_bytes_in_flight: 800,
+            ..CroquetConfig::default()
+        }),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    let blob = vec![7u8; 700];
+    assert_eq!(http(router.addr, "PUT", "/files/a/x", &blob).await.0, 201);
+    // Within the file limit, over what memory may hold at once: refused, nothing stored.
+    assert_eq!(
+        http(router.addr, "PUT", "/files/a/y", &[1u8; 900]).await.0,
+        503
+    );
+    assert_eq!(http(router.addr, "GET", "/files/a/y", b"").await.0, 404);
+    // What earlier requests held was given back: the 700 bytes fit again, every time.
+    for _ in 0..3 {
+        assert_eq!(
+            http(router.addr, "GET", "/files/a/x", b"").await,
+            (200, blob.clone())
+        );
+    }
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
 async fn web_serves_the_app_directory_and_nothing_outside_it() {
     let dir = std::env::temp_dir().join(format!("isthmus-webdir-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("app/js")).expect("mkdir");
@@ -356,6 +402,61 @@ async fn web_serves_the_app_directory_and_nothing_outside_it() {
 }
 
 #[tokio::test]
+async fn without_an_apikey_list_joins_and_uploads_follow_the_create_policy() {
+    let dir = std::env::temp_dir().join(format!("isthmus-files-policy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let croquet = |keys: Vec<String>| {
+        Some(CroquetConfig {
+            api_keys: keys,
+            store: Some(isthmus_croquet::store::StoreConfig::new(dir.clone())),
+            ..CroquetConfig::default()
+        })
+    };
+    // Nobody may create: loopback is refused like any peer.
+    let router = start_router(DispatcherConfig {
+        create: isthmus_dispatcher::CreatePolicy::None,
+        croquet: croquet(Vec::new()),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    assert_eq!(
+        http(router.addr, "PUT", "/files/apps/a/x", b"junk").await.0,
+        403,
+        "an upload from a peer the create policy refuses"
+    );
+    assert_eq!(
+        http(router.addr, "GET", "/files/apps/a/x", b"").await.0,
+        404
+    );
+    let mut c = CroquetClient::connect(router.addr, "p1").await;
+    c.send("JOIN", join_args("u")).await;
+    assert_eq!(c.close_code(PATIENCE).await, Some(4103));
+    router.shutdown.cancel();
+    let _ = router.task.await;
+
+    // With a list, the apiKey decides JOINs and uploads are taken from anyone.
+    let router = start_router(DispatcherConfig {
+        create: isthmus_dispatcher::CreatePolicy::None,
+        croquet: croquet(vec![join_args("u")["apiKey"]
+            .as_str()
+            .expect("apiKey")
+            .to_string()]),
+        ..DispatcherConfig::default()
+    })
+    .await;
+    assert_eq!(
+        http(router.addr, "PUT", "/files/apps/a/x", b"blob").await.0,
+        201
+    );
+    let mut c = CroquetClient::connect(router.addr, "p1").await;
+    c.send("JOIN", join_args("u")).await;
+    c.next_action("SYNC", PATIENCE).await;
+    router.shutdown.cancel();
+    let _ = router.task.await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
 async fn with_croquet_off_its_routes_are_not_served() {
     let router = start_router(DispatcherConfig {
         croquet: None,
@@ -392,9 +493,14 @@ async fn a_client_that_pings_and_never_reads_is_closed_not_buffered_without_end(
         }
     }
     // The router closed it with 4001 (it drains what the client still sends, so the close
-    // frame is not overtaken by a reset); without the bound no close comes at all.
+    // frame is not overtaken by a reset); without the bound no close comes at all. A client
+    // that has not read its way to the close frame within CLOSE_LINGER is let go without it
+    // (None: a reset, on which clients reconnect as for 4001).
     let code = c.close_code(PATIENCE).await;
-    assert_eq!(code, Some(4001), "writes still open: {open}");
+    assert!(
+        matches!(code, Some(4001) | None),
+        "closed with {code:?}; writes still open: {open}"
+    );
     // The router is fine for everyone else.
     let mut d = CroquetClient::connect(router.addr, "flood").await;
     d.send_text(r#"{"action":"PING","args":1}"#).await;
@@ -471,6 +577,70 @@ async fn croquet_sessions_show_on_the_status_page_and_in_the_metrics() {
         sample("isthmus_messages_stamped_total").is_some_and(|n| n >= 3.0),
         "{metrics}"
     );
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_is_let_go_after_its_close_not_kept_while_it_sends() {
+    let mut cfg = config();
+    cfg.driver.session.max_outbound_bytes = 64 * 1024;
+    let router = start_router(cfg).await;
+    // Someone else keeps the session alive (the session ending would end the connection too).
+    let mut keeper = CroquetClient::connect(router.addr, "stuck").await;
+    keeper.send("JOIN", join_args("keeper")).await;
+    keeper.next_action("SYNC", PATIENCE).await;
+    let mut c = CroquetClient::connect(router.addr, "stuck").await;
+    c.send("JOIN", join_args("stuck")).await;
+    // Fill the socket both ways' buffers with PONGs it never reads: the router closes it with
+    // 4001 behind a writer that cannot write.
+    let ping = r#"{"action":"PING","args":"0123456789012345678901234567890123456789"}"#;
+    for _ in 0..400 {
+        if !c.try_send_batch((0..1000).map(|_| ping.to_string())).await {
+            break;
+        }
+    }
+    // It goes on sending signs of life and reading nothing; the router must let go of it
+    // (CLOSE_LINGER) rather than read its PULSEs for as long as it likes.
+    let pulse = r#"{"action":"PULSE"}"#;
+    let gone = tokio::time::timeout(PATIENCE, async {
+        while c.try_send_batch([pulse.to_string()]).await {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "the router still reads a connection it closed"
+    );
+    keeper.send_text(r#"{"action":"PING","args":1}"#).await;
+    keeper.next_action("PONG", PATIENCE).await;
+    router.shutdown.cancel();
+    let _ = router.task.await;
+}
+
+#[tokio::test]
+async fn a_sync_takes_its_size_from_the_memory_budget() {
+    let mut cfg = config();
+    cfg.memory_budget_bytes = 4 * 1024 * 1024;
+    let router = start_router(cfg).await;
+    let mut a = CroquetClient::connect(router.addr, "big").await;
+    a.send("JOIN", join_args("a")).await;
+    a.next_action("SYNC", PATIENCE).await;
+    // About 2.4 MB of history, held by the session (and the budget).
+    let payload = "p".repeat(200_000);
+    for _ in 0..12 {
+        a.send("SEND", json!([0, 0, payload])).await;
+    }
+    let _ = recv_args(&mut a, 12).await;
+    // A joiner's SYNC is a second copy of it: more than the budget has left.
+    let mut b = CroquetClient::connect(router.addr, "big").await;
+    b.send("JOIN", join_args("b")).await;
+    assert_eq!(b.close_code(PATIENCE).await, Some(4003));
+    // The session goes on for the one already in it.
+    a.send("SEND", json!([0, 0, "small"])).await;
+    let got = recv_args(&mut a, 1).await;
+    assert_eq!(got[0][2], "small");
     router.shutdown.cancel();
     let _ = router.task.await;
 }
