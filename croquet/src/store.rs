@@ -98,6 +98,11 @@ impl FileStore {
         for sub in ["files", "saved"] {
             let d = cfg.dir.join(sub);
             fs::create_dir_all(&d).map_err(|e| io(&d, e))?;
+            // Directories left by another user exist but may refuse us: find out now, not at
+            // the first upload.
+            let probe = d.join(format!(".write-probe-{}", std::process::id()));
+            fs::write(&probe, b"").map_err(|e| io(&d, e))?;
+            let _ = fs::remove_file(&probe);
         }
         let used = dir_size(&cfg.dir.join("files"));
         Ok(FileStore {

@@ -11,8 +11,8 @@ use crate::{ConnGuard, Shared};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::io;
 use std::net::SocketAddr;
@@ -79,7 +79,21 @@ pub const MAX_HEADER_BUF: usize = 64 * 1024;
 /// Picks the handler for a request by its path.
 async fn route(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
     let _ = (&ctx.shared, ctx.local, &ctx.guard);
-    match req.uri().path() {
+    let path = req.uri().path();
+    let own_page = matches!(
+        path,
+        "/metrics" | "/status" | "/status.json" | "/status.fragment" | "/status.js" | "/status.css"
+    ) || (path == "/" && !crate::croquet::serves_web(ctx));
+    if own_page && !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("isthmus router: {path} is read with GET\n"),
+        );
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    match path {
         "/metrics" => crate::metrics::respond(ctx, req.headers()),
         // With --web the app has "/" (a person opens http://ROUTER:7470/ and gets the app);
         // the status page is then at /status.

@@ -164,3 +164,19 @@ async fn http_connections_count_against_the_per_address_cap() {
     router.shutdown.cancel();
     router.task.await.expect("router ends");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_routers_own_pages_are_read_with_get_only() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let mut s = TcpStream::connect(router.addr).await.expect("connect");
+    s.write_all(b"POST /metrics HTTP/1.1\r\nHost: router\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .expect("write");
+    let (status, body) = read_response(&mut s).await;
+    assert!(status.starts_with("HTTP/1.1 405"), "{status}");
+    assert!(body.contains("GET"), "{body}");
+    let (status, _) = get(&mut s, "/status.json").await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    router.shutdown.cancel();
+    router.task.await.expect("router ends");
+}
