@@ -1,7 +1,10 @@
 //! Port forwarding through a real NAT gateway: a home network in network namespaces with
 //! miniupnpd on the gateway and a remote user on the WAN side.
 
-use crate::homelab::{in_ns, island, prefs_file, remote_join, router_with_profile};
+use crate::homelab::{
+    a_taken_port_gets_another_that_renewals_keep, in_ns, island, prefs_file, remote_join,
+    router_with_profile, second_lan_machine,
+};
 use isthmus_tests::netns::{HomeNet, GW_WAN_IP, LAN_IP};
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -219,12 +222,7 @@ fn a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which() {
     };
     // A second machine on the LAN, played by a second address of the LAN host. The gateway
     // must let a client map for another address (secure_mode off) for it to take a port.
-    let iface = net.lab.iface_of(&net.lan, LAN_IP);
-    net.lab.run(
-        &net.lan,
-        "ip",
-        &["addr", "add", "10.210.1.3/24", "dev", &iface],
-    );
+    second_lan_machine(&net);
     let mut upnp = net.start_upnp(&[
         "secure_mode=no",
         "ext_allow_private_ipv4=yes",
@@ -232,57 +230,7 @@ fn a_taken_external_port_falls_back_to_any_port_and_the_postcard_says_which() {
         "allow 1024-65535 10.210.1.0/24 1024-65535",
         "deny 0-65535 0.0.0.0/0 0-65535",
     ]);
-    // That other machine's router holds external port 7471 already.
-    let first = in_ns(
-        &net,
-        &net.lan,
-        &[
-            "router",
-            "--profile",
-            "upnp",
-            "--listen",
-            "10.210.1.3",
-            "--port",
-            "7471",
-            "--no-beacon",
-        ],
-    );
-    assert_eq!(first.next_line(), "listening on 10.210.1.3:7471");
-    assert!(
-        net.nat_rules().contains("10.210.1.3:7471"),
-        "{}",
-        net.nat_rules()
-    );
-    let router = router_with_profile(
-        &net,
-        "forwarding = \"upnp\"\nupnp.external_port = 7471\nupnp.lease_secs = 2\nupnp.fallback = \"fail\"\n",
-    );
-    let (creator, card, fields) = island(&net, "reef");
-    let external: std::net::SocketAddr = fields["external"]
-        .as_str()
-        .expect("an external address")
-        .parse()
-        .expect("addr");
-    assert_eq!(external.ip().to_string(), GW_WAN_IP);
-    assert_ne!(external.port(), 7471, "not the taken port");
-    remote_join(&net, &card);
-    // Renewals (every second) keep that port: the postcard already handed out stays good.
-    router.wait_stderr("UPnP mapping renewed", 3);
-    let rule = format!("dport {} dnat ip to {LAN_IP}:7470", external.port());
-    assert!(net.nat_rules().contains(&rule), "{}", net.nat_rules());
-    remote_join(&net, &card);
-    router.signal("TERM");
-    let (status, _, err) = router.finish();
-    assert!(status.success(), "{err}");
-    assert!(err.matches("UPnP mapping renewed").count() >= 2, "{err}");
-    assert_eq!(
-        err.matches(&format!("external={GW_WAN_IP}:")).count(),
-        err.matches(&format!("external={external}")).count(),
-        "every grant and renewal names the same external port: {err}"
-    );
-    first.signal("TERM");
-    assert!(first.finish().0.success());
-    let _ = creator.finish_killed();
+    a_taken_port_gets_another_that_renewals_keep(&net, "upnp", "UPnP");
     let _ = upnp.kill();
     let _ = upnp.wait();
 }

@@ -2,7 +2,10 @@
 //! or with all three on): `--forwarding auto` and the single-protocol modes, renewal, removal on
 //! SIGTERM and the reachability check.
 
-use crate::homelab::{in_ns, island, remote_join, router_with_profile};
+use crate::homelab::{
+    a_taken_port_gets_another_that_renewals_keep, in_ns, island, remote_join, router_with_profile,
+    second_lan_machine,
+};
 use crate::proc::{Proc, BIN};
 use isthmus_tests::netns::{tool, GatewayProtocols, HomeNet, NetLab, GW_WAN_IP, LAN_IP, LAN_IP6};
 use serde_json::Value;
@@ -261,67 +264,14 @@ fn a_taken_external_port_gets_another_by_pcp_and_renewals_keep_it() {
         return;
     };
     // A second machine on the LAN, played by a second address of the LAN host.
-    let iface = net.lab.iface_of(&net.lan, LAN_IP);
-    net.lab.run(
-        &net.lan,
-        "ip",
-        &["addr", "add", "10.210.1.3/24", "dev", &iface],
-    );
+    second_lan_machine(&net);
     // The other machine maps by UPnP, for another address than the one its request comes from
     // (PCP and NAT-PMP map the request's source): the gateway must allow it (secure_mode off).
     let ext = format!("ext_ip={GW_WAN_IP}");
     let mut conf = vec!["secure_mode=no", "ext_allow_private_ipv4=yes", ext.as_str()];
     conf.extend(RULES);
     let mut gw = net.start_gateway(GatewayProtocols::All, &conf);
-    // That other machine's router holds external port 7471 already.
-    let first = in_ns(
-        &net,
-        &net.lan,
-        &[
-            "router",
-            "--forwarding",
-            "upnp",
-            "--listen",
-            "10.210.1.3",
-            "--port",
-            "7471",
-            "--no-beacon",
-        ],
-    );
-    assert_eq!(first.next_line(), "listening on 10.210.1.3:7471");
-    assert!(
-        net.nat_rules().contains("dnat ip to 10.210.1.3:7471"),
-        "{}",
-        net.nat_rules()
-    );
-    let router = router_with_profile(
-        &net,
-        "forwarding = \"pcp\"\nupnp.external_port = 7471\nupnp.lease_secs = 2\nupnp.fallback = \"fail\"\n",
-    );
-    let (creator, card, fields) = island(&net, "reef");
-    let external: std::net::SocketAddr = fields["external"]
-        .as_str()
-        .expect("an external address")
-        .parse()
-        .expect("addr");
-    assert_eq!(external.ip().to_string(), GW_WAN_IP);
-    assert_ne!(external.port(), 7471, "not the taken port");
-    remote_join(&net, &card);
-    router.wait_stderr("PCP mapping renewed", 3);
-    let rule = format!("dport {} dnat ip to {LAN_IP}:7470", external.port());
-    assert!(net.nat_rules().contains(&rule), "{}", net.nat_rules());
-    remote_join(&net, &card);
-    router.signal("TERM");
-    let (status, _, err) = router.finish();
-    assert!(status.success(), "{err}");
-    assert_eq!(
-        err.matches(&format!("external={GW_WAN_IP}:")).count(),
-        err.matches(&format!("external={external}")).count(),
-        "every grant and renewal names the same external port: {err}"
-    );
-    first.signal("TERM");
-    assert!(first.finish().0.success());
-    let _ = creator.finish_killed();
+    a_taken_port_gets_another_that_renewals_keep(&net, "pcp", "PCP");
     let _ = gw.kill();
     let _ = gw.wait();
 }
