@@ -710,26 +710,14 @@ async fn fan_out(system: System, receivers: usize, messages: u64) -> Result<Figu
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while slowest(&seen) < messages && Instant::now() < deadline {
-        if seen.iter().any(|s| s.disorder.load(Ordering::Relaxed) > 0) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_micros(200)).await;
-    }
+    let expected = messages * receivers as u64;
+    settle(&seen, expected, Duration::from_secs(120)).await;
     let (wall, server_cpu, me) = meter.stop();
-    let mut f = Figures::default();
-    let delivered: u64 = seen.iter().map(|s| s.count.load(Ordering::Relaxed)).sum();
-    let disorder: u64 = seen
-        .iter()
-        .map(|s| s.disorder.load(Ordering::Relaxed))
-        .sum();
-    if delivered != messages * receivers as u64 || disorder > 0 {
-        f.invalid = Some(format!(
-            "{delivered} of {} delivered, {disorder} out of order",
-            messages * receivers as u64
-        ));
-    }
+    let mut f = Figures {
+        invalid: verdict(&seen, expected),
+        ..Figures::default()
+    };
+    let delivered = delivered(&seen);
     f.set("deliveries/s", delivered as f64 / wall);
     f.set("server CPU-s per 1M", server_cpu / (delivered as f64 / 1e6));
     check_generator(&mut f, wall, me);
@@ -848,51 +836,77 @@ async fn many_sessions(
         }
     }
     let expected = total_per * members as u64 * members as u64 * sessions as u64;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let delivered = |seen: &[Arc<Seen>]| {
-        seen.iter()
-            .map(|s| s.count.load(Ordering::Relaxed))
-            .sum::<u64>()
-    };
-    while delivered(&seen) < expected && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    settle(&seen, expected, Duration::from_secs(30)).await;
     let (wall, server_cpu, me) = meter.stop();
-    let mut f = Figures::default();
+    let mut f = Figures {
+        invalid: verdict(&seen, expected),
+        ..Figures::default()
+    };
     let got = delivered(&seen);
-    let disorder: u64 = seen
-        .iter()
-        .map(|s| s.disorder.load(Ordering::Relaxed))
-        .sum();
-    if got != expected || disorder > 0 {
-        f.invalid = Some(format!(
-            "{got} of {expected} delivered, {disorder} out of order"
-        ));
-    }
     drop(pubs);
     for d in drains {
         d.abort();
     }
-    for s in &seen {
+    let lat = latencies(&seen, tasks).await;
+    f.set("server CPU-s per 1M", server_cpu / (got as f64 / 1e6));
+    f.set("server CPU %", server_cpu / wall * 100.0);
+    set_percentiles(&mut f, &lat);
+    check_generator(&mut f, wall, me);
+    Ok(f)
+}
+
+/// Messages delivered over all receivers.
+fn delivered(seen: &[Arc<Seen>]) -> u64 {
+    seen.iter().map(|s| s.count.load(Ordering::Relaxed)).sum()
+}
+
+/// Waits until `expected` messages were delivered in all, or `limit` passed, or one arrived
+/// out of order.
+async fn settle(seen: &[Arc<Seen>], expected: u64, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while delivered(seen) < expected && Instant::now() < deadline {
+        if seen.iter().any(|s| s.disorder.load(Ordering::Relaxed) > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+}
+
+/// Why the run does not count, if it does not: not every message delivered, or some out of
+/// order.
+fn verdict(seen: &[Arc<Seen>], expected: u64) -> Option<String> {
+    let got = delivered(seen);
+    let disorder: u64 = seen
+        .iter()
+        .map(|s| s.disorder.load(Ordering::Relaxed))
+        .sum();
+    (got != expected || disorder > 0)
+        .then(|| format!("{got} of {expected} delivered, {disorder} out of order"))
+}
+
+/// Stops the receivers, waits for them to hand in their latencies, and returns those sorted.
+async fn latencies(seen: &[Arc<Seen>], tasks: Vec<tokio::task::JoinHandle<()>>) -> Vec<u32> {
+    for s in seen {
         s.stop.cancel();
     }
     for t in tasks {
         let _ = t.await;
     }
     let mut lat: Vec<u32> = Vec::new();
-    for s in &seen {
+    for s in seen {
         if let Ok(mut l) = s.latencies.lock() {
             lat.append(&mut l);
         }
     }
     lat.sort_unstable();
-    f.set("server CPU-s per 1M", server_cpu / (got as f64 / 1e6));
-    f.set("server CPU %", server_cpu / wall * 100.0);
-    f.set("p50 ms", percentile(&lat, 0.5));
-    f.set("p99 ms", percentile(&lat, 0.99));
-    f.set("p999 ms", percentile(&lat, 0.999));
-    check_generator(&mut f, wall, me);
-    Ok(f)
+    lat
+}
+
+/// The three latency percentiles of a run.
+fn set_percentiles(f: &mut Figures, sorted_us: &[u32]) {
+    f.set("p50 ms", percentile(sorted_us, 0.5));
+    f.set("p99 ms", percentile(sorted_us, 0.99));
+    f.set("p999 ms", percentile(sorted_us, 0.999));
 }
 
 fn percentile(sorted_us: &[u32], p: f64) -> f64 {
@@ -924,45 +938,16 @@ async fn fixed_rate(system: System, receivers: usize, rate: u32, secs: f64) -> R
         publisher.publish(system, &topic, &payload(k, 0), &mut out);
         publisher.write.write_all(&out).await?;
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let delivered = |seen: &[Arc<Seen>]| {
-        seen.iter()
-            .map(|s| s.count.load(Ordering::Relaxed))
-            .sum::<u64>()
-    };
-    while delivered(&seen) < total * receivers as u64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let expected = total * receivers as u64;
+    settle(&seen, expected, Duration::from_secs(10)).await;
     let (wall, server_cpu, me) = meter.stop();
-    let mut f = Figures::default();
-    let got = delivered(&seen);
-    let disorder: u64 = seen
-        .iter()
-        .map(|s| s.disorder.load(Ordering::Relaxed))
-        .sum();
-    if got != total * receivers as u64 || disorder > 0 {
-        f.invalid = Some(format!(
-            "{got} of {} delivered, {disorder} out of order",
-            total * receivers as u64
-        ));
-    }
-    for s in &seen {
-        s.stop.cancel();
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
+    let mut f = Figures {
+        invalid: verdict(&seen, expected),
+        ..Figures::default()
+    };
+    let lat = latencies(&seen, tasks).await;
     drain.abort();
-    let mut lat: Vec<u32> = Vec::new();
-    for s in &seen {
-        if let Ok(mut l) = s.latencies.lock() {
-            lat.append(&mut l);
-        }
-    }
-    lat.sort_unstable();
-    f.set("p50 ms", percentile(&lat, 0.5));
-    f.set("p99 ms", percentile(&lat, 0.99));
-    f.set("p999 ms", percentile(&lat, 0.999));
+    set_percentiles(&mut f, &lat);
     f.set("server CPU %", server_cpu / wall * 100.0);
     check_generator(&mut f, wall, me);
     Ok(f)
