@@ -1,16 +1,12 @@
 //! The home network lab's commands, shared by the UPnP and PCP / NAT-PMP tests: the router on
 //! the LAN host from a profile, an island on it, and a remote user joining by postcard.
 
-use crate::proc::{Proc, BIN};
+use crate::proc::Proc;
 use isthmus_tests::netns::{HomeNet, GW_WAN_IP, LAN_IP};
 use serde_json::Value;
 
 pub(crate) fn in_ns(net: &HomeNet, ns: &str, args: &[&str]) -> Proc {
-    let mut cmd = net.lab.command(ns, BIN);
-    // Islands created here keep their admin postcards in the test run's data dir.
-    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
-    cmd.args(args);
-    Proc::from_command(cmd)
+    crate::proc::in_netns(&net.lab, ns, args)
 }
 
 pub(crate) fn prefs_file(net: &HomeNet, text: &str) -> String {

@@ -1,7 +1,7 @@
 //! Discovery and joining across a LAN made of network namespaces: host A runs the router and
 //! creates islands, host B finds them by broadcast and joins.
 
-use crate::proc::{Proc, BIN};
+use crate::proc::in_netns as in_ns;
 use isthmus_tests::netns::NetLab;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -9,18 +9,20 @@ use std::time::{Duration, Instant};
 const A_IP: &str = "10.201.0.1";
 const B_IP: &str = "10.201.0.2";
 
-fn in_ns(lab: &NetLab, ns: &str, args: &[&str]) -> Proc {
-    let mut cmd = lab.command(ns, BIN);
-    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
-    cmd.args(args);
-    Proc::from_command(cmd)
-}
-
-fn json_lines(lines: &[String]) -> Vec<Value> {
+pub(crate) fn json_lines(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect()
+}
+
+/// The island `name` among those `discover --json` heard (`err`: its stderr, for the failure).
+pub(crate) fn heard_island(heard: &[Value], name: &str, err: &str) -> Value {
+    heard
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not heard: {heard:?} {err}"))
+        .clone()
 }
 
 #[test]
@@ -96,13 +98,7 @@ fn islands_are_found_by_broadcast_and_joined_from_another_host() {
     assert!(status.success(), "{err}");
     assert!(started.elapsed() < Duration::from_secs(15));
     let heard = json_lines(&lines);
-    let find = |name: &str| {
-        heard
-            .iter()
-            .find(|v| v["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not heard: {heard:?}"))
-            .clone()
-    };
+    let find = |name: &str| heard_island(&heard, name, &err);
     let lagoon = find("lagoon");
     assert_eq!(lagoon["router"], router_addr.as_str());
     assert_eq!(lagoon["open"], true);

@@ -2,19 +2,13 @@
 //! or link-local ones alone; no IPv4), one running a router, the other finding its island by the
 //! multicast beacon and joining it.
 
-use crate::proc::{Proc, BIN};
+use crate::lan::{heard_island, json_lines};
+use crate::proc::in_netns as in_ns;
 use isthmus_tests::netns::NetLab;
 use serde_json::Value;
 
 const A_IP: &str = "fd71:7471::1";
 const B_IP: &str = "fd71:7471::2";
-
-fn in_ns(lab: &NetLab, ns: &str, args: &[&str]) -> Proc {
-    let mut cmd = lab.command(ns, BIN);
-    cmd.env("ISTHMUS_DATA_DIR", crate::proc::test_data_dir());
-    cmd.args(args);
-    Proc::from_command(cmd)
-}
 
 #[test]
 fn on_a_link_with_only_ipv6_an_island_is_found_by_beacon_and_joined() {
@@ -54,14 +48,7 @@ fn on_a_link_with_only_ipv6_an_island_is_found_by_beacon_and_joined() {
     // Host B hears it over IPv6 multicast, from A's unique-local address.
     let (status, lines, err) = in_ns(&lab, &b, &["discover", "--timeout", "5", "--json"]).finish();
     assert!(status.success(), "{err}");
-    let heard: Vec<Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
-    let lagoon = heard
-        .iter()
-        .find(|v| v["name"] == "lagoon")
-        .unwrap_or_else(|| panic!("lagoon not heard: {heard:?} {err}"));
+    let lagoon = heard_island(&json_lines(&lines), "lagoon", &err);
     assert_eq!(lagoon["router"], router_addr.as_str());
     assert_eq!(lagoon["open"], true);
 
@@ -127,14 +114,7 @@ fn on_a_link_with_only_link_local_ipv6_an_island_is_still_found_and_joined() {
     // Heard from A's link-local address, with the scope that makes it usable.
     let (status, lines, err) = in_ns(&lab, &b, &["discover", "--timeout", "5", "--json"]).finish();
     assert!(status.success(), "{err}");
-    let heard: Vec<Value> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).expect("json"))
-        .collect();
-    let cove = heard
-        .iter()
-        .find(|v| v["name"] == "cove")
-        .unwrap_or_else(|| panic!("cove not heard: {heard:?} {err}"));
+    let cove = heard_island(&json_lines(&lines), "cove", &err);
     let at = cove["router"].as_str().expect("router address");
     assert!(at.starts_with("[fe80::") && at.contains('%'), "{at}");
 

@@ -21,6 +21,15 @@ pub fn isthmus() -> Command {
 
 /// A data directory of this test run's own, so islands created by tests never land among the
 /// developer's kept admin postcards.
+/// The binary in network namespace `ns` of `lab`, keeping admin postcards of islands it
+/// creates in the test run's data dir.
+pub fn in_netns(lab: &isthmus_tests::netns::NetLab, ns: &str, args: &[&str]) -> Proc {
+    let mut cmd = lab.command(ns, BIN);
+    cmd.env("ISTHMUS_DATA_DIR", test_data_dir());
+    cmd.args(args);
+    Proc::from_command(cmd)
+}
+
 pub fn test_data_dir() -> std::path::PathBuf {
     std::env::temp_dir().join(format!("isthmus-tests-{}-data", std::process::id()))
 }
