@@ -254,6 +254,21 @@ fn malformed(what: impl Into<String>) -> Refusal {
     (close::MALFORMED, what.into())
 }
 
+/// An action's arguments in the shape `T`, or a refusal naming the action.
+fn args_of<'a, T: serde::Deserialize<'a>>(msg: &Incoming<'a>, action: &str) -> Result<T, Refusal> {
+    let raw = msg
+        .args
+        .ok_or_else(|| malformed(format!("{action} without args")))?;
+    serde_json::from_str(raw.get()).map_err(|e| malformed(format!("{action} args: {e}")))
+}
+
+/// Whether a SNAP or SAVE says it comes from a replica that disagrees with the majority (its
+/// data is then not taken): anything but absent, null or false.
+fn dissident(d: &Option<serde_json::Value>) -> bool {
+    d.as_ref()
+        .is_some_and(|d| !d.is_null() && d != &serde_json::Value::Bool(false))
+}
+
 /// One Croquet session. See the module docs.
 pub struct CroquetSession {
     id: String,
@@ -719,9 +734,7 @@ impl CroquetSession {
     }
 
     fn on_tutti(&mut self, conn: ConnId, msg: &Incoming<'_>, now: Instant) -> Result<(), Refusal> {
-        let raw = msg.args.ok_or_else(|| malformed("TUTTI without args"))?;
-        let args: Vec<&RawValue> =
-            serde_json::from_str(raw.get()).map_err(|e| malformed(format!("TUTTI args: {e}")))?;
+        let args: Vec<&RawValue> = args_of(msg, "TUTTI")?;
         let arg = |i: usize| args.get(i).map(|v| v.get()).unwrap_or("null");
         let send_time: f64 = serde_json::from_str(arg(0))
             .map_err(|_| malformed("TUTTI sendTime is not a number"))?;
@@ -838,14 +851,8 @@ impl CroquetSession {
     }
 
     fn on_snap(&mut self, msg: &Incoming<'_>, now: Instant) -> Result<(), Refusal> {
-        let raw = msg.args.ok_or_else(|| malformed("SNAP without args"))?;
-        let args: SnapArgs =
-            serde_json::from_str(raw.get()).map_err(|e| malformed(format!("SNAP args: {e}")))?;
-        if args
-            .dissident
-            .as_ref()
-            .is_some_and(|d| !d.is_null() && d != &serde_json::Value::Bool(false))
-        {
+        let args: SnapArgs = args_of(msg, "SNAP")?;
+        if dissident(&args.dissident) {
             return Ok(());
         }
         let Some(url) = args.url.filter(|u| u.len() <= MAX_FIELD_BYTES) else {
@@ -894,14 +901,8 @@ impl CroquetSession {
                 "SAVE needs a session with an appId and persistentId".into(),
             ));
         };
-        let raw = msg.args.ok_or_else(|| malformed("SAVE without args"))?;
-        let args: SaveArgs =
-            serde_json::from_str(raw.get()).map_err(|e| malformed(format!("SAVE args: {e}")))?;
-        if args
-            .dissident
-            .as_ref()
-            .is_some_and(|d| !d.is_null() && d != &serde_json::Value::Bool(false))
-        {
+        let args: SaveArgs = args_of(msg, "SAVE")?;
+        if dissident(&args.dissident) {
             return Ok(());
         }
         let Some(url) = args.url.filter(|u| u.len() <= MAX_FIELD_BYTES) else {
@@ -916,9 +917,7 @@ impl CroquetSession {
     }
 
     fn on_ticks(&mut self, msg: &Incoming<'_>) -> Result<(), Refusal> {
-        let raw = msg.args.ok_or_else(|| malformed("TICKS without args"))?;
-        let ticks: Ticks =
-            serde_json::from_str(raw.get()).map_err(|e| malformed(format!("TICKS args: {e}")))?;
+        let ticks: Ticks = args_of(msg, "TICKS")?;
         if let (Some(ms), Some(core)) = (
             ticks.tick.filter(|t| t.is_finite() && *t > 0.0),
             self.core.as_mut(),
