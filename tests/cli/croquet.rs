@@ -6,6 +6,7 @@
 //! tests need) a missing tool is a failure.
 
 use crate::proc::{Proc, PATIENCE};
+use crate::router::LOOPBACK_ROUTER;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -37,18 +38,8 @@ pub fn node_ready() -> Option<()> {
 
 /// A router on a free loopback port with its own data directory; returns it and its port.
 pub fn croquet_router(data: &Path, extra: &[&str]) -> (Proc, u16) {
-    let mut args: Vec<String> = [
-        "router",
-        "--listen",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--no-beacon",
-        "--data-dir",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let mut args: Vec<String> = LOOPBACK_ROUTER.iter().map(|s| s.to_string()).collect();
+    args.push("--data-dir".into());
     args.push(data.display().to_string());
     args.extend(extra.iter().map(|s| s.to_string()));
     let router = Proc::spawn(&args);
@@ -89,6 +80,11 @@ fn scenario(port: u16, run: &str, phase: &str) -> String {
         std::thread::sleep(Duration::from_millis(50));
     }
     let out = child.wait_with_output().expect("scenario output");
+    passed(&out, &format!("the Croquet scenario {phase:?}"))
+}
+
+/// A Node script's stdout and stderr, after checking that it exited well and said PASS.
+fn passed(out: &std::process::Output, what: &str) -> String {
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -96,7 +92,7 @@ fn scenario(port: u16, run: &str, phase: &str) -> String {
     );
     assert!(
         out.status.success() && text.lines().any(|l| l == "PASS"),
-        "the Croquet scenario {phase:?} failed:\n{text}"
+        "{what} failed:\n{text}"
     );
     text
 }
@@ -224,15 +220,7 @@ fn the_counter_app_served_by_web_syncs_two_chromium_windows() {
         .current_dir(croquet_dir())
         .output()
         .expect("run node");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && text.lines().any(|l| l == "PASS"),
-        "browser test failed:\n{text}"
-    );
+    let text = passed(&out, "the browser test");
     assert!(text.contains(r#""pages":["2","2"]"#), "{text}");
     for f in ["counter-1.png", "counter-2.png", "counter-both.png"] {
         let len = std::fs::metadata(shots.join(f))
