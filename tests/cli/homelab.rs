@@ -149,3 +149,34 @@ pub(crate) fn a_taken_port_gets_another_that_renewals_keep(
     assert!(first.finish().0.success());
     let _ = creator.finish_killed();
 }
+
+/// Behind a gateway whose own external address is private (10.99.0.1: double NAT), a router
+/// told to map by `forwarding` with `upnp.fallback = "fail"` says so and does not start.
+/// Returns its stderr for protocol-specific checks.
+pub(crate) fn double_nat_stops_a_strict_router(net: &HomeNet, forwarding: &str) -> String {
+    let prefs = prefs_file(
+        net,
+        &format!("[profiles.strict]\nforwarding = \"{forwarding}\"\nupnp.fallback = \"fail\"\n"),
+    );
+    let router = in_ns(
+        net,
+        &net.lan,
+        &[
+            "--prefs",
+            &prefs,
+            "router",
+            "--profile",
+            "strict",
+            "--no-beacon",
+        ],
+    );
+    let (status, lines, err) = router.finish();
+    assert!(!status.success());
+    assert!(lines.is_empty(), "never said it was listening: {lines:?}");
+    assert!(
+        err.contains("10.99.0.1") && err.contains("double NAT"),
+        "{err}"
+    );
+    assert!(err.contains("not starting"), "{err}");
+    err
+}

@@ -3,8 +3,8 @@
 //! SIGTERM and the reachability check.
 
 use crate::homelab::{
-    a_taken_port_gets_another_that_renewals_keep, in_ns, island, remote_join, router_with_profile,
-    second_lan_machine,
+    a_taken_port_gets_another_that_renewals_keep, double_nat_stops_a_strict_router, in_ns, island,
+    remote_join, router_with_profile, second_lan_machine,
 };
 use crate::proc::{Proc, BIN};
 use isthmus_tests::netns::{tool, GatewayProtocols, HomeNet, NetLab, GW_WAN_IP, LAN_IP, LAN_IP6};
@@ -224,32 +224,7 @@ fn pcp_behind_double_nat_is_said_plainly_and_a_fail_fallback_leaves_nothing_mapp
     let mut conf = vec!["ext_allow_private_ipv4=yes", "ext_ip=10.99.0.1"];
     conf.extend(RULES);
     let mut gw = net.start_gateway(GatewayProtocols::PcpPmp, &conf);
-    let path = net.scratch.join("prefs.toml");
-    std::fs::write(
-        &path,
-        "[profiles.strict]\nforwarding = \"pcp\"\nupnp.fallback = \"fail\"\n",
-    )
-    .expect("prefs");
-    let router = in_ns(
-        &net,
-        &net.lan,
-        &[
-            "--prefs",
-            path.to_str().expect("path"),
-            "router",
-            "--profile",
-            "strict",
-            "--no-beacon",
-        ],
-    );
-    let (status, lines, err) = router.finish();
-    assert!(!status.success());
-    assert!(lines.is_empty(), "never said it was listening: {lines:?}");
-    assert!(
-        err.contains("10.99.0.1") && err.contains("double NAT"),
-        "{err}"
-    );
-    assert!(err.contains("not starting"), "{err}");
+    let err = double_nat_stops_a_strict_router(&net, "pcp");
     // PCP tells the external address only with the grant: the mapping was removed at once.
     assert!(err.contains("PCP mapping removed"), "{err}");
     assert!(!mapped(&net), "nothing left mapped:\n{}", net.nat_rules());
