@@ -859,6 +859,23 @@ mod tests {
         .expect("fresh");
     }
 
+    /// A new replica with `c`, welcomed and handed the snapshot `data` taken after `at` (not
+    /// yet told it is synced).
+    fn from_snapshot(c: ReplicaConfig, at: u64, data: &[u8]) -> Replica<ChatIsland> {
+        let mut r = Replica::new(c, ChatIsland::default());
+        r.handle_frame(welcome(0)).expect("welcome");
+        r.handle_frame(ServerFrame::SyncBegin {
+            at: Seq(at),
+            snapshot_len: Some(data.len() as u64),
+        })
+        .expect("sync");
+        r.handle_frame(ServerFrame::SnapshotData {
+            data: Bytes::copy_from_slice(data),
+        })
+        .expect("data");
+        r
+    }
+
     fn synced(r: &mut Replica<ChatIsland>, seq: u64) {
         r.handle_frame(ServerFrame::Synced {
             seq: Seq(seq),
@@ -1051,17 +1068,7 @@ mod tests {
             Seq(u64::MAX),
             &provider.seen.wrap(&provider.island().snapshot()),
         );
-        let mut r = Replica::new(cfg(None), ChatIsland::default());
-        r.handle_frame(welcome(0)).expect("welcome");
-        r.handle_frame(ServerFrame::SyncBegin {
-            at: Seq(u64::MAX),
-            snapshot_len: Some(snap.len() as u64),
-        })
-        .expect("sync");
-        r.handle_frame(ServerFrame::SnapshotData {
-            data: Bytes::from(snap),
-        })
-        .expect("data");
+        let mut r = from_snapshot(cfg(None), u64::MAX, &snap);
         assert!(matches!(
             r.handle_frame(msg(u64::MAX)),
             Err(FrameError::Protocol(_))
@@ -1285,19 +1292,7 @@ mod tests {
             })
             .flatten()
             .collect();
-        let mut joiner = Replica::new(cfg(None), ChatIsland::default());
-        joiner.handle_frame(welcome(0)).expect("welcome");
-        joiner
-            .handle_frame(ServerFrame::SyncBegin {
-                at: Seq(2),
-                snapshot_len: Some(snap.len() as u64),
-            })
-            .expect("sync");
-        joiner
-            .handle_frame(ServerFrame::SnapshotData {
-                data: Bytes::from(snap),
-            })
-            .expect("data");
+        let mut joiner = from_snapshot(cfg(None), 2, &snap);
         again.seq = Seq(3);
         joiner
             .handle_frame(ServerFrame::Message(again.clone()))
@@ -1383,17 +1378,7 @@ mod tests {
         assert!(!sealed.windows(plain.len()).any(|w| w == plain.as_slice()));
 
         let restore = |c: ReplicaConfig, at: u64, data: &[u8]| {
-            let mut j = Replica::new(c, ChatIsland::default());
-            j.handle_frame(welcome(0)).expect("welcome");
-            j.handle_frame(ServerFrame::SyncBegin {
-                at: Seq(at),
-                snapshot_len: Some(data.len() as u64),
-            })
-            .expect("sync");
-            j.handle_frame(ServerFrame::SnapshotData {
-                data: Bytes::copy_from_slice(data),
-            })
-            .expect("data");
+            let mut j = from_snapshot(c, at, data);
             j.handle_frame(ServerFrame::Synced {
                 seq: Seq(at),
                 last_client_seq: 0,
@@ -1533,19 +1518,7 @@ mod tests {
             .flatten()
             .collect();
 
-        let mut joiner = Replica::new(cfg(Some(Seq(3))), ChatIsland::default());
-        joiner.handle_frame(welcome(0)).expect("welcome");
-        joiner
-            .handle_frame(ServerFrame::SyncBegin {
-                at: Seq(4),
-                snapshot_len: Some(snap.len() as u64),
-            })
-            .expect("sync");
-        joiner
-            .handle_frame(ServerFrame::SnapshotData {
-                data: Bytes::from(snap),
-            })
-            .expect("data");
+        let mut joiner = from_snapshot(cfg(Some(Seq(3))), 4, &snap);
         synced(&mut joiner, 4);
         assert!(joiner.is_stopped());
         let stopped = events(&mut joiner)
