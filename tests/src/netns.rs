@@ -83,17 +83,28 @@ impl NetLab {
         ns
     }
 
+    /// A veth pair with one end in host `a` and the other in host `b`: (a's end, b's end).
+    /// Made inside the namespaces, never in the machine's own, so removing the namespaces
+    /// removes it whatever fails later.
+    fn veth(&mut self, a: &str, b: &str) -> (String, String) {
+        self.links += 1;
+        // Interface names are at most 15 bytes.
+        let mut ia = format!("va{}{}", self.links, &self.prefix[4..]);
+        let mut ib = format!("vb{}{}", self.links, &self.prefix[4..]);
+        ia.truncate(15);
+        ib.truncate(15);
+        ip(&[
+            "-n", a, "link", "add", &ia, "type", "veth", "peer", "name", &ib, "netns", b,
+        ])
+        .expect("veth pair");
+        (ia, ib)
+    }
+
     /// Joins two hosts with a veth pair and gives each end an address (CIDR notation; the
     /// broadcast address is derived).
     pub fn link(&mut self, a: &str, a_cidr: &str, b: &str, b_cidr: &str) {
-        self.links += 1;
-        // Interface names are at most 15 bytes.
-        let ia = format!("va{}{}", self.links, &self.prefix[4..]);
-        let ib = format!("vb{}{}", self.links, &self.prefix[4..]);
-        let (ia, ib) = (&ia[..ia.len().min(15)], &ib[..ib.len().min(15)]);
-        ip(&["link", "add", ia, "type", "veth", "peer", "name", ib]).expect("veth pair");
-        ip(&["link", "set", ia, "netns", a]).expect("move veth");
-        ip(&["link", "set", ib, "netns", b]).expect("move veth");
+        let (ia, ib) = self.veth(a, b);
+        let (ia, ib) = (ia.as_str(), ib.as_str());
         ip(&["-n", a, "addr", "add", a_cidr, "brd", "+", "dev", ia]).expect("address");
         ip(&["-n", b, "addr", "add", b_cidr, "brd", "+", "dev", ib]).expect("address");
         ip(&["-n", a, "link", "set", ia, "up"]).expect("up");
@@ -104,13 +115,8 @@ impl NetLab {
     /// address and the given (unique-local) address, usable at once (no duplicate address
     /// detection to wait for), and no IPv4 address.
     pub fn link_v6(&mut self, a: &str, a_cidr: &str, b: &str, b_cidr: &str) {
-        self.links += 1;
-        let ia = format!("va{}{}", self.links, &self.prefix[4..]);
-        let ib = format!("vb{}{}", self.links, &self.prefix[4..]);
-        let (ia, ib) = (&ia[..ia.len().min(15)], &ib[..ib.len().min(15)]);
-        ip(&["link", "add", ia, "type", "veth", "peer", "name", ib]).expect("veth pair");
-        ip(&["link", "set", ia, "netns", a]).expect("move veth");
-        ip(&["link", "set", ib, "netns", b]).expect("move veth");
+        let (ia, ib) = self.veth(a, b);
+        let (ia, ib) = (ia.as_str(), ib.as_str());
         for (ns, iface, cidr) in [(a, ia, a_cidr), (b, ib, b_cidr)] {
             // Namespaces start with IPv6 on, but a host may have turned it off by default.
             let sysctl = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
