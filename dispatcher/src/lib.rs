@@ -843,7 +843,8 @@ impl Shared {
                 created: false,
                 nonce,
                 control: body.control,
-                recover: None,
+                recover: body.recover.clone(),
+                // A cluster's routers are named here (up to `wire::MAX_CLUSTER_CONTACTS`).
                 cluster: Vec::new(),
             },
             stream: Box::new(stream),
@@ -907,7 +908,7 @@ impl Shared {
                     ),
                 ));
             }
-            let Some(opts) = body.create.as_ref().filter(|_| !body.control) else {
+            let Some(opts) = creation(body, lan) else {
                 return Err((
                     attach,
                     Code::UNKNOWN_SESSION,
@@ -916,6 +917,7 @@ impl Shared {
                     ),
                 ));
             };
+            let opts = &opts;
             if let Err((code, reason)) = self.may_create(body, opts, lan, reg.sessions.len()) {
                 return Err((attach, code, reason));
             }
@@ -934,7 +936,11 @@ impl Shared {
             let island = driver.island.clone();
             let retire = retire_from(Arc::downgrade(&self.registry), id);
             let (handle, join) = spawn_session(id, body.keys, driver, retire);
-            info!(session = %id, island = ?island, creator = ?body.name, "island created");
+            if body.create.is_some() {
+                info!(session = %id, island = ?island, creator = ?body.name, "island created");
+            } else {
+                info!(session = %id, island = ?island, by = ?body.name, "island being re-created from its replicas");
+            }
             attach.request.created = true;
             if let Err(back) = handle.attach(attach) {
                 return Err((*back, Code::BUSY, "session failed to start".into()));
@@ -1152,6 +1158,36 @@ fn announced(registry: &Mutex<Reg>) -> Vec<BeaconIsland> {
             })
         })
         .collect()
+}
+
+/// What a hello for a session this router does not have creates, if anything: the creator's
+/// options, or, for a recovering hello of a participant or admin (its router restarted, or the
+/// island's home died), the options it remembers. The session then gathers its replicas and
+/// continues their order. A recovering hello from afar keeps its island private on the beacon:
+/// a LAN-open secret is accepted only from the router's own network.
+fn creation(body: &HelloBody, lan: bool) -> Option<wire::CreateOptions> {
+    if body.control {
+        return None;
+    }
+    if let Some(opts) = &body.create {
+        return Some(opts.clone());
+    }
+    let recover = body.recover.as_ref().filter(|_| body.role.may_send())?;
+    let mut opts = recover
+        .create
+        .clone()
+        .unwrap_or_else(|| wire::CreateOptions {
+            tick_interval_ms: u32::try_from(recover.tick_interval_us / 1000)
+                .ok()
+                .filter(|ms| *ms > 0),
+            ..wire::CreateOptions::default()
+        });
+    if !lan {
+        if let Some(a) = opts.announce.as_mut() {
+            a.secret = None;
+        }
+    }
+    Some(opts)
 }
 
 /// Checks the preamble (already read), answers with ours and this connection's nonce, then reads the
