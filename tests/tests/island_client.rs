@@ -188,7 +188,31 @@ async fn a_silently_dead_path_is_noticed_and_replaced() {
 /// exactly once, identical digests, and nobody told the session is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_restart_re_creates_the_island_from_its_replicas() {
-    let router = start_router(DispatcherConfig::default()).await;
+    crash_and_restart(DispatcherConfig::default(), DispatcherConfig::default()).await;
+}
+
+/// The restarted router creates no islands at all (`create = none`), yet it remembered the one
+/// it was home for (in its data directory), so that island's replicas re-create it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_island_is_re_created_whatever_the_create_policy() {
+    let dir = std::env::temp_dir().join(format!("isthmus-remember-{}", uuid::Uuid::new_v4()));
+    let first = DispatcherConfig {
+        remember_dir: Some(dir.clone()),
+        ..DispatcherConfig::default()
+    };
+    let second = DispatcherConfig {
+        remember_dir: Some(dir.clone()),
+        create: isthmus_dispatcher::CreatePolicy::None,
+        ..DispatcherConfig::default()
+    };
+    crash_and_restart(first, second).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs three replicas sending steadily through `first`, crashes it mid-traffic, brings
+/// `second` up on the same port and checks that the island carried on whole.
+async fn crash_and_restart(first: DispatcherConfig, second: DispatcherConfig) {
+    let router = start_router(first).await;
     let addr = router.addr;
     // Through a proxy, so the router can die without its goodbye reaching the replicas, as in
     // a crash (SIGKILL: see the CLI test for the real thing).
@@ -240,7 +264,7 @@ async fn a_router_restart_re_creates_the_island_from_its_replicas() {
         wait_for(log, |e| matches!(e, Event::Disconnected { .. })).await;
     }
     proxy.freeze(false);
-    let again = start_router_on(DispatcherConfig::default(), addr).await;
+    let again = start_router_on(second, addr).await;
     for s in senders {
         s.await.expect("every send handed over");
     }
