@@ -1008,4 +1008,71 @@ mod tests {
             "the router is busy: too many connections; try again later"
         );
     }
+
+    fn contacts_of(addr: SocketAddr) -> Contacts {
+        Contacts {
+            internal: vec![addr],
+            ..Contacts::default()
+        }
+    }
+
+    /// A router that answers every hello with a redirect to `to`, as a cluster router that is
+    /// not the island's home does.
+    fn redirecting_router(listener: TcpListener, to: SocketAddr, epoch: u64) {
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut pre = [0u8; PREAMBLE_LEN];
+                    s.read_exact(&mut pre).await.expect("preamble");
+                    s.write_all(&wire::router_preamble(&[2; NONCE_LEN]))
+                        .await
+                        .expect("write");
+                    let mut buf = BytesMut::new();
+                    let _hello = read_client_frame(&mut s, &mut buf).await;
+                    let redirect = ServerFrame::Redirect {
+                        contacts: vec![contacts_of(to)],
+                        epoch,
+                    };
+                    let _ = s.write_all(&wire::encode(&redirect)).await;
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_followed_to_the_islands_home() {
+        let home = scripted_router(
+            wire::router_preamble(&[1; NONCE_LEN]).to_vec(),
+            Some(welcome(
+                SessionId::random(),
+                ReplicaId(uuid::Uuid::from_u128(1)),
+            )),
+        )
+        .await;
+        let other = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let other_addr = other.local_addr().expect("addr");
+        redirecting_router(other, home, 3);
+        let (_h, mut events) = connect(replica_cfg(other_addr), ChatIsland::default())
+            .await
+            .expect("welcomed by the home");
+        assert!(matches!(events.recv().await, Some(Event::Welcomed { .. })));
+    }
+
+    #[tokio::test]
+    async fn two_routers_redirecting_to_each_other_do_not_bounce_a_replica_for_ever() {
+        let a = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let b = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (a_addr, b_addr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+        redirecting_router(a, b_addr, 3);
+        redirecting_router(b, a_addr, 3);
+        let err = connect(replica_cfg(a_addr), ChatIsland::default())
+            .await
+            .err()
+            .expect("gives up on the bouncing");
+        assert!(
+            err.to_string()
+                .contains(&format!("redirected {} times in a row", MAX_REDIRECTS + 1)),
+            "{err}"
+        );
+    }
 }

@@ -305,6 +305,72 @@ async fn crash_and_restart(first: DispatcherConfig, second: DispatcherConfig) {
     again.task.await.expect("router ends");
 }
 
+/// An observer that comes back to a restarted router before any participant meets "unknown
+/// session": it cannot re-create the island itself, so it keeps trying (it does not give up
+/// the island) until a participant has re-created it, and then follows it as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_back_first_waits_for_a_participant_to_re_create_the_island() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let addr = router.addr;
+    let proxy = Proxy::start(addr).await;
+    let card = island();
+    let mut pcfg = config(proxy.addr, &card, true);
+    // The participant takes its time to come back; the observer hurries.
+    pcfg.backoff_initial = Duration::from_millis(1500);
+    pcfg.backoff_max = Duration::from_millis(1500);
+    let (p, p_events) = client::connect(pcfg, ChatIsland::default())
+        .await
+        .expect("participant");
+    let observer = card.observer().expect("observer");
+    let (o, o_events) =
+        client::connect(config(proxy.addr, &observer, false), ChatIsland::default())
+            .await
+            .expect("observer");
+    let (p_log, o_log) = (
+        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    tokio::spawn(collect(p_events, p_log.clone()));
+    tokio::spawn(collect(o_events, o_log.clone()));
+    for k in 0..5 {
+        p.send(ChatIsland::payload("p", &format!("before {k}")))
+            .await
+            .expect("send");
+    }
+    wait_for(&o_log, |e| matches!(e, Event::Message(m) if m.seq.0 == 5)).await;
+    proxy.freeze(true);
+    router.shutdown.cancel();
+    router.task.await.expect("router stops");
+    proxy.cut();
+    for log in [&p_log, &o_log] {
+        wait_for(log, |e| matches!(e, Event::Disconnected { .. })).await;
+    }
+    proxy.freeze(false);
+    let again = start_router_on(DispatcherConfig::default(), addr).await;
+    p.send(ChatIsland::payload("p", "after"))
+        .await
+        .expect("queued");
+    wait_for(&o_log, |e| matches!(e, Event::Message(m) if m.seq.0 == 6)).await;
+    let events = o_log.lock().expect("log").clone();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::SessionLost { .. })),
+        "{events:?}"
+    );
+    // It did meet the empty router before the participant was back.
+    let (_, metrics) = isthmus_tests::http_request(addr, "router", "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(r#"isthmus_refusals_total{code="2002""#) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert_eq!(digest(&o).await, digest(&p).await);
+    again.shutdown.cancel();
+    again.task.await.expect("router ends");
+}
+
 async fn collect(
     mut events: mpsc::Receiver<Event>,
     log: std::sync::Arc<std::sync::Mutex<Vec<Event>>>,
