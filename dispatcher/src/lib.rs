@@ -1340,6 +1340,61 @@ mod tests {
     }
 
     #[test]
+    fn a_recovering_hello_creates_for_participants_only_and_keeps_no_secret_from_afar() {
+        let admin = Capability::new_island();
+        let part = admin.weaker().expect("participant");
+        let observer = admin.derive(wire::Role::Observer).expect("observer");
+        let creator_opts = wire::CreateOptions {
+            tick_interval_ms: Some(20),
+            announce_membership: true,
+            announce: Some(Announce {
+                name: "cove".into(),
+                destination: None,
+                secret: Some([7; 32]),
+            }),
+        };
+        let recover = |create: Option<wire::CreateOptions>| wire::Recover {
+            incarnation: 5,
+            epoch: 1,
+            time: isthmus_router::ids::RouterTime(1_000),
+            members: 2,
+            tick_interval_us: 40_000,
+            create,
+        };
+        let mut body = hello(&part, &admin, &[0; NONCE_LEN]).body;
+        assert_eq!(creation(&body, true, None), None, "nothing asked");
+        body.recover = Some(recover(None));
+        let opts = creation(&body, false, None).expect("a participant re-creates");
+        assert_eq!(opts.tick_interval_ms, Some(40), "the tick its welcome said");
+        body.recover = Some(recover(Some(creator_opts.clone())));
+        assert_eq!(creation(&body, true, None), Some(creator_opts.clone()));
+        let afar = creation(&body, false, None).expect("from afar");
+        assert_eq!(
+            afar.announce.and_then(|a| a.secret),
+            None,
+            "private from afar"
+        );
+        // What the router remembers serves a replica that is not the creator.
+        let remembered = remember::Remembered::of(body.session, body.keys, &creator_opts);
+        body.recover = Some(recover(None));
+        let opts = creation(&body, true, Some(&remembered)).expect("remembered");
+        assert!(opts.announce_membership);
+        assert_eq!(
+            opts.announce.map(|a| (a.name, a.secret)),
+            Some(("cove".into(), None))
+        );
+        let mut obs = hello(&observer, &admin, &[0; NONCE_LEN]).body;
+        obs.recover = Some(recover(None));
+        assert_eq!(
+            creation(&obs, true, Some(&remembered)),
+            None,
+            "observers never create"
+        );
+        body.control = true;
+        assert_eq!(creation(&body, true, None), None, "nor control connections");
+    }
+
+    #[test]
     fn the_create_policy_says_what_it_allows() {
         assert!(CreatePolicy::Any.check(false).is_ok());
         assert!(CreatePolicy::Lan.check(true).is_ok());
