@@ -89,6 +89,9 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// Bytes read and discarded from a turned-away connection, unparsed: room for a preamble and
 /// a largest hello, nothing more.
 const TURN_AWAY_DRAIN_BYTES: usize = 8 * 1024;
+/// Bytes read (and dropped) after a refused hello before the socket is closed, within the
+/// refusal's 1 s: enough for the largest duplicate table a recovering replica pipelines.
+const REFUSE_DRAIN_BYTES: usize = 256 * 1024;
 
 /// Who may create an island on this router: creating costs a session (a task and memory), so an
 /// Internet-facing router should not let everyone do it.
@@ -1281,6 +1284,17 @@ async fn refuse(stream: &mut TcpStream, code: Code, reason: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(&frame).await;
         let _ = stream.shutdown().await;
+        // Read what the peer pipelined after its hello (a recovering replica's duplicate table)
+        // until it closes: closing with unread bytes would send a reset, which can destroy the
+        // refusal before the peer reads it.
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSE_DRAIN_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
     })
     .await;
 }
