@@ -46,7 +46,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod gather;
+pub mod gather;
 
 /// Default idle time before a tick: 20 ticks a second keeps island time smooth for animation.
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(50);
