@@ -1075,4 +1075,19 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_welcomes_cluster_routers_join_the_reconnect_candidates_after_the_configured_ones() {
+        let configured: SocketAddr = "127.0.0.1:7470".parse().expect("addr");
+        let cfg = replica_cfg(configured);
+        let mut r = Replica::new(cfg.replica.clone(), ChatIsland::default());
+        assert_eq!(candidates_for(&cfg, &r), vec![configured]);
+        let ServerFrame::Welcome(mut w) = welcome(SessionId::random(), r.replica_id()) else {
+            unreachable!()
+        };
+        let other: SocketAddr = "127.0.0.2:7470".parse().expect("addr");
+        w.cluster = vec![contacts_of(other), contacts_of(configured)];
+        r.handle_frame(ServerFrame::Welcome(w)).expect("welcome");
+        assert_eq!(candidates_for(&cfg, &r), vec![configured, other]);
+    }
 }
