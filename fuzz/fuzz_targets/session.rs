@@ -223,7 +223,11 @@ impl Fuzz {
         } else {
             None
         };
-        let reach = if recover.is_some() { last + 20 } else { last + 1 };
+        let reach = if recover.is_some() {
+            last + 20
+        } else {
+            last + 1
+        };
         let resume_from = if u.arbitrary()? {
             Some(u.int_in_range(0..=reach)?)
         } else {
