@@ -26,6 +26,11 @@
 //! did not confirm). Divergence is broadcast when a new digest group appears at a seq, at most
 //! [`MAX_DIVERGENCE_REPORTS_PER_SEQ`] times per seq.
 //!
+//! Re-creation: a session whose first join is a recovering hello (`JoinRequest::recover`: its
+//! router restarted, or the island's home died) gathers its replicas and continues the order from
+//! the most advanced of them, at the seq, router time, incarnation and duplicate table they claim;
+//! every welcome carries the placement epoch ([`SessionConfig::epoch`]). See [`gather`].
+//!
 //! Memory: every history entry, stored snapshot and snapshot upload is reserved in the
 //! router-wide [`MemoryBudget`] (`SessionConfig::budget`) before it is kept, and released when
 //! dropped (also when the session is dropped), so all sessions together never pass its limit.
