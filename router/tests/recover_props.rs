@@ -758,3 +758,42 @@ fn the_most_advanced_founds_even_when_many_lesser_tables_came_first() {
     });
     assert_eq!(w, Some(50));
 }
+
+#[test]
+fn a_claim_no_order_can_reach_is_refused_and_does_not_found_the_island() {
+    let k = keys();
+    let now = Instant::now();
+    let mut core = Session::new(k.session_id(), k, config(1), now);
+    let mut hostile = recovering(1, Role::Replica, Some(5), 1);
+    hostile.resume_from = Some(Seq(u64::MAX));
+    if let Some(r) = hostile.recover.as_mut() {
+        r.epoch = u64::MAX;
+        r.time = RouterTime(u64::MAX);
+    }
+    core.handle_join(ConnId(1), hostile, now);
+    core.handle_frame(ConnId(1), ClientFrame::Seen { entries: vec![] }, now);
+    let out = outputs(&mut core);
+    assert!(
+        matches!(&out[..], [(ConnId(1), ServerFrame::Refuse { code, .. })] if *code == wire::Code::PROTOCOL_VIOLATION),
+        "{out:?}"
+    );
+    // An honest replica founds it as if the hostile one never came.
+    core.handle_join(ConnId(2), recovering(2, Role::Replica, Some(5), 1), now);
+    core.handle_frame(ConnId(2), ClientFrame::Seen { entries: vec![] }, now);
+    assert!(!core.is_gathering());
+    assert_eq!(core.last_seq(), Seq(5));
+    core.handle_frame(
+        ConnId(2),
+        ClientFrame::Send {
+            client_seq: 1,
+            payload: Bytes::from_static(b"x"),
+        },
+        now,
+    );
+    let welcome_epoch = outputs(&mut core).into_iter().find_map(|(_, f)| match f {
+        ServerFrame::Welcome(w) => Some(w.epoch),
+        _ => None,
+    });
+    assert_eq!(welcome_epoch, Some(2));
+    assert_eq!(core.last_seq(), Seq(6));
+}

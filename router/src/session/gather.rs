@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 /// Duplicate tables kept while a session gathers, those of the best-ranked claims: each may
 /// hold `max_remembered_replicas` entries, and only the founder's is used.
 pub const MAX_HELD_TABLES: usize = 8;
+/// The largest seq, router time (µs) or epoch a recovering hello may claim: far past any real
+/// order (2^62 seqs at a million a second last 146,000 years), so counting on from a claim can
+/// never overflow. A claim past it can only come from a broken or hostile replica.
+pub const MAX_CLAIM: u64 = 1 << 62;
 
 /// Joins held while a session gathers.
 #[derive(Debug, Default)]
@@ -225,6 +229,19 @@ impl Session {
                     wire::MAX_NAME_BYTES
                 ),
             ));
+        }
+        if let Some(r) = &req.recover {
+            let seq = req.resume_from.map_or(0, |s| s.0);
+            if seq > MAX_CLAIM || r.time.0 > MAX_CLAIM || r.epoch > MAX_CLAIM {
+                return Err((
+                    Code::PROTOCOL_VIOLATION,
+                    format!(
+                        "a recovering hello claiming seq {seq}, time {} and epoch {}, past what \
+                         any order reaches ({MAX_CLAIM})",
+                        r.time.0, r.epoch
+                    ),
+                ));
+            }
         }
         if req.control && req.role != wire::Role::Admin {
             return Err((
