@@ -271,19 +271,33 @@ async fn establish<I: Island>(
                 tracing::debug!(%addr, "refused ({code}: {reason}); trying the other addresses");
                 candidates.retain(|a| *a != addr);
             }
+            Err(ClientError::Redirected { epoch, .. })
+                if epoch < replica.epoch() && candidates.len() > 1 =>
+            {
+                // A router that still believes in a replaced home: the others may know better.
+                tracing::debug!(%addr, epoch, "redirect from an older epoch; trying the other addresses");
+                candidates.retain(|a| *a != addr);
+            }
             Err(ClientError::Redirected { contacts, epoch }) => {
                 redirects += 1;
                 let home = redirect_addresses(&contacts);
-                if redirects > MAX_REDIRECTS || home.is_empty() || epoch < replica.epoch() {
-                    let why = if epoch < replica.epoch() {
-                        format!("{addr} redirected at epoch {epoch}, older than the {} this replica knows", replica.epoch())
-                    } else {
-                        format!("redirected {redirects} times in a row without reaching the island's home")
-                    };
-                    return Err(unreachable(cfg, why));
-                }
-                tracing::debug!(%addr, epoch, ?home, "redirected to the island's home");
-                candidates = home;
+                let why = if epoch < replica.epoch() {
+                    format!(
+                        "{addr} redirected at epoch {epoch}, older than the {} this replica was welcomed at",
+                        replica.epoch()
+                    )
+                } else if home.is_empty() {
+                    format!("{addr} redirected to the island's home but named no address for it")
+                } else if redirects > MAX_REDIRECTS {
+                    format!(
+                        "redirected {redirects} times in a row without reaching the island's home"
+                    )
+                } else {
+                    tracing::debug!(%addr, epoch, ?home, "redirected to the island's home");
+                    candidates = home;
+                    continue;
+                };
+                return Err(unreachable(cfg, why));
             }
             other => return other,
         }
@@ -1139,6 +1153,42 @@ mod tests {
             }
         });
         answered
+    }
+
+    #[tokio::test]
+    async fn a_redirect_from_an_older_epoch_is_passed_over_for_the_other_routers() {
+        let home = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let stale = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (home_addr, stale_addr) = (
+            home.local_addr().expect("a"),
+            stale.local_addr().expect("b"),
+        );
+        // The home (epoch 5) drops the first connection soon; the other router still points
+        // at it, but at epoch 1, which the replica knows is older once welcomed.
+        let answered = welcoming_router(
+            home,
+            5,
+            None,
+            |_| Duration::ZERO,
+            |n| Duration::from_millis(if n == 0 { 100 } else { 30_000 }),
+        );
+        redirecting_router(stale, home_addr, 1);
+        let mut cfg = replica_cfg(stale_addr);
+        cfg.routers = vec![stale_addr, home_addr];
+        cfg.race_delay = Duration::from_millis(200);
+        cfg.backoff_initial = Duration::from_millis(10);
+        let (_h, mut events) = connect(cfg, ChatIsland::default()).await.expect("welcomed");
+        let back = tokio::time::timeout(Duration::from_secs(10), async {
+            while let Some(e) = events.recv().await {
+                if matches!(e, Event::Reconnected) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(back, Ok(true), "reconnected to the home");
+        assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
