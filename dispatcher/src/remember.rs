@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Islands remembered at most (live ones and those of the previous run awaiting their
-/// replicas); past it the file keeps the newest.
+/// replicas); islands created past it are served but not remembered.
 pub const MAX_REMEMBERED_ISLANDS: usize = 10_000;
 /// How long islands of the previous run are remembered after a restart: their replicas come
 /// back within seconds, and give up after five minutes by default.
@@ -160,6 +160,8 @@ impl Book {
         let Some(path) = self.path.clone() else {
             return;
         };
+        // Said once per run of failures: every island created or ended rewrites the file.
+        let mut failing = false;
         loop {
             let stopping = tokio::select! {
                 _ = self.wake.notified() => false,
@@ -168,12 +170,19 @@ impl Book {
             if let Some(file) = self.take_dirty() {
                 let p = path.clone();
                 match tokio::task::spawn_blocking(move || write(&p, &file)).await {
+                    Ok(Ok(())) if failing => {
+                        failing = false;
+                        info!("remembered islands written to {} again", path.display());
+                    }
                     Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(
-                        "cannot write the remembered islands to {}: {e}; after a restart, replicas from outside the create policy cannot re-create their islands",
-                        path.display()
-                    ),
-                    Err(_) => {}
+                    Ok(Err(e)) if !failing => {
+                        failing = true;
+                        warn!(
+                            "cannot write the remembered islands to {}: {e}; islands are served as usual, but after a crash their replicas from outside the create policy cannot re-create them; give the router a writable directory with --data-dir (or ISTHMUS_DATA_DIR)",
+                            path.display()
+                        );
+                    }
+                    Ok(Err(_)) | Err(_) => {}
                 }
             }
             if stopping {
@@ -235,14 +244,19 @@ fn read(path: &Path) -> Vec<Remembered> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => {
-            warn!("cannot read {}: {e}; starting without it", path.display());
+            warn!(
+                "cannot read {}: {e}; starting without the remembered islands (replicas from \
+                 outside the create policy cannot re-create their islands); give the router a \
+                 readable directory with --data-dir (or ISTHMUS_DATA_DIR)",
+                path.display()
+            );
             Vec::new()
         }
     }
 }
 
 /// Writes `file` to `path` atomically: a temporary file in the same directory, synced, then
-/// renamed over the old one.
+/// renamed over the old one, and the directory synced.
 fn write(path: &Path, file: &File) -> std::io::Result<()> {
     use std::io::Write;
     if let Some(dir) = path.parent() {
@@ -253,7 +267,12 @@ fn write(path: &Path, file: &File) -> std::io::Result<()> {
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&body)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    // The rename itself survives a power cut only once the directory is synced too.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
