@@ -677,22 +677,7 @@ impl Session {
         if self.closed {
             return Err((Code::CLOSED, "the island was closed by its admin".into()));
         }
-        if req.name.len() > wire::MAX_NAME_BYTES {
-            return Err((
-                Code::PROTOCOL_VIOLATION,
-                format!(
-                    "name of {} bytes is longer than the limit of {}",
-                    req.name.len(),
-                    wire::MAX_NAME_BYTES
-                ),
-            ));
-        }
-        if req.control && req.role != Role::Admin {
-            return Err((
-                Code::PROTOCOL_VIOLATION,
-                "only the island's admin may open a control connection".into(),
-            ));
-        }
+        check_request(req)?;
         // A control connection replaces nobody; a replica's new connection replaces its old one.
         let replaced = (!req.control)
             .then(|| self.by_replica.get(&req.replica).copied())
@@ -1899,4 +1884,25 @@ pub fn router_event_payload(event: &RouterEvent) -> Bytes {
 /// Decodes the payload of a message whose origin is [`Origin::Router`].
 pub fn parse_router_event(payload: &[u8]) -> Result<RouterEvent, wire::DecodeError> {
     wire::decode_body(payload)
+}
+
+/// What any join must satisfy, whatever the session's state (also while it gathers).
+fn check_request(req: &JoinRequest) -> Result<(), (Code, String)> {
+    if req.name.len() > wire::MAX_NAME_BYTES {
+        return Err((
+            Code::PROTOCOL_VIOLATION,
+            format!(
+                "name of {} bytes is longer than the limit of {}",
+                req.name.len(),
+                wire::MAX_NAME_BYTES
+            ),
+        ));
+    }
+    if req.control && req.role != Role::Admin {
+        return Err((
+            Code::PROTOCOL_VIOLATION,
+            "only the island's admin may open a control connection".into(),
+        ));
+    }
+    Ok(())
 }

@@ -797,3 +797,31 @@ fn a_claim_no_order_can_reach_is_refused_and_does_not_found_the_island() {
     assert_eq!(welcome_epoch, Some(2));
     assert_eq!(core.last_seq(), Seq(6));
 }
+
+#[test]
+fn a_refused_second_hello_of_a_held_replica_leaves_the_held_one_in_place() {
+    let k = keys();
+    let now = Instant::now();
+    let mut core = Session::new(k.session_id(), k, config(1), now);
+    core.handle_join(ConnId(1), recovering(1, Role::Replica, Some(5), 2), now);
+    core.handle_frame(ConnId(1), ClientFrame::Seen { entries: vec![] }, now);
+    let bad = JoinRequest {
+        name: "x".repeat(wire::MAX_NAME_BYTES + 1),
+        ..recovering(1, Role::Replica, Some(5), 2)
+    };
+    core.handle_join(ConnId(2), bad, now);
+    let out = outputs(&mut core);
+    assert!(
+        matches!(&out[..], [(ConnId(2), ServerFrame::Refuse { .. })]),
+        "only the new hello is refused: {out:?}"
+    );
+    core.handle_join(ConnId(3), recovering(3, Role::Replica, Some(4), 2), now);
+    core.handle_frame(ConnId(3), ClientFrame::Seen { entries: vec![] }, now);
+    assert!(!core.is_gathering());
+    let welcomed: Vec<ConnId> = outputs(&mut core)
+        .into_iter()
+        .filter(|(_, f)| matches!(f, ServerFrame::Welcome(_)))
+        .map(|(c, _)| c)
+        .collect();
+    assert_eq!(welcomed, vec![ConnId(1), ConnId(3)]);
+}

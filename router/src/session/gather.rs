@@ -189,20 +189,23 @@ impl Session {
             return;
         };
         let replaced = (!req.control).then(|| g.holding(req.replica)).flatten();
-        if let Some(old) = replaced {
-            g.held.remove(&old);
-            self.out.push_back(super::Output::Close {
-                conn: old,
-                goodbye: Some(wire::goodbye(
-                    Code::REPLACED,
-                    "the same replica connected again",
-                )),
-                discard_queued: false,
-            });
-        }
-        let held = self.gathering.as_ref().map_or(0, Gathering::len);
+        // Checked before anything changes: a refused hello leaves the held one in place.
+        let held = g.len() - usize::from(replaced.is_some());
         if let Err((code, reason)) = self.check_held(&req, held) {
             return self.refuse(conn, req.replica, code, reason);
+        }
+        if let Some(g) = self.gathering.as_mut() {
+            if let Some(old) = replaced {
+                g.held.remove(&old);
+                self.out.push_back(super::Output::Close {
+                    conn: old,
+                    goodbye: Some(wire::goodbye(
+                        Code::REPLACED,
+                        "the same replica connected again",
+                    )),
+                    discard_queued: false,
+                });
+            }
         }
         self.empty_since = None;
         if let Some(g) = self.gathering.as_mut() {
@@ -220,16 +223,7 @@ impl Session {
     }
 
     fn check_held(&self, req: &super::JoinRequest, held: usize) -> Result<(), (Code, String)> {
-        if req.name.len() > wire::MAX_NAME_BYTES {
-            return Err((
-                Code::PROTOCOL_VIOLATION,
-                format!(
-                    "name of {} bytes is longer than the limit of {}",
-                    req.name.len(),
-                    wire::MAX_NAME_BYTES
-                ),
-            ));
-        }
+        super::check_request(req)?;
         if let Some(r) = &req.recover {
             let seq = req.resume_from.map_or(0, |s| s.0);
             if seq > MAX_CLAIM || r.time.0 > MAX_CLAIM || r.epoch > MAX_CLAIM {
@@ -242,12 +236,6 @@ impl Session {
                     ),
                 ));
             }
-        }
-        if req.control && req.role != wire::Role::Admin {
-            return Err((
-                Code::PROTOCOL_VIOLATION,
-                "only the island's admin may open a control connection".into(),
-            ));
         }
         if held >= self.cfg.max_members {
             return Err((
