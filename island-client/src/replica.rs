@@ -1049,6 +1049,23 @@ mod tests {
         while r.poll_event().is_some() {}
     }
 
+    /// What `r` uploads when asked for a snapshot at `at`.
+    fn snapshot_of(r: &mut Replica<ChatIsland>, at: u64) -> Vec<u8> {
+        r.handle_frame(ServerFrame::SnapshotRequest {
+            request: 1,
+            at: Seq(at),
+        })
+        .expect("request");
+        frames(r)
+            .into_iter()
+            .filter_map(|f| match f {
+                ClientFrame::SnapshotChunk { data, .. } => Some(data.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
     fn frames(r: &mut Replica<ChatIsland>) -> Vec<ClientFrame> {
         std::iter::from_fn(|| r.poll_transmit())
             .map(|b| {
@@ -1653,20 +1670,7 @@ mod tests {
             .count();
         assert_eq!(digests, 2, "every 2 messages");
         synced(&mut provider, 4);
-        provider
-            .handle_frame(ServerFrame::SnapshotRequest {
-                request: 1,
-                at: Seq(4),
-            })
-            .expect("request");
-        let snap: Vec<u8> = frames(&mut provider)
-            .into_iter()
-            .filter_map(|f| match f {
-                ClientFrame::SnapshotChunk { data, .. } => Some(data.to_vec()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let snap = snapshot_of(&mut provider, 4);
 
         let mut joiner = from_snapshot(cfg(Some(Seq(3))), 4, &snap);
         synced(&mut joiner, 4);
@@ -1802,19 +1806,7 @@ mod tests {
             r.handle_frame(msg(1)).expect("m1");
         }
         a.handle_frame(msg(2)).expect("m2 only a has");
-        b.handle_frame(ServerFrame::SnapshotRequest {
-            request: 1,
-            at: Seq(1),
-        })
-        .expect("request");
-        let snap: Vec<u8> = frames(&mut b)
-            .into_iter()
-            .filter_map(|f| match f {
-                ClientFrame::SnapshotChunk { data, .. } => Some(data.to_vec()),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let snap = snapshot_of(&mut b, 1);
         a.disconnected();
         a.handle_frame(welcome_at(2, 0)).expect("welcome");
         a.handle_frame(ServerFrame::SyncBegin {

@@ -30,17 +30,7 @@ pub fn spawn_ready(args: &[&str]) -> (Child, SocketAddr) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start isthmus router");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("ready line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-        .parse()
-        .expect("address in the ready line");
+    let addr = isthmus_tests::router_ready(&mut child);
     (child, addr)
 }
 

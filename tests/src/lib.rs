@@ -600,3 +600,18 @@ pub fn process_cpu_seconds(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     stat_cpu_seconds(&stat).map_or(0.0, |(_, cpu)| cpu)
 }
+
+/// Reads a starting `isthmus router`'s first stdout line, `listening on ADDR`, and returns the
+/// address (the router is then ready for hellos). Panics with the line if it is anything else.
+pub fn router_ready(child: &mut std::process::Child) -> SocketAddr {
+    use std::io::BufRead;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("the router's stdout is piped"))
+        .read_line(&mut line)
+        .expect("ready line");
+    line.trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+        .parse()
+        .expect("address in the ready line")
+}

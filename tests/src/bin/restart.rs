@@ -19,7 +19,6 @@ use isthmus_island_client::{ClientConfig, Event, ReplicaConfig};
 use isthmus_router::auth::Capability;
 use isthmus_router::ids::SessionId;
 use isthmus_router::wire::CreateOptions;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -60,16 +59,7 @@ fn router(port: u16, data: &std::path::Path) -> (Child, SocketAddr) {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}; build it first", bin.display()));
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("ready line");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
-        .parse()
-        .expect("address");
+    let addr = isthmus_tests::router_ready(&mut child);
     (child, addr)
 }
 
