@@ -481,6 +481,9 @@ pub struct Session {
     gathering: Option<gather::Gathering>,
     /// The seq and router time a re-created session continued from.
     founded: Option<(u64, u64)>,
+    /// Replicas a re-created session welcomed (at most `max_remembered_replicas`): only they
+    /// can hold a state of this order at this epoch (see `gather::beyond_the_order`).
+    welcomed_here: std::collections::HashSet<ReplicaId>,
 }
 
 impl Session {
@@ -519,6 +522,7 @@ impl Session {
             ever_joined: false,
             gathering: None,
             founded: None,
+            welcomed_here: std::collections::HashSet::new(),
         }
     }
 
@@ -699,6 +703,9 @@ impl Session {
     }
 
     fn welcome(&mut self, req: &JoinRequest, now: Instant) -> Welcome {
+        if self.founded.is_some() && self.welcomed_here.len() < self.cfg.max_remembered_replicas {
+            self.welcomed_here.insert(req.replica);
+        }
         Welcome {
             session: self.id,
             replica: req.replica,

@@ -825,3 +825,64 @@ fn a_refused_second_hello_of_a_held_replica_leaves_the_held_one_in_place() {
         .collect();
     assert_eq!(welcomed, vec![ConnId(1), ConnId(3)]);
 }
+
+/// A lone router numbers a re-created order's epoch one above the claims it gathered, so two
+/// re-creations from different replicas may both be epoch 2. A replica this session never
+/// welcomed that claims its epoch holds another order: it is synced from a snapshot, never
+/// resumed into this one.
+#[test]
+fn a_stranger_claiming_this_sessions_epoch_is_synced_afresh_not_resumed() {
+    let k = keys();
+    let now = Instant::now();
+    let mut core = Session::new(k.session_id(), k, config(1), now);
+    core.handle_join(ConnId(1), recovering(1, Role::Replica, Some(5), 1), now);
+    core.handle_frame(ConnId(1), ClientFrame::Seen { entries: vec![] }, now);
+    assert!(!core.is_gathering());
+    for cs in 1..=2 {
+        core.handle_frame(
+            ConnId(1),
+            ClientFrame::Send {
+                client_seq: cs,
+                payload: Bytes::from_static(b"new order"),
+            },
+            now,
+        );
+    }
+    assert_eq!(core.last_seq(), Seq(7));
+    let _ = outputs(&mut core);
+    let mut stranger = recovering(9, Role::Replica, Some(6), 2);
+    if let Some(r) = stranger.recover.as_mut() {
+        r.epoch = 2;
+    }
+    core.handle_join(ConnId(9), stranger, now);
+    let out = outputs(&mut core);
+    assert!(
+        out.iter()
+            .any(|(c, f)| *c == ConnId(9) && matches!(f, ServerFrame::Welcome(w) if w.epoch == 2)),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter()
+            .any(|(c, f)| *c == ConnId(9) && matches!(f, ServerFrame::Message(_))),
+        "not resumed into an order it was never part of: {out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|(c, f)| *c == ConnId(1) && matches!(f, ServerFrame::SnapshotRequest { .. })),
+        "a snapshot from the live replica: {out:?}"
+    );
+    // Once welcomed here, the same replica resumes on a reconnect.
+    core.handle_disconnect(ConnId(9), now);
+    let _ = outputs(&mut core);
+    let mut back = recovering(9, Role::Replica, Some(7), 2);
+    if let Some(r) = back.recover.as_mut() {
+        r.epoch = 2;
+    }
+    core.handle_join(ConnId(10), back, now);
+    let out = outputs(&mut core);
+    assert!(
+        !out.iter()
+            .any(|(c, f)| *c == ConnId(1) && matches!(f, ServerFrame::SnapshotRequest { .. })),
+        "resumed: {out:?}"
+    );
+}

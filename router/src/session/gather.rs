@@ -155,9 +155,9 @@ struct Founding {
 impl Session {
     /// A replica of this very island, not yet welcomed at this epoch, that may hold what the
     /// re-created order does not: messages past the seq it continued from, or a tick past its
-    /// time (it missed the gathering). It is synced afresh from a snapshot: what it applied
-    /// beyond the founding point was never stamped here. Also one claiming a seq this session
-    /// never reached.
+    /// time (it missed the gathering), or a state of another order numbered with the same epoch.
+    /// It is synced afresh from a snapshot: what it applied beyond the founding point was never
+    /// stamped here. Also one claiming a seq this session never reached.
     pub(super) fn beyond_the_order(&self, req: &super::JoinRequest) -> bool {
         let (Some(n), Some(r)) = (req.resume_from, req.recover.as_ref()) else {
             return false;
@@ -169,7 +169,12 @@ impl Session {
             return true;
         }
         self.founded.is_some_and(|(seq, time)| {
-            r.epoch < self.epoch && (n.0 > seq || (n.0 == seq && r.time.0 > time))
+            let older = r.epoch < self.epoch && (n.0 > seq || (n.0 == seq && r.time.0 > time));
+            // The same epoch number from a replica this session never welcomed: a lone router
+            // numbers epochs from the claims it gathered, so an order re-created meanwhile from
+            // replicas that did not come here may carry it too, with other messages.
+            let foreign = r.epoch >= self.epoch && !self.welcomed_here.contains(&req.replica);
+            older || foreign
         })
     }
 
