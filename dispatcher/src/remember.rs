@@ -286,6 +286,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unwritable_data_dir_costs_the_memory_across_restarts_and_nothing_else() {
+        let file = std::env::temp_dir().join(format!("isthmus-remember-{}", uuid::Uuid::new_v4()));
+        std::fs::write(&file, b"a file, not a directory").expect("write");
+        let path = file.join("router-islands-7470.json");
+        let book = Book::open(Some(path.clone()));
+        let k = keys(6);
+        book.insert(Remembered::of(k.session_id(), k, &CreateOptions::default()));
+        let stop = CancellationToken::new();
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), book.run(stop))
+            .await
+            .expect("the writer ends at shutdown even though every write fails");
+        assert!(book.lookup(k.session_id(), &k).is_some(), "still served");
+        assert!(!path.exists());
+        let _ = std::fs::remove_file(file);
+    }
+
+    #[tokio::test]
     async fn islands_survive_a_restart_without_their_secret() {
         let dir = std::env::temp_dir().join(format!("isthmus-remember-{}", uuid::Uuid::new_v4()));
         let path = dir.join("router-islands-7470.json");
