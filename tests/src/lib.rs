@@ -7,6 +7,7 @@
 //! against.
 
 pub mod croquet;
+pub mod etcd;
 pub mod netns;
 
 use bytes::{Bytes, BytesMut};
