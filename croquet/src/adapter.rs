@@ -667,6 +667,8 @@ impl CroquetSession {
             created,
             nonce: [0; NONCE_LEN],
             control: false,
+            recover: None,
+            cluster: Vec::new(),
         };
         if let Some(core) = self.core.as_mut() {
             core.handle_join(conn, request, now);

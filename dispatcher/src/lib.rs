@@ -843,6 +843,8 @@ impl Shared {
                 created: false,
                 nonce,
                 control: body.control,
+                recover: None,
+                cluster: Vec::new(),
             },
             stream: Box::new(stream),
             leftover,
@@ -1222,6 +1224,7 @@ mod tests {
             resume_from: None,
             create: None,
             control: false,
+            recover: None,
         };
         auth::sign_hello(nonce, body, &cap.key_pair(), &me)
     }
@@ -1372,6 +1375,8 @@ mod tests {
                 created: false,
                 nonce: [0; NONCE_LEN],
                 control: false,
+                recover: None,
+                cluster: Vec::new(),
             },
             stream: Box::new(ours),
             leftover: BytesMut::new(),

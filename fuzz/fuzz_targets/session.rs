@@ -237,6 +237,8 @@ impl Fuzz {
             created: n == 1,
             nonce,
             control,
+            recover: None,
+            cluster: Vec::new(),
         };
         self.core.handle_join(ConnId(n), req, self.now);
         self.drain();

@@ -638,6 +638,7 @@ pub async fn admin(
             resume_from: None,
             create: None,
             control: true,
+            recover: None,
         };
         let hello = auth::sign_hello(&nonce, body, &card.capability.key_pair(), &me);
         stream
@@ -733,6 +734,8 @@ mod tests {
             max_payload_bytes: 1000,
             contacts: Contacts::default(),
             incarnation: 1,
+            epoch: 1,
+            cluster: Vec::new(),
         })
     }
 

@@ -297,6 +297,14 @@ pub enum FrameError {
     /// The snapshot could not be restored.
     #[error("the snapshot could not be restored: {0}")]
     Restore(String),
+    /// The router is not the island's home and names where it is; the client races those.
+    #[error("the router redirected to the island's home (epoch {epoch})")]
+    Redirected {
+        /// The home's contact points, best first.
+        contacts: Vec<wire::Contacts>,
+        /// The home's placement epoch.
+        epoch: u64,
+    },
 }
 
 struct SyncProgress {
@@ -414,6 +422,7 @@ impl<I: Island> Replica<I> {
                 self.cfg.create.clone()
             },
             control: false,
+            recover: None,
         };
         let hello = auth::sign_hello(
             nonce,
@@ -628,6 +637,9 @@ impl<I: Island> Replica<I> {
             ServerFrame::Pong { .. } => {}
             // Only a control connection asks for these; a replica ignores a stray one.
             ServerFrame::AdminDone { .. } => {}
+            ServerFrame::Redirect { contacts, epoch } => {
+                return Err(FrameError::Redirected { contacts, epoch });
+            }
         }
         Ok(())
     }
@@ -837,6 +849,8 @@ mod tests {
             max_payload_bytes: 1000,
             contacts: wire::Contacts::default(),
             incarnation: 1,
+            epoch: 1,
+            cluster: Vec::new(),
         })
     }
 

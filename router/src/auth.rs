@@ -429,6 +429,7 @@ mod tests {
             resume_from: Some(Seq(3)),
             create: None,
             control: false,
+            recover: None,
         }
     }
 

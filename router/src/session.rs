@@ -77,6 +77,9 @@ pub const DEFAULT_DIGEST_WINDOW: usize = 64;
 pub const DEFAULT_MIN_TICK_INTERVAL: Duration = Duration::from_millis(10);
 /// The longest tick interval anyone may ask for.
 pub const MAX_TICK_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a session re-created from its replicas waits for them to come back before it
+/// continues the order from the most advanced one that did (see [`SessionConfig::gather_timeout`]).
+pub const DEFAULT_GATHER_TIMEOUT: Duration = Duration::from_secs(3);
 /// Replicas whose last client seq is remembered for duplicate detection after they left.
 pub const DEFAULT_MAX_REMEMBERED_REPLICAS: usize = 4096;
 /// Divergence frames broadcast for one seq at most. Each new digest group at a seq is news, but
@@ -160,6 +163,15 @@ pub struct SessionConfig {
     /// `SnapshotRequest`. The Croquet adapter works this way, as its clients decide themselves
     /// when to upload a snapshot.
     pub external_snapshots: bool,
+    /// The placement epoch every welcome carries ([`wire::Welcome::epoch`]). 0 (a lone router)
+    /// lets the core choose: 1 for a new island, one above the highest epoch claimed by the
+    /// recovering hellos for a re-created one. A cluster sets the etcd revision of the island's
+    /// placement record, which the core then uses as it is.
+    pub epoch: u64,
+    /// A session created by a recovering hello holds every join (no welcome yet) until as many
+    /// replicas as the most advanced one knew have come back, or this long after the first
+    /// one that can re-create it arrived; then it continues the order from the most advanced.
+    pub gather_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -184,6 +196,8 @@ impl Default for SessionConfig {
             incarnation: 0,
             framing: Arc::new(WireFraming),
             external_snapshots: false,
+            epoch: 0,
+            gather_timeout: DEFAULT_GATHER_TIMEOUT,
         }
     }
 }
@@ -225,6 +239,12 @@ pub struct JoinRequest {
     pub nonce: [u8; NONCE_LEN],
     /// An admin's control connection: welcomed, never synced, sent no messages.
     pub control: bool,
+    /// What a reconnecting replica knows of the island ([`wire::HelloBody::recover`]); a
+    /// session created by such a hello is re-created from its replicas.
+    pub recover: Option<wire::Recover>,
+    /// Other routers of the cluster for [`wire::Welcome::cluster`] (at most
+    /// [`wire::MAX_CLUSTER_CONTACTS`] are sent); empty for a lone router.
+    pub cluster: Vec<wire::Contacts>,
 }
 
 /// Something the driver must do, or may want to log.
@@ -435,11 +455,14 @@ pub struct Session {
     /// `handle_timeout`), so finding the next deadline does not scan every member.
     idle_due: Option<Instant>,
     out: VecDeque<Output>,
+    /// The placement epoch welcomes carry (see [`SessionConfig::epoch`]).
+    epoch: u64,
 }
 
 impl Session {
     /// A new, empty session; `now` is time zero of its router time.
     pub fn new(id: SessionId, keys: IslandKeys, cfg: SessionConfig, now: Instant) -> Self {
+        let epoch = cfg.epoch.max(1);
         Session {
             id,
             keys,
@@ -467,6 +490,7 @@ impl Session {
             any_doomed: false,
             idle_due: None,
             out: VecDeque::new(),
+            epoch,
         }
     }
 
@@ -649,6 +673,13 @@ impl Session {
             max_payload_bytes: self.cfg.max_payload_bytes as u32,
             contacts: req.contacts.clone(),
             incarnation: self.cfg.incarnation,
+            epoch: self.epoch,
+            cluster: req
+                .cluster
+                .iter()
+                .take(wire::MAX_CLUSTER_CONTACTS)
+                .cloned()
+                .collect(),
         }
     }
 
@@ -710,6 +741,8 @@ impl Session {
                 self.send_to(conn, wire::encode(&ServerFrame::Pong { nonce }));
             }
             wire::ClientFrame::Pong { .. } => {}
+            // Only a session being re-created from its replicas needs a duplicate table.
+            wire::ClientFrame::Seen { .. } => {}
             wire::ClientFrame::Leave => self.remove_member(conn, None, false, now),
             wire::ClientFrame::Admin { seq, command, sig } => {
                 self.on_admin(conn, seq, command, &sig, now)

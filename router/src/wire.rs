@@ -51,6 +51,9 @@ pub const MAX_HELLO_BYTES: usize = 4096;
 pub const MAX_NAME_BYTES: usize = 256;
 /// Largest state digest a replica may report (a 512-bit hash).
 pub const MAX_DIGEST_BYTES: usize = 64;
+/// Routers of a cluster a welcome or a redirect names at most ([`Welcome::cluster`],
+/// [`ServerFrame::Redirect`]): enough to find a live one, small enough for a hello-sized frame.
+pub const MAX_CLUSTER_CONTACTS: usize = 4;
 /// The hard ceiling for any configured frame limit; bincode refuses to claim more than this for
 /// any one field even if a configuration asks for more.
 pub const HARD_MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
@@ -304,6 +307,44 @@ pub struct HelloBody {
     /// An admin's control connection: welcomed, then only admin commands; it is not synced and
     /// receives no messages.
     pub control: bool,
+    /// Sent by a replica that was welcomed before, on every reconnect: what it knows of the
+    /// island, so a router that lost the session (it restarted, or the island's home died) can
+    /// re-create it from its replicas. Participants and admins may re-create; an observer's is
+    /// only counted while the router gathers.
+    pub recover: Option<Recover>,
+}
+
+/// What a reconnecting replica knows of its island: enough for a router that does not have the
+/// session to re-create it and continue the order where the most advanced replica left it. A
+/// replica whose state is consistent also sends [`ClientFrame::Seen`] right after the hello.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Recover {
+    /// The incarnation it was welcomed at ([`Welcome::incarnation`]): a re-created session keeps
+    /// it, so replicas resume instead of seeing a new island.
+    pub incarnation: u64,
+    /// The highest placement epoch it was welcomed at ([`Welcome::epoch`]).
+    pub epoch: u64,
+    /// The newest router time it applied (message or tick): router time never goes back.
+    pub time: RouterTime,
+    /// Replicas it saw attached (itself included) when it lost the connection: the gathering
+    /// waits for this many before it continues the order.
+    pub members: u32,
+    /// The session's tick interval, as its welcome said.
+    pub tick_interval_us: u64,
+    /// The options it created the island with, if it was the creator (announce included).
+    pub create: Option<CreateOptions>,
+}
+
+/// One entry of a replica's duplicate table: the highest client seq of `replica` it applied,
+/// and at which seq.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenEntry {
+    /// The sender.
+    pub replica: ReplicaId,
+    /// Its highest client seq applied.
+    pub client_seq: u64,
+    /// The seq that message got.
+    pub at: Seq,
 }
 
 /// The first frame a replica sends: the body signed by the role's key and the replica's key.
@@ -360,6 +401,14 @@ pub struct Welcome {
     /// session id when an island is created again (after a linger or a restart); a replica that
     /// resumes and sees another incarnation knows its island is gone.
     pub incarnation: u64,
+    /// The placement epoch: 1 for an island a lone router created, one above the highest any
+    /// recovering hello claimed for one it re-created, the etcd revision of the placement record
+    /// in a cluster. A replica refuses a welcome below the highest epoch it was welcomed at, so
+    /// a home that was replaced can never feed it again (docs/scale-out.md, fencing).
+    pub epoch: u64,
+    /// Other routers of the cluster (at most [`MAX_CLUSTER_CONTACTS`]); empty for a lone router.
+    /// The replica adds them to the addresses it reconnects to.
+    pub cluster: Vec<Contacts>,
 }
 
 /// One replica attached to a session, as presence frames name it.
@@ -490,6 +539,14 @@ pub enum ClientFrame {
         /// Signature over [`crate::auth::admin_transcript`].
         sig: Signature,
     },
+    /// The replica's duplicate table, pipelined right after a recovering hello (no round trip):
+    /// a router re-creating the session takes the most advanced replica's, so a send stamped
+    /// before the loss and resent after it is not stamped twice. At most
+    /// `SessionConfig::max_remembered_replicas` entries; ignored by a router that has the session.
+    Seen {
+        /// One entry per sender.
+        entries: Vec<SeenEntry>,
+    },
 }
 
 /// Frames the router sends to a replica.
@@ -578,6 +635,14 @@ pub enum ServerFrame {
         /// For people: what was done, or why not.
         message: String,
     },
+    /// Sent instead of a welcome by a router that is not the island's home; the connection
+    /// closes after it. The replica races `contacts` (the home first) as it races a postcard's.
+    Redirect {
+        /// Where the home is (at most [`MAX_CLUSTER_CONTACTS`]), best first.
+        contacts: Vec<Contacts>,
+        /// The placement epoch of the home; a redirect below what the replica knows is ignored.
+        epoch: u64,
+    },
 }
 
 /// Why a hello was refused or a connection closed. Codes below 2000 are retryable (try again,
@@ -604,6 +669,12 @@ impl Code {
     /// The same replica (proven by its key) connected again; this older connection is closed.
     /// Retryable: only the replica itself can do this, so the old connection was stale.
     pub const REPLACED: Code = Code(1007);
+    /// The router's placement epoch is below one the replica was welcomed at: it is no longer
+    /// the island's home. Said by a replica to itself (it closes and tries its other routers).
+    pub const STALE_EPOCH: Code = Code(1008);
+    /// The session is being re-created from its replicas and nobody who can found it (a
+    /// participant with a consistent state) came back in time; try again shortly.
+    pub const RECOVERING: Code = Code(1009);
     /// The peer speaks another protocol version.
     pub const UNSUPPORTED_VERSION: Code = Code(2000);
     /// The hello's keys or signatures do not prove what it asks (wrong postcard, replayed hello).
@@ -643,6 +714,8 @@ impl Code {
             Code::NO_SNAPSHOT => "no snapshot",
             Code::FELL_BEHIND => "fell behind",
             Code::REPLACED => "replaced",
+            Code::STALE_EPOCH => "stale epoch",
+            Code::RECOVERING => "recovering",
             Code::UNSUPPORTED_VERSION => "unsupported version",
             Code::BAD_CREDENTIALS => "bad credentials",
             Code::UNKNOWN_SESSION => "unknown session",
@@ -702,6 +775,7 @@ mod tests {
             resume_from: resume.map(Seq),
             create: Some(CreateOptions::default()),
             control: false,
+            recover: None,
         }
     }
 
@@ -743,6 +817,64 @@ mod tests {
             Some(hello())
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn the_largest_recovering_hello_fits_the_hello_limit() {
+        let announce = Announce {
+            name: "n".repeat(MAX_NAME_BYTES),
+            destination: Some(Uuid::from_u128(u128::MAX)),
+            secret: Some([0xff; 32]),
+        };
+        let opts = CreateOptions {
+            tick_interval_ms: Some(u32::MAX),
+            announce_membership: true,
+            announce: Some(announce),
+        };
+        let mut body = hello_body(u128::MAX, Some(u64::MAX), "x".repeat(MAX_NAME_BYTES));
+        body.create = Some(opts.clone());
+        body.recover = Some(Recover {
+            incarnation: u64::MAX,
+            epoch: u64::MAX,
+            time: RouterTime(u64::MAX),
+            members: u32::MAX,
+            tick_interval_us: u64::MAX,
+            create: Some(opts),
+        });
+        let frame = ClientFrame::Hello(Hello {
+            body,
+            role_sig: Signature([0xff; 64]),
+            replica_sig: Signature([0xff; 64]),
+        });
+        let bytes = encode(&frame);
+        assert!(
+            bytes.len() - LENGTH_PREFIX_LEN <= MAX_HELLO_BYTES,
+            "{}",
+            bytes.len()
+        );
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert_eq!(
+            decode::<ClientFrame>(&mut buf, MAX_HELLO_BYTES)
+                .ok()
+                .flatten(),
+            Some(frame)
+        );
+    }
+
+    #[test]
+    fn redirects_and_welcomes_with_cluster_contacts_round_trip() {
+        let contacts = Contacts {
+            internal: vec!["10.0.0.2:7470".parse().expect("addr")],
+            external: None,
+            remote: false,
+            router: Uuid::from_u128(9),
+        };
+        let frame = ServerFrame::Redirect {
+            contacts: vec![contacts.clone(); MAX_CLUSTER_CONTACTS],
+            epoch: 42,
+        };
+        let bytes = encode(&frame);
+        assert_eq!(decode_body::<ServerFrame>(&bytes[4..]).ok(), Some(frame));
     }
 
     #[test]
@@ -830,6 +962,37 @@ mod tests {
                 .prop_map(|(s, hash)| ClientFrame::Digest { seq: Seq(s), hash }),
             any::<u64>().prop_map(|nonce| ClientFrame::Ping { nonce }),
             Just(ClientFrame::Leave),
+            proptest::collection::vec((any::<u128>(), any::<u64>(), any::<u64>()), 0..8).prop_map(
+                |entries| ClientFrame::Seen {
+                    entries: entries
+                        .into_iter()
+                        .map(|(r, client_seq, at)| SeenEntry {
+                            replica: ReplicaId(Uuid::from_u128(r)),
+                            client_seq,
+                            at: Seq(at),
+                        })
+                        .collect(),
+                }
+            ),
+            (any::<u64>(), any::<u64>(), any::<u64>(), any::<u32>()).prop_map(
+                |(incarnation, epoch, time, members)| {
+                    let mut body = hello_body(3, Some(time), "re".into());
+                    body.create = None;
+                    body.recover = Some(Recover {
+                        incarnation,
+                        epoch,
+                        time: RouterTime(time),
+                        members,
+                        tick_interval_us: 50_000,
+                        create: Some(CreateOptions::default()),
+                    });
+                    ClientFrame::Hello(Hello {
+                        body,
+                        role_sig: Signature([1; 64]),
+                        replica_sig: Signature([2; 64]),
+                    })
+                }
+            ),
             (any::<u64>(), any::<u32>(), any::<u128>()).prop_map(|(seq, ms, r)| {
                 ClientFrame::Admin {
                     seq,

@@ -52,6 +52,8 @@ fn attach(
         created: n == 1,
         nonce,
         control,
+        recover: None,
+        cluster: Vec::new(),
     };
     let attach = Attach {
         conn: ConnId(n),

@@ -224,6 +224,8 @@ impl World {
             created: false,
             nonce: r.nonce,
             control: r.control,
+            recover: None,
+            cluster: Vec::new(),
         };
         self.core.handle_join(conn, req, self.now);
         self.drain();
@@ -437,6 +439,7 @@ impl World {
             ServerFrame::AdminDone { seq, ok, message } => r.admin_done.push((seq, ok, message)),
             ServerFrame::Divergence(d) => r.divergences.push(d),
             ServerFrame::Ping { .. } | ServerFrame::Pong { .. } => {}
+            ServerFrame::Redirect { .. } => panic!("a lone session core never redirects"),
         }
     }
 
@@ -497,6 +500,7 @@ fn frame_kind(frame: &ServerFrame) -> &'static str {
         ServerFrame::Goodbye { .. } => "goodbye",
         ServerFrame::AdminDone { .. } => "admin done",
         ServerFrame::Presence { .. } => "presence",
+        ServerFrame::Redirect { .. } => "redirect",
     }
 }
 
@@ -967,6 +971,8 @@ fn an_observer_follows_but_may_not_send() {
             created: false,
             nonce: [0; 32],
             control: false,
+            recover: None,
+            cluster: Vec::new(),
         },
         w.now,
     );
@@ -1159,6 +1165,8 @@ fn a_refused_hello_replaces_nothing() {
         created: false,
         nonce: [9; 32],
         control: false,
+        recover: None,
+        cluster: Vec::new(),
     };
     let cases = [
         (
@@ -1171,6 +1179,8 @@ fn a_refused_hello_replaces_nothing() {
         (
             JoinRequest {
                 control: true,
+                recover: None,
+                cluster: Vec::new(),
                 ..base.clone()
             },
             Code::PROTOCOL_VIOLATION,
@@ -1241,6 +1251,8 @@ fn a_new_connection_of_the_same_replica_replaces_the_old_one_with_1007() {
             created: false,
             nonce: [9; 32],
             control: false,
+            recover: None,
+            cluster: Vec::new(),
         },
         w.now,
     );
@@ -1576,6 +1588,8 @@ fn two_hundred_sessions_share_one_budget_and_never_pass_it() {
                     created: true,
                     nonce: [0; 32],
                     control: false,
+                    recover: None,
+                    cluster: Vec::new(),
                 },
                 now,
             );

@@ -194,6 +194,7 @@ impl HelloOpts {
             resume_from: self.resume_from,
             create: self.create.clone(),
             control: self.control,
+            recover: None,
         };
         auth::sign_hello(nonce, body, &self.cap.key_pair(), &self.replica_key)
     }
@@ -284,6 +285,10 @@ impl WireReplica {
                     }
                     ServerFrame::Refuse { code, reason }
                     | ServerFrame::Goodbye { code, reason } => s.closed = Some((code, reason)),
+                    ServerFrame::Redirect { epoch, .. } => {
+                        s.closed =
+                            Some((Code::UNKNOWN_SESSION, format!("redirected (epoch {epoch})")))
+                    }
                     ServerFrame::SyncBegin { at, snapshot_len } => {
                         s.synced = false;
                         if snapshot_len.is_none() {

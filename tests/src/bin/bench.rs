@@ -47,6 +47,8 @@ fn core_bench(members: usize, payload: usize, messages: u64) -> (f64, f64) {
                 created: i == 0,
                 nonce: auth::fresh_nonce(),
                 control: false,
+                recover: None,
+                cluster: Vec::new(),
             },
             now,
         );
@@ -345,6 +347,7 @@ fn hello_crypto(n: u32) -> (f64, f64) {
         resume_from: None,
         create: None,
         control: false,
+        recover: None,
     };
     let role_key = part.key_pair();
     let start = Instant::now();
