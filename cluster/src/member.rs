@@ -137,7 +137,7 @@ pub enum WaitOutcome {
 }
 
 /// etcd requests made so far, by kind (for BENCHMARKS.md's operations per island).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OpCounts {
     /// Reads (gets).
     pub reads: u64,

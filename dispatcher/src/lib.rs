@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod contacts;
 pub mod croquet;
 pub mod http;
@@ -231,6 +232,8 @@ pub struct DispatcherConfig {
     pub croquet: Option<croquet::CroquetConfig>,
     /// Who may see the status page, its JSON and `/metrics`.
     pub status_from: status::StatusAccess,
+    /// Join a router cluster on etcd (`--cluster`); `None` runs alone.
+    pub cluster: Option<cluster::ClusterSettings>,
 }
 
 impl Default for DispatcherConfig {
@@ -249,6 +252,7 @@ impl Default for DispatcherConfig {
             beacon: None,
             croquet: Some(croquet::CroquetConfig::default()),
             status_from: status::StatusAccess::Lan,
+            cluster: None,
         }
     }
 }
@@ -274,6 +278,9 @@ pub enum DispatchError {
     /// The Croquet file store could not be opened.
     #[error("{0}; pick another data directory with --data-dir, or turn the Croquet front door off with --no-croquet")]
     Croquet(#[source] isthmus_croquet::CroquetError),
+    /// The router could not join its cluster.
+    #[error("cannot join the router cluster: {0}")]
+    Cluster(#[source] isthmus_cluster::ClusterError),
 }
 
 /// Why a handshake failed, for the log line.
@@ -296,6 +303,8 @@ struct Slot {
     keys: IslandKeys,
     join: Option<tokio::task::JoinHandle<()>>,
     announce: Option<Announce>,
+    /// The placement epoch when this router is the island's cluster home.
+    epoch: Option<u64>,
 }
 
 /// Islands closed by their admin, newest last, at most [`MAX_REMEMBERED_CLOSED`].
@@ -326,6 +335,8 @@ impl ClosedIslands {
 struct Reg {
     sessions: HashMap<SessionId, Slot>,
     closed: ClosedIslands,
+    /// Where islands that were homed here in a cluster report their end.
+    ended: Option<tokio::sync::mpsc::UnboundedSender<(SessionId, u64)>>,
 }
 
 type Registry = Arc<Mutex<Reg>>;
@@ -431,6 +442,8 @@ struct Shared {
     monitor: metrics::Monitor,
     /// Nonces handed out while the reachability check runs.
     probes: Arc<reach::Probes>,
+    /// The router cluster, when it is in one.
+    cluster: Option<cluster::Clustered>,
 }
 
 impl Dispatcher {
@@ -487,6 +500,33 @@ impl Dispatcher {
         };
         let stats = Arc::new(isthmus_router::stats::RouterStats::default());
         cfg.driver.stats = stats.clone();
+        let instance = uuid::Uuid::new_v4();
+        let cluster = match cfg.cluster.clone() {
+            Some(settings) => {
+                let internal = if cfg.listen.ip().is_unspecified() {
+                    let probe = SocketAddr::new(cfg.listen.ip(), local.port());
+                    contacts::contacts_for(
+                        probe,
+                        probe,
+                        probe,
+                        &contacts::local_addrs(),
+                        None,
+                        instance,
+                    )
+                    .internal
+                } else {
+                    vec![local]
+                };
+                Some(
+                    cluster::Clustered::join(settings, instance, internal, external.current())
+                        .await
+                        .map_err(DispatchError::Cluster)?,
+                )
+            }
+            None => None,
+        };
+        let registry: Registry = Arc::default();
+        lock(&registry).ended = cluster.as_ref().map(|c| c.ended());
         Ok(Dispatcher {
             listener,
             local,
@@ -498,10 +538,11 @@ impl Dispatcher {
                 turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
                 budget,
                 probes: Arc::default(),
-                instance: uuid::Uuid::new_v4(),
+                instance,
                 external,
                 cfg,
-                registry: Arc::default(),
+                registry,
+                cluster,
                 next_conn: AtomicU64::new(1),
                 croquet,
             }),
@@ -562,6 +603,11 @@ impl Dispatcher {
         format!("internal {}; external {external}", internal.join(", "))
     }
 
+    /// One line for people about the cluster this router joined, if any.
+    pub fn cluster_summary(&self) -> Option<String> {
+        self.shared.cluster.as_ref().map(|c| c.summary())
+    }
+
     /// Sessions alive now.
     pub fn session_count(&self) -> usize {
         lock(&self.shared.registry).sessions.len()
@@ -582,6 +628,7 @@ impl Dispatcher {
 
     /// Accepts connections until `shutdown` fires, then says goodbye to every replica.
     pub async fn run(self, shutdown: CancellationToken) {
+        cluster::Clustered::start(&self.shared);
         if let Some(b) = self.shared.cfg.beacon.clone() {
             let shared = Arc::downgrade(&self.shared);
             let port = self.local.port();
@@ -668,6 +715,10 @@ impl Dispatcher {
             c.shutdown().await;
         }
         self.shared.shutdown().await;
+        if let Some(c) = &self.shared.cluster {
+            // After the goodbyes: no island is stamped here once its record is gone.
+            c.leave().await;
+        }
         if let Some(m) = self.mapper {
             // A mapping left behind is a hole in the user's firewall: always remove it.
             m.shutdown().await;
@@ -823,6 +874,32 @@ impl Shared {
         let local = stream.local_addr().unwrap_or(self.cfg.listen);
         let host = contacts::local_addrs();
         let lan = contacts::is_lan_peer(peer.ip(), &host);
+        let mut epoch = None;
+        let mut others = Vec::new();
+        if let Some(c) = &self.cluster {
+            match c.decide(&self, &body, lan).await {
+                cluster::Decision::Here(e) => {
+                    epoch = e;
+                    others = c.others(!lan);
+                }
+                cluster::Decision::Redirect(frame) => {
+                    debug!(%peer, %session, "redirected to the island's home");
+                    let frame = wire::encode(&frame);
+                    let _ = tokio::time::timeout(timeout, async {
+                        let _ = stream.write_all(&frame).await;
+                        let _ = stream.shutdown().await;
+                    })
+                    .await;
+                    return;
+                }
+                cluster::Decision::Refuse(code, reason) => {
+                    info!(%peer, %session, "refused: {code}: {reason}");
+                    self.refused(code, Some(session), peer, &reason);
+                    refuse(&mut stream, code, &reason).await;
+                    return;
+                }
+            }
+        }
         let contacts = contacts::contacts_for(
             self.cfg.listen,
             local,
@@ -843,14 +920,18 @@ impl Shared {
                 created: false,
                 nonce,
                 control: body.control,
-                recover: None,
-                cluster: Vec::new(),
+                recover: body.recover.clone(),
+                cluster: others,
             },
             stream: Box::new(stream),
             leftover,
             guard: Some(Box::new(conn)),
         };
-        if let Err((mut attach, code, reason)) = self.route(&body, lan, attach) {
+        if let Err((mut attach, code, reason)) = self.route(&body, lan, attach, epoch) {
+            if let (Some(c), Some(e)) = (&self.cluster, epoch) {
+                // Placed here for a hello that was then refused: free the island again.
+                let _ = c.ended().send((session, e));
+            }
             info!(%peer, %session, "refused: {code}: {reason}");
             self.refused(code, Some(session), peer, &reason);
             let stream = &mut attach.stream;
@@ -874,6 +955,7 @@ impl Shared {
         body: &HelloBody,
         lan: bool,
         mut attach: Attach,
+        epoch: Option<u64>,
     ) -> Result<(), (Attach, Code, String)> {
         let id = body.session;
         loop {
@@ -921,6 +1003,8 @@ impl Shared {
             }
             let mut driver = self.cfg.driver.clone();
             driver.session = driver.session.with_create_options(opts);
+            // A cluster home's welcomes carry its placement record's revision (fencing).
+            driver.session.epoch = epoch.unwrap_or(0);
             driver.session.incarnation = u64::from_le_bytes(
                 isthmus_router::auth::fresh_nonce()[..8]
                     .try_into()
@@ -946,6 +1030,7 @@ impl Shared {
                     keys: body.keys,
                     join: Some(join),
                     announce: opts.announce.clone(),
+                    epoch,
                 },
             );
             return Ok(());
@@ -1064,17 +1149,21 @@ fn retire_from(registry: std::sync::Weak<Mutex<Reg>>, id: SessionId) -> Retire {
             return true;
         };
         let mut reg = lock(&registry);
-        match ending {
+        let gone = match ending {
             Ending::Expired => {
                 if attach_pending() {
                     return false;
                 }
-                reg.sessions.remove(&id);
+                reg.sessions.remove(&id)
             }
             Ending::Closed => {
-                reg.sessions.remove(&id);
                 reg.closed.insert(id);
+                reg.sessions.remove(&id)
             }
+        };
+        // A cluster home frees the island's placement record when the island ends.
+        if let (Some(epoch), Some(ended)) = (gone.and_then(|s| s.epoch), &reg.ended) {
+            let _ = ended.send((id, epoch));
         }
         true
     })
@@ -1351,6 +1440,7 @@ mod tests {
                     destination: None,
                     secret: None,
                 }),
+                epoch: None,
             },
         );
         let listed = announced(&registry);
@@ -1397,7 +1487,10 @@ mod tests {
         let mut body = hello(&part, &admin, &[0; NONCE_LEN]).body;
         body.create = Some(wire::CreateOptions::default());
         let id = body.session;
-        assert!(s.route(&body, true, attach_for(&body)).is_ok(), "created");
+        assert!(
+            s.route(&body, true, attach_for(&body), None).is_ok(),
+            "created"
+        );
         assert_eq!(d.session_count(), 1);
 
         // An expired session waits for an attach on its way, then goes and may come back.
@@ -1412,7 +1505,7 @@ mod tests {
             if !create {
                 b.create = None;
             }
-            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b)) else {
+            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b), None) else {
                 panic!("a closed island was routed");
             };
             assert_eq!(code, Code::CLOSED, "{reason}");
@@ -1426,7 +1519,7 @@ mod tests {
         )
         .body;
         b.create = Some(wire::CreateOptions::default());
-        assert!(s.route(&b, true, attach_for(&b)).is_ok());
+        assert!(s.route(&b, true, attach_for(&b), None).is_ok());
         d.shared.shutdown().await;
     }
 

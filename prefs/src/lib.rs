@@ -164,6 +164,16 @@ pub struct CroquetPrefs {
     pub max_store_mb: Option<u64>,
 }
 
+/// The router cluster a profile joins (see docs/scale-out.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterPrefs {
+    /// etcd's client URL list, `etcd://HOST:PORT[,HOST:PORT...]`; unset runs alone.
+    pub etcd: Option<String>,
+    /// The cluster's name (default "default"): routers with the same etcd and name form one
+    /// cluster.
+    pub name: Option<String>,
+}
+
 /// One profile. Unset fields take the router's defaults; command-line flags override both.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Profile {
@@ -195,6 +205,8 @@ pub struct Profile {
     pub limits: LimitPrefs,
     /// The Croquet front door.
     pub croquet: CroquetPrefs,
+    /// The router cluster.
+    pub cluster: ClusterPrefs,
 }
 
 /// Everything that can go wrong with the prefs file.
@@ -413,6 +425,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("croquet.api_keys", Kind::LongText),
     ("croquet.max_file_mb", Kind::Range(1, 4096)),
     ("croquet.max_store_mb", Kind::Range(16, 1024 * 1024)),
+    ("cluster.etcd", Kind::LongText),
+    ("cluster.name", Kind::Text),
 ];
 
 /// Checks a number given for `key` on the command line against the range the file allows, so
@@ -534,6 +548,8 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "croquet.api_keys" => p.croquet.api_keys = Some(s()),
         "croquet.max_file_mb" => p.croquet.max_file_mb = Some(n()),
         "croquet.max_store_mb" => p.croquet.max_store_mb = Some(n()),
+        "cluster.etcd" => p.cluster.etcd = Some(s()),
+        "cluster.name" => p.cluster.name = Some(s()),
         _ => {}
     }
 }
@@ -974,7 +990,9 @@ impl fmt::Display for Profile {
         line(f, "croquet.data_dir", &c.data_dir, true)?;
         line(f, "croquet.api_keys", &c.api_keys, true)?;
         line(f, "croquet.max_file_mb", &c.max_file_mb, false)?;
-        line(f, "croquet.max_store_mb", &c.max_store_mb, false)
+        line(f, "croquet.max_store_mb", &c.max_store_mb, false)?;
+        line(f, "cluster.etcd", &self.cluster.etcd, true)?;
+        line(f, "cluster.name", &self.cluster.name, true)
     }
 }
 

@@ -1,0 +1,403 @@
+//! Routers in a cluster on one real etcd (started by the test on loopback), dispatchers in
+//! process: placement across routers, redirects to an island's home, a router added while
+//! islands run, and fencing when etcd is cut off (SIGSTOP) while the replicas stay connected.
+
+use isthmus_cluster::ClusterConfig;
+use isthmus_dispatcher::cluster::{ClusterSettings, ClusterView};
+use isthmus_dispatcher::status::Status;
+use isthmus_dispatcher::DispatcherConfig;
+use isthmus_router::framed::FrameReader;
+use isthmus_router::wire::{self, ClientFrame, Code, ServerFrame};
+use isthmus_tests::etcd::Etcd;
+use isthmus_tests::{
+    exchange_preambles, http_request, new_island, start_router, HelloOpts, TestRouter, WireReplica,
+    PATIENCE,
+};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+fn settings(etcd: &Etcd) -> ClusterSettings {
+    let mut c = ClusterConfig::from_url(&etcd.url(), "test").expect("url");
+    c.ttl = Duration::from_secs(2);
+    c.keep_alive_every = Duration::from_millis(250);
+    c.load_every = Duration::from_millis(200);
+    let mut s = ClusterSettings::new(c);
+    s.hold_timeout = Duration::from_secs(5);
+    s
+}
+
+async fn clustered(etcd: &Etcd) -> TestRouter {
+    start_router(DispatcherConfig {
+        cluster: Some(settings(etcd)),
+        beacon: None,
+        croquet: None,
+        ..DispatcherConfig::default()
+    })
+    .await
+}
+
+async fn status(r: &TestRouter) -> Status {
+    let (line, body) = http_request(r.addr, "127.0.0.1", "/status.json").await;
+    assert!(line.contains("200"), "{line}: {body}");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+async fn cluster(r: &TestRouter) -> ClusterView {
+    status(r)
+        .await
+        .cluster
+        .expect("a clustered router shows its cluster")
+}
+
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + PATIENCE;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The first frame a router answers `opts`' hello with at `addr`.
+async fn first_answer(addr: SocketAddr, opts: &HelloOpts) -> ServerFrame {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let nonce = exchange_preambles(&mut s).await.expect("preambles");
+    s.write_all(&wire::encode(&ClientFrame::Hello(opts.sign(&nonce))))
+        .await
+        .expect("hello");
+    let mut frames = FrameReader::new(s, usize::MAX);
+    tokio::time::timeout(PATIENCE, frames.read::<ServerFrame>())
+        .await
+        .expect("an answer in time")
+        .expect("a frame")
+}
+
+/// A replica that knocked on `addr` and followed at most one redirect: it, the address that
+/// welcomed it, and whether it was redirected.
+async fn join_via(addr: SocketAddr, opts: HelloOpts) -> (WireReplica, SocketAddr, bool) {
+    let mut r = WireReplica::connect(addr, opts.clone())
+        .await
+        .expect("connect");
+    let s = r
+        .wait_until(PATIENCE, "a welcome or a redirect", |s| {
+            s.welcome.is_some() || s.closed.is_some() || s.ended
+        })
+        .await;
+    if s.welcome.is_some() {
+        return (r, addr, false);
+    }
+    let (_, reason) = s.closed.expect("closed with a reason");
+    assert!(reason.starts_with("redirected"), "{reason}");
+    // The redirect names the home: read it once more (the placement does not move).
+    let ServerFrame::Redirect { contacts, epoch } = first_answer(addr, &opts).await else {
+        panic!("a redirect again");
+    };
+    assert!(!contacts.is_empty() && epoch > 0);
+    let home = contacts[0].internal[0];
+    let mut r = WireReplica::connect(home, opts)
+        .await
+        .expect("connect home");
+    let s = r
+        .wait_until(PATIENCE, "the home's welcome", |s| {
+            s.welcome.is_some() || s.closed.is_some()
+        })
+        .await;
+    let w = s.welcome.expect("welcomed at the home");
+    assert_eq!(w.epoch, epoch, "the home welcomes at the redirect's epoch");
+    (r, home, true)
+}
+
+fn home_of(c: &ClusterView, session: &str) -> Option<(String, u64)> {
+    c.islands
+        .iter()
+        .find(|i| i.session == session)
+        .map(|i| (i.home.clone(), i.epoch))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn islands_are_placed_across_three_routers_and_any_router_leads_home() {
+    let etcd = Etcd::start();
+    let routers = [
+        clustered(&etcd).await,
+        clustered(&etcd).await,
+        clustered(&etcd).await,
+    ];
+    for r in &routers {
+        until("every router sees the three", || async {
+            cluster(r).await.routers.len() == 3
+        })
+        .await;
+    }
+    let ids: Vec<String> = {
+        let mut v = Vec::new();
+        for r in &routers {
+            v.push(cluster(r).await.router);
+        }
+        v
+    };
+    let addr_of = |id: &str| routers[ids.iter().position(|i| i == id).expect("known")].addr;
+
+    // Six islands, all created through the first router: it keeps what it can and places the
+    // rest on less loaded routers, each creator following a redirect.
+    let mut islands = Vec::new();
+    let mut redirected = 0;
+    for n in 0..6 {
+        let island = new_island();
+        let opts = HelloOpts::new(&island, true);
+        let (creator, home, hopped) = join_via(routers[0].addr, opts).await;
+        redirected += usize::from(hopped);
+        let w = creator.state().welcome.expect("welcome");
+        assert!(w.created, "island {n} was created at its home");
+        islands.push((island, creator, home, w.epoch));
+        // Let every router's load reach the others before the next placement.
+        let sessions: Vec<u64> = {
+            let mut v = Vec::new();
+            for r in &routers {
+                v.push(status(r).await.totals.sessions);
+            }
+            v
+        };
+        until("the loads are published", || {
+            let sessions = sessions.clone();
+            let ids = ids.clone();
+            let first = &routers[0];
+            async move {
+                let c = cluster(first).await;
+                c.routers.iter().all(|r| {
+                    let i = ids.iter().position(|id| *id == r.id).expect("known");
+                    r.sessions == sessions[i]
+                })
+            }
+        })
+        .await;
+    }
+    assert!(
+        redirected > 0,
+        "some islands went elsewhere through a redirect"
+    );
+    let view = cluster(&routers[1]).await;
+    let mut homes: Vec<String> = Vec::new();
+    for (island, _, home, epoch) in &islands {
+        let session = HelloOpts::new(island, false).session.to_string();
+        let (router, e) = home_of(&view, &session).expect("every island is placed");
+        assert_eq!(
+            addr_of(&router),
+            *home,
+            "the record names the router that welcomed"
+        );
+        assert_eq!(e, *epoch, "welcomes carry the record's epoch");
+        homes.push(router);
+    }
+    homes.sort();
+    homes.dedup();
+    assert_eq!(
+        homes.len(),
+        3,
+        "islands are placed across all three routers"
+    );
+
+    // A replica given any router's address reaches its island's home, and is in the same
+    // session as the creator there.
+    for (island, creator, home, epoch) in islands.iter_mut() {
+        for r in &routers {
+            let opts = HelloOpts::new(island, false);
+            let (mut joiner, at, hopped) = join_via(r.addr, opts).await;
+            assert_eq!(at, *home);
+            assert_eq!(
+                hopped,
+                r.addr != *home,
+                "redirected only from other routers"
+            );
+            let w = joiner.state().welcome.expect("welcome");
+            assert_eq!(w.epoch, *epoch);
+            assert_eq!(
+                w.cluster.len(),
+                2,
+                "the welcome names the other two routers"
+            );
+            joiner.wait_until(PATIENCE, "synced", |s| s.synced).await;
+            joiner.send(&b"hello"[..]).await.expect("send");
+            let s = joiner.wait_for_seq(1, PATIENCE).await;
+            let seq = s.log.last().expect("stamped").seq.0;
+            creator.wait_for_seq(seq, PATIENCE).await;
+        }
+    }
+
+    // etcd holds one placement per island and one key per router.
+    assert_eq!(etcd.get_prefix("/isthmus/test/islands/").len(), 6);
+    assert_eq!(etcd.get_prefix("/isthmus/test/routers/").len(), 3);
+    for r in routers {
+        r.shutdown.cancel();
+        r.task.await.expect("router ends");
+    }
+    // Leaving revoked every lease: nothing is left in etcd.
+    assert!(etcd.get_prefix("/isthmus/test/").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_added_while_islands_run_takes_new_islands_and_touches_no_other() {
+    let etcd = Etcd::start();
+    let a = clustered(&etcd).await;
+    let b = clustered(&etcd).await;
+    let mut running = Vec::new();
+    for r in [&a, &b] {
+        let island = new_island();
+        let (mut rep, _, hopped) = join_via(r.addr, HelloOpts::new(&island, true)).await;
+        assert!(
+            !hopped,
+            "an idle cluster keeps islands where they are asked"
+        );
+        rep.wait_until(PATIENCE, "synced", |s| s.synced).await;
+        rep.send(&b"before"[..]).await.expect("send");
+        rep.wait_for_seq(1, PATIENCE).await;
+        running.push((island, rep));
+    }
+    until("a sees both routers' loads", || async {
+        let v = cluster(&a).await;
+        v.routers.len() == 2 && v.routers.iter().all(|r| r.sessions == 1)
+    })
+    .await;
+    let before = cluster(&a).await;
+
+    let c = clustered(&etcd).await;
+    let c_id = cluster(&c).await.router;
+    until("a sees the new router", || async {
+        cluster(&a).await.routers.iter().any(|r| r.id == c_id)
+    })
+    .await;
+    // The next island asked of a (which carries one) goes to the new, idle router.
+    let island = new_island();
+    let (mut fresh, home, hopped) = join_via(a.addr, HelloOpts::new(&island, true)).await;
+    assert!(hopped && home == c.addr, "placed on the new router");
+    fresh.send(&b"new"[..]).await.expect("send");
+    fresh.wait_for_seq(1, PATIENCE).await;
+
+    // The running islands kept their homes and epochs, and their replicas were never cut.
+    let after = cluster(&a).await;
+    for (island, rep) in running.iter_mut() {
+        let session = HelloOpts::new(island, false).session.to_string();
+        assert_eq!(home_of(&after, &session), home_of(&before, &session));
+        rep.send(&b"after"[..]).await.expect("send");
+        let s = rep.wait_for_seq(2, PATIENCE).await;
+        assert!(s.closed.is_none() && !s.ended && s.violations.is_empty());
+    }
+    for r in [a, b, c] {
+        r.shutdown.cancel();
+        r.task.await.expect("router ends");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_cut_off_from_etcd_stops_stamping_before_another_router_may_take_the_island() {
+    let etcd = Etcd::start();
+    let a = clustered(&etcd).await;
+    let b = clustered(&etcd).await;
+    until("a sees b", || async {
+        cluster(&a).await.routers.len() == 2
+    })
+    .await;
+    let island = new_island();
+    let (mut first, home, _) = join_via(a.addr, HelloOpts::new(&island, true)).await;
+    assert_eq!(home, a.addr);
+    let session = HelloOpts::new(&island, false).session;
+    let mut replicas = vec![first];
+    for _ in 0..2 {
+        let (r, _, _) = join_via(a.addr, HelloOpts::new(&island, false)).await;
+        replicas.push(r);
+    }
+    for r in replicas.iter_mut() {
+        r.wait_until(PATIENCE, "synced", |s| s.synced).await;
+    }
+    // While a holds its lease, b cannot take the island: it sends a creating hello home.
+    let ServerFrame::Redirect { contacts, epoch } =
+        first_answer(b.addr, &HelloOpts::new(&island, true)).await
+    else {
+        panic!("b redirects to the home");
+    };
+    assert_eq!(contacts[0].internal[0], a.addr);
+
+    // Every replica sends all the time; etcd is cut off with SIGSTOP while they stay
+    // connected to a.
+    first = replicas.remove(0);
+    let senders: Vec<_> = std::iter::once(first)
+        .chain(replicas)
+        .map(|mut r| {
+            tokio::spawn(async move {
+                for _ in 0..10_000 {
+                    if r.send(&b"x"[..]).await.is_err() || r.state().closed.is_some() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                r
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cut = Instant::now();
+    etcd.pause(true);
+    let mut replicas = Vec::new();
+    for s in senders {
+        replicas.push(s.await.expect("sender"));
+    }
+    let stopped = Instant::now();
+    // Every replica was told to go with a retryable code while etcd was still cut off: a
+    // stopped in time (etcd expires the lease only after the TTL from its last keep-alive).
+    let ttl = Duration::from_secs(2);
+    assert!(
+        stopped < cut + ttl,
+        "a stopped {:?} after the cut, within the lease TTL",
+        stopped - cut
+    );
+    let mut last_seq = 0;
+    for r in &replicas {
+        let s = r.state();
+        let (code, reason) = s.closed.clone().expect("a goodbye");
+        assert!(code.is_retryable(), "{code:?}: {reason}");
+        assert!(s.violations.is_empty(), "{:?}", s.violations);
+        last_seq = last_seq.max(s.log.last().map_or(0, |m| m.seq.0));
+    }
+    assert!(last_seq > 10, "the island was busy before the cut");
+    // No two replicas applied different messages for one seq.
+    for r in &replicas[1..] {
+        let (x, y) = (r.state().log, replicas[0].state().log);
+        for (m, n) in x.iter().zip(y.iter()) {
+            assert_eq!(m, n, "one order");
+        }
+    }
+    // a takes no joins while it has no lease.
+    let Some(ServerFrame::Refuse { code, reason }) =
+        Some(first_answer(a.addr, &HelloOpts::new(&island, false)).await)
+    else {
+        panic!("a refuses while fenced");
+    };
+    assert_eq!(code, Code::BUSY, "{reason}");
+    assert!(reason.contains("lost its cluster lease"), "{reason}");
+
+    // etcd comes back: a's lease has lapsed, its record is gone, and b may take the island
+    // at a higher epoch.
+    etcd.pause(false);
+    let (mut moved, home, _) = {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let (r, home, hopped) = join_via(b.addr, HelloOpts::new(&island, true)).await;
+            if r.state().welcome.is_some_and(|w| w.epoch > epoch) {
+                break (r, home, hopped);
+            }
+            assert!(Instant::now() < deadline, "the island moved in time");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let w = moved.state().welcome.expect("welcome");
+    assert!(w.epoch > epoch, "the new home's epoch is higher");
+    assert_eq!(w.session, session);
+    moved.send(&b"moved"[..]).await.expect("send");
+    moved.wait_for_seq(1, PATIENCE).await;
+    let _ = home;
+    for r in [a, b] {
+        r.shutdown.cancel();
+        r.task.await.expect("router ends");
+    }
+}
