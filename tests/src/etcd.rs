@@ -1,10 +1,15 @@
-//! A real etcd for tests: started on 127.0.0.1 with free ports and a data directory of its own,
-//! killed and removed when dropped.
+//! A real etcd for tests (started on 127.0.0.1 with free ports and a data directory of its own,
+//! killed and removed when dropped), and replicas that follow a cluster's redirects.
 
-use std::net::TcpListener;
+use crate::{exchange_preambles, HelloOpts, WireReplica, PATIENCE};
+use isthmus_router::framed::FrameReader;
+use isthmus_router::wire::{self, ClientFrame, ServerFrame};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 /// Time etcd has to start answering.
 const START_PATIENCE: Duration = Duration::from_secs(30);
@@ -140,4 +145,53 @@ impl Drop for Etcd {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The first frame a router answers `opts`' hello with at `addr`.
+pub async fn first_answer(addr: SocketAddr, opts: &HelloOpts) -> ServerFrame {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let nonce = exchange_preambles(&mut s).await.expect("preambles");
+    s.write_all(&wire::encode(&ClientFrame::Hello(opts.sign(&nonce))))
+        .await
+        .expect("hello");
+    let mut frames = FrameReader::new(s, usize::MAX);
+    tokio::time::timeout(PATIENCE, frames.read::<ServerFrame>())
+        .await
+        .expect("an answer in time")
+        .expect("a frame")
+}
+
+/// A replica that knocked on `addr` and followed at most one redirect: it, the address that
+/// welcomed it, and whether it was redirected.
+pub async fn join_via(addr: SocketAddr, opts: HelloOpts) -> (WireReplica, SocketAddr, bool) {
+    let mut r = WireReplica::connect(addr, opts.clone())
+        .await
+        .expect("connect");
+    let s = r
+        .wait_until(PATIENCE, "a welcome or a redirect", |s| {
+            s.welcome.is_some() || s.closed.is_some() || s.ended
+        })
+        .await;
+    if s.welcome.is_some() {
+        return (r, addr, false);
+    }
+    let (_, reason) = s.closed.expect("closed with a reason");
+    assert!(reason.starts_with("redirected"), "{reason}");
+    // The redirect names the home: read it once more (the placement does not move).
+    let ServerFrame::Redirect { contacts, epoch } = first_answer(addr, &opts).await else {
+        panic!("a redirect again");
+    };
+    assert!(!contacts.is_empty() && epoch > 0);
+    let home = contacts[0].internal[0];
+    let mut r = WireReplica::connect(home, opts)
+        .await
+        .expect("connect home");
+    let s = r
+        .wait_until(PATIENCE, "the home's welcome", |s| {
+            s.welcome.is_some() || s.closed.is_some()
+        })
+        .await;
+    let w = s.welcome.expect("welcomed at the home");
+    assert_eq!(w.epoch, epoch, "the home welcomes at the redirect's epoch");
+    (r, home, true)
 }

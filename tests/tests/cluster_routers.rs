@@ -6,17 +6,10 @@ use isthmus_cluster::ClusterConfig;
 use isthmus_dispatcher::cluster::{ClusterSettings, ClusterView};
 use isthmus_dispatcher::status::Status;
 use isthmus_dispatcher::DispatcherConfig;
-use isthmus_router::framed::FrameReader;
-use isthmus_router::wire::{self, ClientFrame, Code, ServerFrame};
-use isthmus_tests::etcd::Etcd;
-use isthmus_tests::{
-    exchange_preambles, http_request, new_island, start_router, HelloOpts, TestRouter, WireReplica,
-    PATIENCE,
-};
-use std::net::SocketAddr;
+use isthmus_router::wire::{Code, ServerFrame};
+use isthmus_tests::etcd::{first_answer, join_via, Etcd};
+use isthmus_tests::{http_request, new_island, start_router, HelloOpts, TestRouter, PATIENCE};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 fn settings(etcd: &Etcd) -> ClusterSettings {
@@ -58,55 +51,6 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut f: impl Fn
         assert!(Instant::now() < deadline, "timed out waiting: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The first frame a router answers `opts`' hello with at `addr`.
-async fn first_answer(addr: SocketAddr, opts: &HelloOpts) -> ServerFrame {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let nonce = exchange_preambles(&mut s).await.expect("preambles");
-    s.write_all(&wire::encode(&ClientFrame::Hello(opts.sign(&nonce))))
-        .await
-        .expect("hello");
-    let mut frames = FrameReader::new(s, usize::MAX);
-    tokio::time::timeout(PATIENCE, frames.read::<ServerFrame>())
-        .await
-        .expect("an answer in time")
-        .expect("a frame")
-}
-
-/// A replica that knocked on `addr` and followed at most one redirect: it, the address that
-/// welcomed it, and whether it was redirected.
-async fn join_via(addr: SocketAddr, opts: HelloOpts) -> (WireReplica, SocketAddr, bool) {
-    let mut r = WireReplica::connect(addr, opts.clone())
-        .await
-        .expect("connect");
-    let s = r
-        .wait_until(PATIENCE, "a welcome or a redirect", |s| {
-            s.welcome.is_some() || s.closed.is_some() || s.ended
-        })
-        .await;
-    if s.welcome.is_some() {
-        return (r, addr, false);
-    }
-    let (_, reason) = s.closed.expect("closed with a reason");
-    assert!(reason.starts_with("redirected"), "{reason}");
-    // The redirect names the home: read it once more (the placement does not move).
-    let ServerFrame::Redirect { contacts, epoch } = first_answer(addr, &opts).await else {
-        panic!("a redirect again");
-    };
-    assert!(!contacts.is_empty() && epoch > 0);
-    let home = contacts[0].internal[0];
-    let mut r = WireReplica::connect(home, opts)
-        .await
-        .expect("connect home");
-    let s = r
-        .wait_until(PATIENCE, "the home's welcome", |s| {
-            s.welcome.is_some() || s.closed.is_some()
-        })
-        .await;
-    let w = s.welcome.expect("welcomed at the home");
-    assert_eq!(w.epoch, epoch, "the home welcomes at the redirect's epoch");
-    (r, home, true)
 }
 
 fn home_of(c: &ClusterView, session: &str) -> Option<(String, u64)> {

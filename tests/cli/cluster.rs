@@ -1,0 +1,187 @@
+//! `isthmus router --cluster` end to end: real router processes, a real etcd on loopback, and
+//! `isthmus status` showing the cluster.
+
+use crate::proc::{exits_in_time, isthmus};
+use crate::router::{sigterm, spawn_router};
+use isthmus_tests::etcd::{join_via, Etcd};
+use isthmus_tests::{new_island, HelloOpts, PATIENCE};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// Runs a router with `args` that must fail; its exit code and stderr.
+fn failing_router(args: &[&str]) -> (i32, String) {
+    let mut child = isthmus()
+        .args([
+            "router",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-beacon",
+        ])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start isthmus router");
+    let status = exits_in_time(&mut child, "a router with a bad cluster kept running");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    (status.code().unwrap_or(-1), err)
+}
+
+#[test]
+fn cluster_flags_that_cannot_work_say_what_to_do() {
+    let (code, err) = failing_router(&["--cluster", "http://127.0.0.1:2379"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("does not start with etcd://"), "{err}");
+    assert!(err.contains("etcd://HOST:PORT"), "{err}");
+
+    let (code, err) = failing_router(&["--cluster-name", "eu"]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("add --cluster etcd://HOST:PORT"), "{err}");
+
+    let (code, err) = failing_router(&[
+        "--cluster",
+        "etcd://127.0.0.1:2379",
+        "--cluster-name",
+        "a/b",
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("is not usable"), "{err}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("etcd://127.0.0.1:{port}");
+    let (code, err) = failing_router(&["--cluster", &url]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("cannot reach etcd at 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("start etcd there, or correct --cluster"),
+        "{err}"
+    );
+}
+
+fn status(addr: SocketAddr, json: bool) -> String {
+    let mut cmd = isthmus();
+    cmd.args(["status", "--router", &addr.to_string()]);
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.output().expect("isthmus status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn cluster_json(addr: SocketAddr) -> Value {
+    let v: Value = serde_json::from_str(&status(addr, true)).expect("status JSON");
+    v["cluster"].clone()
+}
+
+fn until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_processes_form_a_cluster_that_status_shows_and_leave_it() {
+    let etcd = Etcd::start();
+    let url = etcd.url();
+    let mut routers: Vec<(Killed, SocketAddr)> = (0..3)
+        .map(|_| {
+            let (child, addr) = spawn_router(&["--cluster", &url, "--cluster-name", "cli"]);
+            (Killed(child), addr)
+        })
+        .collect();
+    let first = routers[0].1;
+    until("the first router sees three", || {
+        cluster_json(first)["routers"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == 3
+    });
+
+    // Islands created through the first router; each creator follows a redirect if placed
+    // elsewhere.
+    let mut islands = Vec::new();
+    for _ in 0..3 {
+        let island = new_island();
+        let (rep, home, _) = join_via(first, HelloOpts::new(&island, true)).await;
+        islands.push((
+            HelloOpts::new(&island, false).session.to_string(),
+            home,
+            rep,
+        ));
+    }
+    let view = cluster_json(first);
+    let id_at = |addr: SocketAddr| -> String {
+        view["routers"]
+            .as_array()
+            .expect("routers")
+            .iter()
+            .find(|r| {
+                r["contacts"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|a| a.as_str() == Some(&addr.to_string())))
+            })
+            .and_then(|r| r["id"].as_str())
+            .expect("every router is listed with its contact")
+            .to_string()
+    };
+    let text = status(first, false);
+    assert!(text.contains("cluster cli: 3 routers"), "{text}");
+    for (session, home, _) in &islands {
+        let line = format!("  island {session}  home {}  epoch ", id_at(*home));
+        assert!(text.contains(&line), "{line:?} in:\n{text}");
+    }
+
+    // SIGKILL a router: its key and its islands' records go when its lease lapses.
+    let (victim, victim_addr) = routers.pop().expect("three");
+    let victim_id = id_at(victim_addr);
+    drop(victim);
+    until("the killed router leaves the cluster", || {
+        let c = cluster_json(first);
+        c["routers"].as_array().map_or(0, Vec::len) == 2
+            && !c["islands"]
+                .as_array()
+                .is_some_and(|i| i.iter().any(|i| i["home"] == victim_id.as_str()))
+    });
+    // SIGTERM another: it says goodbye, then revokes its lease, leaving nothing behind.
+    let (second, second_addr) = routers.pop().expect("two");
+    let second_id = id_at(second_addr);
+    let mut second = second;
+    sigterm(&second.0);
+    exits_in_time(&mut second.0, "a clustered router ignored SIGTERM");
+    let c = cluster_json(first);
+    assert_eq!(c["routers"].as_array().map_or(0, Vec::len), 1, "{c}");
+    assert!(
+        !c["islands"]
+            .as_array()
+            .is_some_and(|i| i.iter().any(|i| i["home"] == second_id.as_str())),
+        "{c}"
+    );
+}
