@@ -323,23 +323,27 @@ async fn a_home_cut_off_from_etcd_stops_stamping_before_another_router_may_take_
     // etcd comes back: a's lease has lapsed, its record is gone, and b may take the island
     // at a higher epoch.
     etcd.pause(false);
-    let (mut moved, home, _) = {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            let (r, home, hopped) = join_via(b.addr, HelloOpts::new(&island, true)).await;
-            if r.state().welcome.is_some_and(|w| w.epoch > epoch) {
-                break (r, home, hopped);
+    // b lost its lease too while etcd was stopped: it refuses until it has a new one.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match first_answer(b.addr, &HelloOpts::new(&island, true)).await {
+            ServerFrame::Welcome(w) if w.epoch > epoch => break,
+            ServerFrame::Redirect { epoch: e, .. } if e > epoch => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the island moved in time: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            assert!(Instant::now() < deadline, "the island moved in time");
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-    };
+    }
+    let (mut moved, _, _) = join_via(b.addr, HelloOpts::new(&island, true)).await;
     let w = moved.state().welcome.expect("welcome");
     assert!(w.epoch > epoch, "the new home's epoch is higher");
     assert_eq!(w.session, session);
     moved.send(&b"moved"[..]).await.expect("send");
     moved.wait_for_seq(1, PATIENCE).await;
-    let _ = home;
     for r in [a, b] {
         r.shutdown.cancel();
         r.task.await.expect("router ends");
