@@ -23,8 +23,12 @@ fn settings(etcd: &Etcd) -> ClusterSettings {
 }
 
 async fn clustered(etcd: &Etcd) -> TestRouter {
+    clustered_with(settings(etcd)).await
+}
+
+async fn clustered_with(settings: ClusterSettings) -> TestRouter {
     start_router(DispatcherConfig {
-        cluster: Some(settings(etcd)),
+        cluster: Some(settings),
         beacon: None,
         croquet: None,
         ..DispatcherConfig::default()
@@ -236,8 +240,14 @@ async fn a_router_added_while_islands_run_takes_new_islands_and_touches_no_other
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_home_cut_off_from_etcd_stops_stamping_before_another_router_may_take_the_island() {
     let etcd = Etcd::start();
-    let a = clustered(&etcd).await;
-    let b = clustered(&etcd).await;
+    // A wide margin: the goodbyes must reach the replicas before the TTL even on a busy
+    // machine; the fence itself fires at TTL - margin after the last acknowledged keep-alive.
+    let mut s = settings(&etcd);
+    s.etcd.ttl = Duration::from_secs(3);
+    s.etcd.fence_margin = Duration::from_secs(1);
+    let ttl = s.etcd.ttl;
+    let a = clustered_with(s.clone()).await;
+    let b = clustered_with(s).await;
     until("a sees b", || async {
         cluster(&a).await.routers.len() == 2
     })
@@ -289,7 +299,6 @@ async fn a_home_cut_off_from_etcd_stops_stamping_before_another_router_may_take_
     let stopped = Instant::now();
     // Every replica was told to go with a retryable code while etcd was still cut off: a
     // stopped in time (etcd expires the lease only after the TTL from its last keep-alive).
-    let ttl = Duration::from_secs(2);
     assert!(
         stopped < cut + ttl,
         "a stopped {:?} after the cut, within the lease TTL",
