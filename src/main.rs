@@ -123,7 +123,9 @@ pub(crate) struct RouterArgs {
     #[arg(long, value_name = "DIR")]
     web: Option<std::path::PathBuf>,
     /// Where Croquet snapshots and persistent data are kept (default: the platform data
-    /// directory's isthmus/croquet).
+    /// directory's isthmus/croquet), and the islands this router is home for, so their
+    /// replicas re-create them after a crash (default: $ISTHMUS_DATA_DIR, else the platform
+    /// data directory's isthmus).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
     /// Join a router cluster through etcd: etcd://HOST:PORT[,HOST:PORT...] (default: the
@@ -584,6 +586,7 @@ fn router_config(
     };
     cfg.croquet = croquet_config(args, &p.croquet)?;
     cfg.cluster = cluster_config(args, &p.cluster)?;
+    cfg.remember_dir = remember_dir(args, &p.croquet);
     let beacon_on = !args.no_beacon && p.beacon.unwrap_or(true);
     if beacon_on {
         let interval = flag(
@@ -632,6 +635,21 @@ fn cluster_config(
     Ok(Some(isthmus_dispatcher::cluster::ClusterSettings::new(
         etcd,
     )))
+}
+
+/// Where the router remembers the islands it is home for, so their replicas re-create them
+/// after a crash: `--data-dir` (or the profile's `croquet.data_dir`), else `$ISTHMUS_DATA_DIR`,
+/// else the platform's data directory's `isthmus`.
+fn remember_dir(args: &RouterArgs, p: &isthmus_prefs::CroquetPrefs) -> Option<std::path::PathBuf> {
+    args.data_dir
+        .clone()
+        .or(p.data_dir.as_ref().map(Into::into))
+        .or_else(|| {
+            std::env::var_os("ISTHMUS_DATA_DIR")
+                .filter(|d| !d.is_empty())
+                .map(Into::into)
+        })
+        .or_else(|| dirs::data_dir().map(|d| d.join("isthmus")))
 }
 
 /// The Croquet front door from flags and the profile's `croquet.*` keys; `None` when off.

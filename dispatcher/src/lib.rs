@@ -25,6 +25,7 @@ pub mod http;
 pub mod metrics;
 pub mod portmap;
 pub mod reach;
+pub mod remember;
 pub mod status;
 
 use bytes::BytesMut;
@@ -234,6 +235,9 @@ pub struct DispatcherConfig {
     pub status_from: status::StatusAccess,
     /// Join a router cluster on etcd (`--cluster`); `None` runs alone.
     pub cluster: Option<cluster::ClusterSettings>,
+    /// Where the islands this router is home for are remembered across a restart
+    /// (`router-islands-PORT.json` in it; see [`remember`]); `None` remembers nothing.
+    pub remember_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for DispatcherConfig {
@@ -253,6 +257,7 @@ impl Default for DispatcherConfig {
             croquet: Some(croquet::CroquetConfig::default()),
             status_from: status::StatusAccess::Lan,
             cluster: None,
+            remember_dir: None,
         }
     }
 }
@@ -444,6 +449,8 @@ struct Shared {
     probes: Arc<reach::Probes>,
     /// The router cluster, when it is in one.
     cluster: Option<cluster::Clustered>,
+    /// The islands this router is home for, remembered across a restart.
+    book: Arc<remember::Book>,
 }
 
 impl Dispatcher {
@@ -527,6 +534,10 @@ impl Dispatcher {
         };
         let registry: Registry = Arc::default();
         lock(&registry).ended = cluster.as_ref().map(|c| c.ended());
+        let book =
+            Arc::new(remember::Book::open(cfg.remember_dir.as_ref().map(|d| {
+                d.join(format!("router-islands-{}.json", local.port()))
+            })));
         Ok(Dispatcher {
             listener,
             local,
@@ -545,6 +556,7 @@ impl Dispatcher {
                 cluster,
                 next_conn: AtomicU64::new(1),
                 croquet,
+                book,
             }),
             how,
         })
@@ -659,6 +671,11 @@ impl Dispatcher {
                     warn!("LAN beacon stopped: {e}; islands will not be found by broadcast");
                 }
             });
+        }
+        {
+            let shared = self.shared.clone();
+            let cancel = shutdown.clone();
+            tokio::spawn(async move { shared.book.run(cancel).await });
         }
         // Handshakes and turn-aways; both bounded (by the connection permits and by
         // MAX_TURNING_AWAY), so this set is too.
@@ -989,7 +1006,14 @@ impl Shared {
                     ),
                 ));
             }
-            let Some(opts) = body.create.as_ref().filter(|_| !body.control) else {
+            // An island this router was home for before a restart is re-created by its
+            // replicas from wherever they may join it, whatever the create policy says.
+            let remembered = body
+                .create
+                .is_none()
+                .then(|| self.book.lookup(id, &body.keys))
+                .flatten();
+            let Some(opts) = creation(body, lan, remembered.as_ref()) else {
                 return Err((
                     attach,
                     Code::UNKNOWN_SESSION,
@@ -998,7 +1022,10 @@ impl Shared {
                     ),
                 ));
             };
-            if let Err((code, reason)) = self.may_create(body, opts, lan, reg.sessions.len()) {
+            let opts = &opts;
+            if let Err((code, reason)) =
+                self.may_create(body, opts, lan, remembered.is_some(), reg.sessions.len())
+            {
                 return Err((attach, code, reason));
             }
             let mut driver = self.cfg.driver.clone();
@@ -1016,9 +1043,15 @@ impl Shared {
                 .map(|a| a.name.clone())
                 .unwrap_or_default();
             let island = driver.island.clone();
-            let retire = retire_from(Arc::downgrade(&self.registry), id);
+            let retire = retire_from(Arc::downgrade(&self.registry), id, self.book.clone());
             let (handle, join) = spawn_session(id, body.keys, driver, retire);
-            info!(session = %id, island = ?island, creator = ?body.name, "island created");
+            self.book
+                .insert(remember::Remembered::of(id, body.keys, opts));
+            if body.create.is_some() {
+                info!(session = %id, island = ?island, creator = ?body.name, "island created");
+            } else {
+                info!(session = %id, island = ?island, by = ?body.name, "island being re-created from its replicas");
+            }
             attach.request.created = true;
             if let Err(back) = handle.attach(attach) {
                 return Err((*back, Code::BUSY, "session failed to start".into()));
@@ -1043,6 +1076,7 @@ impl Shared {
         body: &HelloBody,
         opts: &wire::CreateOptions,
         lan: bool,
+        remembered: bool,
         sessions: usize,
     ) -> Result<(), (Code, String)> {
         if !body.role.may_send() {
@@ -1051,10 +1085,12 @@ impl Shared {
                 "observers cannot create an island; a participant or the admin must create it first".into(),
             ));
         }
-        self.cfg
-            .create
-            .check(lan)
-            .map_err(|r| (Code::CREATE_NOT_ALLOWED, r))?;
+        if !remembered {
+            self.cfg
+                .create
+                .check(lan)
+                .map_err(|r| (Code::CREATE_NOT_ALLOWED, r))?;
+        }
         if let Some(a) = &opts.announce {
             if a.name.len() > isthmus_contact::MAX_ISLAND_NAME_BYTES {
                 return Err((
@@ -1143,7 +1179,11 @@ impl Shared {
 
 /// What a session asks before it ends: an expired one goes unless an attach is on its way; a
 /// closed one always goes, and its id is remembered so it is not created again.
-fn retire_from(registry: std::sync::Weak<Mutex<Reg>>, id: SessionId) -> Retire {
+fn retire_from(
+    registry: std::sync::Weak<Mutex<Reg>>,
+    id: SessionId,
+    book: Arc<remember::Book>,
+) -> Retire {
     Box::new(move |ending: Ending, attach_pending: &dyn Fn() -> bool| {
         let Some(registry) = registry.upgrade() else {
             return true;
@@ -1165,6 +1205,7 @@ fn retire_from(registry: std::sync::Weak<Mutex<Reg>>, id: SessionId) -> Retire {
         if let (Some(epoch), Some(ended)) = (gone.and_then(|s| s.epoch), &reg.ended) {
             let _ = ended.send((id, epoch));
         }
+        book.remove(id);
         true
     })
 }
@@ -1241,6 +1282,43 @@ fn announced(registry: &Mutex<Reg>) -> Vec<BeaconIsland> {
             })
         })
         .collect()
+}
+
+/// What a hello for a session this router does not have creates, if anything: the creator's
+/// options, or, for a recovering hello of a participant or admin (its router restarted, or the
+/// island's home died), the options it remembers. The session then gathers its replicas and
+/// continues their order. A recovering hello from afar keeps its island private on the beacon:
+/// a LAN-open secret is accepted only from the router's own network.
+fn creation(
+    body: &HelloBody,
+    lan: bool,
+    remembered: Option<&remember::Remembered>,
+) -> Option<wire::CreateOptions> {
+    if body.control {
+        return None;
+    }
+    if let Some(opts) = &body.create {
+        return Some(opts.clone());
+    }
+    let recover = body.recover.as_ref().filter(|_| body.role.may_send())?;
+    // The creator's own options first (a LAN-open secret comes only with them), then what the
+    // router remembers, then what any replica knows.
+    let mut opts = recover
+        .create
+        .clone()
+        .or_else(|| remembered.map(remember::Remembered::options))
+        .unwrap_or_else(|| wire::CreateOptions {
+            tick_interval_ms: u32::try_from(recover.tick_interval_us / 1000)
+                .ok()
+                .filter(|ms| *ms > 0),
+            ..wire::CreateOptions::default()
+        });
+    if !lan {
+        if let Some(a) = opts.announce.as_mut() {
+            a.secret = None;
+        }
+    }
+    Some(opts)
 }
 
 /// Checks the preamble (already read), answers with ours and this connection's nonce, then reads the
@@ -1494,7 +1572,7 @@ mod tests {
         assert_eq!(d.session_count(), 1);
 
         // An expired session waits for an attach on its way, then goes and may come back.
-        let retire = retire_from(Arc::downgrade(&s.registry), id);
+        let retire = retire_from(Arc::downgrade(&s.registry), id, s.book.clone());
         assert!(!retire(Ending::Expired, &|| true));
         assert_eq!(d.session_count(), 1);
         // Closed by its admin: it goes whatever is pending, and is remembered.

@@ -37,6 +37,14 @@ pub const DEFAULT_LIVENESS_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_GIVE_UP_AFTER: Duration = Duration::from_secs(300);
 /// Events buffered for the application before the client stops reading the socket.
 pub const DEFAULT_EVENT_QUEUE: usize = 1024;
+/// How long a recovering hello waits for its welcome: a router re-creating the island holds
+/// the joins while it gathers its replicas (3 s by default), on top of the usual handshake.
+pub const DEFAULT_RECOVER_WAIT: Duration = Duration::from_secs(10);
+/// Redirects followed in a row before the client backs off: two routers that disagree about
+/// an island's home must not bounce a replica between them for ever.
+pub const MAX_REDIRECTS: usize = 4;
+/// Addresses taken from a welcome's cluster routers and a redirect, at most.
+const MAX_LEARNED_ADDRESSES: usize = 16;
 
 /// How the client connects and stays connected.
 #[derive(Clone, Debug)]
@@ -66,6 +74,8 @@ pub struct ClientConfig {
     /// Payloads queued before the first connection, sent in order once welcomed; a replica with
     /// a `stop_after` seq does not stop before they are stamped.
     pub initial_sends: Vec<Bytes>,
+    /// How long a recovering hello waits for its welcome (the router may be gathering).
+    pub recover_wait: Duration,
 }
 
 impl ClientConfig {
@@ -84,6 +94,7 @@ impl ClientConfig {
             event_queue: DEFAULT_EVENT_QUEUE,
             give_up_after: DEFAULT_GIVE_UP_AFTER,
             initial_sends: Vec::new(),
+            recover_wait: DEFAULT_RECOVER_WAIT,
         }
     }
 }
@@ -236,7 +247,8 @@ async fn establish<I: Island>(
     cfg: &ClientConfig,
     replica: &mut Replica<I>,
 ) -> Result<Conn, ClientError> {
-    let mut candidates = cfg.routers.clone();
+    let mut candidates = candidates_for(cfg, replica);
+    let mut redirects = 0;
     loop {
         let Opened {
             stream,
@@ -251,15 +263,64 @@ async fn establish<I: Island>(
         .await?;
         match handshake(cfg, replica, stream, &nonce).await {
             Err(ClientError::Refused { code, reason })
-                if matches!(code, Code::UNKNOWN_SESSION | Code::BAD_CREDENTIALS)
-                    && candidates.len() > 1 =>
+                if matches!(
+                    code,
+                    Code::UNKNOWN_SESSION | Code::BAD_CREDENTIALS | Code::STALE_EPOCH
+                ) && candidates.len() > 1 =>
             {
                 tracing::debug!(%addr, "refused ({code}: {reason}); trying the other addresses");
                 candidates.retain(|a| *a != addr);
             }
+            Err(ClientError::Redirected { contacts, epoch }) => {
+                redirects += 1;
+                let home = redirect_addresses(&contacts);
+                if redirects > MAX_REDIRECTS || home.is_empty() || epoch < replica.epoch() {
+                    let why = if epoch < replica.epoch() {
+                        format!("{addr} redirected at epoch {epoch}, older than the {} this replica knows", replica.epoch())
+                    } else {
+                        format!("redirected {redirects} times in a row without reaching the island's home")
+                    };
+                    return Err(unreachable(cfg, why));
+                }
+                tracing::debug!(%addr, epoch, ?home, "redirected to the island's home");
+                candidates = home;
+            }
             other => return other,
         }
     }
+}
+
+/// Where to try: the configured routers, then the cluster routers the last welcome named.
+fn candidates_for<I: Island>(cfg: &ClientConfig, replica: &Replica<I>) -> Vec<SocketAddr> {
+    let mut out = cfg.routers.clone();
+    let learned: Vec<SocketAddr> = replica
+        .cluster()
+        .iter()
+        .flat_map(|c| c.ordered())
+        .filter(|a| !cfg.routers.contains(a))
+        .take(MAX_LEARNED_ADDRESSES)
+        .collect();
+    for a in learned {
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// A redirect's addresses, the home's first, without repeats and bounded.
+fn redirect_addresses(contacts: &[wire::Contacts]) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for a in contacts
+        .iter()
+        .take(wire::MAX_CLUSTER_CONTACTS)
+        .flat_map(|c| c.ordered())
+    {
+        if !out.contains(&a) && out.len() < MAX_LEARNED_ADDRESSES {
+            out.push(a);
+        }
+    }
+    out
 }
 
 async fn handshake<I: Island>(
@@ -274,7 +335,13 @@ async fn handshake<I: Island>(
         .await
         .map_err(|e| unreachable(cfg, e))?;
     let mut reader = FrameReader::new(reader, cfg.max_frame_bytes);
-    let first = tokio::time::timeout(cfg.connect_timeout, reader.read::<ServerFrame>())
+    // A router re-creating the island holds a recovering hello while it gathers.
+    let wait = if replica.was_welcomed() {
+        cfg.connect_timeout.max(cfg.recover_wait)
+    } else {
+        cfg.connect_timeout
+    };
+    let first = tokio::time::timeout(wait, reader.read::<ServerFrame>())
         .await
         .map_err(|_| unreachable(cfg, "no welcome in time"))?
         .map_err(|e| match e {
@@ -286,9 +353,12 @@ async fn handshake<I: Island>(
         Err(FrameError::Closed(Closed { code, reason })) => {
             return Err(ClientError::Refused { code, reason })
         }
+        Err(FrameError::Redirected { contacts, epoch }) => {
+            return Err(ClientError::Redirected { contacts, epoch })
+        }
         Err(e) => return Err(unreachable(cfg, e)),
     }
-    if !replica.was_welcomed() {
+    if !replica.is_welcomed() {
         return Err(unreachable(cfg, "the router did not welcome this replica"));
     }
     let (tx, rx) = mpsc::unbounded_channel();
@@ -454,6 +524,18 @@ async fn reconnect<I: Island>(
         }
         match establish(cfg, replica).await {
             Ok(conn) => return Ok(Some(conn)),
+            // The router restarted and the island is not back yet: a participant that can
+            // re-create it may be a moment away (an observer cannot, a replica mid-sync
+            // neither), so this is worth trying again until the give-up time.
+            Err(ClientError::Refused { code, reason })
+                if code == Code::UNKNOWN_SESSION && replica.recover_info().is_some() =>
+            {
+                tracing::debug!(
+                    "reconnect refused ({code}: {reason}); the island may be re-created shortly"
+                );
+                last_error = format!("{reason} ({code})");
+                delay = (delay * 2).min(cfg.backoff_max);
+            }
             Err(ClientError::Refused { code, reason }) if !code.is_retryable() => {
                 return Err(Retrying::Lost(format!("{reason} ({code})")));
             }
@@ -924,6 +1006,73 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "the router is busy: too many connections; try again later"
+        );
+    }
+
+    fn contacts_of(addr: SocketAddr) -> Contacts {
+        Contacts {
+            internal: vec![addr],
+            ..Contacts::default()
+        }
+    }
+
+    /// A router that answers every hello with a redirect to `to`, as a cluster router that is
+    /// not the island's home does.
+    fn redirecting_router(listener: TcpListener, to: SocketAddr, epoch: u64) {
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut pre = [0u8; PREAMBLE_LEN];
+                    s.read_exact(&mut pre).await.expect("preamble");
+                    s.write_all(&wire::router_preamble(&[2; NONCE_LEN]))
+                        .await
+                        .expect("write");
+                    let mut buf = BytesMut::new();
+                    let _hello = read_client_frame(&mut s, &mut buf).await;
+                    let redirect = ServerFrame::Redirect {
+                        contacts: vec![contacts_of(to)],
+                        epoch,
+                    };
+                    let _ = s.write_all(&wire::encode(&redirect)).await;
+                });
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_followed_to_the_islands_home() {
+        let home = scripted_router(
+            wire::router_preamble(&[1; NONCE_LEN]).to_vec(),
+            Some(welcome(
+                SessionId::random(),
+                ReplicaId(uuid::Uuid::from_u128(1)),
+            )),
+        )
+        .await;
+        let other = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let other_addr = other.local_addr().expect("addr");
+        redirecting_router(other, home, 3);
+        let (_h, mut events) = connect(replica_cfg(other_addr), ChatIsland::default())
+            .await
+            .expect("welcomed by the home");
+        assert!(matches!(events.recv().await, Some(Event::Welcomed { .. })));
+    }
+
+    #[tokio::test]
+    async fn two_routers_redirecting_to_each_other_do_not_bounce_a_replica_for_ever() {
+        let a = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let b = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (a_addr, b_addr) = (a.local_addr().expect("a"), b.local_addr().expect("b"));
+        redirecting_router(a, b_addr, 3);
+        redirecting_router(b, a_addr, 3);
+        let err = connect(replica_cfg(a_addr), ChatIsland::default())
+            .await
+            .err()
+            .expect("gives up on the bouncing");
+        assert!(
+            err.to_string()
+                .contains(&format!("redirected {} times in a row", MAX_REDIRECTS + 1)),
+            "{err}"
         );
     }
 }

@@ -118,6 +118,15 @@ pub enum ClientError {
     /// Nothing to connect to.
     #[error("no router address to connect to")]
     NoAddress,
+    /// The router is not the island's home and named where it is (followed by the client
+    /// itself; seen only if the redirect could not be followed).
+    #[error("the router sent this replica to the island's home (epoch {epoch})")]
+    Redirected {
+        /// The home's contact points, best first.
+        contacts: Vec<isthmus_router::wire::Contacts>,
+        /// The home's placement epoch.
+        epoch: u64,
+    },
 }
 
 /// "an observer", "a participant".

@@ -8,10 +8,10 @@ use isthmus_contact::Postcard;
 use isthmus_router::auth::{self, Capability, IslandKeys, KeyPair, NONCE_LEN};
 use isthmus_router::ids::{ReplicaId, RouterTime, Seq, SessionId};
 use isthmus_router::wire::{
-    self, ClientFrame, Code, CreateOptions, Divergence, HelloBody, Message, Origin, Role,
-    ServerFrame,
+    self, ClientFrame, Code, CreateOptions, Divergence, HelloBody, Message, Origin, Recover, Role,
+    SeenEntry, ServerFrame,
 };
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 /// Pieces a snapshot is uploaded in; well under the router's frame limit.
 pub const SNAPSHOT_UPLOAD_CHUNK: usize = 128 * 1024;
@@ -70,6 +70,23 @@ impl Seen {
         out.extend_from_slice(&body);
         out.extend_from_slice(island);
         out
+    }
+
+    /// The table as the wire's `Seen` frame carries it.
+    fn entries(&self) -> Vec<SeenEntry> {
+        self.0
+            .iter()
+            .map(|(r, (client_seq, at))| SeenEntry {
+                replica: *r,
+                client_seq: *client_seq,
+                at: Seq(*at),
+            })
+            .collect()
+    }
+
+    /// The highest client seq of `replica` applied.
+    fn last_of(&self, replica: ReplicaId) -> u64 {
+        self.0.get(&replica).map_or(0, |(c, _)| *c)
     }
 
     /// Splits a snapshot made by [`Seen::wrap`].
@@ -339,6 +356,21 @@ pub struct Replica<I> {
     incarnation: Option<u64>,
     /// The next presence frame is the whole list (it follows a welcome).
     presence_is_whole: bool,
+    /// The highest placement epoch welcomed at: a welcome below it is refused (fencing).
+    epoch: u64,
+    /// The epoch of the order the island state belongs to: the welcome's once this replica
+    /// resumed or synced under it. A recovering hello claims this one, not `epoch`: a replica
+    /// welcomed by a new home but not yet synced still holds the old home's order.
+    state_epoch: u64,
+    /// The newest router time applied (messages and ticks), for a recovering hello.
+    last_time: RouterTime,
+    /// The tick interval of the last welcome, for a recovering hello.
+    tick_interval_us: u64,
+    /// Who is attached, as presence frames say (bounded by [`MAX_PRESENT`]): a recovering hello
+    /// says how many, so a router re-creating the island knows whom to wait for.
+    present: BTreeSet<ReplicaId>,
+    /// Other routers of the cluster, from the last welcome.
+    cluster: Vec<wire::Contacts>,
 }
 
 impl<I: Island> Replica<I> {
@@ -369,6 +401,12 @@ impl<I: Island> Replica<I> {
             last_upload: None,
             incarnation: None,
             presence_is_whole: false,
+            epoch: 0,
+            state_epoch: 0,
+            last_time: RouterTime(0),
+            tick_interval_us: 0,
+            present: BTreeSet::new(),
+            cluster: Vec::new(),
         }
     }
 
@@ -392,7 +430,44 @@ impl<I: Island> Replica<I> {
         self.welcomed_once
     }
 
-    /// Sends not yet echoed by the router.
+    /// True while the current connection is welcomed.
+    pub fn is_welcomed(&self) -> bool {
+        self.welcomed
+    }
+
+    /// The highest placement epoch this replica was welcomed at (0 before any welcome).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Other routers of the cluster, as the last welcome named them: worth trying on a
+    /// reconnect. Empty for a lone router.
+    pub fn cluster(&self) -> &[wire::Contacts] {
+        &self.cluster
+    }
+
+    /// What a recovering hello says: everything a router that lost the session needs to
+    /// re-create it. `None` before the first welcome.
+    pub fn recover_info(&self) -> Option<Recover> {
+        let incarnation = self.incarnation?;
+        Some(Recover {
+            incarnation,
+            epoch: self.state_epoch,
+            time: self.last_time,
+            members: self.present.len().max(1) as u32,
+            tick_interval_us: self.tick_interval_us,
+            create: self
+                .cfg
+                .role()
+                .may_send()
+                .then(|| self.cfg.create.clone())
+                .flatten(),
+        })
+    }
+
+    /// Sends not yet applied by this replica: not yet stamped, or stamped but not yet seen in
+    /// the order (a router that stamped them and died before anyone applied them took them
+    /// along, so they are kept until applied and resent to a re-created session).
     pub fn pending_sends(&self) -> usize {
         self.unconfirmed.len()
     }
@@ -404,8 +479,10 @@ impl<I: Island> Replica<I> {
 
     /// The hello for a new connection, signed over the router's `nonce` (sent after the
     /// preamble exchange). Resumes when the state is consistent, and asks to create the session
-    /// only before the first welcome: after a router restart the replica must learn the session
-    /// is gone, not silently start a new one.
+    /// only before the first welcome. After it, every hello is a recovering one (it carries
+    /// [`Replica::recover_info`]) followed at once by the duplicate table (`Seen`) when the
+    /// state is consistent, so a router that lost the session can re-create it from its
+    /// replicas; the returned bytes are then both frames.
     pub fn hello(&self, nonce: &[u8; NONCE_LEN]) -> Bytes {
         let role = self.cfg.role();
         let body = HelloBody {
@@ -422,15 +499,27 @@ impl<I: Island> Replica<I> {
                 self.cfg.create.clone()
             },
             control: false,
-            recover: None,
+            recover: self.recover_info(),
         };
+        let recovering = body.recover.is_some() && body.resume_from.is_some();
         let hello = auth::sign_hello(
             nonce,
             body,
             &self.cfg.role_capability().key_pair(),
             &self.cfg.key,
         );
-        wire::encode(&ClientFrame::Hello(hello))
+        let hello = wire::encode(&ClientFrame::Hello(hello));
+        if !recovering {
+            return hello;
+        }
+        let mut both = BytesMut::from(&hello[..]);
+        wire::encode_into(
+            &ClientFrame::Seen {
+                entries: self.seen.entries(),
+            },
+            &mut both,
+        );
+        both.freeze()
     }
 
     /// The connection is gone. A sync in progress leaves the island inconsistent, so the next
@@ -503,10 +592,22 @@ impl<I: Island> Replica<I> {
         }
         match frame {
             ServerFrame::Presence { joined, left } => {
+                let whole = std::mem::take(&mut self.presence_is_whole);
+                if whole {
+                    self.present.clear();
+                }
+                for p in &joined {
+                    if self.present.len() < MAX_PRESENT {
+                        self.present.insert(p.replica);
+                    }
+                }
+                for r in &left {
+                    self.present.remove(r);
+                }
                 // Passed on as changes (at most a frame's worth each); whoever keeps the list
                 // bounds it, see MAX_PRESENT.
                 self.events.push_back(Event::Presence {
-                    whole: std::mem::take(&mut self.presence_is_whole),
+                    whole,
                     joined: joined
                         .into_iter()
                         .map(|p| (p.replica, p.name, p.role))
@@ -515,6 +616,16 @@ impl<I: Island> Replica<I> {
                 });
             }
             ServerFrame::Welcome(w) => {
+                if w.epoch < self.epoch {
+                    // A home that was replaced (fencing): nothing from it may be applied.
+                    return Err(FrameError::Closed(Closed {
+                        code: Code::STALE_EPOCH,
+                        reason: format!(
+                            "this router welcomed at epoch {}, but this replica was already welcomed at epoch {} by the island's newer home; trying the other routers",
+                            w.epoch, self.epoch
+                        ),
+                    }));
+                }
                 if self.incarnation.is_some_and(|i| i != w.incarnation) {
                     // Same keys, same session id, but created again: the island this replica
                     // was in is gone, and resuming into the new one would mix two histories.
@@ -524,11 +635,18 @@ impl<I: Island> Replica<I> {
                     }));
                 }
                 self.incarnation = Some(w.incarnation);
+                self.epoch = w.epoch;
+                self.tick_interval_us = w.tick_interval_us;
+                self.last_time = self.last_time.max(w.time);
+                self.cluster = w
+                    .cluster
+                    .into_iter()
+                    .take(wire::MAX_CLUSTER_CONTACTS)
+                    .collect();
                 self.presence_is_whole = true;
                 self.welcomed_once = true;
                 self.welcomed = true;
                 self.max_payload = w.max_payload_bytes as usize;
-                self.confirm_upto(w.last_client_seq);
                 // Sends queued before this router said its limit (or for another router) may
                 // be over it; the router would close the replica for them (2005, fatal).
                 let max = self.max_payload;
@@ -548,8 +666,16 @@ impl<I: Island> Replica<I> {
                     });
                 }
                 // Resend only what the router has not stamped: a client seq at or below the one
-                // it confirmed is a protocol violation.
-                for (client_seq, payload) in self.unconfirmed.clone() {
+                // it confirmed is a protocol violation. Those are kept until applied: if this
+                // router dies before anyone applied them, a re-created session has not got them.
+                let confirmed = w.last_client_seq;
+                for (client_seq, payload) in self
+                    .unconfirmed
+                    .iter()
+                    .filter(|(cs, _)| *cs > confirmed)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                {
                     self.out.push_back(wire::encode(&ClientFrame::Send {
                         client_seq,
                         payload,
@@ -601,6 +727,10 @@ impl<I: Island> Replica<I> {
                 s.data.extend_from_slice(&data);
             }
             ServerFrame::Message(m) => {
+                if self.sync.is_none() {
+                    // A resume: the state is part of this welcome's order from here on.
+                    self.state_epoch = self.epoch;
+                }
                 self.finish_restore()?;
                 self.apply(m)?;
             }
@@ -617,11 +747,13 @@ impl<I: Island> Replica<I> {
                 }
                 self.sync = None;
                 self.valid = true;
+                self.state_epoch = self.epoch;
                 self.confirm_upto(last_client_seq);
                 self.events.push_back(Event::Synced { seq });
                 self.check_stop();
             }
             ServerFrame::Tick { time } => {
+                self.last_time = self.last_time.max(time);
                 self.island.tick(time);
                 self.events.push_back(Event::Tick(time));
             }
@@ -674,6 +806,9 @@ impl<I: Island> Replica<I> {
         self.island.restore(island).map_err(FrameError::Restore)?;
         self.seen = seen;
         self.last_seq = at;
+        // Own sends inside the snapshot are applied now.
+        let mine = self.seen.last_of(self.replica);
+        self.confirm_upto(mine);
         self.events.push_back(Event::Restored { at: Seq(at) });
         self.check_stop();
         Ok(())
@@ -713,6 +848,7 @@ impl<I: Island> Replica<I> {
                 .map(Bytes::from),
         };
         self.last_seq = m.seq.0;
+        self.last_time = self.last_time.max(m.time);
         if m.origin == Origin::Replica(self.replica) {
             self.confirm_upto(m.client_seq);
         }
@@ -1543,5 +1679,182 @@ mod tests {
             })
             .expect("stopped");
         assert_eq!(stopped, (Seq(4), provider.island().digest()));
+    }
+
+    fn welcome_at(epoch: u64, last_client_seq: u64) -> ServerFrame {
+        let ServerFrame::Welcome(mut w) = welcome(last_client_seq) else {
+            unreachable!()
+        };
+        w.epoch = epoch;
+        ServerFrame::Welcome(w)
+    }
+
+    /// Decodes what `hello` wrote: the hello, then whatever was pipelined after it.
+    fn hello_frames(r: &Replica<ChatIsland>) -> Vec<ClientFrame> {
+        let mut buf = BytesMut::from(&r.hello(&NONCE)[..]);
+        std::iter::from_fn(|| wire::decode::<ClientFrame>(&mut buf, usize::MAX).expect("decodes"))
+            .collect()
+    }
+
+    #[test]
+    fn a_reconnect_is_a_recovering_hello_with_the_duplicate_table_pipelined() {
+        let mut a = live(cfg(None));
+        a.handle_frame(ServerFrame::Presence {
+            joined: vec![
+                wire::Present {
+                    replica: a.replica_id(),
+                    name: "a".into(),
+                    role: Role::Replica,
+                },
+                wire::Present {
+                    replica: ReplicaId(uuid::Uuid::from_u128(77)),
+                    name: "b".into(),
+                    role: Role::Replica,
+                },
+            ],
+            left: Vec::new(),
+        })
+        .expect("presence");
+        a.send(ChatIsland::payload("a", "hi")).expect("send");
+        let m = stamped(&mut a, 1);
+        a.handle_frame(ServerFrame::Message(m)).expect("echo");
+        a.handle_frame(ServerFrame::Tick {
+            time: RouterTime(500),
+        })
+        .expect("tick");
+        a.disconnected();
+        let frames = hello_frames(&a);
+        let [ClientFrame::Hello(h), ClientFrame::Seen { entries }] = &frames[..] else {
+            panic!("hello then table: {frames:?}")
+        };
+        assert!(h.body.create.is_none(), "never create on a reconnect");
+        assert_eq!(h.body.resume_from, Some(Seq(1)));
+        let r = h.body.recover.as_ref().expect("recover info");
+        assert_eq!(
+            (r.incarnation, r.epoch, r.time, r.members),
+            (1, 1, RouterTime(500), 2)
+        );
+        assert_eq!(r.tick_interval_us, 50_000);
+        assert_eq!(
+            entries,
+            &vec![SeenEntry {
+                replica: a.replica_id(),
+                client_seq: 1,
+                at: Seq(1)
+            }]
+        );
+        // Before any welcome there is nothing to recover.
+        let fresh = Replica::new(cfg(None), ChatIsland::default());
+        assert!(
+            matches!(&hello_frames(&fresh)[..], [ClientFrame::Hello(h)] if h.body.recover.is_none())
+        );
+    }
+
+    #[test]
+    fn a_welcome_from_an_older_epoch_is_refused_and_nothing_from_it_applied() {
+        let mut r = live(cfg(None));
+        r.disconnected();
+        r.handle_frame(welcome_at(5, 0)).expect("newer home");
+        assert_eq!(r.epoch(), 5);
+        r.disconnected();
+        let err = r.handle_frame(welcome_at(4, 0)).expect_err("fenced");
+        assert!(
+            matches!(&err, FrameError::Closed(Closed { code, .. }) if *code == Code::STALE_EPOCH),
+            "{err}"
+        );
+        assert!(!r.is_welcomed());
+        assert_eq!(r.epoch(), 5);
+    }
+
+    #[test]
+    fn sends_a_welcome_confirms_are_kept_until_applied_and_resent_to_a_re_created_session() {
+        let mut r = live(cfg(None));
+        r.send(ChatIsland::payload("a", "one")).expect("send");
+        let one = stamped(&mut r, 1);
+        r.disconnected();
+        // The router stamped it but died before this replica saw it stamped.
+        r.handle_frame(welcome(1)).expect("welcome");
+        assert!(
+            frames(&mut r).is_empty(),
+            "confirmed: not resent to that router"
+        );
+        assert_eq!(r.pending_sends(), 1, "kept until applied");
+        r.disconnected();
+        // A session re-created from replicas that never applied it does not have it.
+        r.handle_frame(welcome_at(2, 0)).expect("re-created");
+        let resent = frames(&mut r);
+        assert!(
+            matches!(&resent[..], [ClientFrame::Send { client_seq: 1, payload }] if *payload == one.payload),
+            "{resent:?}"
+        );
+        r.handle_frame(ServerFrame::Message(one))
+            .expect("stamped again");
+        assert_eq!(r.pending_sends(), 0);
+    }
+
+    #[test]
+    fn a_replica_past_the_re_created_order_is_replaced_by_a_snapshot() {
+        // a and b share seq 1; a also applied seq 2, which the dead router stamped and nobody
+        // else has: the order continued from b at 1.
+        let mut a = live(cfg(None));
+        let mut b = live(cfg(None));
+        for r in [&mut a, &mut b] {
+            r.handle_frame(msg(1)).expect("m1");
+        }
+        a.handle_frame(msg(2)).expect("m2 only a has");
+        b.handle_frame(ServerFrame::SnapshotRequest {
+            request: 1,
+            at: Seq(1),
+        })
+        .expect("request");
+        let snap: Vec<u8> = frames(&mut b)
+            .into_iter()
+            .filter_map(|f| match f {
+                ClientFrame::SnapshotChunk { data, .. } => Some(data.to_vec()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        a.disconnected();
+        a.handle_frame(welcome_at(2, 0)).expect("welcome");
+        a.handle_frame(ServerFrame::SyncBegin {
+            at: Seq(1),
+            snapshot_len: Some(snap.len() as u64),
+        })
+        .expect("a full sync");
+        a.handle_frame(ServerFrame::SnapshotData {
+            data: Bytes::from(snap),
+        })
+        .expect("data");
+        synced(&mut a, 1);
+        assert_eq!(a.last_seq(), Seq(1));
+        assert_eq!(
+            a.island().digest(),
+            b.island().digest(),
+            "nothing past 1 kept"
+        );
+    }
+
+    #[test]
+    fn a_redirect_is_handed_to_the_client() {
+        let mut r = Replica::new(cfg(None), ChatIsland::default());
+        let home = wire::Contacts {
+            internal: vec!["127.0.0.2:7470".parse().expect("addr")],
+            ..wire::Contacts::default()
+        };
+        let err = r
+            .handle_frame(ServerFrame::Redirect {
+                contacts: vec![home.clone()],
+                epoch: 9,
+            })
+            .expect_err("not a welcome");
+        assert_eq!(
+            err,
+            FrameError::Redirected {
+                contacts: vec![home],
+                epoch: 9
+            }
+        );
+        assert!(!r.was_welcomed());
     }
 }

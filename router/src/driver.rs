@@ -447,6 +447,13 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
         Notice::SnapshotWanted { messages } => {
             debug!(session = %id, messages, "snapshot wanted")
         }
+        Notice::Recovered {
+            at,
+            epoch,
+            replicas,
+        } => {
+            info!(session = %id, island = ?island, at = at.0, epoch, replicas, "island re-created from its replicas")
+        }
         Notice::SnapshotStored { at, bytes, took } => {
             debug!(session = %id, at = at.0, bytes, ?took, "snapshot stored")
         }

@@ -46,6 +46,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod gather;
+
 /// Default idle time before a tick: 20 ticks a second keeps island time smooth for animation.
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(50);
 /// How long an empty session keeps its snapshot and history, so a replica that drops out briefly
@@ -323,6 +325,15 @@ pub enum Notice {
         /// From the request to the last piece, for the upload-duration histogram.
         took: Duration,
     },
+    /// A session re-created from its replicas ended its gathering and continues the order.
+    Recovered {
+        /// The seq it continues after (the most advanced replica's).
+        at: Seq,
+        /// The placement epoch its welcomes carry.
+        epoch: u64,
+        /// Joins that were held, now let in.
+        replicas: usize,
+    },
     /// A joining replica got `Synced`: it is live now.
     Synced {
         /// Who.
@@ -457,6 +468,14 @@ pub struct Session {
     out: VecDeque<Output>,
     /// The placement epoch welcomes carry (see [`SessionConfig::epoch`]).
     epoch: u64,
+    /// Router time at `start`: a re-created session continues from its replicas' newest time.
+    time_base: u64,
+    /// Somebody was ever let in: only a session's very first join can start a gathering.
+    ever_joined: bool,
+    /// Joins held while the session is re-created from its replicas (see `gather.rs`).
+    gathering: Option<gather::Gathering>,
+    /// The seq and router time a re-created session continued from.
+    founded: Option<(u64, u64)>,
 }
 
 impl Session {
@@ -491,6 +510,10 @@ impl Session {
             idle_due: None,
             out: VecDeque::new(),
             epoch,
+            time_base: 0,
+            ever_joined: false,
+            gathering: None,
+            founded: None,
         }
     }
 
@@ -535,9 +558,16 @@ impl Session {
         self.closed
     }
 
+    /// True while a session re-created from its replicas holds their joins (see
+    /// [`SessionConfig::gather_timeout`]).
+    pub fn is_gathering(&self) -> bool {
+        self.gathering.is_some()
+    }
+
     /// True once the session has been empty for its linger time: the driver drops it.
     pub fn is_expired(&self, now: Instant) -> bool {
         self.members.is_empty()
+            && self.gathering.as_ref().is_none_or(|g| g.is_empty())
             && self
                 .empty_since
                 .is_some_and(|since| now >= since + self.cfg.linger)
@@ -564,6 +594,13 @@ impl Session {
         if let (true, Some(since)) = (self.members.is_empty(), self.empty_since) {
             consider(since + self.cfg.linger);
         }
+        if let Some(due) = self
+            .gathering
+            .as_ref()
+            .and_then(|g| g.deadline(self.cfg.gather_timeout))
+        {
+            consider(due);
+        }
         next
     }
 
@@ -571,7 +608,17 @@ impl Session {
     ///
     /// The whole join is checked before anything changes: a refused hello leaves an existing
     /// connection of the same replica in place. Only an accepted one replaces it (code 1007).
-    pub fn handle_join(&mut self, conn: ConnId, req: JoinRequest, now: Instant) {
+    pub fn handle_join(&mut self, conn: ConnId, mut req: JoinRequest, now: Instant) {
+        if self.gathering.is_none() && self.starts_gathering(&req) {
+            self.gathering = Some(gather::Gathering::default());
+        }
+        if self.gathering.is_some() {
+            return self.hold(conn, req, now);
+        }
+        self.ever_joined = true;
+        if self.beyond_the_order(&req) {
+            req.resume_from = None;
+        }
         if let Err((code, reason)) = self.check_join(conn, &req) {
             return self.refuse(conn, req.replica, code, reason);
         }
@@ -723,6 +770,9 @@ impl Session {
 
     /// A frame from an attached replica.
     pub fn handle_frame(&mut self, conn: ConnId, frame: wire::ClientFrame, now: Instant) {
+        if self.gathering.as_ref().is_some_and(|g| g.holds(conn)) {
+            return self.held_frame(conn, frame, now);
+        }
         let Some(m) = self.members.get_mut(&conn) else {
             return;
         };
@@ -891,6 +941,10 @@ impl Session {
 
     /// The connection is gone (closed by the peer, or an I/O error).
     pub fn handle_disconnect(&mut self, conn: ConnId, now: Instant) {
+        if self.gathering.as_ref().is_some_and(|g| g.holds(conn)) {
+            self.release_held(conn, None);
+            return self.after_held_change(now);
+        }
         if self.members.contains_key(&conn) {
             self.remove_member(conn, None, true, now);
             self.reap(now);
@@ -899,6 +953,7 @@ impl Session {
 
     /// Ticks, idle timeouts and snapshot timeouts that are due.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.try_finish_gathering(now);
         if now >= self.last_activity + self.cfg.tick_interval
             && self.members.values().any(Member::is_live)
         {
@@ -992,17 +1047,29 @@ impl Session {
     /// The router time at `now`, without moving it: what a frame made now would carry.
     pub fn time(&self, now: Instant) -> RouterTime {
         let elapsed = now.saturating_duration_since(self.start).as_micros() as u64;
-        RouterTime(self.last_time.max(elapsed))
+        RouterTime(self.last_time.max(self.time_base.saturating_add(elapsed)))
     }
 
     /// Closes one connection with a reason, e.g. when its bytes did not decode.
     pub fn disconnect(&mut self, conn: ConnId, code: Code, reason: &str, now: Instant) {
+        if self.gathering.as_ref().is_some_and(|g| g.holds(conn)) {
+            self.release_held(conn, Some((code, reason.to_string())));
+            return self.after_held_change(now);
+        }
         self.doom(conn, code, reason, false);
         self.reap(now);
     }
 
     /// Says goodbye to every replica, e.g. when the router shuts down.
     pub fn shutdown(&mut self, code: Code, reason: &str, now: Instant) {
+        for conn in self
+            .gathering
+            .as_ref()
+            .map(|g| g.conns())
+            .unwrap_or_default()
+        {
+            self.release_held(conn, Some((code, reason.to_string())));
+        }
         let conns: Vec<ConnId> = self.members.keys().copied().collect();
         for conn in conns {
             self.doom(conn, code, reason, false);
@@ -1182,7 +1249,7 @@ impl Session {
 
     fn router_time(&mut self, now: Instant) -> u64 {
         let elapsed = now.saturating_duration_since(self.start).as_micros() as u64;
-        self.last_time = self.last_time.max(elapsed);
+        self.last_time = self.last_time.max(self.time_base.saturating_add(elapsed));
         self.last_time
     }
 

@@ -237,6 +237,8 @@ impl SessionStats {
             }
             // Asked of Croquet clients (REQU); the upload itself is counted when stored.
             Notice::SnapshotWanted { .. } => {}
+            // Logged by the driver; the joins it lets in are counted as they sync.
+            Notice::Recovered { .. } => {}
             Notice::SnapshotStored { took, .. } => {
                 let mut ev = lock(&self.router.events);
                 ev.snapshots += 1;

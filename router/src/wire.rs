@@ -322,7 +322,9 @@ pub struct Recover {
     /// The incarnation it was welcomed at ([`Welcome::incarnation`]): a re-created session keeps
     /// it, so replicas resume instead of seeing a new island.
     pub incarnation: u64,
-    /// The highest placement epoch it was welcomed at ([`Welcome::epoch`]).
+    /// The placement epoch of the order its state belongs to: that of the welcome before its
+    /// last `Synced` (a replica welcomed by a new home but not yet synced still holds the old
+    /// home's order).
     pub epoch: u64,
     /// The newest router time it applied (message or tick): router time never goes back.
     pub time: RouterTime,

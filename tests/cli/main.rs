@@ -11,5 +11,6 @@ mod nat;
 mod natpmp;
 mod proc;
 mod prometheus;
+mod recover;
 mod router;
 mod status;

@@ -72,10 +72,23 @@ impl Proc {
         Proc::from_command(cmd)
     }
 
+    /// `isthmus ARGS` with a pipe to its stdin, for a test that types lines over time.
+    pub fn spawn_with_stdin(args: &[String]) -> (Proc, std::process::ChildStdin) {
+        let mut cmd = isthmus();
+        cmd.args(args).stdin(Stdio::piped());
+        let mut p = Proc::start(cmd);
+        let stdin = p.child.stdin.take().expect("stdin");
+        (p, stdin)
+    }
+
     /// Runs any command (e.g. `ip netns exec ...`) with stdout read line by line.
     pub fn from_command(mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null());
+        Proc::start(cmd)
+    }
+
+    fn start(mut cmd: Command) -> Proc {
         let mut child = cmd
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -9,7 +9,7 @@ use isthmus_island_client::{ClientConfig, ClientError, Event, ReplicaConfig};
 use isthmus_router::auth::Capability;
 use isthmus_router::ids::{Seq, SessionId};
 use isthmus_router::wire::{AdminCommand, Code, CreateOptions};
-use isthmus_tests::{start_router, Proxy, PATIENCE};
+use isthmus_tests::{start_router, start_router_on, Proxy, PATIENCE};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -182,87 +182,218 @@ async fn a_silently_dead_path_is_noticed_and_replaced() {
     a.leave().await;
 }
 
+/// Three replicas sending steadily through a router that crashes (its goodbyes never reach
+/// anyone) and comes back empty on the same port: they re-create their island from the most
+/// advanced of them and carry on, with one order, no gap, no duplicate, every send stamped
+/// exactly once, identical digests, and nobody told the session is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_router_restart_is_reported_as_a_lost_session() {
-    let router = start_router(DispatcherConfig::default()).await;
+async fn a_router_restart_re_creates_the_island_from_its_replicas() {
+    crash_and_restart(DispatcherConfig::default(), DispatcherConfig::default()).await;
+}
+
+/// The restarted router creates no islands at all (`create = none`), yet it remembered the one
+/// it was home for (in its data directory), so that island's replicas re-create it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_island_is_re_created_whatever_the_create_policy() {
+    let dir = std::env::temp_dir().join(format!("isthmus-remember-{}", uuid::Uuid::new_v4()));
+    let first = DispatcherConfig {
+        remember_dir: Some(dir.clone()),
+        ..DispatcherConfig::default()
+    };
+    let second = DispatcherConfig {
+        remember_dir: Some(dir.clone()),
+        create: isthmus_dispatcher::CreatePolicy::None,
+        ..DispatcherConfig::default()
+    };
+    crash_and_restart(first, second).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Runs three replicas sending steadily through `first`, crashes it mid-traffic, brings
+/// `second` up on the same port and checks that the island carried on whole.
+async fn crash_and_restart(first: DispatcherConfig, second: DispatcherConfig) {
+    let router = start_router(first).await;
     let addr = router.addr;
-    // Through a proxy, so the router can die without its goodbye reaching the replica, as in a
-    // crash (a goodbye alone already ends the island: see the CLI tests).
+    // Through a proxy, so the router can die without its goodbye reaching the replicas, as in
+    // a crash (SIGKILL: see the CLI test for the real thing).
     let proxy = Proxy::start(addr).await;
     let card = island();
-    let (a, mut events) = client::connect(config(proxy.addr, &card, true), ChatIsland::default())
-        .await
-        .expect("connect");
-    a.send(ChatIsland::payload("a", "hello"))
-        .await
-        .expect("send");
-    until_seq(&mut events, 1).await;
-
+    let per_replica = 150u64;
+    let names = ["a", "b", "c"];
+    let total = per_replica * names.len() as u64;
+    let mut handles = Vec::new();
+    let mut logs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut cfg = config(proxy.addr, &card, i == 0);
+        cfg.replica.stop_after = Some(Seq(total));
+        let (h, events) = client::connect(cfg, ChatIsland::default())
+            .await
+            .expect("connect");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        tokio::spawn(collect(events, log.clone()));
+        handles.push((name.to_string(), std::sync::Arc::new(h)));
+        logs.push(log);
+    }
+    let senders: Vec<_> = handles
+        .iter()
+        .map(|(name, h)| {
+            let (name, h) = (name.clone(), h.clone());
+            tokio::spawn(async move {
+                for k in 0..per_replica {
+                    h.send(ChatIsland::payload(&name, &format!("{name}{k}")))
+                        .await
+                        .expect("queued, also while reconnecting");
+                    tokio::time::sleep(Duration::from_millis(4)).await;
+                }
+            })
+        })
+        .collect();
+    // The crash, in the middle of the traffic.
+    wait_for(
+        &logs[0],
+        |e| matches!(e, Event::Message(m) if m.seq.0 >= total / 4),
+    )
+    .await;
     proxy.freeze(true);
     router.shutdown.cancel();
     router.task.await.expect("router stops");
     proxy.cut();
-    // Only once the replica has seen the connection drop may the proxy forward again: a pump
-    // of the old connection that has not seen the cut yet would deliver the held goodbye.
-    let mut seen = Vec::new();
-    tokio::time::timeout(PATIENCE, async {
-        loop {
-            match events.recv().await {
-                Some(e @ Event::Disconnected { .. }) => {
-                    seen.push(e);
-                    return;
-                }
-                Some(e) => seen.push(e),
-                None => panic!("ended before noticing the drop: {seen:?}"),
-            }
-        }
-    })
-    .await
-    .expect("the drop is noticed");
+    // Only once every replica has seen the drop may the proxy forward again: a pump of an old
+    // connection that has not seen the cut yet would deliver the held goodbye.
+    for log in &logs {
+        wait_for(log, |e| matches!(e, Event::Disconnected { .. })).await;
+    }
     proxy.freeze(false);
-    // The same port comes back with an empty router.
-    let cfg = DispatcherConfig {
-        listen: addr,
-        ..DispatcherConfig::default()
-    };
-    let again = isthmus_dispatcher::Dispatcher::bind(cfg)
+    let again = start_router_on(second, addr).await;
+    for s in senders {
+        s.await.expect("every send handed over");
+    }
+    let mut digests = Vec::new();
+    for log in &logs {
+        wait_for(log, |e| matches!(e, Event::Stopped { .. })).await;
+        let events = log.lock().expect("log").clone();
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, Event::SessionLost { .. })),
+            "nobody loses the island: {events:?}"
+        );
+        assert!(events.iter().any(|e| matches!(e, Event::Reconnected)));
+        let Some(Event::Stopped { seq, digest }) = events.last().cloned() else {
+            panic!("stopped last")
+        };
+        assert_eq!(seq, Seq(total));
+        digests.push(digest);
+    }
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "one state");
+    // The island state itself: every line once, in one order (the chat keeps every line).
+    let (lines, _) = handles[0]
+        .1
+        .inspect(|c: &ChatIsland, seq| (c.lines().map(|l| l.text.clone()).collect::<Vec<_>>(), seq))
         .await
-        .expect("rebind");
-    let stop = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(again.run(stop.clone()));
-
-    let lost = tokio::time::timeout(PATIENCE, async {
-        loop {
-            match events.recv().await {
-                Some(Event::SessionLost { reason }) => return reason,
-                Some(e) => seen.push(e),
-                None => panic!("ended without reporting the lost session: {seen:?}"),
-            }
-        }
-    })
-    .await
-    .expect("the lost session is reported");
-    assert!(
-        seen.iter().any(|e| matches!(e, Event::Disconnected { .. })),
-        "noticed the drop first: {seen:?}"
+        .expect("inspect");
+    assert_eq!(lines.len() as u64, total, "no gap, no duplicate");
+    let mut unique = lines.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len() as u64,
+        total,
+        "every send stamped exactly once"
     );
-    assert!(
-        !seen.iter().any(|e| matches!(e, Event::Reconnected)),
-        "never pretends continuity"
-    );
-    assert!(lost.contains("2002"), "{lost}");
-    // The replica did not quietly create a fresh session on the new router.
-    assert_eq!(0, count_sessions(&a).await);
-    stop.cancel();
-    task.await.expect("router ends");
+    again.shutdown.cancel();
+    again.task.await.expect("router ends");
 }
 
-async fn count_sessions(a: &ClientHandle<ChatIsland>) -> usize {
-    // After a lost session the handle no longer works: sends fail instead of vanishing.
-    match a.send(ChatIsland::payload("a", "x")).await {
-        Ok(_) => 1,
-        Err(_) => 0,
+/// An observer that comes back to a restarted router before any participant meets "unknown
+/// session": it cannot re-create the island itself, so it keeps trying (it does not give up
+/// the island) until a participant has re-created it, and then follows it as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_back_first_waits_for_a_participant_to_re_create_the_island() {
+    let router = start_router(DispatcherConfig::default()).await;
+    let addr = router.addr;
+    let proxy = Proxy::start(addr).await;
+    let card = island();
+    let mut pcfg = config(proxy.addr, &card, true);
+    // The participant takes its time to come back; the observer hurries.
+    pcfg.backoff_initial = Duration::from_millis(1500);
+    pcfg.backoff_max = Duration::from_millis(1500);
+    let (p, p_events) = client::connect(pcfg, ChatIsland::default())
+        .await
+        .expect("participant");
+    let observer = card.observer().expect("observer");
+    let (o, o_events) =
+        client::connect(config(proxy.addr, &observer, false), ChatIsland::default())
+            .await
+            .expect("observer");
+    let (p_log, o_log) = (
+        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    tokio::spawn(collect(p_events, p_log.clone()));
+    tokio::spawn(collect(o_events, o_log.clone()));
+    for k in 0..5 {
+        p.send(ChatIsland::payload("p", &format!("before {k}")))
+            .await
+            .expect("send");
     }
+    wait_for(&o_log, |e| matches!(e, Event::Message(m) if m.seq.0 == 5)).await;
+    proxy.freeze(true);
+    router.shutdown.cancel();
+    router.task.await.expect("router stops");
+    proxy.cut();
+    for log in [&p_log, &o_log] {
+        wait_for(log, |e| matches!(e, Event::Disconnected { .. })).await;
+    }
+    proxy.freeze(false);
+    let again = start_router_on(DispatcherConfig::default(), addr).await;
+    p.send(ChatIsland::payload("p", "after"))
+        .await
+        .expect("queued");
+    wait_for(&o_log, |e| matches!(e, Event::Message(m) if m.seq.0 == 6)).await;
+    let events = o_log.lock().expect("log").clone();
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, Event::SessionLost { .. })),
+        "{events:?}"
+    );
+    // It did meet the empty router before the participant was back.
+    let (_, metrics) = isthmus_tests::http_request(addr, "router", "/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with(r#"isthmus_refusals_total{code="2002""#) && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    assert_eq!(digest(&o).await, digest(&p).await);
+    again.shutdown.cancel();
+    again.task.await.expect("router ends");
+}
+
+async fn collect(
+    mut events: mpsc::Receiver<Event>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<Event>>>,
+) {
+    while let Some(e) = events.recv().await {
+        if let Ok(mut l) = log.lock() {
+            l.push(e);
+        }
+    }
+}
+
+/// Waits until an event matching `want` was logged.
+async fn wait_for(log: &std::sync::Mutex<Vec<Event>>, want: impl Fn(&Event) -> bool) {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if log.lock().expect("log").iter().any(&want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("not seen in time: {:?}", log.lock().expect("log")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
