@@ -185,3 +185,185 @@ async fn router_processes_form_a_cluster_that_status_shows_and_leave_it() {
         "{c}"
     );
 }
+
+/// The address of router `id` in a cluster view.
+fn addr_of(view: &Value, id: &str) -> SocketAddr {
+    view["routers"]
+        .as_array()
+        .expect("routers")
+        .iter()
+        .find(|r| r["id"] == id)
+        .and_then(|r| r["contacts"][0].as_str())
+        .and_then(|a| a.parse().ok())
+        .expect("the router is listed with a contact")
+}
+
+/// Every event of a replica, with when it arrived.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<(Instant, isthmus_island_client::Event)>>>;
+
+async fn wait_event(log: &Log, what: &str, want: impl Fn(&isthmus_island_client::Event) -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if log.lock().expect("log").iter().any(|(_, e)| want(e)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_of_a_busy_island_is_killed_and_its_replicas_carry_on_at_another_router() {
+    use isthmus_contact::{ContactPoint, Postcard};
+    use isthmus_island_client::chat::ChatIsland;
+    use isthmus_island_client::{client, ClientConfig, Event, ReplicaConfig};
+    use isthmus_router::auth::Capability;
+    use isthmus_router::ids::{Seq, SessionId};
+    use isthmus_router::wire::CreateOptions;
+
+    let etcd = Etcd::start();
+    let url = etcd.url();
+    let mut routers: Vec<(Killed, SocketAddr)> = (0..3)
+        .map(|_| {
+            let (child, addr) = spawn_router(&["--cluster", &url]);
+            (Killed(child), addr)
+        })
+        .collect();
+    let addrs: Vec<SocketAddr> = routers.iter().map(|r| r.1).collect();
+    until("the routers see each other", || {
+        cluster_json(addrs[0])["routers"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == 3
+    });
+
+    // Four replicas, each sending every 4 ms: about 1,000 messages a second in all. Each knows
+    // every router (as a cluster postcard lists them) and starts at a different one.
+    let card = Postcard::for_new_island(
+        ContactPoint::new(SessionId::random(), "busy", vec![]),
+        Capability::new_island(),
+    )
+    .expect("postcard");
+    let names = ["a", "b", "c", "d"];
+    let per_replica = 2500u64;
+    let total = per_replica * names.len() as u64;
+    let mut handles = Vec::new();
+    let mut logs: Vec<Log> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut replica = ReplicaConfig::from_postcard(&card, *name);
+        replica.create = (i == 0).then(CreateOptions::default);
+        replica.stop_after = Some(Seq(total));
+        let mut order = addrs.clone();
+        order.rotate_left(i % addrs.len());
+        let mut cfg = ClientConfig::new(order, replica);
+        cfg.backoff_initial = Duration::from_millis(50);
+        cfg.backoff_max = Duration::from_millis(400);
+        let (h, mut events) = client::connect(cfg, ChatIsland::default())
+            .await
+            .expect("connect");
+        let log: Log = Default::default();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                sink.lock().expect("log").push((Instant::now(), e));
+            }
+        });
+        if i == 0 {
+            wait_event(&log, "the creator's welcome", |e| {
+                matches!(e, Event::Welcomed { .. })
+            })
+            .await;
+        }
+        handles.push((name.to_string(), std::sync::Arc::new(h)));
+        logs.push(log);
+    }
+    let senders: Vec<_> = handles
+        .iter()
+        .map(|(name, h)| {
+            let (name, h) = (name.clone(), h.clone());
+            tokio::spawn(async move {
+                for k in 0..per_replica {
+                    h.send(ChatIsland::payload(&name, &format!("{name}{k}")))
+                        .await
+                        .expect("queued, also while reconnecting");
+                    tokio::time::sleep(Duration::from_millis(4)).await;
+                }
+            })
+        })
+        .collect();
+
+    // SIGKILL the island's home in the middle of the traffic.
+    let session = card.contact.session.to_string();
+    for log in &logs {
+        wait_event(
+            log,
+            "traffic",
+            |e| matches!(e, Event::Message(m) if m.seq.0 >= total / 5),
+        )
+        .await;
+    }
+    let view = cluster_json(addrs[0]);
+    let home_id = view["islands"]
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["session"] == session.as_str()))
+        .and_then(|i| i["home"].as_str())
+        .expect("the island is placed")
+        .to_string();
+    let home = addr_of(&view, &home_id);
+    let at = routers.iter().position(|r| r.1 == home).expect("a home");
+    let killed_at = Instant::now();
+    drop(routers.remove(at));
+
+    for s in senders {
+        s.await.expect("every send handed over");
+    }
+    let mut digests = Vec::new();
+    let mut back = Duration::ZERO;
+    for log in &logs {
+        wait_event(log, "the stop", |e| matches!(e, Event::Stopped { .. })).await;
+        let events = log.lock().expect("log").clone();
+        assert!(
+            !events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::SessionLost { .. })),
+            "nobody loses the island: {events:?}"
+        );
+        let again = events
+            .iter()
+            .find(|(t, e)| *t > killed_at && matches!(e, Event::Reconnected))
+            .map(|(t, _)| *t - killed_at)
+            .expect("every replica serves again");
+        back = back.max(again);
+        let Some((_, Event::Stopped { seq, digest })) = events.last().cloned() else {
+            panic!("stopped last")
+        };
+        assert_eq!(seq, Seq(total));
+        digests.push(digest);
+    }
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "one state");
+    let (lines, _) = handles[0]
+        .1
+        .inspect(|c: &ChatIsland, seq| (c.lines().map(|l| l.text.clone()).collect::<Vec<_>>(), seq))
+        .await
+        .expect("inspect");
+    assert_eq!(lines.len() as u64, total, "no gap, no duplicate");
+    let mut unique = lines.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len() as u64,
+        total,
+        "every send stamped exactly once"
+    );
+
+    // The island lives at another router now, at a higher epoch.
+    let view = cluster_json(routers[0].1);
+    let now_home = view["islands"]
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["session"] == session.as_str()))
+        .and_then(|i| i["home"].as_str())
+        .expect("placed again")
+        .to_string();
+    assert_ne!(now_home, home_id);
+    println!("failover: every replica serving again {back:?} after the SIGKILL");
+}
