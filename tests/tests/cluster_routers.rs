@@ -6,6 +6,7 @@ use isthmus_cluster::ClusterConfig;
 use isthmus_dispatcher::cluster::{ClusterSettings, ClusterView};
 use isthmus_dispatcher::status::Status;
 use isthmus_dispatcher::DispatcherConfig;
+use isthmus_island_client::Event;
 use isthmus_router::wire::{Code, ServerFrame};
 use isthmus_tests::etcd::{first_answer, join_via, Etcd};
 use isthmus_tests::{http_request, new_island, start_router, HelloOpts, TestRouter, PATIENCE};
@@ -353,6 +354,172 @@ async fn a_home_cut_off_from_etcd_stops_stamping_before_another_router_may_take_
     assert_eq!(w.session, session);
     moved.send(&b"moved"[..]).await.expect("send");
     moved.wait_for_seq(1, PATIENCE).await;
+    for r in [a, b] {
+        r.shutdown.cancel();
+        r.task.await.expect("router ends");
+    }
+}
+
+/// Every event of a replica, with when it arrived.
+type Log = std::sync::Arc<std::sync::Mutex<Vec<(Instant, Event)>>>;
+
+async fn wait_event(log: &Log, what: &str, want: impl Fn(&(Instant, Event)) -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if log.lock().expect("log").iter().any(&want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_a_home_cut_off_from_etcd_move_on_and_never_apply_two_messages_for_one_seq() {
+    use isthmus_contact::{ContactPoint, Postcard};
+    use isthmus_island_client::chat::ChatIsland;
+    use isthmus_island_client::{client, ClientConfig, ReplicaConfig};
+    use isthmus_router::auth::Capability;
+    use isthmus_router::ids::{Seq, SessionId};
+    use isthmus_router::wire::CreateOptions;
+    use std::collections::HashMap;
+
+    let etcd = Etcd::start();
+    let mut s = settings(&etcd);
+    s.etcd.ttl = Duration::from_secs(3);
+    s.etcd.fence_margin = Duration::from_secs(1);
+    let ttl = s.etcd.ttl;
+    let a = clustered_with(s.clone()).await;
+    let b = clustered_with(s).await;
+    until("a sees b", || async {
+        cluster(&a).await.routers.len() == 2
+    })
+    .await;
+
+    let card = Postcard::for_new_island(
+        ContactPoint::new(SessionId::random(), "cut", vec![]),
+        Capability::new_island(),
+    )
+    .expect("postcard");
+    let names = ["a", "b", "c"];
+    let per_replica = 1000u64;
+    let total = per_replica * names.len() as u64;
+    let mut handles = Vec::new();
+    let mut logs: Vec<Log> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut replica = ReplicaConfig::from_postcard(&card, *name);
+        replica.create = (i == 0).then(CreateOptions::default);
+        replica.stop_after = Some(Seq(total));
+        let mut cfg = ClientConfig::new(vec![a.addr, b.addr], replica);
+        cfg.backoff_initial = Duration::from_millis(50);
+        cfg.backoff_max = Duration::from_millis(400);
+        let (h, mut events) = client::connect(cfg, ChatIsland::default())
+            .await
+            .expect("connect");
+        let log: Log = Default::default();
+        let sink = log.clone();
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                sink.lock().expect("log").push((Instant::now(), e));
+            }
+        });
+        handles.push((name.to_string(), std::sync::Arc::new(h)));
+        logs.push(log);
+    }
+    let first_epoch = {
+        let v = cluster(&a).await;
+        assert_eq!(v.islands.len(), 1, "one island, at a");
+        assert_eq!(v.islands[0].home, v.router);
+        v.islands[0].epoch
+    };
+    let senders: Vec<_> = handles
+        .iter()
+        .map(|(name, h)| {
+            let (name, h) = (name.clone(), h.clone());
+            tokio::spawn(async move {
+                for k in 0..per_replica {
+                    h.send(ChatIsland::payload(&name, &format!("{name}{k}")))
+                        .await
+                        .expect("queued, also while reconnecting");
+                    tokio::time::sleep(Duration::from_millis(4)).await;
+                }
+            })
+        })
+        .collect();
+    for log in &logs {
+        wait_event(
+            log,
+            "traffic",
+            |(_, e)| matches!(e, Event::Message(m) if m.seq.0 >= total / 5),
+        )
+        .await;
+    }
+    // etcd stops answering while every replica stays connected to a.
+    let cut = Instant::now();
+    etcd.pause(true);
+    for log in &logs {
+        wait_event(log, "a's goodbye", |(t, e)| {
+            *t > cut && matches!(e, Event::Disconnected { .. })
+        })
+        .await;
+    }
+    let fenced = Instant::now();
+    assert!(
+        fenced < cut + ttl,
+        "a stopped {:?} after the cut, before etcd could expire its lease",
+        fenced - cut
+    );
+    etcd.pause(false);
+
+    for s in senders {
+        s.await.expect("every send handed over");
+    }
+    let mut digests = Vec::new();
+    let mut at_seq: HashMap<u64, (String, u64, bytes::Bytes)> = HashMap::new();
+    for log in &logs {
+        wait_event(log, "the stop", |(_, e)| matches!(e, Event::Stopped { .. })).await;
+        let events = log.lock().expect("log").clone();
+        assert!(
+            !events
+                .iter()
+                .any(|(_, e)| matches!(e, Event::SessionLost { .. })),
+            "nobody loses the island: {events:?}"
+        );
+        for (_, e) in &events {
+            if let Event::Message(m) = e {
+                let this = (format!("{:?}", m.origin), m.client_seq, m.payload.clone());
+                let seen = at_seq.entry(m.seq.0).or_insert_with(|| this.clone());
+                assert_eq!(*seen, this, "two different messages at seq {}", m.seq.0);
+            }
+        }
+        let Some((_, Event::Stopped { seq, digest })) = events.last().cloned() else {
+            panic!("stopped last")
+        };
+        assert_eq!(seq, Seq(total));
+        digests.push(digest);
+    }
+    assert!(digests.windows(2).all(|w| w[0] == w[1]), "one state");
+    let (lines, _) = handles[0]
+        .1
+        .inspect(|c: &ChatIsland, seq| (c.lines().map(|l| l.text.clone()).collect::<Vec<_>>(), seq))
+        .await
+        .expect("inspect");
+    let mut unique = lines.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(lines.len() as u64, total, "no gap, no duplicate");
+    assert_eq!(
+        unique.len() as u64,
+        total,
+        "every send stamped exactly once"
+    );
+    // The island was placed again, at a higher epoch.
+    let v = cluster(&b).await;
+    assert!(
+        v.islands.iter().all(|i| i.epoch > first_epoch),
+        "{:?}",
+        v.islands
+    );
     for r in [a, b] {
         r.shutdown.cancel();
         r.task.await.expect("router ends");
