@@ -111,9 +111,21 @@ impl Drop for Killed {
 async fn router_processes_form_a_cluster_that_status_shows_and_leave_it() {
     let etcd = Etcd::start();
     let url = etcd.url();
+    // Two join by flags, the third by its profile's cluster keys.
+    let prefs = std::env::temp_dir().join(format!("isthmus-cluster-{}.toml", uuid::Uuid::new_v4()));
+    std::fs::write(
+        &prefs,
+        format!("[profiles.clustered]\ncluster = {{ etcd = \"{url}\", name = \"cli\" }}\n"),
+    )
+    .expect("prefs file");
+    let prefs_path = prefs.to_string_lossy().into_owned();
     let mut routers: Vec<(Killed, SocketAddr)> = (0..3)
-        .map(|_| {
-            let (child, addr) = spawn_router(&["--cluster", &url, "--cluster-name", "cli"]);
+        .map(|i| {
+            let (child, addr) = if i < 2 {
+                spawn_router(&["--cluster", &url, "--cluster-name", "cli"])
+            } else {
+                spawn_router(&["--prefs", &prefs_path, "--profile", "clustered"])
+            };
             (Killed(child), addr)
         })
         .collect();
@@ -177,6 +189,7 @@ async fn router_processes_form_a_cluster_that_status_shows_and_leave_it() {
     sigterm(&second.0);
     exits_in_time(&mut second.0, "a clustered router ignored SIGTERM");
     let c = cluster_json(first);
+    let _ = std::fs::remove_file(&prefs);
     assert_eq!(c["routers"].as_array().map_or(0, Vec::len), 1, "{c}");
     assert!(
         !c["islands"]
