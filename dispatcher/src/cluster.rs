@@ -289,8 +289,12 @@ impl Clustered {
                     return Decision::Redirect(redirect(&p, !lan));
                 }
                 None => {
-                    let creating = body.create.is_some() || body.recover.is_some();
-                    if !creating || body.control || shared.cfg.create.check(lan).is_err() {
+                    // A recovering hello re-creates an island the cluster had, so the create
+                    // policy is the session's business (it may remember the island); a record
+                    // placed for a hello then refused is deleted again.
+                    let creating = body.recover.is_some()
+                        || (body.create.is_some() && shared.cfg.create.check(lan).is_ok());
+                    if !creating || body.control {
                         // Nothing to place: the ordinary path refuses it with the right words.
                         return Decision::Here(None);
                     }

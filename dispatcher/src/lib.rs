@@ -893,6 +893,14 @@ impl Shared {
         let lan = contacts::is_lan_peer(peer.ip(), &host);
         let mut epoch = None;
         let mut others = Vec::new();
+        // The hello is read: a hello held while a dead home's lease runs out must not count
+        // against its source's handshakes (that bound is for slow hellos).
+        let handshake = if self.cluster.is_some() {
+            drop(handshake);
+            None
+        } else {
+            Some(handshake)
+        };
         if let Some(c) = &self.cluster {
             match c.decide(&self, &body, lan).await {
                 cluster::Decision::Here(e) => {
