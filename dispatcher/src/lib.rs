@@ -90,6 +90,9 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// Bytes read and discarded from a turned-away connection, unparsed: room for a preamble and
 /// a largest hello, nothing more.
 const TURN_AWAY_DRAIN_BYTES: usize = 8 * 1024;
+/// Bytes read (and dropped) after a refused hello before the socket is closed, within the
+/// refusal's 1 s: enough for the largest duplicate table a recovering replica pipelines.
+const REFUSE_DRAIN_BYTES: usize = 256 * 1024;
 
 /// Who may create an island on this router: creating costs a session (a task and memory), so an
 /// Internet-facing router should not let everyone do it.
@@ -1377,6 +1380,17 @@ async fn refuse(stream: &mut TcpStream, code: Code, reason: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         let _ = stream.write_all(&frame).await;
         let _ = stream.shutdown().await;
+        // Read what the peer pipelined after its hello (a recovering replica's duplicate table)
+        // until it closes: closing with unread bytes would send a reset, which can destroy the
+        // refusal before the peer reads it.
+        let mut buf = [0u8; 4096];
+        let mut drained = 0;
+        while drained < REFUSE_DRAIN_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
     })
     .await;
 }
@@ -1433,6 +1447,61 @@ mod tests {
             check_hello(&nonce, &h).map_err(|e| e.0),
             Err(Code::PROTOCOL_VIOLATION)
         );
+    }
+
+    #[test]
+    fn a_recovering_hello_creates_for_participants_only_and_keeps_no_secret_from_afar() {
+        let admin = Capability::new_island();
+        let part = admin.weaker().expect("participant");
+        let observer = admin.derive(wire::Role::Observer).expect("observer");
+        let creator_opts = wire::CreateOptions {
+            tick_interval_ms: Some(20),
+            announce_membership: true,
+            announce: Some(Announce {
+                name: "cove".into(),
+                destination: None,
+                secret: Some([7; 32]),
+            }),
+        };
+        let recover = |create: Option<wire::CreateOptions>| wire::Recover {
+            incarnation: 5,
+            epoch: 1,
+            time: isthmus_router::ids::RouterTime(1_000),
+            members: 2,
+            tick_interval_us: 40_000,
+            create,
+        };
+        let mut body = hello(&part, &admin, &[0; NONCE_LEN]).body;
+        assert_eq!(creation(&body, true, None), None, "nothing asked");
+        body.recover = Some(recover(None));
+        let opts = creation(&body, false, None).expect("a participant re-creates");
+        assert_eq!(opts.tick_interval_ms, Some(40), "the tick its welcome said");
+        body.recover = Some(recover(Some(creator_opts.clone())));
+        assert_eq!(creation(&body, true, None), Some(creator_opts.clone()));
+        let afar = creation(&body, false, None).expect("from afar");
+        assert_eq!(
+            afar.announce.and_then(|a| a.secret),
+            None,
+            "private from afar"
+        );
+        // What the router remembers serves a replica that is not the creator.
+        let remembered = remember::Remembered::of(body.session, body.keys, &creator_opts);
+        body.recover = Some(recover(None));
+        let opts = creation(&body, true, Some(&remembered)).expect("remembered");
+        assert!(opts.announce_membership);
+        assert_eq!(
+            opts.announce.map(|a| (a.name, a.secret)),
+            Some(("cove".into(), None))
+        );
+        let mut obs = hello(&observer, &admin, &[0; NONCE_LEN]).body;
+        obs.recover = Some(recover(None));
+        assert_eq!(
+            creation(&obs, true, Some(&remembered)),
+            None,
+            "observers never create"
+        );
+        body.control = true;
+        assert_eq!(creation(&body, true, None), None, "nor control connections");
     }
 
     #[test]

@@ -48,6 +48,11 @@ fn router(port: u16, data: &std::path::Path) -> (Child, SocketAddr) {
             &port.to_string(),
             "--no-beacon",
             "--no-croquet",
+            // Every replica comes from 127.0.0.1 here, where real ones come from many addresses.
+            "--max-connections-per-ip",
+            "10000",
+            "--max-handshakes-per-ip",
+            "10000",
         ])
         .env("ISTHMUS_DATA_DIR", data)
         .env("ISTHMUS_PREFS", data.join("no-prefs.toml"))
