@@ -731,6 +731,11 @@ impl Dispatcher {
             }
         }
         handshakes.abort_all();
+        if self.shared.cluster.is_some() {
+            // Refuse connections from here on: the replicas of a clustered router go to other
+            // routers, which must see this one as gone rather than redirect them back to it.
+            drop(self.listener);
+        }
         if let Some(c) = &self.shared.croquet {
             c.shutdown().await;
         }

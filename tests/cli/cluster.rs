@@ -227,6 +227,20 @@ async fn wait_event(log: &Log, what: &str, want: impl Fn(&isthmus_island_client:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_home_of_a_busy_island_is_killed_and_its_replicas_carry_on_at_another_router() {
+    carry_on_after("SIGKILL", 2500).await;
+}
+
+/// A home stopped with SIGTERM says goodbye and revokes its lease: its replicas carry the island
+/// on at another router without waiting for the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_home_of_an_island_stopped_with_sigterm_hands_its_replicas_to_another_router() {
+    carry_on_after("SIGTERM", 1000).await;
+}
+
+/// Four replicas (each sending every 4 ms, `per_replica` sends) of an island in a cluster of
+/// three router processes; the home is stopped with `signal` mid-traffic, and the island must
+/// carry on whole at another router.
+async fn carry_on_after(signal: &str, per_replica: u64) {
     use isthmus_contact::{ContactPoint, Postcard};
     use isthmus_island_client::chat::ChatIsland;
     use isthmus_island_client::{client, ClientConfig, Event, ReplicaConfig};
@@ -258,7 +272,6 @@ async fn the_home_of_a_busy_island_is_killed_and_its_replicas_carry_on_at_anothe
     )
     .expect("postcard");
     let names = ["a", "b", "c", "d"];
-    let per_replica = 2500u64;
     let total = per_replica * names.len() as u64;
     let mut handles = Vec::new();
     let mut logs: Vec<Log> = Vec::new();
@@ -325,7 +338,13 @@ async fn the_home_of_a_busy_island_is_killed_and_its_replicas_carry_on_at_anothe
     let home = addr_of(&view, &home_id);
     let at = routers.iter().position(|r| r.1 == home).expect("a home");
     let killed_at = Instant::now();
-    drop(routers.remove(at));
+    let (mut home_proc, _) = routers.remove(at);
+    if signal == "SIGTERM" {
+        sigterm(&home_proc.0);
+        let status = exits_in_time(&mut home_proc.0, "a clustered router ignored SIGTERM");
+        assert!(status.success(), "{status:?}");
+    }
+    drop(home_proc);
 
     for s in senders {
         s.await.expect("every send handed over");
@@ -378,5 +397,5 @@ async fn the_home_of_a_busy_island_is_killed_and_its_replicas_carry_on_at_anothe
         .expect("placed again")
         .to_string();
     assert_ne!(now_home, home_id);
-    println!("failover: every replica serving again {back:?} after the SIGKILL");
+    println!("failover: every replica serving again {back:?} after the {signal}");
 }
