@@ -581,6 +581,16 @@ impl Member {
         )
     }
 
+    /// Counts an island this router just placed on router `id` (with its first replica) in the
+    /// load it sees for that router, until that router writes its own: without this, every
+    /// island created in a burst would go to the same idle router, whose written load lags.
+    pub fn note_placed(&self, id: Uuid) {
+        if let Some(r) = lock(&self.inner.routers).get_mut(&id) {
+            r.load.sessions = r.load.sessions.saturating_add(1);
+            r.load.replicas = r.load.replicas.saturating_add(1);
+        }
+    }
+
     /// Sets the load to write (when it moved by 10%, at most once per `load_every`).
     pub fn set_load(&self, load: Load) {
         lock(&self.inner.me).load = load;

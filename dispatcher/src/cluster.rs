@@ -314,6 +314,7 @@ impl Clustered {
                             return Decision::Here(Some(epoch as u64));
                         }
                         Ok(PlaceOutcome::Won(epoch)) => {
+                            self.member.note_placed(home.id);
                             info!(session = %id, epoch, home = %home.id, "placed the island on a less loaded router");
                             let p = Placed {
                                 placement: isthmus_cluster::Placement::at(&home),

@@ -45,8 +45,18 @@ fn arg(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// A router process, killed when dropped (also when the bench panics).
+struct Router(Child);
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `isthmus router --cluster URL` on a free loopback port, and its address.
-fn router(url: &str, data: &std::path::Path) -> (Child, SocketAddr) {
+fn router(url: &str, data: &std::path::Path) -> (Router, SocketAddr) {
     let bin = std::env::current_exe()
         .expect("own path")
         .with_file_name("isthmus");
@@ -61,6 +71,9 @@ fn router(url: &str, data: &std::path::Path) -> (Child, SocketAddr) {
             "--no-croquet",
             "--linger-ms",
             "200",
+            // Every replica of the bench comes from 127.0.0.1.
+            "--max-connections-per-ip",
+            "100000",
             "--cluster",
             url,
             "--cluster-name",
@@ -82,7 +95,7 @@ fn router(url: &str, data: &std::path::Path) -> (Child, SocketAddr) {
         .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
         .parse()
         .expect("address");
-    (child, addr)
+    (Router(child), addr)
 }
 
 async fn cluster_view(addr: SocketAddr) -> Value {
@@ -169,7 +182,7 @@ async fn run(islands: usize, failover: usize) {
     let etcd = Etcd::start();
     let data = std::env::temp_dir().join(format!("isthmus-cluster-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&data).expect("data dir");
-    let mut routers: Vec<(Child, SocketAddr)> =
+    let mut routers: Vec<(Router, SocketAddr)> =
         (0..3).map(|_| router(&etcd.url(), &data)).collect();
     let addrs: Vec<SocketAddr> = routers.iter().map(|r| r.1).collect();
     while cluster_view(addrs[0]).await["routers"]
@@ -326,8 +339,8 @@ async fn run(islands: usize, failover: usize) {
         .position(|r| r.1 == victim_addr)
         .expect("victim");
     let killed = Instant::now();
-    let _ = routers[at].0.kill();
-    let _ = routers[at].0.wait();
+    let _ = routers[at].0 .0.kill();
+    let _ = routers[at].0 .0.wait();
     let moved: Vec<&Arc<Mutex<Times>>> = all
         .iter()
         .filter(|(s, _)| sessions.contains(&s.to_string()))
@@ -364,10 +377,7 @@ async fn run(islands: usize, failover: usize) {
         s.abort();
     }
     drop(keep);
-    for (mut c, _) in routers {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(routers);
     let _ = std::fs::remove_dir_all(data);
 }
 
