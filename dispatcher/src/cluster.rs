@@ -224,7 +224,12 @@ impl Clustered {
     /// What the verified hello `body` gets; `lan` says whether the peer is on our network.
     pub(crate) async fn decide(&self, shared: &Shared, body: &HelloBody, lan: bool) -> Decision {
         let id = body.session;
-        let LeaseState::Held { id: lease, .. } = self.member.lease() else {
+        // Past the fencing deadline counts as lost even before the lease keeper says so.
+        let held = match self.member.lease() {
+            LeaseState::Held { id, until } if until > tokio::time::Instant::now() => Some(id),
+            _ => None,
+        };
+        let Some(lease) = held else {
             return Decision::Refuse(
                 Code::BUSY,
                 "this router lost its cluster lease and takes no joins until it has a new one; try another router of the cluster".into(),
