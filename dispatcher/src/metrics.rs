@@ -382,6 +382,13 @@ impl RouterCollector {
         )?;
         counter(
             e,
+            "islands_recovered",
+            "Islands re-created from their replicas after this router restarted (or took them over).",
+            None,
+            ev.recoveries,
+        )?;
+        counter(
+            e,
             "resumes",
             "Replicas that resumed after a reconnect.",
             None,

@@ -292,6 +292,8 @@ pub struct Totals {
     pub late_joins: u64,
     /// Snapshots stored.
     pub snapshot_uploads: u64,
+    /// Islands re-created from their replicas.
+    pub islands_recovered: u64,
     /// Replicas closed as slow consumers.
     pub slow_consumers: u64,
     /// Divergences seen.
@@ -477,6 +479,7 @@ fn totals(shared: &Shared, ev: &isthmus_router::stats::Events) -> Totals {
         resumes: ev.resumes,
         late_joins: ev.late_joins,
         snapshot_uploads: ev.snapshots,
+        islands_recovered: ev.recoveries,
         slow_consumers: ev.slow_consumers,
         divergences: ev.divergences,
         refusals: ev.refusals.values().sum(),

@@ -2,6 +2,9 @@
 //! control connections, resumes), frames (well-formed ones and whatever decodes from the fuzz
 //! bytes), flushes, disconnects, admin commands and time steps, draining every output.
 //!
+//! Some joins are recovering hellos (with a pipelined duplicate table), so a session may start
+//! by gathering and continue an order from a claimed seq.
+//!
 //! Invariants checked: no panic; every frame the core emits decodes; nothing is sent to a
 //! connection after its close; the Message seqs a connection receives are gap-free (from its
 //! resume point or its sync's snapshot point); router time never decreases on a connection
@@ -11,9 +14,11 @@
 use bytes::{Bytes, BytesMut};
 use isthmus_router::auth::{self, Capability, KeyPair};
 use isthmus_router::budget::MemoryBudget;
-use isthmus_router::ids::{ConnId, ReplicaId, Seq};
+use isthmus_router::ids::{ConnId, ReplicaId, RouterTime, Seq};
 use isthmus_router::session::{JoinRequest, Output, Session, SessionConfig};
-use isthmus_router::wire::{self, AdminCommand, ClientFrame, Origin, Role, ServerFrame};
+use isthmus_router::wire::{
+    self, AdminCommand, ClientFrame, Origin, Recover, Role, SeenEntry, ServerFrame,
+};
 use libfuzzer_sys::arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use std::collections::{BTreeMap, HashMap};
@@ -205,8 +210,39 @@ impl Fuzz {
         let role = *u.choose(&[Role::Replica, Role::Observer, Role::Admin])?;
         let control = u.ratio(1, 5)?;
         let last = self.core.last_seq().0;
+        // A recovering hello claims what it knows; the first one re-creates the session.
+        let recover = if u.ratio(1, 4)? {
+            Some(Recover {
+                incarnation: u.int_in_range(0..=1)?,
+                epoch: u.int_in_range(0..=3)?,
+                time: RouterTime(u.int_in_range(0..=10_000_000)?),
+                members: u.int_in_range(0..=6)?,
+                tick_interval_us: u.int_in_range(0..=100_000)?,
+                create: None,
+            })
+        } else {
+            None
+        };
+        let reach = if recover.is_some() {
+            last + 20
+        } else {
+            last + 1
+        };
         let resume_from = if u.arbitrary()? {
-            Some(u.int_in_range(0..=last + 1)?)
+            Some(u.int_in_range(0..=reach)?)
+        } else {
+            None
+        };
+        let table = if recover.is_some() && u.ratio(3, 4)? {
+            let mut entries = Vec::new();
+            for r in 0..u.int_in_range(0..=REPLICAS)? {
+                entries.push(SeenEntry {
+                    replica: ReplicaId(Uuid::from_u128(u128::from(r) + 1)),
+                    client_seq: u.int_in_range(0..=8)?,
+                    at: Seq(u.int_in_range(0..=reach)?),
+                });
+            }
+            Some(entries)
         } else {
             None
         };
@@ -237,11 +273,14 @@ impl Fuzz {
             created: n == 1,
             nonce,
             control,
-            recover: None,
+            recover,
             cluster: Vec::new(),
         };
         self.core.handle_join(ConnId(n), req, self.now);
         self.drain();
+        if let Some(entries) = table {
+            self.frame(n, ClientFrame::Seen { entries });
+        }
         Ok(())
     }
 

@@ -1087,4 +1087,136 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_welcomes_cluster_routers_join_the_reconnect_candidates_after_the_configured_ones() {
+        let configured: SocketAddr = "127.0.0.1:7470".parse().expect("addr");
+        let cfg = replica_cfg(configured);
+        let mut r = Replica::new(cfg.replica.clone(), ChatIsland::default());
+        assert_eq!(candidates_for(&cfg, &r), vec![configured]);
+        let ServerFrame::Welcome(mut w) = welcome(SessionId::random(), r.replica_id()) else {
+            unreachable!()
+        };
+        let other: SocketAddr = "127.0.0.2:7470".parse().expect("addr");
+        w.cluster = vec![contacts_of(other), contacts_of(configured)];
+        r.handle_frame(ServerFrame::Welcome(w)).expect("welcome");
+        assert_eq!(candidates_for(&cfg, &r), vec![configured, other]);
+    }
+
+    /// A router that welcomes every hello at `epoch` (then sends `then`), after `delay(n)`
+    /// before its preamble on its n-th connection (from 0), and closes the n-th connection after
+    /// `hold(n)`. Returns how many hellos it answered.
+    fn welcoming_router(
+        listener: TcpListener,
+        epoch: u64,
+        then: Option<ServerFrame>,
+        delay: fn(usize) -> Duration,
+        hold: fn(usize) -> Duration,
+    ) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = answered.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while let Ok((mut s, _)) = listener.accept().await {
+                let (wait, keep) = (delay(n), hold(n));
+                n += 1;
+                let (count, then) = (count.clone(), then.clone());
+                tokio::spawn(async move {
+                    let mut pre = [0u8; PREAMBLE_LEN];
+                    s.read_exact(&mut pre).await.expect("preamble");
+                    tokio::time::sleep(wait).await;
+                    if s.write_all(&wire::router_preamble(&[3; NONCE_LEN]))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let mut buf = BytesMut::new();
+                    let ClientFrame::Hello(h) = read_client_frame(&mut s, &mut buf).await else {
+                        panic!("hello first")
+                    };
+                    let ServerFrame::Welcome(mut w) = welcome(h.body.session, h.body.replica)
+                    else {
+                        unreachable!()
+                    };
+                    w.epoch = epoch;
+                    let mut out = wire::encode(&ServerFrame::Welcome(w)).to_vec();
+                    if let Some(f) = then {
+                        out.extend_from_slice(&wire::encode(&f));
+                    }
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = s.write_all(&out).await;
+                    let _ = tokio::time::timeout(keep, s.read(&mut [0u8; 1])).await;
+                });
+            }
+        });
+        answered
+    }
+
+    #[tokio::test]
+    async fn a_welcome_from_an_older_epoch_sends_the_replica_to_its_other_routers() {
+        let old = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let new = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let (old_addr, new_addr) = (old.local_addr().expect("a"), new.local_addr().expect("b"));
+        // The replaced home (epoch 1, which would also deliver a message) is slow the first
+        // time, so the new home (epoch 5) welcomes the replica first; then the new home drops
+        // it, and on the way back the old one answers first.
+        let stale = ServerFrame::Message(isthmus_router::wire::Message {
+            seq: Seq(1),
+            time: RouterTime(1),
+            origin: isthmus_router::wire::Origin::Router,
+            client_seq: 0,
+            payload: ChatIsland::payload("old", "from the replaced home"),
+        });
+        let old_answers = welcoming_router(
+            old,
+            1,
+            Some(stale),
+            |n| Duration::from_millis(if n == 0 { 2_000 } else { 0 }),
+            |_| Duration::from_secs(30),
+        );
+        welcoming_router(
+            new,
+            5,
+            None,
+            |_| Duration::ZERO,
+            |n| {
+                if n == 0 {
+                    Duration::from_millis(100)
+                } else {
+                    Duration::from_secs(30)
+                }
+            },
+        );
+        let mut cfg = replica_cfg(old_addr);
+        cfg.routers = vec![old_addr, new_addr];
+        cfg.race_delay = Duration::from_millis(50);
+        cfg.backoff_initial = Duration::from_millis(10);
+        let (h, mut events) = connect(cfg, ChatIsland::default()).await.expect("welcomed");
+        let seen = tokio::time::timeout(Duration::from_secs(20), async {
+            let mut seen = Vec::new();
+            let mut welcomes = 0;
+            while let Some(e) = events.recv().await {
+                welcomes += usize::from(matches!(e, Event::Welcomed { .. }));
+                seen.push(e);
+                if welcomes == 2 {
+                    return seen;
+                }
+            }
+            panic!("events ended: {seen:?}")
+        })
+        .await
+        .expect("back in time");
+        assert!(
+            seen.iter().any(|e| matches!(e, Event::Reconnected))
+                && !seen.iter().any(|e| matches!(e, Event::SessionLost { .. })),
+            "{seen:?}"
+        );
+        assert!(
+            old_answers.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+            "the replaced home was tried"
+        );
+        let seq = h.inspect(|_, seq| seq).await.expect("inspect");
+        assert_eq!(seq, Seq(0), "nothing from the replaced home was applied");
+    }
 }

@@ -26,6 +26,11 @@
 //! did not confirm). Divergence is broadcast when a new digest group appears at a seq, at most
 //! [`MAX_DIVERGENCE_REPORTS_PER_SEQ`] times per seq.
 //!
+//! Re-creation: a session whose first join is a recovering hello (`JoinRequest::recover`: its
+//! router restarted, or the island's home died) gathers its replicas and continues the order from
+//! the most advanced of them, at the seq, router time, incarnation and duplicate table they claim;
+//! every welcome carries the placement epoch ([`SessionConfig::epoch`]). See [`gather`].
+//!
 //! Memory: every history entry, stored snapshot and snapshot upload is reserved in the
 //! router-wide [`MemoryBudget`] (`SessionConfig::budget`) before it is kept, and released when
 //! dropped (also when the session is dropped), so all sessions together never pass its limit.
@@ -46,7 +51,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-mod gather;
+pub mod gather;
 
 /// Default idle time before a tick: 20 ticks a second keeps island time smooth for animation.
 pub const DEFAULT_TICK_INTERVAL: Duration = Duration::from_millis(50);

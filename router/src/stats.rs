@@ -237,8 +237,8 @@ impl SessionStats {
             }
             // Asked of Croquet clients (REQU); the upload itself is counted when stored.
             Notice::SnapshotWanted { .. } => {}
-            // Logged by the driver; the joins it lets in are counted as they sync.
-            Notice::Recovered { .. } => {}
+            // The joins it lets in are counted as they sync.
+            Notice::Recovered { .. } => lock(&self.router.events).recoveries += 1,
             Notice::SnapshotStored { took, .. } => {
                 let mut ev = lock(&self.router.events);
                 ev.snapshots += 1;
@@ -298,6 +298,8 @@ pub struct Events {
     pub join_durations: Histogram,
     /// Snapshots uploaded and stored.
     pub snapshots: u64,
+    /// Islands re-created from their replicas (after a restart or a failover).
+    pub recoveries: u64,
     /// Their request-to-last-piece durations.
     pub upload_durations: Histogram,
     /// Replicas closed as slow consumers.

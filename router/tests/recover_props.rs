@@ -627,3 +627,134 @@ fn a_founder_that_drops_before_its_snapshot_resumes_into_the_new_order() {
         ],
     );
 }
+
+fn recovering(replica: u128, role: Role, resume: Option<u64>, members: u32) -> JoinRequest {
+    JoinRequest {
+        replica: ReplicaId(Uuid::from_u128(replica)),
+        name: format!("r{replica}"),
+        role,
+        resume_from: resume.map(Seq),
+        contacts: wire::Contacts::default(),
+        created: false,
+        nonce: [0; 32],
+        control: false,
+        recover: Some(Recover {
+            incarnation: 7,
+            epoch: 1,
+            time: RouterTime(resume.unwrap_or(0) * 10),
+            members,
+            tick_interval_us: 50_000,
+            create: None,
+        }),
+        cluster: Vec::new(),
+    }
+}
+
+/// The frames the core sent and closed with, decoded: (conn, frame).
+fn outputs(core: &mut Session) -> Vec<(ConnId, ServerFrame)> {
+    let mut out = Vec::new();
+    while let Some(o) = core.poll_output() {
+        match o {
+            Output::Transmit { conn, frame } => {
+                out.push((conn, wire::decode_body(&frame[4..]).expect("frame")))
+            }
+            Output::Close {
+                conn,
+                goodbye: Some(g),
+                ..
+            } => out.push((conn, wire::decode_body(&g[4..]).expect("goodbye"))),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[test]
+fn observers_alone_never_found_the_island_and_are_told_to_try_again() {
+    let k = keys();
+    let now = Instant::now();
+    let mut core = Session::new(k.session_id(), k, config(1), now);
+    core.handle_join(ConnId(1), recovering(1, Role::Observer, Some(5), 2), now);
+    core.handle_frame(ConnId(1), ClientFrame::Seen { entries: vec![] }, now);
+    assert!(core.is_gathering());
+    assert!(outputs(&mut core).is_empty(), "held: no welcome");
+    let later = now + GATHER;
+    assert!(core.poll_timeout().is_some_and(|t| t <= later));
+    core.handle_timeout(later);
+    let out = outputs(&mut core);
+    assert!(
+        matches!(&out[..], [(ConnId(1), ServerFrame::Goodbye { code, .. })] if *code == wire::Code::RECOVERING),
+        "{out:?}"
+    );
+    // A participant then founds it; the observer, back, follows.
+    core.handle_join(ConnId(2), recovering(2, Role::Replica, Some(5), 2), later);
+    core.handle_frame(ConnId(2), ClientFrame::Seen { entries: vec![] }, later);
+    core.handle_join(ConnId(3), recovering(1, Role::Observer, Some(5), 2), later);
+    assert!(!core.is_gathering());
+    let welcomes: Vec<ConnId> = outputs(&mut core)
+        .into_iter()
+        .filter(|(_, f)| matches!(f, ServerFrame::Welcome(w) if w.last_seq == Seq(5) && w.incarnation == 7 && w.epoch == 2))
+        .map(|(c, _)| c)
+        .collect();
+    assert_eq!(welcomes, vec![ConnId(2), ConnId(3)]);
+}
+
+#[test]
+fn the_most_advanced_founds_even_when_many_lesser_tables_came_first() {
+    let k = keys();
+    let now = Instant::now();
+    let mut core = Session::new(k.session_id(), k, config(1), now);
+    let n = 12u128;
+    let table = |upto: u64| {
+        vec![SeenEntry {
+            replica: ReplicaId(Uuid::from_u128(99)),
+            client_seq: upto,
+            at: Seq(upto),
+        }]
+    };
+    // Everyone saw all n + 1 replicas; the most advanced (seq 50) comes last.
+    for r in 1..=n {
+        core.handle_join(
+            ConnId(r as u64),
+            recovering(r, Role::Replica, Some(r as u64), n as u32 + 1),
+            now,
+        );
+        core.handle_frame(
+            ConnId(r as u64),
+            ClientFrame::Seen {
+                entries: table(r as u64),
+            },
+            now,
+        );
+        assert!(core.is_gathering());
+    }
+    core.handle_join(
+        ConnId(100),
+        recovering(100, Role::Replica, Some(50), n as u32 + 1),
+        now,
+    );
+    assert!(core.is_gathering(), "its table is not here yet");
+    core.handle_frame(ConnId(100), ClientFrame::Seen { entries: table(50) }, now);
+    assert!(!core.is_gathering(), "everyone it saw is back");
+    assert_eq!(core.last_seq(), Seq(50));
+    let out = outputs(&mut core);
+    let founder = out.iter().find_map(|(c, f)| match f {
+        ServerFrame::Welcome(w) if *c == ConnId(100) => Some(w.last_seq),
+        _ => None,
+    });
+    assert_eq!(founder, Some(Seq(50)));
+    // The founder's table is the router's: sender 99 is known up to client seq 50.
+    core.handle_join(
+        ConnId(200),
+        JoinRequest {
+            replica: ReplicaId(Uuid::from_u128(99)),
+            ..recovering(99, Role::Replica, Some(50), 1)
+        },
+        now,
+    );
+    let w = outputs(&mut core).into_iter().find_map(|(c, f)| match f {
+        ServerFrame::Welcome(w) if c == ConnId(200) => Some(w.last_client_seq),
+        _ => None,
+    });
+    assert_eq!(w, Some(50));
+}

@@ -176,6 +176,7 @@ fn status_json_follows_its_schema_and_the_terminal_view_names_people() {
         "resumes",
         "late_joins",
         "snapshot_uploads",
+        "islands_recovered",
         "slow_consumers",
         "divergences",
         "refusals",

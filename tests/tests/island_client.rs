@@ -286,6 +286,11 @@ async fn crash_and_restart(first: DispatcherConfig, second: DispatcherConfig) {
         digests.push(digest);
     }
     assert!(digests.windows(2).all(|w| w[0] == w[1]), "one state");
+    let (_, metrics) = isthmus_tests::http_request(addr, "router", "/metrics").await;
+    assert!(
+        metrics.contains("isthmus_islands_recovered_total 1\n"),
+        "{metrics}"
+    );
     // The island state itself: every line once, in one order (the chat keeps every line).
     let (lines, _) = handles[0]
         .1

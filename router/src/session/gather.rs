@@ -17,6 +17,10 @@ use crate::wire::{self, ClientFrame, Code, SeenEntry};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// Duplicate tables kept while a session gathers, those of the best-ranked claims: each may
+/// hold `max_remembered_replicas` entries, and only the founder's is used.
+pub const MAX_HELD_TABLES: usize = 8;
+
 /// Joins held while a session gathers.
 #[derive(Debug, Default)]
 pub(super) struct Gathering {
@@ -30,6 +34,8 @@ struct Held {
     req: super::JoinRequest,
     /// The duplicate table it pipelined after its hello.
     seen: Option<Vec<SeenEntry>>,
+    /// Its table was not kept: [`MAX_HELD_TABLES`] better claims hold theirs.
+    outranked: bool,
     arrived: Instant,
 }
 
@@ -50,7 +56,7 @@ impl Held {
 
     /// A claim whose table is still on its way: the gathering does not end early without it.
     fn table_due(&self) -> bool {
-        self.claims() && self.seen.is_none()
+        self.claims() && self.seen.is_none() && !self.outranked
     }
 
     /// Ordering of founders: highest epoch, then highest seq.
@@ -70,6 +76,41 @@ impl Gathering {
             .since
             .or_else(|| self.held.values().map(|h| h.arrived).min())?;
         Some(from + timeout)
+    }
+
+    /// Keeps `conn`'s table if it is among the [`MAX_HELD_TABLES`] best-ranked claims, giving
+    /// up the worst kept one if need be: memory stays bounded however many replicas gather.
+    fn keep_table(&mut self, conn: ConnId, entries: Vec<SeenEntry>) {
+        let Some(rank) = self.held.get(&conn).map(Held::rank) else {
+            return;
+        };
+        let kept: Vec<(ConnId, (u64, u64))> = self
+            .held
+            .iter()
+            .filter(|(c, h)| **c != conn && h.seen.is_some())
+            .map(|(c, h)| (*c, h.rank()))
+            .collect();
+        if kept.len() >= MAX_HELD_TABLES {
+            let Some((worst, worst_rank)) = kept
+                .iter()
+                .min_by_key(|(c, r)| (*r, std::cmp::Reverse(*c)))
+                .copied()
+            else {
+                return;
+            };
+            let loser = if rank > worst_rank { worst } else { conn };
+            if let Some(h) = self.held.get_mut(&loser) {
+                h.seen = None;
+                h.outranked = true;
+            }
+            if loser == conn {
+                return;
+            }
+        }
+        if let Some(h) = self.held.get_mut(&conn) {
+            h.seen = Some(entries);
+            h.outranked = false;
+        }
     }
 
     pub(super) fn holds(&self, conn: ConnId) -> bool {
@@ -166,6 +207,7 @@ impl Session {
                 Held {
                     req,
                     seen: None,
+                    outranked: false,
                     arrived: now,
                 },
             );
@@ -209,7 +251,7 @@ impl Session {
         let Some(g) = self.gathering.as_mut() else {
             return;
         };
-        let Some(h) = g.held.get_mut(&conn) else {
+        let Some(claims) = g.held.get(&conn).map(Held::claims) else {
             return;
         };
         let problem = match frame {
@@ -218,10 +260,12 @@ impl Session {
                 entries.len()
             )),
             ClientFrame::Seen { entries } => {
-                if h.claims() && g.since.is_none() {
-                    g.since = Some(now);
+                if claims {
+                    g.keep_table(conn, entries);
+                    if g.held.values().any(Held::founder) && g.since.is_none() {
+                        g.since = Some(now);
+                    }
                 }
-                h.seen = Some(entries);
                 None
             }
             ClientFrame::Ping { .. } | ClientFrame::Pong { .. } => None,
