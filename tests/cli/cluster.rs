@@ -366,6 +366,20 @@ async fn carry_on_after(signal: &str, per_replica: u64) {
             .map(|(t, _)| *t - killed_at)
             .expect("every replica serves again");
         back = back.max(again);
+        let resyncs = events
+            .iter()
+            .filter(|(t, e)| {
+                *t > killed_at && matches!(e, Event::Restored { .. } | Event::StartedFresh)
+            })
+            .count();
+        if signal == "SIGTERM" {
+            // Every replica had the whole order when the home said goodbye: the island goes on
+            // from it with no snapshot and no full resync.
+            assert_eq!(
+                resyncs, 0,
+                "a graceful hand-over resyncs nobody: {events:?}"
+            );
+        }
         let Some((_, Event::Stopped { seq, digest })) = events.last().cloned() else {
             panic!("stopped last")
         };
