@@ -348,6 +348,10 @@ enum Kind {
     Text,
     /// A longer string: a path or a list.
     LongText,
+    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    EtcdUrl,
+    /// A cluster name: 1 to 64 of letters, digits, `-`, `_`, `.`.
+    ClusterName,
 }
 
 impl Kind {
@@ -366,6 +370,10 @@ impl Kind {
             Kind::Range(lo, hi) => format!("a whole number from {lo} to {hi}"),
             Kind::Text => "a string of at most 64 characters".into(),
             Kind::LongText => "a non-empty string of at most 4096 characters".into(),
+            Kind::EtcdUrl => {
+                "an \"etcd://HOST:PORT\" string (several: \"etcd://HOST:PORT,HOST:PORT\")".into()
+            }
+            Kind::ClusterName => "a name of 1 to 64 letters, digits, '-', '_' or '.'".into(),
         }
     }
 }
@@ -425,8 +433,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("croquet.api_keys", Kind::LongText),
     ("croquet.max_file_mb", Kind::Range(1, 4096)),
     ("croquet.max_store_mb", Kind::Range(16, 1024 * 1024)),
-    ("cluster.etcd", Kind::LongText),
-    ("cluster.name", Kind::Text),
+    ("cluster.etcd", Kind::EtcdUrl),
+    ("cluster.name", Kind::ClusterName),
 ];
 
 /// Checks a number given for `key` on the command line against the range the file allows, so
@@ -473,6 +481,12 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
         Kind::LongText => v
             .as_str()
             .is_some_and(|s| !s.is_empty() && s.chars().count() <= 4096),
+        Kind::EtcdUrl => v.as_str().is_some_and(is_etcd_url),
+        Kind::ClusterName => v.as_str().is_some_and(|s| {
+            (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        }),
     };
     if ok {
         Ok(())
@@ -483,6 +497,25 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
             v.to_string().trim()
         ))
     }
+}
+
+/// `etcd://HOST:PORT[,HOST:PORT...]`, each port 1 to 65535 (the router checks it again, with
+/// the same rules, in `isthmus_cluster::member::parse_url`).
+fn is_etcd_url(s: &str) -> bool {
+    s.len() <= 4096
+        && s.strip_prefix("etcd://").is_some_and(|rest| {
+            rest.split(',').all(|part| {
+                let part = part.trim().trim_end_matches('/');
+                part.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && host.bytes().all(|b| {
+                            b.is_ascii_alphanumeric()
+                                || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+                        })
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+            })
+        })
 }
 
 fn apply(p: &mut Profile, key: &str, v: &Value) {
@@ -1059,6 +1092,26 @@ port = 7471
         match load(text) {
             Err(PrefsError::Invalid { line, message, .. }) => (line, message),
             other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cluster_keys_take_an_etcd_url_and_a_name_and_refuse_others() {
+        let p =
+            load("[profiles.c]\ncluster = { etcd = \"etcd://a:2379,b:2379\", name = \"eu-1\" }\n")
+                .expect("valid");
+        let c = p.profile("c").expect("c").cluster;
+        assert_eq!(c.etcd.as_deref(), Some("etcd://a:2379,b:2379"));
+        assert_eq!(c.name.as_deref(), Some("eu-1"));
+        for bad in [
+            "[profiles.c]\ncluster.etcd = \"http://a:2379\"\n",
+            "[profiles.c]\ncluster.etcd = \"etcd://a\"\n",
+            "[profiles.c]\ncluster.etcd = \"etcd://a:0\"\n",
+            "[profiles.c]\ncluster.name = \"a/b\"\n",
+        ] {
+            let (line, message) = invalid(bad);
+            assert_eq!(line, 2, "{message}");
+            assert!(message.contains("must be"), "{message}");
         }
     }
 
