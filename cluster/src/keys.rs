@@ -44,6 +44,12 @@ impl Keys {
         format!("{}islands/{session}", self.root)
     }
 
+    /// The record that an island exists (no lease: it outlives every router), so any router
+    /// accepts its replicas' recovering hellos whatever its create policy.
+    pub fn known(&self, session: Uuid) -> String {
+        format!("{}known/{session}", self.root)
+    }
+
     /// The router id in a router key of this cluster.
     pub fn router_of(&self, key: &[u8]) -> Option<Uuid> {
         Self::id_after(key, &self.routers())
@@ -70,6 +76,8 @@ mod tests {
         let id = Uuid::from_u128(7);
         assert_eq!(k.router(id), format!("/isthmus/eu-1/routers/{id}"));
         assert_eq!(k.island(id), format!("/isthmus/eu-1/islands/{id}"));
+        assert_eq!(k.known(id), format!("/isthmus/eu-1/known/{id}"));
+        assert_eq!(k.island_of(k.known(id).as_bytes()), None);
         assert_eq!(k.router_of(k.router(id).as_bytes()), Some(id));
         assert_eq!(k.island_of(k.island(id).as_bytes()), Some(id));
         assert_eq!(k.router_of(k.island(id).as_bytes()), None);

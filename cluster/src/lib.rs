@@ -5,7 +5,9 @@
 //! - the **key layout** and its values ([`keys`], [`record`]): `/isthmus/<cluster>/routers/<id>`
 //!   (a router's contact points and load, under its lease) and
 //!   `/isthmus/<cluster>/islands/<session>` (an island's home, under the home's lease; the
-//!   record's mod revision is the island's **epoch**);
+//!   record's mod revision is the island's **epoch**) and `/isthmus/<cluster>/known/<session>`
+//!   (that an island exists: its public keys and create options, no lease, deleted when the
+//!   island ends for good);
 //! - the **placement choice** ([`placement`]): the least load score wins, and a router prefers
 //!   itself when it is within 10% of the best;
 //! - the **fencing clock** ([`fence`]): a home stamps only while

@@ -4,7 +4,7 @@
 //! tasks: the lease keeper (a keep-alive every second, fed to the [`FenceClock`]; a new lease
 //! and a fresh registration when the old one is gone) and the watch of `routers/`. Everything
 //! else is one request each: [`Member::lookup`], [`Member::place`], [`Member::release`],
-//! [`Member::wait_gone`], [`Member::islands`].
+//! [`Member::wait_gone`], [`Member::islands`], [`Member::remember`], [`Member::known`].
 
 use crate::fence::FenceClock;
 use crate::keys::Keys;
@@ -674,13 +674,26 @@ impl Member {
         })
     }
 
-    /// Deletes the island's record if it is still the one of `epoch` (an island that ended).
-    pub async fn release(&self, session: Uuid, epoch: i64) -> Result<bool, ClusterError> {
+    /// Deletes the island's record if it is still the one of `epoch`; with `forget`, the island
+    /// ended for good (closed, or lingered out), so its [`Member::remember`] record goes too, in
+    /// the same request. Whether the placement record was deleted.
+    pub async fn release(
+        &self,
+        session: Uuid,
+        epoch: i64,
+        forget: bool,
+    ) -> Result<bool, ClusterError> {
         let i = &self.inner;
         let key = i.keys.island(session);
+        let known = forget.then(|| TxnOp::delete(i.keys.known(session), None));
         let txn = Txn::new()
             .when([Compare::mod_revision(key.clone(), CompareOp::Equal, epoch)])
-            .and_then([TxnOp::delete(key, None)]);
+            .and_then(
+                std::iter::once(TxnOp::delete(key, None))
+                    .chain(known.clone())
+                    .collect::<Vec<_>>(),
+            )
+            .or_else(known.into_iter().collect::<Vec<_>>());
         let mut client = i.client.clone();
         bump(&i.counters.writes);
         let resp = self
@@ -688,6 +701,33 @@ impl Member {
             .await?
             .map_err(etcd_err("placement delete"))?;
         Ok(resp.succeeded())
+    }
+
+    /// Records that the island `session` exists, with `value` (public keys and create options,
+    /// never a secret), without a lease: the record outlives its home, so the router that
+    /// re-creates the island from its replicas accepts them as a lone router accepts the
+    /// islands it remembers. Deleted by [`Member::release`] with `forget`.
+    pub async fn remember(&self, session: Uuid, value: Vec<u8>) -> Result<(), ClusterError> {
+        let i = &self.inner;
+        let mut client = i.client.clone();
+        bump(&i.counters.writes);
+        self.timed("known put", client.put(i.keys.known(session), value, None))
+            .await?
+            .map_err(etcd_err("known put"))?;
+        Ok(())
+    }
+
+    /// What [`Member::remember`] recorded for `session`, if anything (a linearizable read: a
+    /// refusal on a stale answer would cost the island its failover).
+    pub async fn known(&self, session: Uuid) -> Result<Option<Vec<u8>>, ClusterError> {
+        let i = &self.inner;
+        let mut client = i.client.clone();
+        bump(&i.counters.reads);
+        let resp = self
+            .timed("known get", client.get(i.keys.known(session), None))
+            .await?
+            .map_err(etcd_err("known get"))?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
     /// Waits, at most `timeout`, for the record of `epoch` to go (its home's lease lapsed) or be

@@ -10,9 +10,16 @@
 //! - **no home**: place it by load, here (then create the session at the record's epoch) or on
 //!   a less loaded router (then redirect there). The loser of a race redirects to the winner.
 //!
+//! The cluster also remembers which islands exist (`known/<session>`, no lease: public keys
+//! and create options, never a secret), written by the home at creation and deleted when the
+//! island ends for good. A recovering hello for a known island is accepted from anywhere the
+//! island could be joined, whatever the create policy of the router it lands on, as a lone
+//! router accepts the islands it remembers ([`crate::remember`]).
+//!
 //! When the fencing clock says the lease may be gone, every session this router is home for
 //! says goodbye at once and the router takes no joins until it has a new lease.
 
+use crate::remember::Remembered;
 use crate::{lock, Shared};
 use isthmus_cluster::{
     ClusterConfig, ClusterError, LeaseState, Load, Member, PlaceOutcome, Placed, RouterRecord,
@@ -65,8 +72,9 @@ impl ClusterSettings {
 
 /// What a verified hello gets on a clustered router.
 pub(crate) enum Decision {
-    /// Serve it here; `Some(epoch)` when this router is the island's home.
-    Here(Option<u64>),
+    /// Serve it here; `Some(epoch)` when this router is the island's home, and what the
+    /// cluster remembers of the island for a recovering hello that may re-create it.
+    Here(Option<u64>, Option<Remembered>),
     /// Send it to the home.
     Redirect(ServerFrame),
     /// Refuse it.
@@ -78,9 +86,9 @@ pub(crate) struct Clustered {
     member: Member,
     settings: ClusterSettings,
     held: Arc<Semaphore>,
-    /// Islands that ended here, whose records are to be deleted.
-    ended: mpsc::UnboundedSender<(SessionId, u64)>,
-    ended_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(SessionId, u64)>>>,
+    /// What the sessions homed here ask to write to etcd, in order.
+    records: mpsc::UnboundedSender<Record>,
+    records_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Record>>>,
     cancel: CancellationToken,
 }
 
@@ -103,13 +111,13 @@ impl Clustered {
             version: env!("CARGO_PKG_VERSION").into(),
         };
         let member = Member::join(settings.etcd.clone(), me, cancel.clone()).await?;
-        let (ended, ended_rx) = mpsc::unbounded_channel();
+        let (records, records_rx) = mpsc::unbounded_channel();
         Ok(Clustered {
             member,
             held: Arc::new(Semaphore::new(settings.max_held_hellos.max(1))),
             settings,
-            ended,
-            ended_rx: std::sync::Mutex::new(Some(ended_rx)),
+            records,
+            records_rx: std::sync::Mutex::new(Some(records_rx)),
             cancel,
         })
     }
@@ -127,13 +135,14 @@ impl Clustered {
         )
     }
 
-    /// Where an island that ended here reports, so its record is deleted.
-    pub(crate) fn ended(&self) -> mpsc::UnboundedSender<(SessionId, u64)> {
-        self.ended.clone()
+    /// Where the sessions homed here report their creation and end, so their records are
+    /// written and deleted.
+    pub(crate) fn records(&self) -> mpsc::UnboundedSender<Record> {
+        self.records.clone()
     }
 
-    /// Starts the tasks that follow the router: fencing, load, and deleting ended islands'
-    /// records. Called once from `run`.
+    /// Starts the tasks that follow the router: fencing, load, and writing and deleting its
+    /// islands' records. Called once from `run`.
     pub(crate) fn start(shared: &Arc<Shared>) {
         let Some(c) = &shared.cluster else { return };
         let weak = Arc::downgrade(shared);
@@ -177,7 +186,7 @@ impl Clustered {
                 }
             }
         });
-        let rx = lock(&c.ended_rx).take();
+        let rx = lock(&c.records_rx).take();
         if let Some(mut rx) = rx {
             let member = c.member.clone();
             let cancel = c.cancel.clone();
@@ -187,10 +196,8 @@ impl Clustered {
                         _ = cancel.cancelled() => return,
                         n = rx.recv() => n,
                     };
-                    let Some((id, epoch)) = next else { return };
-                    if let Err(e) = member.release(id.0, epoch as i64).await {
-                        warn!(session = %id, "cannot delete the ended island's placement: {e}; it goes with this router's lease");
-                    }
+                    let Some(next) = next else { return };
+                    write(&member, next).await;
                 }
             });
         }
@@ -240,7 +247,7 @@ impl Clustered {
             .get(&id)
             .and_then(|s| s.epoch)
         {
-            return Decision::Here(Some(epoch));
+            return Decision::Here(Some(epoch), None);
         }
         let etcd_down = |e: ClusterError| {
             Decision::Refuse(
@@ -257,10 +264,15 @@ impl Clustered {
             match placed {
                 Some(p) if p.placement.home == self.member.id() => {
                     if p.lease == lease {
-                        return Decision::Here(Some(p.epoch as u64));
+                        // Placed here (perhaps by another router) for a hello that may
+                        // re-create the island: the session needs what the cluster knows.
+                        return match self.known(body).await {
+                            Ok(known) => Decision::Here(Some(p.epoch as u64), known),
+                            Err(e) => etcd_down(e),
+                        };
                     }
                     // Left from an older lease of ours: those sessions were fenced.
-                    if let Err(e) = self.member.release(id.0, p.epoch).await {
+                    if let Err(e) = self.member.release(id.0, p.epoch, false).await {
                         return etcd_down(e);
                     }
                 }
@@ -294,14 +306,26 @@ impl Clustered {
                     return Decision::Redirect(redirect(&p, !lan));
                 }
                 None => {
-                    // A recovering hello re-creates an island the cluster had, so the create
-                    // policy is the session's business (it may remember the island); a record
-                    // placed for a hello then refused is deleted again.
-                    let creating = body.recover.is_some()
-                        || (body.create.is_some() && shared.cfg.create.check(lan).is_ok());
+                    // A recovering hello re-creates an island whatever the create policy if
+                    // the cluster (or this router's own book) remembers it; otherwise the
+                    // policy applies as to a new island. A record placed for a hello then
+                    // refused is deleted again.
+                    let known = match self.known(body).await {
+                        Ok(known) => known,
+                        Err(e) => return etcd_down(e),
+                    };
+                    let allowed = shared.cfg.create.check(lan).is_ok();
+                    let creating = if body.create.is_some() {
+                        allowed
+                    } else {
+                        body.recover.is_some()
+                            && (allowed
+                                || known.is_some()
+                                || shared.book.lookup(id, &body.keys).is_some())
+                    };
                     if !creating || body.control {
                         // Nothing to place: the ordinary path refuses it with the right words.
-                        return Decision::Here(None);
+                        return Decision::Here(None, None);
                     }
                     let (me, others) = self.member.candidates(load_of(shared));
                     let target = isthmus_cluster::choose_home(me, &others).unwrap_or(me.id);
@@ -316,7 +340,7 @@ impl Clustered {
                     match self.member.place(id.0, &home).await {
                         Ok(PlaceOutcome::Won(epoch)) if home.id == me.id => {
                             info!(session = %id, epoch, "placed the island here");
-                            return Decision::Here(Some(epoch as u64));
+                            return Decision::Here(Some(epoch as u64), known);
                         }
                         Ok(PlaceOutcome::Won(epoch)) => {
                             self.member.note_placed(home.id);
@@ -335,7 +359,7 @@ impl Clustered {
                             warn!(session = %id, "placing on {} failed: {e}; placing here", home.id);
                             match self.member.place(id.0, &self.member.me()).await {
                                 Ok(PlaceOutcome::Won(epoch)) => {
-                                    return Decision::Here(Some(epoch as u64))
+                                    return Decision::Here(Some(epoch as u64), known)
                                 }
                                 Ok(PlaceOutcome::Taken(_)) => continue,
                                 Err(e) => return etcd_down(e),
@@ -350,6 +374,28 @@ impl Clustered {
             Code::BUSY,
             "the island's placement kept changing while this router looked it up; try again".into(),
         )
+    }
+
+    /// What the cluster remembers of the island of a recovering hello that could re-create it
+    /// (one linearizable read), if the record's keys are the hello's.
+    async fn known(&self, body: &HelloBody) -> Result<Option<Remembered>, ClusterError> {
+        if body.recover.is_none() || body.create.is_some() || body.control {
+            return Ok(None);
+        }
+        let Some(value) = self.member.known(body.session.0).await? else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<Remembered>(&value) {
+            Ok(r) if r.session == body.session && r.keys == body.keys => Ok(Some(r)),
+            Ok(_) => {
+                warn!(session = %body.session, "the cluster's known record of this island has other keys; ignored (check what else writes under /isthmus/)");
+                Ok(None)
+            }
+            Err(e) => {
+                warn!(session = %body.session, "the cluster's known record of this island is not readable ({e}); ignored");
+                Ok(None)
+            }
+        }
     }
 
     /// Whether the home of `p` accepts a TCP connection within the probe timeout.
@@ -492,6 +538,37 @@ fn redirect(p: &Placed, remote: bool) -> ServerFrame {
             remote,
         )],
         epoch: p.epoch as u64,
+    }
+}
+
+/// What a session homed here asks the cluster to write, in order (so an island's end always
+/// follows its creation).
+pub(crate) enum Record {
+    /// An island was created here: the cluster remembers that it exists.
+    Created(Remembered),
+    /// Placed here for a hello that was then refused: free the placement.
+    Refused(SessionId, u64),
+    /// An island homed here ended for good (closed by its admin, or lingered out): free the
+    /// placement and forget the island.
+    Ended(SessionId, u64),
+}
+
+async fn write(member: &Member, record: Record) {
+    let (id, result) = match record {
+        Record::Created(r) => (
+            r.session,
+            member
+                .remember(r.session.0, isthmus_cluster::record::encode(&r))
+                .await,
+        ),
+        Record::Refused(id, epoch) => (
+            id,
+            member.release(id.0, epoch as i64, false).await.map(drop),
+        ),
+        Record::Ended(id, epoch) => (id, member.release(id.0, epoch as i64, true).await.map(drop)),
+    };
+    if let Err(e) = result {
+        warn!(session = %id, "cannot write the island's cluster records: {e}; a placement goes with this router's lease, but the island may stay known (delete /isthmus/<cluster>/known/{id} with etcdctl if it ended)");
     }
 }
 

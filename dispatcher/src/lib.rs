@@ -343,8 +343,8 @@ impl ClosedIslands {
 struct Reg {
     sessions: HashMap<SessionId, Slot>,
     closed: ClosedIslands,
-    /// Where islands that were homed here in a cluster report their end.
-    ended: Option<tokio::sync::mpsc::UnboundedSender<(SessionId, u64)>>,
+    /// Where islands homed here in a cluster report their creation and end.
+    records: Option<tokio::sync::mpsc::UnboundedSender<cluster::Record>>,
 }
 
 type Registry = Arc<Mutex<Reg>>;
@@ -536,7 +536,7 @@ impl Dispatcher {
             None => None,
         };
         let registry: Registry = Arc::default();
-        lock(&registry).ended = cluster.as_ref().map(|c| c.ended());
+        lock(&registry).records = cluster.as_ref().map(|c| c.records());
         let book =
             Arc::new(remember::Book::open(cfg.remember_dir.as_ref().map(|d| {
                 d.join(format!("router-islands-{}.json", local.port()))
@@ -900,6 +900,7 @@ impl Shared {
         let host = contacts::local_addrs();
         let lan = contacts::is_lan_peer(peer.ip(), &host);
         let mut epoch = None;
+        let mut known = None;
         let mut others = Vec::new();
         // The hello is read: a hello held while a dead home's lease runs out must not count
         // against its source's handshakes (that bound is for slow hellos).
@@ -911,8 +912,9 @@ impl Shared {
         };
         if let Some(c) = &self.cluster {
             match c.decide(&self, &body, lan).await {
-                cluster::Decision::Here(e) => {
+                cluster::Decision::Here(e, k) => {
                     epoch = e;
+                    known = k;
                     others = c.others(!lan);
                 }
                 cluster::Decision::Redirect(frame) => {
@@ -960,10 +962,10 @@ impl Shared {
             leftover,
             guard: Some(Box::new(conn)),
         };
-        if let Err((mut attach, code, reason)) = self.route(&body, lan, attach, epoch) {
+        if let Err((mut attach, code, reason)) = self.route(&body, lan, attach, epoch, known) {
             if let (Some(c), Some(e)) = (&self.cluster, epoch) {
                 // Placed here for a hello that was then refused: free the island again.
-                let _ = c.ended().send((session, e));
+                let _ = c.records().send(cluster::Record::Refused(session, e));
             }
             info!(%peer, %session, "refused: {code}: {reason}");
             self.refused(code, Some(session), peer, &reason);
@@ -989,6 +991,7 @@ impl Shared {
         lan: bool,
         mut attach: Attach,
         epoch: Option<u64>,
+        known: Option<remember::Remembered>,
     ) -> Result<(), (Attach, Code, String)> {
         let id = body.session;
         loop {
@@ -1022,13 +1025,15 @@ impl Shared {
                     ),
                 ));
             }
-            // An island this router was home for before a restart is re-created by its
-            // replicas from wherever they may join it, whatever the create policy says.
+            // An island this router was home for before a restart, or one its cluster knows, is
+            // re-created by its replicas from wherever they may join it, whatever the create
+            // policy says.
             let remembered = body
                 .create
                 .is_none()
                 .then(|| self.book.lookup(id, &body.keys))
-                .flatten();
+                .flatten()
+                .or(known);
             let Some(opts) = creation(body, lan, remembered.as_ref()) else {
                 return Err((
                     attach,
@@ -1061,8 +1066,13 @@ impl Shared {
             let island = driver.island.clone();
             let retire = retire_from(Arc::downgrade(&self.registry), id, self.book.clone());
             let (handle, join) = spawn_session(id, body.keys, driver, retire);
-            self.book
-                .insert(remember::Remembered::of(id, body.keys, opts));
+            let record = remember::Remembered::of(id, body.keys, opts);
+            if let (Some(tell), Some(_), Some(_)) = (&reg.records, epoch, &body.create) {
+                // A new island homed here: the cluster remembers it exists (a re-created one
+                // is remembered already).
+                let _ = tell.send(cluster::Record::Created(record.clone()));
+            }
+            self.book.insert(record);
             if body.create.is_some() {
                 info!(session = %id, island = ?island, creator = ?body.name, "island created");
             } else {
@@ -1217,9 +1227,10 @@ fn retire_from(
                 reg.sessions.remove(&id)
             }
         };
-        // A cluster home frees the island's placement record when the island ends.
-        if let (Some(epoch), Some(ended)) = (gone.and_then(|s| s.epoch), &reg.ended) {
-            let _ = ended.send((id, epoch));
+        // A cluster home frees the island's placement record when the island ends, and the
+        // cluster forgets the island.
+        if let (Some(epoch), Some(tell)) = (gone.and_then(|s| s.epoch), &reg.records) {
+            let _ = tell.send(cluster::Record::Ended(id, epoch));
         }
         book.remove(id);
         true
@@ -1648,7 +1659,7 @@ mod tests {
         body.create = Some(wire::CreateOptions::default());
         let id = body.session;
         assert!(
-            s.route(&body, true, attach_for(&body), None).is_ok(),
+            s.route(&body, true, attach_for(&body), None, None).is_ok(),
             "created"
         );
         assert_eq!(d.session_count(), 1);
@@ -1665,7 +1676,7 @@ mod tests {
             if !create {
                 b.create = None;
             }
-            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b), None) else {
+            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b), None, None) else {
                 panic!("a closed island was routed");
             };
             assert_eq!(code, Code::CLOSED, "{reason}");
@@ -1679,7 +1690,7 @@ mod tests {
         )
         .body;
         b.create = Some(wire::CreateOptions::default());
-        assert!(s.route(&b, true, attach_for(&b), None).is_ok());
+        assert!(s.route(&b, true, attach_for(&b), None, None).is_ok());
         d.shared.shutdown().await;
     }
 

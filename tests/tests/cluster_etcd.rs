@@ -72,17 +72,34 @@ async fn members_see_each_other_and_one_placement_wins() {
     );
     assert_eq!(b.lookup(x).await.expect("lookup"), Some(p.clone()));
     assert!(
-        !b.release(x, epoch - 1).await.expect("release"),
+        !b.release(x, epoch - 1, false).await.expect("release"),
         "not that epoch"
     );
     assert!(b.lookup(x).await.expect("lookup").is_some());
-    assert!(a.release(x, epoch).await.expect("release"));
+    // That an island exists outlives its placement, until it ends for good.
+    a.remember(x, b"{\"x\":1}".to_vec())
+        .await
+        .expect("remember");
+    assert!(a.release(x, epoch, false).await.expect("release"));
     assert_eq!(a.lookup(x).await.expect("lookup"), None);
+    assert_eq!(
+        b.known(x).await.expect("known").as_deref(),
+        Some(&b"{\"x\":1}"[..]),
+        "a released placement keeps the island known"
+    );
     // Placed again, it has a higher epoch.
     let PlaceOutcome::Won(again) = b.place(x, &b.me()).await.expect("place") else {
         panic!("free again");
     };
     assert!(again > epoch);
+    // Ended for good: the known record goes with the placement, in one request; a stale epoch
+    // (the record is another home's now) still forgets the island.
+    assert!(b.release(x, again, true).await.expect("release"));
+    assert_eq!(a.lookup(x).await.expect("lookup"), None);
+    assert_eq!(a.known(x).await.expect("known"), None);
+    a.remember(x, b"{}".to_vec()).await.expect("remember");
+    assert!(!a.release(x, again, true).await.expect("release"));
+    assert_eq!(a.known(x).await.expect("known"), None);
 
     // A router places an island on another: the record lives under the other's lease.
     let y = Uuid::new_v4();
@@ -95,7 +112,7 @@ async fn members_see_each_other_and_one_placement_wins() {
         a.lookup(y).await.expect("lookup").map(|p| p.placement.home),
         Some(b.id())
     );
-    assert_eq!(a.islands().await.expect("list").len(), 2);
+    assert_eq!(a.islands().await.expect("list").len(), 1, "y only: x ended");
 
     // Leaving revokes the lease: its key and its islands' records go at once.
     b.leave().await;

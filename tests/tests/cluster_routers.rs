@@ -7,10 +7,12 @@ use isthmus_dispatcher::cluster::{ClusterSettings, ClusterView};
 use isthmus_dispatcher::status::Status;
 use isthmus_dispatcher::DispatcherConfig;
 use isthmus_island_client::Event;
-use isthmus_router::wire::{Code, ServerFrame};
+use isthmus_router::framed::FrameReader;
+use isthmus_router::wire::{self, ClientFrame, Code, ServerFrame};
 use isthmus_tests::etcd::{first_answer, join_via, Etcd};
 use isthmus_tests::{http_request, new_island, start_router, HelloOpts, TestRouter, PATIENCE};
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 use tokio::time::Instant;
 
 fn settings(etcd: &Etcd) -> ClusterSettings {
@@ -524,4 +526,125 @@ async fn replicas_of_a_home_cut_off_from_etcd_move_on_and_never_apply_two_messag
         r.shutdown.cancel();
         r.task.await.expect("router ends");
     }
+}
+
+/// The cluster remembers which islands exist, so a router whose create policy refuses the
+/// replicas' address (`create = none` stands in for a `lan` router reached from afar)
+/// re-creates a known island from their recovering hellos, and still refuses an unknown one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_island_fails_over_to_a_router_that_would_not_create_it() {
+    let etcd = Etcd::start();
+    let a = clustered(&etcd).await;
+    let known = new_island();
+    let (creator, home, _) = join_via(a.addr, HelloOpts::new(&known, true)).await;
+    assert_eq!(home, a.addr, "the only router is the home");
+    let w = creator.state().welcome.expect("welcome");
+    let session = w.session.to_string();
+    // The home writes the record at creation: public keys and options, no lease, no secret.
+    until("the island is known", || async {
+        !etcd.get_prefix("/isthmus/test/known/").is_empty()
+    })
+    .await;
+    let records = etcd.get_prefix("/isthmus/test/known/");
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert!(records[0].0.ends_with(&session), "{records:?}");
+    assert!(!records[0].1.contains("secret"), "{records:?}");
+
+    let b = start_router(DispatcherConfig {
+        cluster: Some(settings(&etcd)),
+        create: isthmus_dispatcher::CreatePolicy::None,
+        beacon: None,
+        croquet: None,
+        ..DispatcherConfig::default()
+    })
+    .await;
+    // The home goes (its lease is revoked, its placement with it); the island stays known.
+    a.shutdown.cancel();
+    a.task.await.expect("router a stops");
+    drop(creator);
+    until("b is alone and the island unplaced", || async {
+        let c = cluster(&b).await;
+        c.routers.len() == 1 && c.islands.is_empty()
+    })
+    .await;
+    assert_eq!(etcd.get_prefix("/isthmus/test/known/").len(), 1);
+
+    let recovering = |island: &_, w: &isthmus_router::wire::Welcome| {
+        let mut opts = HelloOpts::new(island, false);
+        opts.recover = Some(isthmus_router::wire::Recover {
+            incarnation: w.incarnation,
+            epoch: w.epoch,
+            time: w.time,
+            members: 1,
+            tick_interval_us: w.tick_interval_us,
+            create: None,
+        });
+        opts
+    };
+    // An island the cluster never had: b's create policy applies.
+    let unknown = new_island();
+    match first_answer(b.addr, &recovering(&unknown, &w)).await {
+        ServerFrame::Refuse { code, reason } => {
+            assert_eq!(code, Code::CREATE_NOT_ALLOWED, "{reason}")
+        }
+        other => panic!("an unknown island is refused, not {other:?}"),
+    }
+    // The known one is re-created at b, under a new placement, from this replica (it founds
+    // the session: it resumes from a seq and pipelines its duplicate table).
+    let mut opts = recovering(&known, &w);
+    opts.resume_from = Some(w.last_seq);
+    let mut s = tokio::net::TcpStream::connect(b.addr)
+        .await
+        .expect("connect b");
+    let nonce = isthmus_tests::exchange_preambles(&mut s)
+        .await
+        .expect("preambles");
+    for frame in [
+        ClientFrame::Hello(opts.sign(&nonce)),
+        ClientFrame::Seen {
+            entries: Vec::new(),
+        },
+    ] {
+        s.write_all(&wire::encode(&frame)).await.expect("write");
+    }
+    let mut frames = FrameReader::new(s, usize::MAX);
+    let again = loop {
+        let frame = tokio::time::timeout(PATIENCE, frames.read::<ServerFrame>())
+            .await
+            .expect("an answer in time")
+            .expect("a frame");
+        match frame {
+            ServerFrame::Welcome(w) => break w,
+            ServerFrame::Refuse { code, reason } => {
+                panic!("a known island is re-created at b, not refused: {code}: {reason}")
+            }
+            _ => {}
+        }
+    };
+    assert_eq!(again.session, w.session);
+    assert!(again.epoch > w.epoch, "a new home, a new epoch");
+    let (router, epoch) = home_of(&cluster(&b).await, &session).expect("placed at b");
+    assert_eq!((router, epoch), (cluster(&b).await.router, again.epoch));
+
+    // Closed by its admin, the island ends for good: the cluster forgets it with its placement.
+    let admin_opts = HelloOpts::with_cap(isthmus_tests::keys_of(&known), known, false);
+    let mut admin = isthmus_tests::WireReplica::connect(b.addr, admin_opts)
+        .await
+        .expect("admin connects");
+    admin
+        .wait_until(PATIENCE, "the admin's welcome", |s| {
+            s.welcome.is_some() || s.ended
+        })
+        .await
+        .welcome
+        .expect("the admin is welcomed");
+    admin
+        .admin(isthmus_router::wire::AdminCommand::Close)
+        .await
+        .expect("close");
+    until("the island is forgotten", || async {
+        etcd.get_prefix("/isthmus/test/known/").is_empty() && cluster(&b).await.islands.is_empty()
+    })
+    .await;
+    drop(frames);
 }
