@@ -211,7 +211,9 @@ impl Clustered {
     }
 
     /// Other routers' contacts for a welcome (at most [`wire::MAX_CLUSTER_CONTACTS`], least
-    /// loaded first, draining ones left out).
+    /// loaded first, draining ones left out). A router alone in its cluster names itself: the
+    /// client takes a goodbye (1000) as the island's end unless its welcome named a cluster,
+    /// and a fenced router's goodbye is not (it takes its replicas back with its next lease).
     pub(crate) fn others(&self, remote: bool) -> Vec<Contacts> {
         let me = self.member.id();
         let mut others: Vec<RouterRecord> = self
@@ -220,6 +222,9 @@ impl Clustered {
             .into_iter()
             .filter(|r| r.id != me && !r.draining)
             .collect();
+        if others.is_empty() {
+            others.push(self.member.me());
+        }
         others.sort_by_key(|r| (r.load.score(), r.id));
         others
             .iter()
