@@ -13,7 +13,7 @@
 //! - the **fencing clock** ([`fence`]): a home stamps only while
 //!   `now < sent(last acknowledged keep-alive) + TTL - margin`, from times it is fed;
 //! - the **etcd side** ([`member`]): the lease and its keep-alive, the router's registration,
-//!   the watch of `routers/`, the placement transaction, reads and deletes of placements.
+//!   the watch of `routers/`, the placement transaction, reads and deletes of placements, the `known/` records.
 //!
 //! The first three are sans-IO (no clock, no socket) and tested alone; [`member::Member`] is the
 //! thin tokio driver over the `etcd-client` crate. The dispatcher's hello path

@@ -176,15 +176,21 @@ async fn islands_are_placed_across_three_routers_and_any_router_leads_home() {
         }
     }
 
-    // etcd holds one placement per island and one key per router.
+    // etcd holds one placement and one known record per island, and one key per router.
     assert_eq!(etcd.get_prefix("/isthmus/test/islands/").len(), 6);
+    assert_eq!(etcd.get_prefix("/isthmus/test/known/").len(), 6);
     assert_eq!(etcd.get_prefix("/isthmus/test/routers/").len(), 3);
     for r in routers {
         r.shutdown.cancel();
         r.task.await.expect("router ends");
     }
-    // Leaving revoked every lease: nothing is left in etcd.
-    assert!(etcd.get_prefix("/isthmus/test/").is_empty());
+    // Leaving revoked every lease: only the known records are left (the islands did not end
+    // for good; their replicas may re-create them on any router).
+    let left = etcd.get_prefix("/isthmus/test/");
+    assert_eq!(left.len(), 6, "{left:?}");
+    assert!(left
+        .iter()
+        .all(|(k, _)| k.starts_with("/isthmus/test/known/")));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -623,6 +629,10 @@ async fn a_known_island_fails_over_to_a_router_that_would_not_create_it() {
     };
     assert_eq!(again.session, w.session);
     assert!(again.epoch > w.epoch, "a new home, a new epoch");
+    // Alone in its cluster, b names itself, so a goodbye when it is fenced is not taken for the
+    // island's end.
+    assert_eq!(again.cluster.len(), 1, "{:?}", again.cluster);
+    assert_eq!(again.cluster[0].internal, vec![b.addr]);
     let (router, epoch) = home_of(&cluster(&b).await, &session).expect("placed at b");
     assert_eq!((router, epoch), (cluster(&b).await.router, again.epoch));
 
