@@ -271,11 +271,11 @@ async fn run(islands: usize, failover: usize) {
     println!("| phase | reads | writes |");
     println!("|---|---|---|");
     let (r, w) = per(before, after_create);
-    println!("| creation (lookup, placement transaction) | {r:.2} | {w:.2} |");
+    println!("| creation (lookup, placement transaction, known put) | {r:.2} | {w:.2} |");
     let (r, w) = per(after_create, after_join);
     println!("| two more joins (one at the home, one redirected) | {r:.2} | {w:.2} |");
     let (r, w) = per(after_join, after_end);
-    println!("| end (record deleted) | {r:.2} | {w:.2} |");
+    println!("| end (placement and known records deleted, one transaction) | {r:.2} | {w:.2} |");
 
     // 3: failover after a SIGKILL.
     let mut senders = Vec::new();
