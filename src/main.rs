@@ -128,6 +128,15 @@ pub(crate) struct RouterArgs {
     /// data directory's isthmus).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
+    /// Join a router cluster through etcd: etcd://HOST:PORT[,HOST:PORT...] (default: the
+    /// profile's cluster.etcd, else run alone). Islands get one home router each, chosen by load;
+    /// a replica that knocks on another router is redirected there.
+    #[arg(long, value_name = "URL")]
+    cluster: Option<String>,
+    /// The cluster's name: routers with the same etcd and name form one cluster (default: the
+    /// profile's cluster.name, else "default").
+    #[arg(long, value_name = "NAME")]
+    cluster_name: Option<String>,
 }
 
 // The defaults the help text above states.
@@ -323,7 +332,14 @@ pub(crate) fn effective_settings(
         _ => "other",
     };
     let ms = |d: Duration| d.as_millis();
-    Ok(vec![
+    let cluster = cfg.cluster.as_ref().map(|c| {
+        format!(
+            "cluster = etcd://{}, name {}",
+            c.etcd.endpoints.join(","),
+            c.etcd.name
+        )
+    });
+    let mut lines = vec![
         format!("listen = {}", cfg.listen),
         format!("forwarding = {forwarding}"),
         format!("beacon = {beacon}"),
@@ -374,7 +390,10 @@ pub(crate) fn effective_settings(
                 }
             ),
         },
-    ])
+    ];
+    // Only a clustered profile gets the line: a lone router's settings read as before.
+    lines.extend(cluster);
+    Ok(lines)
 }
 
 /// Turns a profile plus the flags that override it into the dispatcher's configuration.
@@ -566,6 +585,7 @@ fn router_config(
         }
     };
     cfg.croquet = croquet_config(args, &p.croquet)?;
+    cfg.cluster = cluster_config(args, &p.cluster)?;
     cfg.remember_dir = remember_dir(args, &p.croquet);
     let beacon_on = !args.no_beacon && p.beacon.unwrap_or(true);
     if beacon_on {
@@ -585,6 +605,36 @@ fn router_config(
         });
     }
     Ok(cfg)
+}
+
+/// The router cluster from `--cluster` / `--cluster-name` and the profile's `cluster.*` keys;
+/// `None` runs alone.
+fn cluster_config(
+    args: &RouterArgs,
+    p: &isthmus_prefs::ClusterPrefs,
+) -> Result<Option<isthmus_dispatcher::cluster::ClusterSettings>> {
+    let name = args
+        .cluster_name
+        .clone()
+        .or(p.name.clone())
+        .unwrap_or_else(|| isthmus_cluster::DEFAULT_CLUSTER_NAME.to_string());
+    let url = match (&args.cluster, &p.etcd) {
+        (Some(u), _) => u.clone(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => {
+            if args.cluster_name.is_some() {
+                return Err(usage(
+                    "--cluster-name names a cluster, but no etcd is given: add --cluster etcd://HOST:PORT (or cluster.etcd in the profile)".to_string(),
+                ));
+            }
+            return Ok(None);
+        }
+    };
+    let etcd =
+        isthmus_cluster::ClusterConfig::from_url(&url, &name).map_err(|e| usage(e.to_string()))?;
+    Ok(Some(isthmus_dispatcher::cluster::ClusterSettings::new(
+        etcd,
+    )))
 }
 
 /// Where the router remembers the islands it is home for, so their replicas re-create them
@@ -677,6 +727,7 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
     let local = dispatcher.local_addr();
     print_line(&format!("listening on {local}"));
     let summary = dispatcher.summary();
+    let cluster_line = dispatcher.cluster_summary();
     let check = dispatcher.reachability();
     // The reachability check connects to the router through the gateway: it needs the
     // dispatcher accepting, so the summary follows it (a few seconds at most).
@@ -691,6 +742,9 @@ async fn run_router(args: RouterArgs, prefs: Option<&std::path::Path>) -> Result
             eprint_line(&format!("isthmus router: {summary}; {outcome}"));
         }
         None => eprint_line(&format!("isthmus router: {summary}")),
+    }
+    if let Some(cluster) = &cluster_line {
+        eprint_line(&format!("isthmus router: {cluster}"));
     }
     if let Some(c) = &croquet {
         // Listening on every address: name the one a browser elsewhere on the LAN uses (the

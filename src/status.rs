@@ -212,6 +212,10 @@ pub(crate) fn lines(s: &Status) -> Vec<String> {
     for i in &s.islands {
         out.extend(island_lines(i));
     }
+    if let Some(c) = &s.cluster {
+        out.push(String::new());
+        out.extend(cluster_lines(c));
+    }
     for (title, list) in [
         ("recent refusals", &s.recent_refusals),
         ("recent divergences", &s.recent_divergences),
@@ -275,6 +279,46 @@ fn router_lines(s: &Status) -> Vec<String> {
             t.connections_shed
         ),
     ]
+}
+
+/// The cluster's routers, then where each island lives.
+fn cluster_lines(c: &isthmus_dispatcher::cluster::ClusterView) -> Vec<String> {
+    let mut out = vec![format!(
+        "cluster {}: {}{}",
+        clean(&c.name),
+        count(c.routers.len() as u64, "router", "routers"),
+        if c.lease {
+            ""
+        } else {
+            " (this router lost its lease: it serves nothing until it has a new one)"
+        }
+    )];
+    for r in &c.routers {
+        out.push(format!(
+            "  router {}{}  {}  {}, {}{}",
+            r.id,
+            if r.here { " (this one)" } else { "" },
+            if r.contacts.is_empty() {
+                "no contacts".to_string()
+            } else {
+                r.contacts.join(", ")
+            },
+            count(r.sessions, "session", "sessions"),
+            count(r.replicas, "replica", "replicas"),
+            if r.draining { ", draining" } else { "" }
+        ));
+    }
+    out.push(format!("cluster islands: {}", c.islands.len()));
+    for i in &c.islands {
+        out.push(format!(
+            "  island {}  home {}  epoch {}",
+            i.session, i.home, i.epoch
+        ));
+    }
+    if let Some(e) = &c.error {
+        out.push(format!("  (islands unavailable: {})", clean(e)));
+    }
+    out
 }
 
 /// One island: its line, its members, its postcard.

@@ -98,9 +98,9 @@ async fn route(ctx: &Ctx, req: Request<Incoming>) -> Response<Body> {
         // With --web the app has "/" (a person opens http://ROUTER:7470/ and gets the app);
         // the status page is then at /status.
         "/" if crate::croquet::serves_web(ctx) => crate::croquet::web(ctx, req).await,
-        "/status" => crate::status::respond(ctx, req.headers(), "/"),
+        "/status" => crate::status::respond(ctx, req.headers(), "/").await,
         p @ ("/" | "/status.json" | "/status.fragment" | "/status.js" | "/status.css") => {
-            crate::status::respond(ctx, req.headers(), p)
+            crate::status::respond(ctx, req.headers(), p).await
         }
         p if p.starts_with("/reflector/") => crate::croquet::reflector(ctx, req).await,
         p if p.starts_with("/files/") => crate::croquet::files(ctx, req).await,

@@ -18,6 +18,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod cluster;
 pub mod contacts;
 pub mod croquet;
 pub mod http;
@@ -235,6 +236,8 @@ pub struct DispatcherConfig {
     pub croquet: Option<croquet::CroquetConfig>,
     /// Who may see the status page, its JSON and `/metrics`.
     pub status_from: status::StatusAccess,
+    /// Join a router cluster on etcd (`--cluster`); `None` runs alone.
+    pub cluster: Option<cluster::ClusterSettings>,
     /// Where the islands this router is home for are remembered across a restart
     /// (`router-islands-PORT.json` in it; see [`remember`]); `None` remembers nothing.
     pub remember_dir: Option<std::path::PathBuf>,
@@ -256,6 +259,7 @@ impl Default for DispatcherConfig {
             beacon: None,
             croquet: Some(croquet::CroquetConfig::default()),
             status_from: status::StatusAccess::Lan,
+            cluster: None,
             remember_dir: None,
         }
     }
@@ -282,6 +286,9 @@ pub enum DispatchError {
     /// The Croquet file store could not be opened.
     #[error("{0}; pick another data directory with --data-dir, or turn the Croquet front door off with --no-croquet")]
     Croquet(#[source] isthmus_croquet::CroquetError),
+    /// The router could not join its cluster.
+    #[error("cannot join the router cluster: {0}")]
+    Cluster(#[source] isthmus_cluster::ClusterError),
 }
 
 /// Why a handshake failed, for the log line.
@@ -304,6 +311,8 @@ struct Slot {
     keys: IslandKeys,
     join: Option<tokio::task::JoinHandle<()>>,
     announce: Option<Announce>,
+    /// The placement epoch when this router is the island's cluster home.
+    epoch: Option<u64>,
 }
 
 /// Islands closed by their admin, newest last, at most [`MAX_REMEMBERED_CLOSED`].
@@ -334,6 +343,8 @@ impl ClosedIslands {
 struct Reg {
     sessions: HashMap<SessionId, Slot>,
     closed: ClosedIslands,
+    /// Where islands homed here in a cluster report their creation and end.
+    records: Option<tokio::sync::mpsc::UnboundedSender<cluster::Record>>,
 }
 
 type Registry = Arc<Mutex<Reg>>;
@@ -439,6 +450,8 @@ struct Shared {
     monitor: metrics::Monitor,
     /// Nonces handed out while the reachability check runs.
     probes: Arc<reach::Probes>,
+    /// The router cluster, when it is in one.
+    cluster: Option<cluster::Clustered>,
     /// The islands this router is home for, remembered across a restart.
     book: Arc<remember::Book>,
 }
@@ -497,6 +510,33 @@ impl Dispatcher {
         };
         let stats = Arc::new(isthmus_router::stats::RouterStats::default());
         cfg.driver.stats = stats.clone();
+        let instance = uuid::Uuid::new_v4();
+        let cluster = match cfg.cluster.clone() {
+            Some(settings) => {
+                let internal = if cfg.listen.ip().is_unspecified() {
+                    let probe = SocketAddr::new(cfg.listen.ip(), local.port());
+                    contacts::contacts_for(
+                        probe,
+                        probe,
+                        probe,
+                        &contacts::local_addrs(),
+                        None,
+                        instance,
+                    )
+                    .internal
+                } else {
+                    vec![local]
+                };
+                Some(
+                    cluster::Clustered::join(settings, instance, internal, external.current())
+                        .await
+                        .map_err(DispatchError::Cluster)?,
+                )
+            }
+            None => None,
+        };
+        let registry: Registry = Arc::default();
+        lock(&registry).records = cluster.as_ref().map(|c| c.records());
         let book =
             Arc::new(remember::Book::open(cfg.remember_dir.as_ref().map(|d| {
                 d.join(format!("router-islands-{}.json", local.port()))
@@ -512,10 +552,11 @@ impl Dispatcher {
                 turning_away: Arc::new(Semaphore::new(MAX_TURNING_AWAY)),
                 budget,
                 probes: Arc::default(),
-                instance: uuid::Uuid::new_v4(),
+                instance,
                 external,
                 cfg,
-                registry: Arc::default(),
+                registry,
+                cluster,
                 next_conn: AtomicU64::new(1),
                 croquet,
                 book,
@@ -577,6 +618,11 @@ impl Dispatcher {
         format!("internal {}; external {external}", internal.join(", "))
     }
 
+    /// One line for people about the cluster this router joined, if any.
+    pub fn cluster_summary(&self) -> Option<String> {
+        self.shared.cluster.as_ref().map(|c| c.summary())
+    }
+
     /// Sessions alive now.
     pub fn session_count(&self) -> usize {
         lock(&self.shared.registry).sessions.len()
@@ -597,6 +643,7 @@ impl Dispatcher {
 
     /// Accepts connections until `shutdown` fires, then says goodbye to every replica.
     pub async fn run(self, shutdown: CancellationToken) {
+        cluster::Clustered::start(&self.shared);
         if let Some(b) = self.shared.cfg.beacon.clone() {
             let shared = Arc::downgrade(&self.shared);
             let port = self.local.port();
@@ -684,10 +731,19 @@ impl Dispatcher {
             }
         }
         handshakes.abort_all();
+        if self.shared.cluster.is_some() {
+            // Refuse connections from here on: the replicas of a clustered router go to other
+            // routers, which must see this one as gone rather than redirect them back to it.
+            drop(self.listener);
+        }
         if let Some(c) = &self.shared.croquet {
             c.shutdown().await;
         }
         self.shared.shutdown().await;
+        if let Some(c) = &self.shared.cluster {
+            // After the goodbyes: no island is stamped here once its record is gone.
+            c.leave().await;
+        }
         if let Some(m) = self.mapper {
             // A mapping left behind is a hole in the user's firewall: always remove it.
             m.shutdown().await;
@@ -843,6 +899,42 @@ impl Shared {
         let local = stream.local_addr().unwrap_or(self.cfg.listen);
         let host = contacts::local_addrs();
         let lan = contacts::is_lan_peer(peer.ip(), &host);
+        let mut epoch = None;
+        let mut known = None;
+        let mut others = Vec::new();
+        // The hello is read: a hello held while a dead home's lease runs out must not count
+        // against its source's handshakes (that bound is for slow hellos).
+        let handshake = if self.cluster.is_some() {
+            drop(handshake);
+            None
+        } else {
+            Some(handshake)
+        };
+        if let Some(c) = &self.cluster {
+            match c.decide(&self, &body, lan).await {
+                cluster::Decision::Here(e, k) => {
+                    epoch = e;
+                    known = k;
+                    others = c.others(!lan);
+                }
+                cluster::Decision::Redirect(frame) => {
+                    debug!(%peer, %session, "redirected to the island's home");
+                    let frame = wire::encode(&frame);
+                    let _ = tokio::time::timeout(timeout, async {
+                        let _ = stream.write_all(&frame).await;
+                        let _ = stream.shutdown().await;
+                    })
+                    .await;
+                    return;
+                }
+                cluster::Decision::Refuse(code, reason) => {
+                    info!(%peer, %session, "refused: {code}: {reason}");
+                    self.refused(code, Some(session), peer, &reason);
+                    refuse(&mut stream, code, &reason).await;
+                    return;
+                }
+            }
+        }
         let contacts = contacts::contacts_for(
             self.cfg.listen,
             local,
@@ -864,14 +956,17 @@ impl Shared {
                 nonce,
                 control: body.control,
                 recover: body.recover.clone(),
-                // A cluster's routers are named here (up to `wire::MAX_CLUSTER_CONTACTS`).
-                cluster: Vec::new(),
+                cluster: others,
             },
             stream: Box::new(stream),
             leftover,
             guard: Some(Box::new(conn)),
         };
-        if let Err((mut attach, code, reason)) = self.route(&body, lan, attach) {
+        if let Err((mut attach, code, reason)) = self.route(&body, lan, attach, epoch, known) {
+            if let (Some(c), Some(e)) = (&self.cluster, epoch) {
+                // Placed here for a hello that was then refused: free the island again.
+                let _ = c.records().send(cluster::Record::Refused(session, e));
+            }
             info!(%peer, %session, "refused: {code}: {reason}");
             self.refused(code, Some(session), peer, &reason);
             let stream = &mut attach.stream;
@@ -895,6 +990,8 @@ impl Shared {
         body: &HelloBody,
         lan: bool,
         mut attach: Attach,
+        epoch: Option<u64>,
+        known: Option<remember::Remembered>,
     ) -> Result<(), (Attach, Code, String)> {
         let id = body.session;
         loop {
@@ -928,13 +1025,15 @@ impl Shared {
                     ),
                 ));
             }
-            // An island this router was home for before a restart is re-created by its
-            // replicas from wherever they may join it, whatever the create policy says.
+            // An island this router was home for before a restart, or one its cluster knows, is
+            // re-created by its replicas from wherever they may join it, whatever the create
+            // policy says.
             let remembered = body
                 .create
                 .is_none()
                 .then(|| self.book.lookup(id, &body.keys))
-                .flatten();
+                .flatten()
+                .or(known);
             let Some(opts) = creation(body, lan, remembered.as_ref()) else {
                 return Err((
                     attach,
@@ -952,6 +1051,8 @@ impl Shared {
             }
             let mut driver = self.cfg.driver.clone();
             driver.session = driver.session.with_create_options(opts);
+            // A cluster home's welcomes carry its placement record's revision (fencing).
+            driver.session.epoch = epoch.unwrap_or(0);
             driver.session.incarnation = u64::from_le_bytes(
                 isthmus_router::auth::fresh_nonce()[..8]
                     .try_into()
@@ -965,8 +1066,13 @@ impl Shared {
             let island = driver.island.clone();
             let retire = retire_from(Arc::downgrade(&self.registry), id, self.book.clone());
             let (handle, join) = spawn_session(id, body.keys, driver, retire);
-            self.book
-                .insert(remember::Remembered::of(id, body.keys, opts));
+            let record = remember::Remembered::of(id, body.keys, opts);
+            if let (Some(tell), Some(_), Some(_)) = (&reg.records, epoch, &body.create) {
+                // A new island homed here: the cluster remembers it exists (a re-created one
+                // is remembered already).
+                let _ = tell.send(cluster::Record::Created(record.clone()));
+            }
+            self.book.insert(record);
             if body.create.is_some() {
                 info!(session = %id, island = ?island, creator = ?body.name, "island created");
             } else {
@@ -983,6 +1089,7 @@ impl Shared {
                     keys: body.keys,
                     join: Some(join),
                     announce: opts.announce.clone(),
+                    epoch,
                 },
             );
             return Ok(());
@@ -1108,17 +1215,22 @@ fn retire_from(
             return true;
         };
         let mut reg = lock(&registry);
-        match ending {
+        let gone = match ending {
             Ending::Expired => {
                 if attach_pending() {
                     return false;
                 }
-                reg.sessions.remove(&id);
+                reg.sessions.remove(&id)
             }
             Ending::Closed => {
-                reg.sessions.remove(&id);
                 reg.closed.insert(id);
+                reg.sessions.remove(&id)
             }
+        };
+        // A cluster home frees the island's placement record when the island ends, and the
+        // cluster forgets the island.
+        if let (Some(epoch), Some(tell)) = (gone.and_then(|s| s.epoch), &reg.records) {
+            let _ = tell.send(cluster::Record::Ended(id, epoch));
         }
         book.remove(id);
         true
@@ -1499,6 +1611,7 @@ mod tests {
                     destination: None,
                     secret: None,
                 }),
+                epoch: None,
             },
         );
         let listed = announced(&registry);
@@ -1545,7 +1658,10 @@ mod tests {
         let mut body = hello(&part, &admin, &[0; NONCE_LEN]).body;
         body.create = Some(wire::CreateOptions::default());
         let id = body.session;
-        assert!(s.route(&body, true, attach_for(&body)).is_ok(), "created");
+        assert!(
+            s.route(&body, true, attach_for(&body), None, None).is_ok(),
+            "created"
+        );
         assert_eq!(d.session_count(), 1);
 
         // An expired session waits for an attach on its way, then goes and may come back.
@@ -1560,7 +1676,7 @@ mod tests {
             if !create {
                 b.create = None;
             }
-            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b)) else {
+            let Err((_, code, reason)) = s.route(&b, true, attach_for(&b), None, None) else {
                 panic!("a closed island was routed");
             };
             assert_eq!(code, Code::CLOSED, "{reason}");
@@ -1574,7 +1690,7 @@ mod tests {
         )
         .body;
         b.create = Some(wire::CreateOptions::default());
-        assert!(s.route(&b, true, attach_for(&b)).is_ok());
+        assert!(s.route(&b, true, attach_for(&b), None, None).is_ok());
         d.shared.shutdown().await;
     }
 

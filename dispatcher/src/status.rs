@@ -147,10 +147,20 @@ pub fn local_host_name(host: &str) -> bool {
 }
 
 /// Answers `/`, `/status.json`, `/status.fragment`, `/status.js` and `/status.css`.
-pub(crate) fn respond(ctx: &Ctx, headers: &HeaderMap, path: &str) -> Response<Body> {
+pub(crate) async fn respond(ctx: &Ctx, headers: &HeaderMap, path: &str) -> Response<Body> {
     if let Some(refused) = refusal(ctx, headers) {
         return refused;
     }
+    // Read from etcd once per request, only on a clustered router.
+    let cluster = match (&ctx.shared.cluster, path) {
+        (Some(c), "/" | "/status.json" | "/status.fragment") => Some(c.view().await),
+        _ => None,
+    };
+    let collect = |shared: &Arc<Shared>, peer, local| {
+        let mut s = collect(shared, peer, local);
+        s.cluster = cluster.clone();
+        s
+    };
     let with_cache = |mut r: Response<Body>| {
         r.headers_mut().insert(
             hyper::header::CACHE_CONTROL,
@@ -214,6 +224,10 @@ pub struct Status {
     pub recent_refusals: Vec<Event>,
     /// The newest divergences, newest first.
     pub recent_divergences: Vec<Event>,
+    /// The router cluster (`--cluster`): its routers and where islands live. Absent on a lone
+    /// router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterView>,
 }
 
 /// The router process.
@@ -433,6 +447,7 @@ pub(crate) fn collect(shared: &Arc<Shared>, peer: SocketAddr, local: SocketAddr)
         islands: islands(shared, &announced(shared, &contacts, lan), now),
         recent_refusals: ev.recent_refusals.iter().rev().map(event).collect(),
         recent_divergences: ev.recent_divergences.iter().rev().map(event).collect(),
+        cluster: None,
     }
 }
 
@@ -617,6 +632,9 @@ pub fn fragment(s: &Status) -> String {
 
 fn write_fragment(h: &mut String, s: &Status) -> fmt::Result {
     write_router(h, s)?;
+    if let Some(c) = &s.cluster {
+        write_cluster(h, c)?;
+    }
     write_islands(h, &s.islands)?;
     write_events(h, s)
 }
@@ -681,6 +699,41 @@ fn write_router(h: &mut String, s: &Status) -> fmt::Result {
     )?;
     writeln!(h, "</dl></section>")?;
     Ok(())
+}
+
+fn write_cluster(h: &mut String, c: &crate::cluster::ClusterView) -> fmt::Result {
+    writeln!(
+        h,
+        r#"<section class="card"><h2>Cluster <code>{}</code> <span class="count">{}</span></h2>"#,
+        escape(&c.name),
+        c.routers.len()
+    )?;
+    if !c.lease {
+        writeln!(
+            h,
+            r#"<p class="bad">This router has lost its cluster lease: it serves no island until it has a new one.</p>"#
+        )?;
+    }
+    writeln!(h, "<dl>")?;
+    for r in &c.routers {
+        let homes = c.islands.iter().filter(|i| i.home == r.id).count();
+        writeln!(
+            h,
+            "<dt><code>{}</code>{}</dt><dd>{} &middot; {}, {} &middot; home of {}{}</dd>",
+            escape(&r.id),
+            if r.here { " (this router)" } else { "" },
+            r.contacts
+                .iter()
+                .map(|a| format!("<code>{}</code>", escape(a)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            count(r.sessions, "session", "sessions"),
+            count(r.replicas, "replica", "replicas"),
+            count(homes as u64, "island", "islands"),
+            if r.draining { " &middot; draining" } else { "" }
+        )?;
+    }
+    writeln!(h, "</dl></section>")
 }
 
 fn write_islands(h: &mut String, islands: &[Island]) -> fmt::Result {

@@ -663,15 +663,18 @@ fn decode_all<I: Island>(
         match replica.handle_frame(frame) {
             Ok(()) => {}
             Err(FrameError::Closed(Closed { code, reason })) => {
-                return Some(closed_ending(code, reason));
+                let clustered = !replica.cluster().is_empty();
+                return Some(closed_ending(code, reason, clustered));
             }
             Err(e) => return Some(Ending::Retry(e.to_string())),
         }
     }
 }
 
-fn closed_ending(code: Code, reason: String) -> Ending {
-    if code == Code::SHUTTING_DOWN {
+/// `clustered`: the last welcome named other routers of a cluster, which carry the island on
+/// when this one shuts down or loses its cluster lease (then the goodbye is retried).
+fn closed_ending(code: Code, reason: String, clustered: bool) -> Ending {
+    if code == Code::SHUTTING_DOWN && !clustered {
         // Islands live in the router's memory: one that shut down has none left to resume,
         // and reconnecting would only meet "unknown session" (or nothing) for minutes.
         return Ending::Lost(format!(
@@ -892,15 +895,24 @@ mod tests {
 
     #[test]
     fn replaced_and_busy_are_retried_kicked_and_closed_are_not() {
+        // A lone router that shuts down takes its islands with it; a cluster's others carry on.
+        assert!(matches!(
+            closed_ending(Code::SHUTTING_DOWN, "r".into(), false),
+            Ending::Lost(_)
+        ));
+        assert!(matches!(
+            closed_ending(Code::SHUTTING_DOWN, "r".into(), true),
+            Ending::Retry(_)
+        ));
         for code in [Code::REPLACED, Code::BUSY, Code(1999)] {
             assert!(
-                matches!(closed_ending(code, "r".into()), Ending::Retry(_)),
+                matches!(closed_ending(code, "r".into(), false), Ending::Retry(_)),
                 "{code}"
             );
         }
         for code in [Code::KICKED, Code::CLOSED, Code::BAD_CREDENTIALS] {
             assert!(
-                matches!(closed_ending(code, "r".into()), Ending::Lost(_)),
+                matches!(closed_ending(code, "r".into(), false), Ending::Lost(_)),
                 "{code}"
             );
         }

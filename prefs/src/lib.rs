@@ -164,6 +164,16 @@ pub struct CroquetPrefs {
     pub max_store_mb: Option<u64>,
 }
 
+/// The router cluster a profile joins (see docs/scale-out.md).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClusterPrefs {
+    /// etcd's client URL list, `etcd://HOST:PORT[,HOST:PORT...]`; unset runs alone.
+    pub etcd: Option<String>,
+    /// The cluster's name (default "default"): routers with the same etcd and name form one
+    /// cluster.
+    pub name: Option<String>,
+}
+
 /// One profile. Unset fields take the router's defaults; command-line flags override both.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Profile {
@@ -195,6 +205,8 @@ pub struct Profile {
     pub limits: LimitPrefs,
     /// The Croquet front door.
     pub croquet: CroquetPrefs,
+    /// The router cluster.
+    pub cluster: ClusterPrefs,
 }
 
 /// Everything that can go wrong with the prefs file.
@@ -336,6 +348,10 @@ enum Kind {
     Text,
     /// A longer string: a path or a list.
     LongText,
+    /// `etcd://HOST:PORT[,HOST:PORT...]`.
+    EtcdUrl,
+    /// A cluster name: 1 to 64 of letters, digits, `-`, `_`, `.`.
+    ClusterName,
 }
 
 impl Kind {
@@ -354,6 +370,10 @@ impl Kind {
             Kind::Range(lo, hi) => format!("a whole number from {lo} to {hi}"),
             Kind::Text => "a string of at most 64 characters".into(),
             Kind::LongText => "a non-empty string of at most 4096 characters".into(),
+            Kind::EtcdUrl => {
+                "an \"etcd://HOST:PORT\" string (several: \"etcd://HOST:PORT,HOST:PORT\")".into()
+            }
+            Kind::ClusterName => "a name of 1 to 64 letters, digits, '-', '_' or '.'".into(),
         }
     }
 }
@@ -413,6 +433,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("croquet.api_keys", Kind::LongText),
     ("croquet.max_file_mb", Kind::Range(1, 4096)),
     ("croquet.max_store_mb", Kind::Range(16, 1024 * 1024)),
+    ("cluster.etcd", Kind::EtcdUrl),
+    ("cluster.name", Kind::ClusterName),
 ];
 
 /// Checks a number given for `key` on the command line against the range the file allows, so
@@ -459,6 +481,12 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
         Kind::LongText => v
             .as_str()
             .is_some_and(|s| !s.is_empty() && s.chars().count() <= 4096),
+        Kind::EtcdUrl => v.as_str().is_some_and(is_etcd_url),
+        Kind::ClusterName => v.as_str().is_some_and(|s| {
+            (1..=64).contains(&s.len())
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        }),
     };
     if ok {
         Ok(())
@@ -469,6 +497,25 @@ fn check(kind: Kind, v: &Value) -> Result<(), String> {
             v.to_string().trim()
         ))
     }
+}
+
+/// `etcd://HOST:PORT[,HOST:PORT...]`, each port 1 to 65535 (the router checks it again, with
+/// the same rules, in `isthmus_cluster::member::parse_url`).
+fn is_etcd_url(s: &str) -> bool {
+    s.len() <= 4096
+        && s.strip_prefix("etcd://").is_some_and(|rest| {
+            rest.split(',').all(|part| {
+                let part = part.trim().trim_end_matches('/');
+                part.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty()
+                        && host.bytes().all(|b| {
+                            b.is_ascii_alphanumeric()
+                                || matches!(b, b'.' | b'-' | b'[' | b']' | b':')
+                        })
+                        && port.parse::<u16>().is_ok_and(|p| p > 0)
+                })
+            })
+        })
 }
 
 fn apply(p: &mut Profile, key: &str, v: &Value) {
@@ -534,6 +581,8 @@ fn apply(p: &mut Profile, key: &str, v: &Value) {
         "croquet.api_keys" => p.croquet.api_keys = Some(s()),
         "croquet.max_file_mb" => p.croquet.max_file_mb = Some(n()),
         "croquet.max_store_mb" => p.croquet.max_store_mb = Some(n()),
+        "cluster.etcd" => p.cluster.etcd = Some(s()),
+        "cluster.name" => p.cluster.name = Some(s()),
         _ => {}
     }
 }
@@ -974,7 +1023,9 @@ impl fmt::Display for Profile {
         line(f, "croquet.data_dir", &c.data_dir, true)?;
         line(f, "croquet.api_keys", &c.api_keys, true)?;
         line(f, "croquet.max_file_mb", &c.max_file_mb, false)?;
-        line(f, "croquet.max_store_mb", &c.max_store_mb, false)
+        line(f, "croquet.max_store_mb", &c.max_store_mb, false)?;
+        line(f, "cluster.etcd", &self.cluster.etcd, true)?;
+        line(f, "cluster.name", &self.cluster.name, true)
     }
 }
 
@@ -1041,6 +1092,26 @@ port = 7471
         match load(text) {
             Err(PrefsError::Invalid { line, message, .. }) => (line, message),
             other => panic!("expected invalid, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn cluster_keys_take_an_etcd_url_and_a_name_and_refuse_others() {
+        let p =
+            load("[profiles.c]\ncluster = { etcd = \"etcd://a:2379,b:2379\", name = \"eu-1\" }\n")
+                .expect("valid");
+        let c = p.profile("c").expect("c").cluster;
+        assert_eq!(c.etcd.as_deref(), Some("etcd://a:2379,b:2379"));
+        assert_eq!(c.name.as_deref(), Some("eu-1"));
+        for bad in [
+            "[profiles.c]\ncluster.etcd = \"http://a:2379\"\n",
+            "[profiles.c]\ncluster.etcd = \"etcd://a\"\n",
+            "[profiles.c]\ncluster.etcd = \"etcd://a:0\"\n",
+            "[profiles.c]\ncluster.name = \"a/b\"\n",
+        ] {
+            let (line, message) = invalid(bad);
+            assert_eq!(line, 2, "{message}");
+            assert!(message.contains("must be"), "{message}");
         }
     }
 

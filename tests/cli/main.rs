@@ -1,6 +1,7 @@
 //! The `isthmus` command end to end: real processes, real loopback sockets.
 
 mod capture;
+mod cluster;
 mod croquet;
 mod homelab;
 mod island;

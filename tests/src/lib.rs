@@ -7,6 +7,7 @@
 //! against.
 
 pub mod croquet;
+pub mod etcd;
 pub mod netns;
 
 use bytes::{Bytes, BytesMut};
@@ -154,6 +155,8 @@ pub struct HelloOpts {
     pub resume_from: Option<Seq>,
     /// An admin control connection.
     pub control: bool,
+    /// A recovering hello (re-creating the island from its replicas).
+    pub recover: Option<isthmus_router::wire::Recover>,
 }
 
 impl HelloOpts {
@@ -178,6 +181,7 @@ impl HelloOpts {
             create: create.then(CreateOptions::default),
             resume_from: None,
             control: false,
+            recover: None,
         }
     }
 
@@ -193,7 +197,7 @@ impl HelloOpts {
             resume_from: self.resume_from,
             create: self.create.clone(),
             control: self.control,
-            recover: None,
+            recover: self.recover.clone(),
         };
         auth::sign_hello(nonce, body, &self.cap.key_pair(), &self.replica_key)
     }
