@@ -191,3 +191,194 @@ async fn an_admin_close_says_goodbye_to_everyone_and_ends_the_session() {
         .expect("without panicking");
     assert_eq!(*endings.lock().expect("not poisoned"), vec![Ending::Closed]);
 }
+
+/// Message seqs among `frames`.
+fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message(m) => Some(m.seq.0),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Reads frames until message `seq` arrives; returns every frame read.
+async fn read_until_seq(
+    r: &mut isthmus_router::framed::FrameReader<DuplexStream>,
+    seq: u64,
+) -> Vec<ServerFrame> {
+    let mut frames = Vec::new();
+    loop {
+        let frame: ServerFrame = r.read().await.expect("a whole frame");
+        let done = matches!(&frame, ServerFrame::Message(m) if m.seq.0 == seq);
+        frames.push(frame);
+        if done {
+            return frames;
+        }
+    }
+}
+
+async fn send_many(stream: &mut DuplexStream, from: u64, to: u64, size: usize) {
+    let payload = Bytes::from(vec![7u8; size]);
+    for client_seq in from..=to {
+        send(
+            stream,
+            &ClientFrame::Send {
+                client_seq,
+                payload: payload.clone(),
+            },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_socket_that_would_block_keeps_its_queue_and_drains_when_read() {
+    let (handle, _join, _) = spawn(DriverConfig::default());
+    let (mut sender, _) = attach(&handle, 1, Role::Replica, false, 1 << 20);
+    // A pipe that holds about two messages: the direct write would block at once.
+    let (blocked, _) = attach(&handle, 2, Role::Replica, false, 300);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    const N: u64 = 200;
+    send_many(&mut sender, 1, N, 100).await;
+    // Everything is stamped and queued while the replica reads nothing.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut r = isthmus_router::framed::FrameReader::new(blocked, 1 << 20);
+    let frames = read_until_seq(&mut r, N).await;
+    assert_eq!(seqs(&frames), (1..=N).collect::<Vec<_>>());
+    assert!(
+        !frames
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Goodbye { .. })),
+        "not closed"
+    );
+    // Drained, it is back on the direct path: the next message comes at once.
+    send_many(&mut sender, N + 1, N + 1, 100).await;
+    let frames = read_until_seq(&mut r, N + 1).await;
+    assert_eq!(seqs(&frames), vec![N + 1]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_consumer_is_closed_with_1003_while_the_others_keep_going() {
+    let cfg = DriverConfig {
+        session: SessionConfig {
+            // Above what the session stamps between two write rounds (64 frames, plus one
+            // read's worth).
+            max_outbound_bytes: 256 * 1024,
+            ..SessionConfig::default()
+        },
+        ..DriverConfig::default()
+    };
+    let (handle, _join, _) = spawn(cfg);
+    let (sender, _) = attach(&handle, 1, Role::Replica, false, 1 << 20);
+    let (sender_read, mut sender_write) = tokio::io::split(sender);
+    let drain = tokio::spawn(async move {
+        let mut r = sender_read;
+        let mut sink = Vec::new();
+        let _ = r.read_to_end(&mut sink).await;
+    });
+    let (mut slow, _) = attach(&handle, 2, Role::Replica, false, 2500);
+    let (fast, _) = attach(&handle, 3, Role::Replica, false, 1 << 20);
+    let fast = tokio::spawn(async move {
+        let mut r = isthmus_router::framed::FrameReader::new(fast, 1 << 20);
+        read_until_seq(&mut r, 601).await
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let payload = Bytes::from(vec![5u8; 1000]);
+    for client_seq in 1..=600 {
+        let frame = ClientFrame::Send {
+            client_seq,
+            payload: payload.clone(),
+        };
+        sender_write
+            .write_all(&wire::encode(&frame))
+            .await
+            .expect("write");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let frames = read_all_frames(&mut slow).await;
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Goodbye { code, .. }) if *code == Code::SLOW_CONSUMER),
+        "{:?}",
+        frames.last()
+    );
+    let slow_seqs = seqs(&frames);
+    assert!(!slow_seqs.is_empty() && slow_seqs.len() < 600);
+    assert!(slow_seqs.iter().copied().eq(1..=slow_seqs.len() as u64));
+    // The others got everything, and still do.
+    let frame = ClientFrame::Send {
+        client_seq: 601,
+        payload,
+    };
+    sender_write
+        .write_all(&wire::encode(&frame))
+        .await
+        .expect("write");
+    let fast_frames = tokio::time::timeout(Duration::from_secs(10), fast)
+        .await
+        .expect("the fast replica gets every message")
+        .expect("reader");
+    assert_eq!(seqs(&fast_frames), (1..=601).collect::<Vec<_>>());
+    drop(sender_write);
+    let _ = drain.await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_writes_what_is_queued_then_a_goodbye_to_every_replica() {
+    let (handle, join, _) = spawn(DriverConfig::default());
+    let (mut sender, _) = attach(&handle, 1, Role::Replica, false, 1 << 20);
+    // One replica's pipe is full when the shutdown comes: its queue goes first, then the goodbye.
+    let (mut behind, _) = attach(&handle, 2, Role::Replica, false, 300);
+    let (mut idle, _) = attach(&handle, 3, Role::Replica, false, 1 << 20);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    send_many(&mut sender, 1, 50, 100).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    handle.shutdown().await;
+    for (who, stream) in [
+        ("sender", &mut sender),
+        ("behind", &mut behind),
+        ("idle", &mut idle),
+    ] {
+        let frames = read_all_frames(stream).await;
+        assert_eq!(seqs(&frames), (1..=50).collect::<Vec<_>>(), "{who}");
+        assert!(
+            matches!(frames.last(), Some(ServerFrame::Goodbye { code, .. }) if *code == Code::SHUTTING_DOWN),
+            "{who}: {:?}",
+            frames.last()
+        );
+    }
+    tokio::time::timeout(Duration::from_secs(10), join)
+        .await
+        .expect("the session task ends")
+        .expect("without panicking");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ticks_reach_every_idle_replica() {
+    let (handle, _join, _) = spawn(DriverConfig::default());
+    let mut replicas = Vec::new();
+    for n in 1..=20 {
+        replicas.push(attach(&handle, n, Role::Replica, false, 64 * 1024).0);
+    }
+    // Ten tick intervals of silence.
+    tokio::time::sleep(Duration::from_millis(10 * 50 + 5)).await;
+    handle.shutdown().await;
+    let mut counts = Vec::new();
+    for stream in &mut replicas {
+        let frames = read_all_frames(stream).await;
+        let times: Vec<u64> = frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Tick { time } => Some(time.0),
+                _ => None,
+            })
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] < w[1]), "{times:?}");
+        counts.push(times.len());
+    }
+    assert!(
+        counts.iter().all(|&c| c == counts[0] && c >= 9),
+        "every replica got every tick: {counts:?}"
+    );
+}
