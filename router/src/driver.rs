@@ -432,8 +432,12 @@ impl SessionTask {
                         break;
                     }
                     // Events already waiting are taken before writing, so more frames share
-                    // each write, up to a bound on what a round may hold back.
+                    // each write, up to a bound on what a round may hold back. Readers woken
+                    // with this task (by the same poll of the sockets) get one turn first:
+                    // otherwise the first of them would make the session write at once and
+                    // the others again after it.
                     let mut stamped = 0;
+                    let mut yielded = false;
                     loop {
                         for event in batch.drain(..) {
                             if let Event::Frames(_, frames) = &event {
@@ -445,11 +449,11 @@ impl SessionTask {
                         if shutting_down || self.round_full || stamped >= WRITE_ROUND_FRAMES {
                             break;
                         }
-                        while batch.len() < EVENT_BATCH {
-                            match event_rx.try_recv() {
-                                Ok(event) => batch.push(event),
-                                Err(_) => break,
-                            }
+                        take_waiting(&mut event_rx, &mut batch);
+                        if batch.is_empty() && !yielded {
+                            yielded = true;
+                            tokio::task::yield_now().await;
+                            take_waiting(&mut event_rx, &mut batch);
                         }
                         if batch.is_empty() {
                             break;
@@ -818,6 +822,16 @@ fn log_notice(id: SessionId, island: &str, n: &Notice) {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+/// Moves the events already queued (up to a batch) into `batch`, without waiting.
+fn take_waiting(events: &mut mpsc::Receiver<Event>, batch: &mut Vec<Event>) {
+    while batch.len() < EVENT_BATCH {
+        match events.try_recv() {
+            Ok(event) => batch.push(event),
+            Err(_) => return,
+        }
+    }
 }
 
 async fn sleep_until(deadline: Option<std::time::Instant>) {

@@ -382,3 +382,44 @@ async fn ticks_reach_every_idle_replica() {
         "every replica got every tick: {counts:?}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_message_is_written_at_once_not_at_the_next_wake() {
+    let (handle, _join, _) = spawn(DriverConfig::default());
+    let mut streams = Vec::new();
+    for n in 1..=4 {
+        streams.push(attach(&handle, n, Role::Replica, false, 64 * 1024).0);
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let mut readers: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            let (r, w) = tokio::io::split(s);
+            (isthmus_router::framed::FrameReader::new(r, 1 << 20), w)
+        })
+        .collect();
+    // Bursts a tick interval apart, as a quiet island's are: each message reaches everyone
+    // without waiting for anything else to wake the session (the clock is paused, so any wait
+    // would show as time passing).
+    for round in 0..5u64 {
+        let sent = tokio::time::Instant::now();
+        for (i, (_, w)) in readers.iter_mut().enumerate() {
+            let frame = ClientFrame::Send {
+                client_seq: round + 1,
+                payload: Bytes::from(vec![i as u8; 10]),
+            };
+            w.write_all(&wire::encode(&frame)).await.expect("write");
+        }
+        let last = (round + 1) * 4;
+        for (r, _) in &mut readers {
+            loop {
+                let frame = r.read::<ServerFrame>().await.expect("frame");
+                if matches!(&frame, ServerFrame::Message(m) if m.seq.0 == last) {
+                    break;
+                }
+            }
+        }
+        assert_eq!(sent.elapsed(), Duration::ZERO, "round {round}");
+        tokio::time::sleep(Duration::from_millis(45)).await;
+    }
+}
