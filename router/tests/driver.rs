@@ -204,8 +204,8 @@ fn seqs(frames: &[ServerFrame]) -> Vec<u64> {
 }
 
 /// Reads frames until message `seq` arrives; returns every frame read.
-async fn read_until_seq(
-    r: &mut isthmus_router::framed::FrameReader<DuplexStream>,
+async fn read_until_seq<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut isthmus_router::framed::FrameReader<R>,
     seq: u64,
 ) -> Vec<ServerFrame> {
     let mut frames = Vec::new();
@@ -422,4 +422,53 @@ async fn a_message_is_written_at_once_not_at_the_next_wake() {
         assert_eq!(sent.elapsed(), Duration::ZERO, "round {round}");
         tokio::time::sleep(Duration::from_millis(45)).await;
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_whose_writes_stall_is_dropped_after_the_write_timeout() {
+    let cfg = DriverConfig {
+        write_timeout: Duration::from_secs(1),
+        ..DriverConfig::default()
+    };
+    let (handle, _join, _) = spawn(cfg);
+    let (sender, _) = attach(&handle, 1, Role::Replica, false, 1 << 20);
+    let (mut sender_read, mut sender_write) = tokio::io::split(sender);
+    // Reads nothing, ever; its queue stays far below the slow-consumer bound.
+    let (mut stuck, _) = attach(&handle, 2, Role::Replica, false, 300);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let sent = tokio::time::Instant::now();
+    for client_seq in 1..=20 {
+        let frame = ClientFrame::Send {
+            client_seq,
+            payload: Bytes::from(vec![1u8; 100]),
+        };
+        sender_write
+            .write_all(&wire::encode(&frame))
+            .await
+            .expect("write");
+    }
+    let mut r = isthmus_router::framed::FrameReader::new(&mut sender_read, 1 << 20);
+    read_until_seq(&mut r, 20).await;
+    // It is dropped once stalled for the write timeout, not before: the others hear that it
+    // left, and its stream ends.
+    let left = ReplicaId(Uuid::from_u128(2));
+    loop {
+        match r.read::<ServerFrame>().await.expect("frame") {
+            ServerFrame::Presence { left: l, .. } if l.contains(&left) => {
+                let after = sent.elapsed();
+                assert!(
+                    after >= Duration::from_secs(1) && after < Duration::from_millis(1100),
+                    "dropped {after:?} after it stalled"
+                );
+                break;
+            }
+            ServerFrame::Message(m) => panic!("no more messages were sent: {m:?}"),
+            _ => {}
+        }
+    }
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stuck.read_to_end(&mut rest))
+        .await
+        .expect("the stalled stream ends")
+        .expect("read");
 }
