@@ -651,7 +651,7 @@ fn spawn_drain(mut read: OwnedReadHalf) -> tokio::task::JoinHandle<()> {
 #[derive(Clone, Debug, Default)]
 struct Figures {
     values: BTreeMap<&'static str, f64>,
-    /// The run broke a rule (lost or reordered messages).
+    /// The run broke a rule (lost or reordered messages) or failed.
     invalid: Option<String>,
     /// The generator was the bottleneck.
     generator_bound: bool,
@@ -1306,9 +1306,18 @@ fn main() -> Result<()> {
                     s.name(),
                     round + 1
                 );
-                let f = rt
-                    .block_on((w.run)(s))
-                    .with_context(|| format!("{}: {}", w.name, s.name()))?;
+                // A run that fails (a server closing on the generator, say) does not count, and
+                // the sitting goes on: its other figures are worth keeping.
+                let f = match rt.block_on((w.run)(s)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("{} / {}: the run failed: {e:#}", w.name, s.name());
+                        Figures {
+                            invalid: Some(format!("failed: {}", e.root_cause())),
+                            ..Figures::default()
+                        }
+                    }
+                };
                 figures.entry(s).or_default().push(f);
                 // Let the last server's sockets clear before the next starts.
                 std::thread::sleep(Duration::from_millis(200));
