@@ -8,11 +8,12 @@
 //! straight to its socket with a non-blocking (vectored) write: no task hop, no lock, one
 //! write for everything a connection got in the batch. A batch is every event waiting when the
 //! task wakes, and again after one yield (so readers woken by the same poll of the sockets get
-//! their turn first), cut at 1,024 frames or when a quarter of the slow-consumer bound is queued
-//! to one connection. Coalescing per batch is what lets one core deliver millions of small
-//! messages a second. The bytes written are credited to the core at once
-//! ([`Session::handle_flushed`]), so its slow-consumer bound counts exactly what is still
-//! unwritten. Ticks take the same path: the core encodes a tick once per session, and each idle
+//! their turn first), taking at most four more batches; a round is written early, after the
+//! event that made it, once 1,024 frames were handled or a quarter of the slow-consumer bound is
+//! queued to one connection, so a replica that reads never nears that bound. Coalescing per
+//! batch is what lets one core deliver millions of small messages a second. The bytes written
+//! are credited to the core at once ([`Session::handle_flushed`]), so its slow-consumer bound
+//! counts exactly what is still unwritten. Ticks take the same path: the core encodes a tick once per session, and each idle
 //! replica costs one write.
 //!
 //! A socket that would block keeps its queue: the session task stops writing to it and waits
@@ -70,6 +71,9 @@ pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const EVENT_BATCH: usize = 64;
 /// Frames the session task handles before it writes, even when more events are waiting.
 const WRITE_ROUND_FRAMES: usize = 1024;
+/// Times the session task takes more waiting events (up to a batch each) before it looks at
+/// timers, attaches and writable sockets again.
+const MAX_REFILLS: usize = 4;
 /// How long shutdown waits for goodbyes to be written.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 /// The most frames one vectored write takes (half of Linux's and macOS's `IOV_MAX`): a round
@@ -466,6 +470,7 @@ impl SessionTask {
                     // the others again after it.
                     let mut stamped = 0;
                     let mut yielded = false;
+                    let mut refills = 0;
                     loop {
                         for event in batch.drain(..) {
                             if let Event::Frames(_, frames) = &event {
@@ -473,10 +478,18 @@ impl SessionTask {
                             }
                             shutting_down |= self.event(event);
                             self.take_outputs();
+                            // A long burst is written as it goes: between two rounds a replica
+                            // gets at most a quarter of its bound plus one event's frames.
+                            if self.round_full || stamped >= WRITE_ROUND_FRAMES {
+                                stamped = 0;
+                                self.apply_outputs().await;
+                            }
                         }
-                        if shutting_down || self.round_full || stamped >= WRITE_ROUND_FRAMES {
+                        // Timers, attaches and writable sockets get a look now and then.
+                        if shutting_down || refills == MAX_REFILLS {
                             break;
                         }
+                        refills += 1;
                         take_waiting(&mut event_rx, &mut batch);
                         if batch.is_empty() && !yielded {
                             yielded = true;

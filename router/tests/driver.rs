@@ -263,8 +263,8 @@ async fn a_socket_that_would_block_keeps_its_queue_and_drains_when_read() {
 async fn a_slow_consumer_is_closed_with_1003_while_the_others_keep_going() {
     let cfg = DriverConfig {
         session: SessionConfig {
-            // Above what the session stamps between two write rounds (64 frames, plus one
-            // read's worth).
+            // A write round comes whenever a quarter of this is queued to one replica, so the
+            // ones that read never near it.
             max_outbound_bytes: 256 * 1024,
             ..SessionConfig::default()
         },
