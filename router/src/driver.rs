@@ -9,7 +9,7 @@
 //! write for everything a connection got in the batch. A batch is every event waiting when the
 //! task wakes, and again after one yield (so readers woken by the same poll of the sockets get
 //! their turn first), taking at most four more batches; a round is written early, after the
-//! event that made it, once 1,024 frames were handled or a quarter of the slow-consumer bound is
+//! frame that made it, once 1,024 frames were handled or a quarter of the slow-consumer bound is
 //! queued to one connection, so a replica that reads never nears that bound. Coalescing per
 //! batch is what lets one core deliver millions of small messages a second. The bytes written
 //! are credited to the core at once ([`Session::handle_flushed`]), so its slow-consumer bound
@@ -473,16 +473,20 @@ impl SessionTask {
                     let mut refills = 0;
                     loop {
                         for event in batch.drain(..) {
-                            if let Event::Frames(_, frames) = &event {
-                                stamped += frames.len();
-                            }
-                            shutting_down |= self.event(event);
-                            self.take_outputs();
-                            // A long burst is written as it goes: between two rounds a replica
-                            // gets at most a quarter of its bound plus one event's frames.
-                            if self.round_full || stamped >= WRITE_ROUND_FRAMES {
-                                stamped = 0;
-                                self.apply_outputs().await;
+                            let Event::Frames(conn, frames) = event else {
+                                shutting_down |= self.event(event);
+                                continue;
+                            };
+                            for frame in frames {
+                                self.core.handle_frame(conn, frame, now());
+                                stamped += 1;
+                                self.take_outputs();
+                                // A long burst is written as it goes: between two rounds a
+                                // replica gets at most a quarter of its bound plus one frame.
+                                if self.round_full || stamped >= WRITE_ROUND_FRAMES {
+                                    stamped = 0;
+                                    self.apply_outputs().await;
+                                }
                             }
                         }
                         // Timers, attaches and writable sockets get a look now and then.
@@ -589,6 +593,7 @@ impl SessionTask {
                 for frame in frames {
                     self.core.handle_frame(conn, frame, now);
                 }
+                self.take_outputs();
             }
             Event::Gone(conn, why) => self.gone(conn, &why),
             Event::Broken(conn, code, why) => {
