@@ -325,7 +325,7 @@ impl Conn {
         let vectored = writer.is_write_vectored();
         while let Some(front) = queue.front() {
             let writer = Pin::new(&mut *writer);
-            let r = if queue.len() == 1 {
+            let r = if queue.len() == 1 || front.len() - *head >= MERGE_BYTES {
                 writer.poll_write(&mut cx, &front[*head..])
             } else if vectored && queue.len() <= FEW_IOVECS {
                 writev::<FEW_IOVECS>(writer, &mut cx, queue, *head)
