@@ -509,6 +509,12 @@ impl SessionTask {
                 // Reap finished connection tasks so the set stays small.
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
+            // The select is biased towards events, so while readers keep the queue full the
+            // sleep is never reached: due timers (stalled writes, idle replicas, a snapshot
+            // that never came) are looked at here too. `timeout` does only what is due.
+            if deadline.is_some_and(|d| d <= now()) {
+                self.timeout();
+            }
             self.apply_outputs().await;
             if shutting_down {
                 break;
