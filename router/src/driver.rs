@@ -13,8 +13,14 @@
 //! queued to one connection, so a replica that reads never nears that bound. Coalescing per
 //! batch is what lets one core deliver millions of small messages a second. The bytes written
 //! are credited to the core at once ([`Session::handle_flushed`]), so its slow-consumer bound
-//! counts exactly what is still unwritten. Ticks take the same path: the core encodes a tick once per session, and each idle
-//! replica costs one write.
+//! counts exactly what is still unwritten. Ticks take the same path: the core encodes a tick
+//! once per session, and each idle replica costs one write.
+//!
+//! Each read taken from the queue spends one unit of tokio's cooperative budget, so a session
+//! whose readers keep the queue full gives its worker's other tasks (other sessions) a turn at
+//! least every budget of reads (128, each at most [`FRAMES_PER_EVENT`] frames); and due timers
+//! (ticks, idle and snapshot timeouts, the write timeout) are run after every wake, not only
+//! when the queue runs dry.
 //!
 //! A socket that would block keeps its queue: the session task stops writing to it and waits
 //! for it to become writable (the write registers a waker of that connection, which wakes the
@@ -477,6 +483,10 @@ impl SessionTask {
                                 shutting_down |= self.event(event);
                                 continue;
                             };
+                            // One unit of tokio's budget per read taken: a session whose
+                            // readers keep the queue full still lets the worker's other tasks
+                            // (other sessions) run after at most a budget of reads.
+                            tokio::task::consume_budget().await;
                             for frame in frames {
                                 self.core.handle_frame(conn, frame, now());
                                 stamped += 1;
