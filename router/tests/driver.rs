@@ -91,7 +91,7 @@ async fn a_slow_consumer_gets_whole_frames_and_then_its_goodbye() {
     let cfg = DriverConfig {
         session: SessionConfig {
             // Above one event batch of sends (64 of them), which the session stamps before
-            // the fast replica's writer can report anything flushed.
+            // the fast replica has read anything.
             max_outbound_bytes: 256 * 1024,
             ..SessionConfig::default()
         },
