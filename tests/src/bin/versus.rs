@@ -1244,8 +1244,13 @@ fn main() -> Result<()> {
                 let path = args
                     .get(i + 1)
                     .with_context(|| format!("{flag} takes the path of an isthmus binary"))?;
-                let path = std::fs::canonicalize(path)
-                    .with_context(|| format!("{flag} {path}: no such binary"))?;
+                let path = std::fs::canonicalize(path).with_context(|| {
+                    format!(
+                        "{flag} {path}: no such binary; build one with `cargo build \
+                             --release --bin isthmus` and pass target/release/isthmus (or a \
+                             copy of it)"
+                    )
+                })?;
                 Ok(Some(path))
             }
         }
@@ -1266,14 +1271,17 @@ fn main() -> Result<()> {
         "--before",
         "--no-peers",
     ];
+    const USAGE: &str = "usage: versus [--quick] [--rounds N] [--only TEXT] [--router PATH] \
+                         [--before PATH] [--no-peers] (BENCHMARKS.md explains each)";
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     if let Some(bad) = args
         .iter()
         .find(|a| a.starts_with("--") && !KNOWN.contains(&a.as_str()))
     {
-        bail!(
-            "unknown option {bad}; usage: versus [--quick] [--rounds N] [--only TEXT] \
-             [--router PATH] [--before PATH] [--no-peers]"
-        );
+        bail!("unknown option {bad}; {USAGE}");
     }
     // The generator on core 1, the servers on core 0 (each started under taskset).
     let pinned = Command::new("taskset")
