@@ -235,7 +235,16 @@ async fn send_many(stream: &mut DuplexStream, from: u64, to: u64, size: usize) {
 
 #[tokio::test(start_paused = true)]
 async fn a_socket_that_would_block_keeps_its_queue_and_drains_when_read() {
-    let (handle, _join, _) = spawn(DriverConfig::default());
+    // No ticks: they would queue a frame and so retry the write every 50 ms, hiding a
+    // writable wake that never comes.
+    let cfg = DriverConfig {
+        session: SessionConfig {
+            tick_interval: Duration::from_secs(3600),
+            ..SessionConfig::default()
+        },
+        ..DriverConfig::default()
+    };
+    let (handle, _join, _) = spawn(cfg);
     let (mut sender, _) = attach(&handle, 1, Role::Replica, false, 1 << 20);
     // A pipe that holds about two messages: the direct write would block at once.
     let (blocked, _) = attach(&handle, 2, Role::Replica, false, 300);
@@ -245,7 +254,9 @@ async fn a_socket_that_would_block_keeps_its_queue_and_drains_when_read() {
     // Everything is stamped and queued while the replica reads nothing.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut r = isthmus_router::framed::FrameReader::new(blocked, 1 << 20);
-    let frames = read_until_seq(&mut r, N).await;
+    let frames = tokio::time::timeout(Duration::from_secs(5), read_until_seq(&mut r, N))
+        .await
+        .expect("the socket's writable wake makes the session write the rest");
     assert_eq!(seqs(&frames), (1..=N).collect::<Vec<_>>());
     assert!(
         !frames
@@ -452,20 +463,23 @@ async fn a_connection_whose_writes_stall_is_dropped_after_the_write_timeout() {
     // It is dropped once stalled for the write timeout, not before: the others hear that it
     // left, and its stream ends.
     let left = ReplicaId(Uuid::from_u128(2));
-    loop {
-        match r.read::<ServerFrame>().await.expect("frame") {
-            ServerFrame::Presence { left: l, .. } if l.contains(&left) => {
-                let after = sent.elapsed();
-                assert!(
-                    after >= Duration::from_secs(1) && after < Duration::from_millis(1100),
-                    "dropped {after:?} after it stalled"
-                );
-                break;
+    let heard_left = async {
+        loop {
+            match r.read::<ServerFrame>().await.expect("frame") {
+                ServerFrame::Presence { left: l, .. } if l.contains(&left) => break,
+                ServerFrame::Message(m) => panic!("no more messages were sent: {m:?}"),
+                _ => {}
             }
-            ServerFrame::Message(m) => panic!("no more messages were sent: {m:?}"),
-            _ => {}
         }
-    }
+    };
+    tokio::time::timeout(Duration::from_secs(10), heard_left)
+        .await
+        .expect("the stalled replica is dropped");
+    let after = sent.elapsed();
+    assert!(
+        after >= Duration::from_secs(1) && after < Duration::from_millis(1100),
+        "dropped {after:?} after it stalled"
+    );
     let mut rest = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stuck.read_to_end(&mut rest))
         .await
