@@ -1,19 +1,48 @@
-//! The tokio driver around one [`Session`] core: a session task that owns the core and feeds it
-//! events, and per-connection reader and writer tasks.
+//! The tokio driver around one [`Session`] core: a session task that owns the core and every
+//! connection's write half, and one reader task per connection.
 //!
-//! Readers decode frames and send them to the session task over a bounded channel, so a flood
-//! from one replica slows that replica's socket, not the router. The session task never awaits a
-//! replica: it pushes encoded frames into each connection's [`Outbox`] and moves on. Each wake of a
-//! connection's writer takes everything queued and writes it as one batch; coalescing is what
-//! lets one core deliver millions of small messages a second.
+//! Readers decode what each socket read brings and send it to the session task as one event
+//! over a bounded channel, so a flood from one replica slows that replica's socket, not the
+//! router. The session task feeds a batch of events to the core, appends the frames the core
+//! emits to each recipient's queue, and at the end of the batch writes every queue it touched
+//! straight to its socket with a non-blocking (vectored) write: no task hop, no lock, one
+//! write for everything a connection got in the batch. A batch is every event waiting when the
+//! task wakes, and again after one yield (so readers woken by the same poll of the sockets get
+//! their turn first), taking at most four more batches; a round is written early, after the
+//! frame that made it, once 1,024 frames were handled or a quarter of the slow-consumer bound is
+//! queued to one connection, so a replica that reads never nears that bound. Coalescing per
+//! batch is what lets one core deliver millions of small messages a second. The bytes written
+//! are credited to the core at once ([`Session::handle_flushed`]), so its slow-consumer bound
+//! counts exactly what is still unwritten. Ticks take the same path: the core encodes a tick
+//! once per session, and each idle replica costs one write.
 //!
-//! Ending a connection never cuts a frame in half. A slow consumer's close drops what is queued
-//! for it, but the batch being written is cut at the end of the frame in progress, which gets up
-//! to [`SHUTDOWN_GRACE`] to finish; then the goodbye (1003) is written and the stream shut down.
+//! Each read taken from the queue spends one unit of tokio's cooperative budget, so a session
+//! whose readers keep the queue full gives its worker's other tasks (other sessions) a turn at
+//! least every budget of reads (128, each at most [`FRAMES_PER_EVENT`] frames); and due timers
+//! (ticks, idle and snapshot timeouts, the write timeout) are run after every wake, not only
+//! when the queue runs dry.
+//!
+//! A socket that would block keeps its queue: the session task stops writing to it and waits
+//! for it to become writable (the write registers a waker of that connection, which wakes the
+//! session task), then writes again; meanwhile new frames only join the queue. A connection
+//! whose writes make no progress for [`DriverConfig::write_timeout`] is dropped as gone.
+//!
+//! Ending a connection never cuts a frame in half. When the core closes a connection, what is
+//! left of its queue (for a slow consumer, only the rest of the frame already begun: the others
+//! are dropped) and then the goodbye are written on the direct path; if the socket would block,
+//! a closing task finishes them, giving the cut frame and the goodbye up to [`SHUTDOWN_GRACE`]
+//! each and frames queued before a graceful close [`DriverConfig::write_timeout`] each, then
+//! shuts the stream down.
 //!
 //! When the core reports its island closed by the admin ([`Session::is_closed`]), the task
 //! writes out the goodbyes, refuses attaches already on their way, calls its [`Retire`] with
 //! [`Ending::Closed`] and ends.
+//!
+//! Non-blocking writes are `poll_write` on the generic [`Stream`] with a waker of the
+//! connection's own, not a TCP-only `try_write`: the same path runs over TCP and the in-memory
+//! pipes of the tests, and a `Pending` answer doubles as the writable-readiness wait. The
+//! writes run outside tokio's cooperative budget, so writing to hundreds of sockets in one batch
+//! is not cut short by it.
 
 use crate::auth::IslandKeys;
 use crate::framed::FrameReader;
@@ -23,23 +52,43 @@ use crate::stats::{RouterStats, SessionStats};
 use crate::wire::{self, ClientFrame, Code, DecodeError};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// Events waiting for the session task; when full, readers wait, which slows their sockets.
-pub const DEFAULT_EVENT_QUEUE: usize = 4096;
+/// Events waiting for the session task, each one socket read's whole frames (at most
+/// [`FRAMES_PER_EVENT`]); when full, readers wait, which slows their sockets.
+pub const DEFAULT_EVENT_QUEUE: usize = 256;
+/// The most frames one event carries; a read that brings more sends several events.
+pub const FRAMES_PER_EVENT: usize = 64;
 /// A write that makes no progress for this long means the peer is gone.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Events the session task handles before it looks at timers and new connections again.
+/// Events the session task handles before it writes and looks at timers and new connections.
 const EVENT_BATCH: usize = 64;
+/// Frames the session task handles before it writes, even when more events are waiting.
+const WRITE_ROUND_FRAMES: usize = 1024;
+/// Times the session task takes more waiting events (up to a batch each) before it looks at
+/// timers, attaches and writable sockets again.
+const MAX_REFILLS: usize = 4;
 /// How long shutdown waits for goodbyes to be written.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// The most frames one vectored write takes (half of Linux's and macOS's `IOV_MAX`): a round
+/// of a thousand small frames to a connection is then two writes.
+const MAX_IOVECS: usize = 512;
+/// Vectored writes of this many frames or fewer build a small array.
+const FEW_IOVECS: usize = 16;
+/// The most bytes merged into one write on a stream that cannot write vectored.
+const MERGE_BYTES: usize = 64 * 1024;
 
 /// Runtime settings of a session driver.
 #[derive(Clone, Debug)]
@@ -48,9 +97,10 @@ pub struct DriverConfig {
     pub session: SessionConfig,
     /// Largest frame body accepted from a replica.
     pub max_frame_bytes: usize,
-    /// Bound of the channel from readers to the session task.
+    /// Bound of the channel from readers to the session task, in events (one socket read's
+    /// whole frames each, at most [`FRAMES_PER_EVENT`]).
     pub event_queue: usize,
-    /// Stall limit of one write.
+    /// Stall limit of the writes to one connection.
     pub write_timeout: Duration,
     /// The island's name for log lines (its beacon name; empty when it has none).
     pub island: String,
@@ -89,49 +139,12 @@ pub struct Attach {
     pub guard: Option<Box<dyn Send + Sync>>,
 }
 
-// A frame event is as large as a `ClientFrame`; the events only pass through a bounded channel,
-// and boxing each frame would cost an allocation per message on the hot path.
-#[allow(clippy::large_enum_variant)]
 enum Event {
-    Frame(ConnId, ClientFrame),
+    /// The whole frames one socket read brought (at most [`FRAMES_PER_EVENT`]).
+    Frames(ConnId, Vec<ClientFrame>),
     Gone(ConnId, String),
     Broken(ConnId, Code, String),
     Shutdown,
-}
-
-/// Bytes written by each connection's writer, reported to the session task out of band: if they
-/// queued behind a burst of sends, a replica that reads perfectly well would look slow.
-#[derive(Default)]
-struct Flushes {
-    /// Connections whose `Outbox::flushed` went from zero to non-zero; at most one entry each.
-    ready: Mutex<Vec<(ConnId, Arc<Outbox>)>>,
-    any: std::sync::atomic::AtomicBool,
-    wake: Notify,
-}
-
-impl Flushes {
-    fn report(&self, conn: ConnId, outbox: &Arc<Outbox>, bytes: usize) {
-        use std::sync::atomic::Ordering;
-        if outbox.flushed.fetch_add(bytes, Ordering::AcqRel) == 0 {
-            if let Ok(mut ready) = self.ready.lock() {
-                ready.push((conn, outbox.clone()));
-            }
-            self.any.store(true, Ordering::Release);
-            self.wake.notify_one();
-        }
-    }
-
-    fn take(&self, into: &mut Vec<(ConnId, usize)>) {
-        use std::sync::atomic::Ordering;
-        if !self.any.swap(false, Ordering::AcqRel) {
-            return;
-        }
-        if let Ok(mut ready) = self.ready.lock() {
-            for (conn, outbox) in ready.drain(..) {
-                into.push((conn, outbox.flushed.swap(0, Ordering::AcqRel)));
-            }
-        }
-    }
 }
 
 /// Why a session task is ending.
@@ -189,16 +202,24 @@ pub fn spawn_session(
         attach: attach_tx,
         events: event_tx.clone(),
     };
+    let round_bytes = (cfg.session.max_outbound_bytes / 4).max(1);
     let task = SessionTask {
         stats: cfg.stats.register(id, &cfg.island),
         counts: Counts::default(),
         core: Session::new(id, keys, cfg.session.clone(), now()),
         cfg,
-        conns: HashMap::new(),
+        conns: HashMap::default(),
         events_tx: event_tx,
         tasks: JoinSet::new(),
-        flushes: Arc::new(Flushes::default()),
-        flushed: Vec::new(),
+        writable: Arc::new(Writable::default()),
+        dirty: Vec::new(),
+        writing: Vec::new(),
+        credits: Vec::new(),
+        gone: Vec::new(),
+        merge: Vec::new(),
+        stall_due: None,
+        round_full: false,
+        round_bytes,
     };
     let join = tokio::spawn(task.run(attach_rx, event_rx, retire));
     (handle, join)
@@ -208,9 +229,177 @@ fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
+/// Hashes a connection number with one multiplication: the map is looked up once per delivery,
+/// and the numbers are the dispatcher's own counter, never chosen by a peer, so SipHash's
+/// defence against chosen keys buys nothing here.
+#[derive(Default)]
+struct ConnIdHasher(u64);
+
+impl Hasher for ConnIdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(u64::from(b));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: spreads consecutive numbers over the high bits the table uses too.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Connections whose socket became writable again, reported by their wakers.
+#[derive(Default)]
+struct Writable {
+    ready: Mutex<Vec<ConnId>>,
+    wake: Notify,
+}
+
+/// A connection's waker for writes that would block: it puts the connection on the writable
+/// list (once until the session task takes it) and wakes the session task.
+struct ConnWaker {
+    conn: ConnId,
+    listed: AtomicBool,
+    writable: Arc<Writable>,
+}
+
+impl Wake for ConnWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.listed.swap(true, Ordering::AcqRel) {
+            if let Ok(mut ready) = self.writable.ready.lock() {
+                ready.push(self.conn);
+            }
+            self.writable.wake.notify_one();
+        }
+    }
+}
+
+/// One connection's write side, owned by the session task.
 struct Conn {
-    outbox: Arc<Outbox>,
+    writer: WriteHalf<Box<dyn Stream>>,
+    /// Frames given by the core and not yet written whole, in order. The core bounds their
+    /// bytes (it counts them until they are credited back), so this needs no bound of its own.
+    queue: VecDeque<Bytes>,
+    /// Bytes of the front frame already written.
+    head: usize,
+    /// Bytes in `queue` past `head`.
+    queued: usize,
+    /// On the session task's list of connections to write at the end of the batch.
+    dirty: bool,
+    /// The last write would block: the connection waits for its waker before the next.
+    waiting: bool,
+    /// Since when bytes have been waiting without any written (for the stall limit).
+    stalled_since: Option<std::time::Instant>,
+    waker: Waker,
+    waker_state: Arc<ConnWaker>,
+    /// Stops the reader.
     cancel: CancellationToken,
+    /// Released when the connection is done, after its goodbye.
+    guard: Option<Box<dyn Send + Sync>>,
+}
+
+/// How a round of non-blocking writes to one connection went.
+enum Wrote {
+    /// This many bytes; the socket would block if anything is left queued.
+    Bytes(usize),
+    /// The peer is gone.
+    Failed(String),
+}
+
+impl Conn {
+    /// Writes what is queued until the socket would block. Never waits.
+    fn write_now(&mut self, merge: &mut Vec<u8>) -> Wrote {
+        let Conn {
+            writer,
+            queue,
+            head,
+            queued,
+            waiting,
+            waker,
+            ..
+        } = self;
+        let mut cx = Context::from_waker(waker);
+        let mut total = 0;
+        let vectored = writer.is_write_vectored();
+        while let Some(front) = queue.front() {
+            let writer = Pin::new(&mut *writer);
+            let r = if queue.len() == 1 || front.len() - *head >= MERGE_BYTES {
+                writer.poll_write(&mut cx, &front[*head..])
+            } else if vectored && queue.len() <= FEW_IOVECS {
+                writev::<FEW_IOVECS>(writer, &mut cx, queue, *head)
+            } else if vectored {
+                writev::<MAX_IOVECS>(writer, &mut cx, queue, *head)
+            } else {
+                // Small frames copied into one buffer cost less than a write each.
+                merge.clear();
+                merge.extend_from_slice(&front[*head..]);
+                for f in queue.iter().skip(1) {
+                    if merge.len() + f.len() > MERGE_BYTES {
+                        break;
+                    }
+                    merge.extend_from_slice(f);
+                }
+                writer.poll_write(&mut cx, merge)
+            };
+            match r {
+                Poll::Ready(Ok(0)) => {
+                    return Wrote::Failed("the connection accepts no more bytes".into())
+                }
+                Poll::Ready(Ok(n)) => {
+                    total += n;
+                    *queued = queued.saturating_sub(n);
+                    advance(queue, head, n);
+                }
+                Poll::Ready(Err(e)) => return Wrote::Failed(format!("write failed: {e}")),
+                Poll::Pending => {
+                    *waiting = true;
+                    break;
+                }
+            }
+        }
+        Wrote::Bytes(total)
+    }
+}
+
+/// One vectored write of up to `N` frames of `queue`, the first from `head`.
+fn writev<const N: usize>(
+    writer: Pin<&mut WriteHalf<Box<dyn Stream>>>,
+    cx: &mut Context<'_>,
+    queue: &VecDeque<Bytes>,
+    head: usize,
+) -> Poll<std::io::Result<usize>> {
+    let mut iov = [IoSlice::new(&[]); N];
+    let mut n = 0;
+    for (i, f) in queue.iter().take(N).enumerate() {
+        iov[i] = IoSlice::new(if i == 0 { &f[head..] } else { f });
+        n = i + 1;
+    }
+    writer.poll_write_vectored(cx, &iov[..n])
+}
+
+/// Drops `n` written bytes off the front of `queue`, whose front frame is written up to `head`.
+fn advance(queue: &mut VecDeque<Bytes>, head: &mut usize, mut n: usize) {
+    while n > 0 {
+        let Some(front) = queue.front() else {
+            return;
+        };
+        let left = front.len() - *head;
+        if n < left {
+            *head += n;
+            return;
+        }
+        n -= left;
+        *head = 0;
+        queue.pop_front();
+    }
 }
 
 /// The session task's own counts, published to its [`SessionStats`] once per batch.
@@ -225,11 +414,27 @@ struct SessionTask {
     stats: Arc<SessionStats>,
     counts: Counts,
     cfg: DriverConfig,
-    conns: HashMap<ConnId, Conn>,
+    conns: HashMap<ConnId, Conn, BuildHasherDefault<ConnIdHasher>>,
     events_tx: mpsc::Sender<Event>,
+    /// Readers and closing writers.
     tasks: JoinSet<()>,
-    flushes: Arc<Flushes>,
-    flushed: Vec<(ConnId, usize)>,
+    writable: Arc<Writable>,
+    /// Connections with frames queued since the last write round.
+    dirty: Vec<ConnId>,
+    /// The round being written (the last round's list, kept for its allocation).
+    writing: Vec<ConnId>,
+    /// Bytes written per connection in a round, credited to the core after it.
+    credits: Vec<(ConnId, usize)>,
+    /// Connections whose write failed in a round.
+    gone: Vec<(ConnId, String)>,
+    /// The merge buffer for streams that cannot write vectored (empty until one needs it).
+    merge: Vec<u8>,
+    /// When some connection may have stalled past the write timeout (a lower bound).
+    stall_due: Option<std::time::Instant>,
+    /// Some connection has `round_bytes` queued: write before taking more events.
+    round_full: bool,
+    /// A quarter of the core's slow-consumer bound, so a round's burst never trips it alone.
+    round_bytes: usize,
 }
 
 impl Drop for SessionTask {
@@ -250,29 +455,77 @@ impl SessionTask {
         debug!(session = %id, "session started");
         let mut batch = Vec::with_capacity(EVENT_BATCH);
         let mut shutting_down = false;
-        let flushes = self.flushes.clone();
+        let writable = self.writable.clone();
         loop {
-            let deadline = self.core.poll_timeout();
+            let deadline = match (self.core.poll_timeout(), self.stall_due) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             tokio::select! {
                 biased;
-                _ = flushes.wake.notified() => self.take_flushes(),
+                _ = writable.wake.notified() => self.take_writable(),
                 Some(attach) = attach_rx.recv() => self.attach(attach),
                 n = event_rx.recv_many(&mut batch, EVENT_BATCH) => {
                     if n == 0 {
                         break;
                     }
-                    for event in batch.drain(..) {
-                        // Credit writes first, so a burst is judged against what is really
-                        // still queued.
-                        self.take_flushes();
-                        shutting_down |= self.event(event);
+                    // Events already waiting are taken before writing, so more frames share
+                    // each write, up to a bound on what a round may hold back. Readers woken
+                    // with this task (by the same poll of the sockets) get one turn first:
+                    // otherwise the first of them would make the session write at once and
+                    // the others again after it.
+                    let mut stamped = 0;
+                    let mut yielded = false;
+                    let mut refills = 0;
+                    loop {
+                        for event in batch.drain(..) {
+                            let Event::Frames(conn, frames) = event else {
+                                shutting_down |= self.event(event);
+                                continue;
+                            };
+                            // One unit of tokio's budget per read taken: a session whose
+                            // readers keep the queue full still lets the worker's other tasks
+                            // (other sessions) run after at most a budget of reads.
+                            tokio::task::consume_budget().await;
+                            for frame in frames {
+                                self.core.handle_frame(conn, frame, now());
+                                stamped += 1;
+                                self.take_outputs();
+                                // A long burst is written as it goes: between two rounds a
+                                // replica gets at most a quarter of its bound plus one frame.
+                                if self.round_full || stamped >= WRITE_ROUND_FRAMES {
+                                    stamped = 0;
+                                    self.apply_outputs().await;
+                                }
+                            }
+                        }
+                        // Timers, attaches and writable sockets get a look now and then.
+                        if shutting_down || refills == MAX_REFILLS {
+                            break;
+                        }
+                        refills += 1;
+                        take_waiting(&mut event_rx, &mut batch);
+                        if batch.is_empty() && !yielded {
+                            yielded = true;
+                            tokio::task::yield_now().await;
+                            take_waiting(&mut event_rx, &mut batch);
+                        }
+                        if batch.is_empty() {
+                            break;
+                        }
                     }
                 }
-                _ = sleep_until(deadline) => self.core.handle_timeout(now()),
+                _ = sleep_until(deadline) => self.timeout(),
                 // Reap finished connection tasks so the set stays small.
                 Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
             }
-            self.apply_outputs();
+            // The select is biased towards events, so while readers keep the queue full the
+            // sleep is never reached: due timers (stalled writes, idle replicas, a snapshot
+            // that never came) are looked at here too. `timeout` does only what is due.
+            if deadline.is_some_and(|d| d <= now()) {
+                self.timeout();
+            }
+            self.apply_outputs().await;
             if shutting_down {
                 break;
             }
@@ -284,7 +537,7 @@ impl SessionTask {
                 while let Ok(attach) = attach_rx.try_recv() {
                     self.attach(attach);
                 }
-                self.apply_outputs();
+                self.apply_outputs().await;
                 info!(session = %id, "session closed by its admin");
                 break;
             }
@@ -296,7 +549,13 @@ impl SessionTask {
         // The counts are final (the last outputs were applied): the session leaves the gauges now,
         // not after the goodbyes' grace.
         self.cfg.stats.retire(&self.stats);
-        // Give writers a moment to deliver goodbyes, then cut everything.
+        // Readers waiting to send an event give up; connections the core still holds (none
+        // after a shutdown or a close) are dropped.
+        drop(event_rx);
+        for (_, c) in self.conns.drain() {
+            c.cancel.cancel();
+        }
+        // Give closing writers a moment to deliver goodbyes, then cut everything.
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
             while self.tasks.join_next().await.is_some() {}
         })
@@ -305,17 +564,7 @@ impl SessionTask {
         debug!(session = %id, "session task ended");
     }
 
-    fn take_flushes(&mut self) {
-        self.flushes.take(&mut self.flushed);
-        let now = now();
-        for (conn, bytes) in self.flushed.drain(..) {
-            self.counts.bytes_out += bytes as u64;
-            self.core.handle_flushed(conn, bytes, now);
-        }
-    }
-
     fn attach(&mut self, a: Attach) {
-        let outbox = Arc::new(Outbox::default());
         let cancel = CancellationToken::new();
         let (reader, writer) = tokio::io::split(a.stream);
         self.tasks.spawn(read_loop(
@@ -327,19 +576,28 @@ impl SessionTask {
             cancel.clone(),
             self.stats.clone(),
         ));
-        self.tasks.spawn(write_loop(
+        let waker_state = Arc::new(ConnWaker {
+            conn: a.conn,
+            listed: AtomicBool::new(false),
+            writable: self.writable.clone(),
+        });
+        let conn = Conn {
             writer,
-            WriterCtx {
-                conn: a.conn,
-                outbox: outbox.clone(),
-                flushes: self.flushes.clone(),
-                events: self.events_tx.clone(),
-                cancel: cancel.clone(),
-                write_timeout: self.cfg.write_timeout,
-                _guard: a.guard,
-            },
-        ));
-        self.conns.insert(a.conn, Conn { outbox, cancel });
+            queue: VecDeque::new(),
+            head: 0,
+            queued: 0,
+            dirty: false,
+            waiting: false,
+            stalled_since: None,
+            waker: Waker::from(waker_state.clone()),
+            waker_state,
+            cancel,
+            guard: a.guard,
+        };
+        if let Some(old) = self.conns.insert(a.conn, conn) {
+            // Connection numbers are unique; if one ever came twice, the old one goes.
+            old.cancel.cancel();
+        }
         self.core.handle_join(a.conn, a.request, now());
     }
 
@@ -347,12 +605,13 @@ impl SessionTask {
     fn event(&mut self, event: Event) -> bool {
         let now = now();
         match event {
-            Event::Frame(conn, frame) => self.core.handle_frame(conn, frame, now),
-            Event::Gone(conn, why) => {
-                debug!(session = %self.core.id(), ?conn, %why, "connection gone");
-                self.core.handle_disconnect(conn, now);
-                self.drop_conn(conn);
+            Event::Frames(conn, frames) => {
+                for frame in frames {
+                    self.core.handle_frame(conn, frame, now);
+                }
+                self.take_outputs();
             }
+            Event::Gone(conn, why) => self.gone(conn, &why),
             Event::Broken(conn, code, why) => {
                 warn!(session = %self.core.id(), ?conn, %why, "closing connection: {}", code.name());
                 self.core.disconnect(conn, code, &why, now);
@@ -366,39 +625,83 @@ impl SessionTask {
         false
     }
 
-    fn drop_conn(&mut self, conn: ConnId) {
+    /// The connection is gone: the core forgets it and its reader stops.
+    fn gone(&mut self, conn: ConnId, why: &str) {
+        debug!(session = %self.core.id(), ?conn, %why, "connection gone");
+        self.core.handle_disconnect(conn, now());
         if let Some(c) = self.conns.remove(&conn) {
             c.cancel.cancel();
         }
     }
 
-    fn apply_outputs(&mut self) {
-        let id = self.core.id();
-        while let Some(out) = self.core.poll_output() {
-            match out {
-                Output::Transmit { conn, frame } => {
-                    if let Some(c) = self.conns.get(&conn) {
-                        c.outbox.push(frame);
-                        self.counts.deliveries += 1;
-                    }
-                }
-                Output::Close {
-                    conn,
-                    goodbye,
-                    discard_queued,
-                } => {
-                    if let Some(c) = self.conns.remove(&conn) {
-                        // A slow consumer's writer cuts its batch at the end of the frame it is
-                        // writing, so the stream stays whole and the goodbye still arrives; it
-                        // stops the reader when it is done.
-                        c.outbox.close(goodbye, discard_queued);
-                    }
-                }
-                Output::Notice(n) => {
-                    log_notice(id, &self.cfg.island, &n);
-                    self.stats.note(&n);
+    fn timeout(&mut self) {
+        let now = now();
+        if self.core.poll_timeout().is_some_and(|d| d <= now) {
+            self.core.handle_timeout(now);
+        }
+        if self.stall_due.is_some_and(|d| d <= now) {
+            self.check_stalls(now);
+        }
+    }
+
+    /// Drops connections whose writes made no progress for the write timeout.
+    fn check_stalls(&mut self, now: std::time::Instant) {
+        let limit = self.cfg.write_timeout;
+        let mut stalled = Vec::new();
+        let mut next: Option<std::time::Instant> = None;
+        for (&conn, c) in &self.conns {
+            if let Some(since) = c.stalled_since {
+                if now >= since + limit {
+                    stalled.push(conn);
+                } else {
+                    next = Some(next.map_or(since + limit, |n| n.min(since + limit)));
                 }
             }
+        }
+        self.stall_due = next;
+        for conn in stalled {
+            self.gone(conn, &format!("write stalled for {limit:?}"));
+        }
+    }
+
+    /// Connections whose sockets woke: write to them again.
+    fn take_writable(&mut self) {
+        let ready = match self.writable.ready.lock() {
+            Ok(mut ready) => std::mem::take(&mut *ready),
+            Err(_) => return,
+        };
+        for conn in ready {
+            if let Some(c) = self.conns.get_mut(&conn) {
+                c.waker_state.listed.store(false, Ordering::Release);
+                c.waiting = false;
+                if !c.dirty && !c.queue.is_empty() {
+                    c.dirty = true;
+                    self.dirty.push(conn);
+                }
+            }
+        }
+    }
+
+    /// Carries out what the core asked for and writes what it queued, until the core has
+    /// nothing more to say (credits for written bytes can let it send more, e.g. snapshot
+    /// pieces).
+    async fn apply_outputs(&mut self) {
+        // Outside the cooperative budget: a budget spent on hundreds of sockets would make the
+        // rest look blocked.
+        tokio::task::unconstrained(std::future::poll_fn(|_| {
+            self.apply_outputs_now();
+            Poll::Ready(())
+        }))
+        .await
+    }
+
+    fn apply_outputs_now(&mut self) {
+        loop {
+            self.take_outputs();
+            if self.dirty.is_empty() {
+                break;
+            }
+            self.write_round();
         }
         self.stats.publish(
             self.core.last_seq().0,
@@ -406,6 +709,126 @@ impl SessionTask {
             self.counts.bytes_out,
             self.core.ticks(),
         );
+    }
+
+    fn take_outputs(&mut self) {
+        let id = self.core.id();
+        while let Some(out) = self.core.poll_output() {
+            match out {
+                Output::Transmit { conn, frame } => {
+                    if let Some(c) = self.conns.get_mut(&conn) {
+                        c.queued += frame.len();
+                        // One waiting for its socket gets nothing from an early round.
+                        self.round_full |= !c.waiting && c.queued >= self.round_bytes;
+                        c.queue.push_back(frame);
+                        self.counts.deliveries += 1;
+                        if !c.dirty && !c.waiting {
+                            c.dirty = true;
+                            self.dirty.push(conn);
+                        }
+                    }
+                }
+                Output::Close {
+                    conn,
+                    goodbye,
+                    discard_queued,
+                } => self.close(conn, goodbye, discard_queued),
+                Output::Notice(n) => {
+                    log_notice(id, &self.cfg.island, &n);
+                    self.stats.note(&n);
+                }
+            }
+        }
+    }
+
+    /// Writes every dirty connection once, then credits the core.
+    fn write_round(&mut self) {
+        let now = now();
+        self.round_full = false;
+        std::mem::swap(&mut self.dirty, &mut self.writing);
+        for conn in self.writing.drain(..) {
+            let Some(c) = self.conns.get_mut(&conn) else {
+                continue;
+            };
+            c.dirty = false;
+            if c.waiting {
+                continue;
+            }
+            match c.write_now(&mut self.merge) {
+                Wrote::Bytes(n) => {
+                    if n > 0 {
+                        self.credits.push((conn, n));
+                    }
+                    if c.queue.is_empty() {
+                        c.stalled_since = None;
+                    } else if n > 0 || c.stalled_since.is_none() {
+                        c.stalled_since = Some(now);
+                        let due = now + self.cfg.write_timeout;
+                        self.stall_due = Some(self.stall_due.map_or(due, |d| d.min(due)));
+                    }
+                }
+                Wrote::Failed(why) => self.gone.push((conn, why)),
+            }
+        }
+        let mut credits = std::mem::take(&mut self.credits);
+        for (conn, bytes) in credits.drain(..) {
+            self.counts.bytes_out += bytes as u64;
+            self.core.handle_flushed(conn, bytes, now);
+        }
+        self.credits = credits;
+        let mut gone = std::mem::take(&mut self.gone);
+        for (conn, why) in gone.drain(..) {
+            self.gone(conn, &why);
+        }
+        self.gone = gone;
+    }
+
+    /// The core is done with `conn`: write what it may still get, then the goodbye, then shut
+    /// the stream down, on the direct path if the socket takes it all now, else in a closing
+    /// task.
+    fn close(&mut self, conn: ConnId, goodbye: Option<Bytes>, discard_queued: bool) {
+        let Some(mut c) = self.conns.remove(&conn) else {
+            return;
+        };
+        if discard_queued {
+            // Only the frame already begun is finished, so the stream stays whole.
+            c.queue.truncate(usize::from(c.head > 0));
+        }
+        let cut = discard_queued && c.head > 0;
+        let has_goodbye = goodbye.is_some();
+        c.queue.extend(goodbye);
+        c.queued = c.queue.iter().map(Bytes::len).sum::<usize>() - c.head;
+        if !c.waiting {
+            match c.write_now(&mut self.merge) {
+                Wrote::Bytes(n) => self.counts.bytes_out += n as u64,
+                Wrote::Failed(_) => {
+                    c.cancel.cancel();
+                    return;
+                }
+            }
+        }
+        if c.queue.is_empty() {
+            let mut cx = Context::from_waker(Waker::noop());
+            if Pin::new(&mut c.writer).poll_shutdown(&mut cx).is_ready() {
+                c.cancel.cancel();
+                return;
+            }
+        }
+        // What is left: possibly the rest of the cut frame (first), frames of a graceful
+        // close, the goodbye (last).
+        let left = c.queue.len();
+        let limits: Vec<Duration> = (0..left)
+            .map(|i| {
+                let first_cut = cut && c.head > 0 && i == 0;
+                let is_goodbye = has_goodbye && i + 1 == left;
+                if first_cut || is_goodbye {
+                    SHUTDOWN_GRACE
+                } else {
+                    self.cfg.write_timeout
+                }
+            })
+            .collect();
+        self.tasks.spawn(finish(c, limits));
     }
 }
 
@@ -470,6 +893,16 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+/// Moves the events already queued (up to a batch) into `batch`, without waiting.
+fn take_waiting(events: &mut mpsc::Receiver<Event>, batch: &mut Vec<Event>) {
+    while batch.len() < EVENT_BATCH {
+        match events.try_recv() {
+            Ok(event) => batch.push(event),
+            Err(_) => return,
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<std::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(Instant::from_std(d)).await,
@@ -477,59 +910,28 @@ async fn sleep_until(deadline: Option<std::time::Instant>) {
     }
 }
 
-/// Frames queued for one connection's writer. The session core bounds what is queued (it counts
-/// bytes until the writer reports them flushed), so this queue needs no bound of its own.
-#[derive(Default)]
-pub struct Outbox {
-    state: Mutex<OutboxState>,
-    wake: Notify,
-    /// Bytes written and not yet credited to the session core.
-    flushed: std::sync::atomic::AtomicUsize,
-}
-
-#[derive(Default)]
-struct OutboxState {
-    frames: VecDeque<Bytes>,
-    closing: Option<Option<Bytes>>,
-    /// Closed as a slow consumer: what is queued is dropped, and a write in progress stops at
-    /// the end of its current frame.
-    discard: bool,
-}
-
-impl Outbox {
-    fn push(&self, frame: Bytes) {
-        if let Ok(mut s) = self.state.lock() {
-            if s.closing.is_none() {
-                s.frames.push_back(frame);
-            }
-        }
-        self.wake.notify_one();
-    }
-
-    fn close(&self, goodbye: Option<Bytes>, discard: bool) {
-        if let Ok(mut s) = self.state.lock() {
-            if discard {
-                s.frames.clear();
-                s.discard = true;
-            }
-            s.closing = Some(goodbye);
-        }
-        self.wake.notify_one();
-    }
-
-    fn discarding(&self) -> bool {
-        self.state.lock().map_or(true, |s| s.discard)
-    }
-
-    fn take(&self, into: &mut Vec<Bytes>) -> Option<Option<Bytes>> {
-        match self.state.lock() {
-            Ok(mut s) => {
-                into.extend(s.frames.drain(..));
-                s.closing.take()
-            }
-            Err(_) => Some(None),
+/// Finishes a closed connection whose socket would not take everything at once: each frame
+/// within its limit, then shuts the stream down and stops the reader.
+async fn finish(c: Conn, limits: Vec<Duration>) {
+    let Conn {
+        mut writer,
+        queue,
+        mut head,
+        cancel,
+        guard,
+        ..
+    } = c;
+    for (frame, limit) in queue.iter().zip(limits) {
+        let written = tokio::time::timeout(limit, writer.write_all(&frame[head..])).await;
+        head = 0;
+        if !matches!(written, Ok(Ok(()))) {
+            cancel.cancel();
+            return;
         }
     }
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer.shutdown()).await;
+    cancel.cancel();
+    drop(guard);
 }
 
 async fn read_loop<R: AsyncRead + Unpin>(
@@ -542,22 +944,39 @@ async fn read_loop<R: AsyncRead + Unpin>(
     stats: Arc<SessionStats>,
 ) {
     let mut frames = FrameReader::with_buffered(reader, buf, max_frame);
+    let mut batch: Vec<ClientFrame> = Vec::new();
     let event = loop {
-        match frames.buffered::<ClientFrame>() {
-            Ok(Some(frame)) => {
-                if events.send(Event::Frame(conn, frame)).await.is_err() {
-                    return;
+        // Every whole frame the last read brought, as one event (or a few, past
+        // FRAMES_PER_EVENT): one channel send and one wake of the session task per read.
+        let broken = loop {
+            match frames.buffered::<ClientFrame>() {
+                Ok(Some(frame)) => {
+                    batch.push(frame);
+                    if batch.len() == FRAMES_PER_EVENT {
+                        let full = std::mem::take(&mut batch);
+                        if events.send(Event::Frames(conn, full)).await.is_err() {
+                            return;
+                        }
+                    }
                 }
-                continue;
+                Ok(None) => break None,
+                Err(e) => {
+                    let code = match e {
+                        DecodeError::FrameTooLarge { .. } => Code::PAYLOAD_TOO_LARGE,
+                        _ => Code::MALFORMED,
+                    };
+                    break Some(Event::Broken(conn, code, e.to_string()));
+                }
             }
-            Ok(None) => {}
-            Err(e) => {
-                let code = match e {
-                    DecodeError::FrameTooLarge { .. } => Code::PAYLOAD_TOO_LARGE,
-                    _ => Code::MALFORMED,
-                };
-                break Event::Broken(conn, code, e.to_string());
+        };
+        if !batch.is_empty() {
+            let read = std::mem::take(&mut batch);
+            if events.send(Event::Frames(conn, read)).await.is_err() {
+                return;
             }
+        }
+        if let Some(event) = broken {
+            break event;
         }
         tokio::select! {
             r = frames.fill() => match r {
@@ -569,146 +988,4 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     };
     let _ = events.send(event).await;
-}
-
-struct WriterCtx {
-    conn: ConnId,
-    outbox: Arc<Outbox>,
-    flushes: Arc<Flushes>,
-    events: mpsc::Sender<Event>,
-    cancel: CancellationToken,
-    write_timeout: Duration,
-    /// Released when the writer ends, i.e. when the connection is really done.
-    _guard: Option<Box<dyn Send + Sync>>,
-}
-
-async fn write_loop<W: AsyncWrite + Unpin>(mut writer: W, ctx: WriterCtx) {
-    let WriterCtx {
-        conn,
-        outbox,
-        flushes,
-        events,
-        cancel,
-        write_timeout,
-        _guard,
-    } = ctx;
-    let mut frames = Vec::new();
-    // Allocated on the first batch of more than one frame: an idle connection that only gets
-    // ticks never needs it.
-    let mut merged = Vec::new();
-    let mut ends = Vec::new();
-    loop {
-        let closing = outbox.take(&mut frames);
-        if frames.is_empty() && closing.is_none() {
-            tokio::select! {
-                _ = outbox.wake.notified() => continue,
-                // Cancelled without a close: the connection is gone already.
-                _ = cancel.cancelled() => return,
-            }
-        }
-        ends.clear();
-        // One frame goes out as it is; several are merged so they share one write.
-        let single;
-        let buf: &[u8] = if frames.len() == 1 {
-            single = frames.pop().unwrap_or_default();
-            ends.push(single.len());
-            &single
-        } else {
-            merged.clear();
-            for f in frames.drain(..) {
-                merged.extend_from_slice(&f);
-                ends.push(merged.len());
-            }
-            &merged
-        };
-        if !buf.is_empty() {
-            match write_frames(&mut writer, buf, &ends, &outbox, write_timeout, &cancel).await {
-                Written::All => flushes.report(conn, &outbox, buf.len()),
-                // Closed as a slow consumer mid-batch: the next round finds the goodbye.
-                Written::Cut if closing.is_none() => continue,
-                Written::Cut => {}
-                Written::Failed(why) => {
-                    let _ = events.send(Event::Gone(conn, why)).await;
-                    cancel.cancel();
-                    return;
-                }
-                Written::Cancelled => return,
-            }
-        }
-        if let Some(goodbye) = closing {
-            if let Some(g) = goodbye {
-                let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer.write_all(&g)).await;
-            }
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer.shutdown()).await;
-            cancel.cancel();
-            return;
-        }
-    }
-}
-
-/// How a batch of frames went out.
-enum Written {
-    /// Every byte.
-    All,
-    /// Up to the end of the frame being written when the connection was closed as a slow
-    /// consumer; the rest was dropped.
-    Cut,
-    /// The peer is gone or stalled; the stream may end mid-frame.
-    Failed(String),
-    /// The connection is gone already.
-    Cancelled,
-}
-
-/// Writes `buf`, whose frames end at `ends`. A write that makes no progress for
-/// `write_timeout` fails. When the outbox is closed as a slow consumer meanwhile, the batch is
-/// cut at the end of the frame being written (so the peer never sees half a frame before the
-/// goodbye), and that frame gets at most [`SHUTDOWN_GRACE`] to finish.
-async fn write_frames<W: AsyncWrite + Unpin>(
-    writer: &mut W,
-    buf: &[u8],
-    ends: &[usize],
-    outbox: &Outbox,
-    write_timeout: Duration,
-    cancel: &CancellationToken,
-) -> Written {
-    let mut pos = 0;
-    let mut limit = buf.len();
-    let mut grace: Option<Instant> = None;
-    while pos < limit {
-        let stall = Instant::now() + write_timeout;
-        let deadline = grace.map_or(stall, |g| g.min(stall));
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Written::Cancelled,
-            _ = outbox.wake.notified(), if grace.is_none() => {
-                if outbox.discarding() {
-                    let at_boundary = pos == 0 || ends.binary_search(&pos).is_ok();
-                    limit = if at_boundary {
-                        pos
-                    } else {
-                        ends.iter().copied().find(|&e| e > pos).unwrap_or(buf.len())
-                    };
-                    grace = Some(Instant::now() + SHUTDOWN_GRACE);
-                }
-            }
-            // A pending `write` has written nothing, so dropping it for the branch above loses
-            // no bytes.
-            r = tokio::time::timeout_at(deadline, writer.write(&buf[pos..limit])) => match r {
-                Ok(Ok(0)) => return Written::Failed("the connection accepts no more bytes".into()),
-                Ok(Ok(n)) => pos += n,
-                Ok(Err(e)) => return Written::Failed(format!("write failed: {e}")),
-                Err(_) if grace.is_some() => {
-                    return Written::Failed(format!(
-                        "the frame being written at close did not finish within {SHUTDOWN_GRACE:?}"
-                    ))
-                }
-                Err(_) => return Written::Failed(format!("write stalled for {write_timeout:?}")),
-            }
-        }
-    }
-    if grace.is_some() {
-        Written::Cut
-    } else {
-        Written::All
-    }
 }

@@ -2,8 +2,15 @@
 //!
 //! ```text
 //! cargo build --release --bin isthmus -p isthmus-tests --bin versus
-//! target/release/versus [--quick] [--rounds N] [--only NAME]
+//! target/release/versus [--quick] [--rounds N] [--only NAME] [--router PATH]
+//!                        [--before PATH] [--no-peers]
 //! ```
+//!
+//! `--router` names the `isthmus` binary to measure (default: the one next to this binary).
+//! `--before` adds a second `isthmus` binary (e.g. one built from an older commit) that takes
+//! its turn in every round like the others, so a change to the data path is measured before
+//! and after in one sitting; its column and the ratio after / before are printed. `--no-peers`
+//! leaves NATS and Redis out.
 //!
 //! Each server runs alone on core 0 (`taskset -c 0`; the router with one tokio worker, so it is
 //! as single-threaded as Redis); this generator pins itself to core 1 and runs on one thread.
@@ -40,19 +47,56 @@ const WINDOW: u64 = 20_000;
 enum System {
     Nats,
     Redis,
+    /// The `--before` router binary.
+    Before,
     Isthmus,
 }
 
 impl System {
-    const ALL: [System; 3] = [System::Nats, System::Redis, System::Isthmus];
-
     fn name(self) -> &'static str {
         match self {
             System::Nats => "NATS",
             System::Redis => "Redis",
+            System::Before => "Isthmus before",
             System::Isthmus => "Isthmus",
         }
     }
+
+    /// Speaks the Isthmus wire protocol.
+    fn is_isthmus(self) -> bool {
+        matches!(self, System::Isthmus | System::Before)
+    }
+
+    /// The systems this sitting measures, in the order they take turns.
+    fn selected() -> Vec<System> {
+        let o = options();
+        let mut all = Vec::new();
+        if !o.no_peers {
+            all.extend([System::Nats, System::Redis]);
+        }
+        if o.before.is_some() {
+            all.push(System::Before);
+        }
+        all.push(System::Isthmus);
+        all
+    }
+}
+
+/// The command line's choices of binaries and systems.
+struct Options {
+    router: Option<std::path::PathBuf>,
+    before: Option<std::path::PathBuf>,
+    no_peers: bool,
+}
+
+static OPTIONS: OnceLock<Options> = OnceLock::new();
+
+fn options() -> &'static Options {
+    OPTIONS.get_or_init(|| Options {
+        router: None,
+        before: None,
+        no_peers: false,
+    })
 }
 
 /// Nanoseconds since the generator started: the clock payloads carry.
@@ -98,9 +142,12 @@ impl Server {
                     .args(["--maxclients", "15000"])
                     .args(["--client-output-buffer-limit", "pubsub 0 0 0"]);
             }
-            System::Isthmus => {
-                let exe = std::env::current_exe()?;
-                let isthmus = exe.with_file_name("isthmus");
+            System::Isthmus | System::Before => {
+                let isthmus = match (system, &options().router, &options().before) {
+                    (System::Before, _, Some(before)) => before.clone(),
+                    (System::Isthmus, Some(router), _) => router.clone(),
+                    _ => std::env::current_exe()?.with_file_name("isthmus"),
+                };
                 if !isthmus.exists() {
                     bail!(
                         "{} is missing; build it first: cargo build --release --bin isthmus",
@@ -285,7 +332,7 @@ impl Conn {
                 })
                 .await?;
             }
-            System::Isthmus => {
+            System::Isthmus | System::Before => {
                 let mut stream = c.read.reunite(c.write).context("reunite")?;
                 let nonce = exchange_preambles(&mut stream).await?;
                 let mut opts = HelloOpts::new(&topic.island, create);
@@ -378,7 +425,7 @@ impl Conn {
             System::Redis => {
                 out.extend_from_slice(&resp(&[b"PUBLISH", topic.name.as_bytes(), payload]))
             }
-            System::Isthmus => {
+            System::Isthmus | System::Before => {
                 self.client_seq += 1;
                 out.extend_from_slice(&wire::encode(&ClientFrame::Send {
                     client_seq: self.client_seq,
@@ -455,7 +502,7 @@ fn parse(system: System, buf: &mut BytesMut, mut each: impl FnMut(&[u8])) -> boo
                 Some((_, Resp::Error)) => break false,
                 None => break true,
             },
-            System::Isthmus => {
+            System::Isthmus | System::Before => {
                 if rest.len() < 4 {
                     break true;
                 }
@@ -604,7 +651,7 @@ fn spawn_drain(mut read: OwnedReadHalf) -> tokio::task::JoinHandle<()> {
 #[derive(Clone, Debug, Default)]
 struct Figures {
     values: BTreeMap<&'static str, f64>,
-    /// The run broke a rule (lost or reordered messages).
+    /// The run broke a rule (lost or reordered messages) or failed.
     invalid: Option<String>,
     /// The generator was the bottleneck.
     generator_bound: bool,
@@ -659,7 +706,7 @@ impl Audience {
             writers.push(c.write);
             seen.push(s);
         }
-        let mut publisher = if system == System::Isthmus {
+        let mut publisher = if system.is_isthmus() {
             Conn::subscribe(system, server.addr, source(receivers), &topic, false).await?
         } else {
             Conn::publisher(system, server.addr, source(receivers)).await?
@@ -820,7 +867,7 @@ async fn many_sessions(
                     System::Redis => {
                         out.extend_from_slice(&resp(&[b"PUBLISH", topic.name.as_bytes(), &p]))
                     }
-                    System::Isthmus => {
+                    System::Isthmus | System::Before => {
                         client_seq[i] += 1;
                         out.extend_from_slice(&wire::encode(&ClientFrame::Send {
                             client_seq: client_seq[i],
@@ -1032,8 +1079,14 @@ fn fmt_value(x: f64) -> String {
 }
 
 fn print_rows(rows: &[Row]) {
-    println!("| workload | metric | NATS | Redis | Isthmus | Isthmus / best peer |");
-    println!("|---|---|---|---|---|---|");
+    let before = options().before.is_some();
+    if before {
+        println!("| workload | metric | NATS | Redis | Isthmus before | Isthmus | Isthmus / best peer | after / before |");
+        println!("|---|---|---|---|---|---|---|---|");
+    } else {
+        println!("| workload | metric | NATS | Redis | Isthmus | Isthmus / best peer |");
+        println!("|---|---|---|---|---|---|");
+    }
     for row in rows {
         let cell = |sys: System| -> (String, Option<f64>) {
             let Some(runs) = row.figures.get(&sys) else {
@@ -1082,10 +1135,22 @@ fn print_rows(rows: &[Row]) {
             (Some(i), Some(b)) if b > 0.0 => format!("{:.2}x", i / b),
             _ => "-".into(),
         };
-        println!(
-            "| {} | {} | {nats} | {redis} | {isthmus} | {ratio} |",
-            row.workload, row.metric
-        );
+        if before {
+            let (was, b) = cell(System::Before);
+            let change = match (i, b, row.higher_better) {
+                (Some(i), Some(b), Some(_)) if b > 0.0 => format!("{:.2}x", i / b),
+                _ => "-".into(),
+            };
+            println!(
+                "| {} | {} | {nats} | {redis} | {was} | {isthmus} | {ratio} | {change} |",
+                row.workload, row.metric
+            );
+        } else {
+            println!(
+                "| {} | {} | {nats} | {redis} | {isthmus} | {ratio} |",
+                row.workload, row.metric
+            );
+        }
     }
 }
 
@@ -1107,7 +1172,7 @@ fn workloads(quick: bool) -> Vec<Workload> {
         let messages = q(if receivers == 50 { 400_000 } else { 100_000 }, 20_000);
         w.push(Workload {
             name: format!("fan-out, 1 session, {receivers} receivers, 64 B"),
-            systems: System::ALL.to_vec(),
+            systems: System::selected(),
             metrics: vec![
                 ("deliveries/s", Some(true)),
                 ("server CPU-s per 1M", Some(false)),
@@ -1118,7 +1183,7 @@ fn workloads(quick: bool) -> Vec<Workload> {
     }
     w.push(Workload {
         name: "250 sessions x 4 replicas x 20 msg/s".into(),
-        systems: System::ALL.to_vec(),
+        systems: System::selected(),
         metrics: vec![
             ("server CPU-s per 1M", Some(false)),
             ("p50 ms", Some(false)),
@@ -1130,13 +1195,13 @@ fn workloads(quick: bool) -> Vec<Workload> {
     });
     w.push(Workload {
         name: "1,000 sessions x 4 replicas x 20 msg/s".into(),
-        systems: System::ALL.to_vec(),
+        systems: System::selected(),
         metrics: vec![("server CPU %", Some(false)), ("p99 ms", Some(false))],
         run: Box::new(move |s| Box::pin(many_sessions(s, 1000, 4, 20, secs))),
     });
     w.push(Workload {
         name: "1 publisher, 50 receivers at 4,000 msg/s".into(),
-        systems: System::ALL.to_vec(),
+        systems: System::selected(),
         metrics: vec![
             ("p50 ms", Some(false)),
             ("p99 ms", Some(false)),
@@ -1147,7 +1212,7 @@ fn workloads(quick: bool) -> Vec<Workload> {
     });
     w.push(Workload {
         name: "2,000 idle connections in 20 sessions (Isthmus: 50 ms ticks)".into(),
-        systems: System::ALL.to_vec(),
+        systems: System::selected(),
         metrics: vec![
             ("kB per connection", Some(false)),
             ("idle server CPU %", Some(false)),
@@ -1172,11 +1237,51 @@ fn main() -> Result<()> {
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1).cloned());
+    let path_of = |flag: &str| -> Result<Option<std::path::PathBuf>> {
+        match args.iter().position(|a| a == flag) {
+            None => Ok(None),
+            Some(i) => {
+                let path = args
+                    .get(i + 1)
+                    .with_context(|| format!("{flag} takes the path of an isthmus binary"))?;
+                let path = std::fs::canonicalize(path).with_context(|| {
+                    format!(
+                        "{flag} {path}: no such binary; build one with `cargo build \
+                             --release --bin isthmus` and pass target/release/isthmus (or a \
+                             copy of it)"
+                    )
+                })?;
+                Ok(Some(path))
+            }
+        }
+    };
+    let chosen = Options {
+        router: path_of("--router")?,
+        before: path_of("--before")?,
+        no_peers: args.iter().any(|a| a == "--no-peers"),
+    };
+    if OPTIONS.set(chosen).is_err() {
+        bail!("options were read twice");
+    }
+    const KNOWN: [&str; 6] = [
+        "--quick",
+        "--rounds",
+        "--only",
+        "--router",
+        "--before",
+        "--no-peers",
+    ];
+    const USAGE: &str = "usage: versus [--quick] [--rounds N] [--only TEXT] [--router PATH] \
+                         [--before PATH] [--no-peers] (BENCHMARKS.md explains each)";
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
     if let Some(bad) = args
         .iter()
-        .find(|a| a.starts_with("--") && !["--quick", "--rounds", "--only"].contains(&a.as_str()))
+        .find(|a| a.starts_with("--") && !KNOWN.contains(&a.as_str()))
     {
-        bail!("unknown option {bad}; usage: versus [--quick] [--rounds N] [--only TEXT]");
+        bail!("unknown option {bad}; {USAGE}");
     }
     // The generator on core 1, the servers on core 0 (each started under taskset).
     let pinned = Command::new("taskset")
@@ -1209,9 +1314,18 @@ fn main() -> Result<()> {
                     s.name(),
                     round + 1
                 );
-                let f = rt
-                    .block_on((w.run)(s))
-                    .with_context(|| format!("{}: {}", w.name, s.name()))?;
+                // A run that fails (a server closing on the generator, say) does not count, and
+                // the sitting goes on: its other figures are worth keeping.
+                let f = match rt.block_on((w.run)(s)) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        eprintln!("{} / {}: the run failed: {e:#}", w.name, s.name());
+                        Figures {
+                            invalid: Some(format!("failed: {}", e.root_cause())),
+                            ..Figures::default()
+                        }
+                    }
+                };
                 figures.entry(s).or_default().push(f);
                 // Let the last server's sockets clear before the next starts.
                 std::thread::sleep(Duration::from_millis(200));
