@@ -211,9 +211,10 @@ impl Clustered {
     }
 
     /// Other routers' contacts for a welcome (at most [`wire::MAX_CLUSTER_CONTACTS`], least
-    /// loaded first, draining ones left out). A router alone in its cluster names itself: the
-    /// client takes a goodbye (1000) as the island's end unless its welcome named a cluster,
-    /// and a fenced router's goodbye is not (it takes its replicas back with its next lease).
+    /// loaded first, draining ones left out). A router alone in its cluster names itself, so its
+    /// replicas keep it among their candidates: a fenced router takes them back with its next
+    /// lease (its goodbye is 1010, which clients retry; older clients retry a 1000 only when
+    /// their welcome named a cluster).
     pub(crate) fn others(&self, remote: bool) -> Vec<Contacts> {
         let me = self.member.id();
         let mut others: Vec<RouterRecord> = self
@@ -608,6 +609,11 @@ async fn fence(shared: &Shared) {
         "this router lost its cluster lease: its islands stop here and move to other routers"
     );
     for slot in &slots {
-        slot.handle.shutdown().await;
+        slot.handle
+            .shutdown_with(
+                Code::MOVING,
+                "this router lost its cluster lease; the island moves to another router of the cluster",
+            )
+            .await;
     }
 }

@@ -1192,8 +1192,17 @@ impl Shared {
             sessions = slots.len(),
             "shutting down: saying goodbye to every replica"
         );
+        // In a cluster the islands go on at the other routers: the goodbye says so.
+        let (code, reason) = if self.cluster.is_some() {
+            (
+                Code::MOVING,
+                "this router is leaving its cluster; the island moves to another router of the cluster",
+            )
+        } else {
+            (Code::SHUTTING_DOWN, "the router is shutting down")
+        };
         for slot in &slots {
-            slot.handle.shutdown().await;
+            slot.handle.shutdown_with(code, reason).await;
         }
         for mut slot in slots {
             if let Some(join) = slot.join.take() {

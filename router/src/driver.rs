@@ -144,7 +144,7 @@ enum Event {
     Frames(ConnId, Vec<ClientFrame>),
     Gone(ConnId, String),
     Broken(ConnId, Code, String),
-    Shutdown,
+    Shutdown(Code, String),
 }
 
 /// Why a session task is ending.
@@ -184,7 +184,18 @@ impl SessionHandle {
 
     /// Asks the session to say goodbye to everyone and end.
     pub async fn shutdown(&self) {
-        let _ = self.events.send(Event::Shutdown).await;
+        self.shutdown_with(Code::SHUTTING_DOWN, "the router is shutting down")
+            .await;
+    }
+
+    /// Like [`SessionHandle::shutdown`], with the goodbye's code and reason chosen by the
+    /// caller: a clustered router that lost its lease says the island moves on
+    /// ([`Code::MOVING`]), not that it ends.
+    pub async fn shutdown_with(&self, code: Code, reason: &str) {
+        let _ = self
+            .events
+            .send(Event::Shutdown(code, reason.to_string()))
+            .await;
     }
 }
 
@@ -616,9 +627,8 @@ impl SessionTask {
                 warn!(session = %self.core.id(), ?conn, %why, "closing connection: {}", code.name());
                 self.core.disconnect(conn, code, &why, now);
             }
-            Event::Shutdown => {
-                self.core
-                    .shutdown(Code::SHUTTING_DOWN, "the router is shutting down", now);
+            Event::Shutdown(code, reason) => {
+                self.core.shutdown(code, &reason, now);
                 return true;
             }
         }

@@ -677,6 +677,10 @@ impl Code {
     /// The session is being re-created from its replicas and nobody who can found it (a
     /// participant with a consistent state) came back in time; try again shortly.
     pub const RECOVERING: Code = Code(1009);
+    /// This router stops serving the island, which goes on at another router of its cluster:
+    /// the router lost its cluster lease (it must not stamp any more) or is leaving the
+    /// cluster. Reconnect to the cluster's other routers.
+    pub const MOVING: Code = Code(1010);
     /// The peer speaks another protocol version.
     pub const UNSUPPORTED_VERSION: Code = Code(2000);
     /// The hello's keys or signatures do not prove what it asks (wrong postcard, replayed hello).
@@ -718,6 +722,7 @@ impl Code {
             Code::REPLACED => "replaced",
             Code::STALE_EPOCH => "stale epoch",
             Code::RECOVERING => "recovering",
+            Code::MOVING => "moving",
             Code::UNSUPPORTED_VERSION => "unsupported version",
             Code::BAD_CREDENTIALS => "bad credentials",
             Code::UNKNOWN_SESSION => "unknown session",
