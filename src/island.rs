@@ -902,7 +902,13 @@ async fn run_replica(
                     }
                     Event::Reconnecting { attempt, delay, routers } => {
                         let to = routers.first().map_or_else(String::new, |a| a.to_string());
-                        let line = format!("reconnecting to {to} in {:.1} s (attempt {attempt})", delay.as_secs_f64());
+                        let mut line = format!("reconnecting to {to} in {:.1} s (attempt {attempt})", delay.as_secs_f64());
+                        // A cluster's other routers are raced too; naming them keeps the line
+                        // honest when the first one is the router that died.
+                        if routers.len() > 1 {
+                            let others: Vec<String> = routers[1..].iter().map(|a| a.to_string()).collect();
+                            line.push_str(&format!(", or {}", others.join(", ")));
+                        }
                         face.status(|s| s.connection = line.clone());
                         face.note(&line);
                         Flow::Go

@@ -520,7 +520,7 @@ async fn reconnect<I: Island>(
             .send(Event::Reconnecting {
                 attempt,
                 delay: pause,
-                routers: cfg.routers.clone(),
+                routers: candidates_for(cfg, replica),
             })
             .await;
         let wake = Instant::now() + pause;

@@ -249,7 +249,8 @@ pub enum Event {
         attempt: u32,
         /// The pause before this attempt (with jitter).
         delay: std::time::Duration,
-        /// Where it will try.
+        /// Where it will try: the configured routers, then the cluster routers the last
+        /// welcome named.
         routers: Vec<std::net::SocketAddr>,
     },
     /// No connection could be made within the client's give-up time; the client has stopped.
