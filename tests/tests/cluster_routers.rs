@@ -317,7 +317,11 @@ async fn a_home_cut_off_from_etcd_stops_stamping_before_another_router_may_take_
     for r in &replicas {
         let s = r.state();
         let (code, reason) = s.closed.clone().expect("a goodbye");
-        assert_eq!(code, Code::MOVING, "the island moves on, not ends: {reason}");
+        assert_eq!(
+            code,
+            Code::MOVING,
+            "the island moves on, not ends: {reason}"
+        );
         assert!(s.violations.is_empty(), "{:?}", s.violations);
         last_seq = last_seq.max(s.log.last().map_or(0, |m| m.seq.0));
     }
