@@ -303,20 +303,7 @@ async fn carry_on_after(signal: &str, per_replica: u64) {
         handles.push((name.to_string(), std::sync::Arc::new(h)));
         logs.push(log);
     }
-    let senders: Vec<_> = handles
-        .iter()
-        .map(|(name, h)| {
-            let (name, h) = (name.clone(), h.clone());
-            tokio::spawn(async move {
-                for k in 0..per_replica {
-                    h.send(ChatIsland::payload(&name, &format!("{name}{k}")))
-                        .await
-                        .expect("queued, also while reconnecting");
-                    tokio::time::sleep(Duration::from_millis(4)).await;
-                }
-            })
-        })
-        .collect();
+    let senders = isthmus_tests::type_chat_lines(&handles, per_replica, Duration::from_millis(4));
 
     // SIGKILL the island's home in the middle of the traffic.
     let session = card.contact.session.to_string();

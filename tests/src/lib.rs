@@ -619,3 +619,31 @@ pub fn router_ready(child: &mut std::process::Child) -> SocketAddr {
         .parse()
         .expect("address in the ready line")
 }
+
+/// Starts one task per chat replica that types `per_replica` lines (`<name>0`, `<name>1`, ...)
+/// one every `every`, queued also while the replica reconnects: the steady traffic the crash
+/// and failover tests kill a router in the middle of.
+pub fn type_chat_lines(
+    replicas: &[(
+        String,
+        Arc<isthmus_island_client::client::ClientHandle<isthmus_island_client::chat::ChatIsland>>,
+    )],
+    per_replica: u64,
+    every: Duration,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use isthmus_island_client::chat::ChatIsland;
+    replicas
+        .iter()
+        .map(|(name, h)| {
+            let (name, h) = (name.clone(), h.clone());
+            tokio::spawn(async move {
+                for k in 0..per_replica {
+                    h.send(ChatIsland::payload(&name, &format!("{name}{k}")))
+                        .await
+                        .expect("queued, also while reconnecting");
+                    tokio::time::sleep(every).await;
+                }
+            })
+        })
+        .collect()
+}

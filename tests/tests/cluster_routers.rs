@@ -444,20 +444,7 @@ async fn replicas_of_a_home_cut_off_from_etcd_move_on_and_never_apply_two_messag
         assert_eq!(v.islands[0].home, v.router);
         v.islands[0].epoch
     };
-    let senders: Vec<_> = handles
-        .iter()
-        .map(|(name, h)| {
-            let (name, h) = (name.clone(), h.clone());
-            tokio::spawn(async move {
-                for k in 0..per_replica {
-                    h.send(ChatIsland::payload(&name, &format!("{name}{k}")))
-                        .await
-                        .expect("queued, also while reconnecting");
-                    tokio::time::sleep(Duration::from_millis(4)).await;
-                }
-            })
-        })
-        .collect();
+    let senders = isthmus_tests::type_chat_lines(&handles, per_replica, Duration::from_millis(4));
     for log in &logs {
         wait_event(
             log,

@@ -234,20 +234,7 @@ async fn crash_and_restart(first: DispatcherConfig, second: DispatcherConfig) {
         handles.push((name.to_string(), std::sync::Arc::new(h)));
         logs.push(log);
     }
-    let senders: Vec<_> = handles
-        .iter()
-        .map(|(name, h)| {
-            let (name, h) = (name.clone(), h.clone());
-            tokio::spawn(async move {
-                for k in 0..per_replica {
-                    h.send(ChatIsland::payload(&name, &format!("{name}{k}")))
-                        .await
-                        .expect("queued, also while reconnecting");
-                    tokio::time::sleep(Duration::from_millis(4)).await;
-                }
-            })
-        })
-        .collect();
+    let senders = isthmus_tests::type_chat_lines(&handles, per_replica, Duration::from_millis(4));
     // The crash, in the middle of the traffic.
     wait_for(
         &logs[0],
