@@ -577,7 +577,12 @@ enum Step<'a> {
 /// The line at `from` (without its CRLF) and where the next one starts.
 fn line_at(b: &[u8], from: usize) -> Option<(&[u8], usize)> {
     let rest = b.get(from..)?;
-    let lf = memchr::memchr(b'\n', rest)?;
+    // Lines here are short (a RESP header is 4-5 bytes): a plain scan of the first few bytes
+    // beats memchr's setup; memchr takes over for anything longer.
+    let lf = match rest.iter().take(32).position(|&c| c == b'\n') {
+        Some(lf) => lf,
+        None => 32 + memchr::memchr(b'\n', rest.get(32..)?)?,
+    };
     let line = rest[..lf].strip_suffix(b"\r")?;
     Some((line, from + lf + 1))
 }
@@ -1386,6 +1391,7 @@ fn workloads(quick: bool) -> Vec<Workload> {
             ("p99 ms", Some(false)),
             ("p999 ms", Some(false)),
             ("server CPU %", Some(false)),
+            ("generator CPU %", NO_RATIO),
         ],
         run: Box::new(move |s| Box::pin(fixed_rate(s, 50, 4000, secs))),
     });
