@@ -684,8 +684,10 @@ fn parse_resp(b: &[u8]) -> Step<'_> {
     }
 }
 
-/// Isthmus: a length-prefixed frame; a `Message` (variant 2) ends with its payload, after a
-/// one-byte length. A refusal (1) or goodbye (8) is an error.
+/// Isthmus: a length-prefixed frame. A `Message` (variant 2) is walked field by field as a
+/// client must (seq, time, origin, client seq, payload length, all bincode varints), so this
+/// receiver does as much framing work per message as the NATS and RESP ones. A refusal (1) or
+/// goodbye (8) is an error.
 fn parse_isthmus(b: &[u8]) -> Step<'_> {
     if b.len() < 4 {
         return Step::Incomplete;
@@ -696,10 +698,56 @@ fn parse_isthmus(b: &[u8]) -> Step<'_> {
     }
     let body = &b[4..4 + len];
     match body.first() {
-        Some(2) if len > PAYLOAD => Step::Message(4 + len, &body[len - PAYLOAD..]),
+        Some(2) => match message_payload(&body[1..]) {
+            Some(payload) => Step::Message(4 + len, payload),
+            None => Step::Error,
+        },
         Some(1) | Some(8) => Step::Error,
         _ => Step::Other(4 + len),
     }
+}
+
+/// The payload of a `Message` body (after its variant byte), or `None` if the fields do not
+/// add up to the frame's length.
+fn message_payload(b: &[u8]) -> Option<&[u8]> {
+    let mut at = 0;
+    varint(b, &mut at)?; // seq
+    varint(b, &mut at)?; // router time
+    match varint(b, &mut at)? {
+        // Origin::Replica: a replica id, 16 bytes behind their length.
+        0 => {
+            if varint(b, &mut at)? != 16 {
+                return None;
+            }
+            at += 16;
+        }
+        1 => {} // Origin::Router
+        _ => return None,
+    }
+    varint(b, &mut at)?; // client seq
+    let n = usize::try_from(varint(b, &mut at)?).ok()?;
+    (b.len().checked_sub(at)? == n).then(|| &b[at..])
+}
+
+/// One bincode varint at `*at`: a byte below 251, or a marker (251, 252, 253) and then 2, 4 or
+/// 8 little-endian bytes.
+fn varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let first = *b.get(*at)?;
+    let width = match first {
+        0..=250 => {
+            *at += 1;
+            return Some(u64::from(first));
+        }
+        251 => 2,
+        252 => 4,
+        253 => 8,
+        _ => return None,
+    };
+    let bytes = b.get(*at + 1..*at + 1 + width)?;
+    *at += 1 + width;
+    let mut le = [0u8; 8];
+    le[..width].copy_from_slice(bytes);
+    Some(u64::from_le_bytes(le))
 }
 
 /// Reads `conn` until `stop`, checking that each publisher's seqs arrive as 1, 2, 3...
@@ -1557,8 +1605,9 @@ mod tests {
                     }));
                     out.extend_from_slice(&wire::encode(&wire::ServerFrame::Message(
                         wire::Message {
-                            seq: isthmus_router::ids::Seq(k as u64 + 1),
-                            time: Default::default(),
+                            // Seqs and times of every varint width.
+                            seq: isthmus_router::ids::Seq([1, 300, 70_000][k] as u64),
+                            time: isthmus_router::ids::RouterTime([0, 5, 1 << 33][k]),
                             origin: wire::Origin::Replica(isthmus_router::ids::ReplicaId(
                                 uuid::Uuid::from_u128(7),
                             )),
@@ -1613,6 +1662,20 @@ mod tests {
         assert!(!parse(
             System::Isthmus,
             &mut BytesMut::from(&refuse[..]),
+            |_| {}
+        ));
+        // A Message whose fields do not add up to its frame (one stray byte after the payload).
+        let (good, _) = stream(System::Isthmus);
+        let tick_len =
+            4 + u32::from_be_bytes(good[..4].try_into().expect("a length prefix")) as usize;
+        let first = &good[tick_len..];
+        let len = u32::from_be_bytes(first[..4].try_into().expect("a length prefix")) as usize;
+        let mut stray = ((len + 1) as u32).to_be_bytes().to_vec();
+        stray.extend_from_slice(&first[4..4 + len]);
+        stray.push(0);
+        assert!(!parse(
+            System::Isthmus,
+            &mut BytesMut::from(&stray[..]),
             |_| {}
         ));
     }
