@@ -116,11 +116,11 @@ pub struct WireFraming;
 
 impl Framing for WireFraming {
     fn message(&self, message: &Message) -> Bytes {
-        wire::encode(&ServerFrame::Message(message.clone()))
+        wire::encode_message(message)
     }
 
     fn tick(&self, time: RouterTime) -> Bytes {
-        wire::encode(&ServerFrame::Tick { time })
+        wire::encode_tick(time)
     }
 }
 
