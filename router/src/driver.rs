@@ -955,6 +955,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) {
     let mut frames = FrameReader::with_buffered(reader, buf, max_frame);
     let mut batch: Vec<ClientFrame> = Vec::new();
+    // One cancellation future for the reader's life, not a fresh one (and a fresh registration)
+    // for every read.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     let event = loop {
         // Every whole frame the last read brought, as one event (or a few, past
         // FRAMES_PER_EVENT): one channel send and one wake of the session task per read.
@@ -994,7 +998,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Ok(n) => stats.read_bytes(n),
                 Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
             },
-            _ = cancel.cancelled() => return,
+            _ = &mut cancelled => return,
         }
     };
     let _ = events.send(event).await;
