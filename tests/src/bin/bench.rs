@@ -94,7 +94,12 @@ fn codec_bench(payload: usize, frames: usize) -> (f64, f64, f64) {
         payload: Bytes::from(vec![7u8; payload]),
     });
     let per_read = (64 * 1024 / one.len()).clamp(1, 64);
-    let block: Vec<u8> = one.iter().copied().cycle().take(one.len() * per_read).collect();
+    let block: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * per_read)
+        .collect();
     let rounds = (frames / per_read).max(1);
     let done = (rounds * per_read) as f64;
     let mut seen = 0usize;
