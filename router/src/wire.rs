@@ -344,6 +344,11 @@ fn decode_borrowed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeEr
 /// A frame [`decode`] can take off a read buffer: its whole body arrives as `Bytes` split off
 /// that buffer, so a frame that carries a payload can keep it as a slice (refcounted, no copy)
 /// rather than copying it out as serde would.
+///
+/// A slice keeps its whole read buffer (up to 64 KiB) alive: what is kept for long, or counted
+/// against a memory bound by its length, should be copied out (`Bytes::copy_from_slice`). The
+/// router copies a payload into its message frame as it stamps it, so only frames in flight
+/// hold read buffers.
 pub trait Frame: Sized {
     /// Decodes one whole frame body. Bad bytes are an error, never a panic.
     fn from_body(body: Bytes) -> Result<Self, DecodeError>;
