@@ -61,9 +61,8 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// Events waiting for the session task, each one socket read's whole frames (at most
@@ -311,8 +310,9 @@ struct Conn {
     stalled_since: Option<std::time::Instant>,
     waker: Waker,
     waker_state: Arc<ConnWaker>,
-    /// Stops the reader.
-    cancel: CancellationToken,
+    /// Stops the reader. Aborting its task, rather than a token it polls, keeps the read loop a
+    /// bare read: a token's check took a lock on every socket read.
+    reader: AbortHandle,
     /// Released when the connection is done, after its goodbye.
     guard: Option<Box<dyn Send + Sync>>,
 }
@@ -564,7 +564,7 @@ impl SessionTask {
         // after a shutdown or a close) are dropped.
         drop(event_rx);
         for (_, c) in self.conns.drain() {
-            c.cancel.cancel();
+            c.reader.abort();
         }
         // Give closing writers a moment to deliver goodbyes, then cut everything.
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, async {
@@ -576,15 +576,13 @@ impl SessionTask {
     }
 
     fn attach(&mut self, a: Attach) {
-        let cancel = CancellationToken::new();
         let (reader, writer) = tokio::io::split(a.stream);
-        self.tasks.spawn(read_loop(
+        let reader = self.tasks.spawn(read_loop(
             a.conn,
             reader,
             a.leftover,
             self.cfg.max_frame_bytes,
             self.events_tx.clone(),
-            cancel.clone(),
             self.stats.clone(),
         ));
         let waker_state = Arc::new(ConnWaker {
@@ -602,12 +600,12 @@ impl SessionTask {
             stalled_since: None,
             waker: Waker::from(waker_state.clone()),
             waker_state,
-            cancel,
+            reader,
             guard: a.guard,
         };
         if let Some(old) = self.conns.insert(a.conn, conn) {
             // Connection numbers are unique; if one ever came twice, the old one goes.
-            old.cancel.cancel();
+            old.reader.abort();
         }
         self.core.handle_join(a.conn, a.request, now());
     }
@@ -640,7 +638,7 @@ impl SessionTask {
         debug!(session = %self.core.id(), ?conn, %why, "connection gone");
         self.core.handle_disconnect(conn, now());
         if let Some(c) = self.conns.remove(&conn) {
-            c.cancel.cancel();
+            c.reader.abort();
         }
     }
 
@@ -812,7 +810,7 @@ impl SessionTask {
             match c.write_now(&mut self.merge) {
                 Wrote::Bytes(n) => self.counts.bytes_out += n as u64,
                 Wrote::Failed(_) => {
-                    c.cancel.cancel();
+                    c.reader.abort();
                     return;
                 }
             }
@@ -820,7 +818,7 @@ impl SessionTask {
         if c.queue.is_empty() {
             let mut cx = Context::from_waker(Waker::noop());
             if Pin::new(&mut c.writer).poll_shutdown(&mut cx).is_ready() {
-                c.cancel.cancel();
+                c.reader.abort();
                 return;
             }
         }
@@ -927,7 +925,7 @@ async fn finish(c: Conn, limits: Vec<Duration>) {
         mut writer,
         queue,
         mut head,
-        cancel,
+        reader,
         guard,
         ..
     } = c;
@@ -935,12 +933,12 @@ async fn finish(c: Conn, limits: Vec<Duration>) {
         let written = tokio::time::timeout(limit, writer.write_all(&frame[head..])).await;
         head = 0;
         if !matches!(written, Ok(Ok(()))) {
-            cancel.cancel();
+            reader.abort();
             return;
         }
     }
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, writer.shutdown()).await;
-    cancel.cancel();
+    reader.abort();
     drop(guard);
 }
 
@@ -950,7 +948,6 @@ async fn read_loop<R: AsyncRead + Unpin>(
     buf: BytesMut,
     max_frame: usize,
     events: mpsc::Sender<Event>,
-    cancel: CancellationToken,
     stats: Arc<SessionStats>,
 ) {
     let mut frames = FrameReader::with_buffered(reader, buf, max_frame);
@@ -988,13 +985,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if let Some(event) = broken {
             break event;
         }
-        tokio::select! {
-            r = frames.fill() => match r {
-                Ok(0) => break Event::Gone(conn, "closed by the replica".into()),
-                Ok(n) => stats.read_bytes(n),
-                Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
-            },
-            _ = cancel.cancelled() => return,
+        // The session task stops a reader by aborting its task.
+        match frames.fill().await {
+            Ok(0) => break Event::Gone(conn, "closed by the replica".into()),
+            Ok(n) => stats.read_bytes(n),
+            Err(e) => break Event::Gone(conn, format!("read failed: {e}")),
         }
     };
     let _ = events.send(event).await;

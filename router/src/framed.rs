@@ -5,9 +5,8 @@
 //! about a kilobyte while a busy one still reads in large gulps. Every frame's length is checked
 //! against the limit before its body is buffered.
 
-use crate::wire::{self, DecodeError};
+use crate::wire::{self, DecodeError, Frame};
 use bytes::BytesMut;
-use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// A reader's first buffer, and the least free room it reads into.
@@ -56,7 +55,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// The next frame, reading as much as it takes. Cancel-safe: bytes read before a
     /// cancellation stay buffered for the next call.
-    pub async fn read<T: DeserializeOwned>(&mut self) -> Result<T, ReadError> {
+    pub async fn read<T: Frame>(&mut self) -> Result<T, ReadError> {
         loop {
             if let Some(frame) = self.buffered()? {
                 return Ok(frame);
@@ -67,8 +66,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// The next frame if it is already buffered, without reading.
-    pub fn buffered<T: DeserializeOwned>(&mut self) -> Result<Option<T>, DecodeError> {
+    /// The next frame if it is already buffered, without reading. A payload it carries is a
+    /// slice of this reader's buffer (see [`wire::decode`]).
+    pub fn buffered<T: Frame>(&mut self) -> Result<Option<T>, DecodeError> {
         wire::decode(&mut self.buf, self.max_frame)
     }
 

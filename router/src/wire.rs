@@ -146,33 +146,165 @@ pub fn router_preamble(nonce: &[u8; NONCE_LEN]) -> [u8; ROUTER_PREAMBLE_LEN] {
 
 /// Encodes a value as a bare body (no length prefix): what signatures cover.
 pub fn encode_body<T: Serialize>(value: &T) -> Vec<u8> {
-    encode(value)[LENGTH_PREFIX_LEN..].to_vec()
+    let mut out = Vec::with_capacity(encoded_len(value));
+    encode_with(value, &mut out);
+    out
 }
 
-/// Encodes one frame: length prefix plus body, ready to write.
+/// Encodes one frame: length prefix plus body, ready to write. The buffer is sized exactly
+/// first (bincode counts the body without writing it), so a frame is one allocation and one
+/// copy of its payload, and the `Bytes` made of it needs no second allocation.
 pub fn encode<T: Serialize>(frame: &T) -> Bytes {
-    let mut out = Vec::with_capacity(64);
-    out.extend_from_slice(&[0u8; LENGTH_PREFIX_LEN]);
-    // Frames are plain structs of integers, byte strings and enums, written into memory: the only
-    // failures bincode can report (writer errors, unsized sequences) cannot happen here.
-    bincode::serde::encode_into_std_write(frame, &mut out, config())
-        .expect("encoding a frame into memory cannot fail");
-    let body = (out.len() - LENGTH_PREFIX_LEN) as u32;
-    out[..LENGTH_PREFIX_LEN].copy_from_slice(&body.to_be_bytes());
+    let body = encoded_len(frame);
+    let mut out = Vec::with_capacity(LENGTH_PREFIX_LEN + body);
+    out.extend_from_slice(&frame_len(body).to_be_bytes());
+    encode_with(frame, &mut out);
+    debug_assert_eq!(out.len(), LENGTH_PREFIX_LEN + body);
     Bytes::from(out)
 }
 
 /// Appends one encoded frame to `out`; for callers that batch frames into one buffer.
 pub fn encode_into<T: Serialize>(frame: &T, out: &mut BytesMut) {
-    out.put_slice(&encode(frame));
+    let body = encoded_len(frame);
+    out.reserve(LENGTH_PREFIX_LEN + body);
+    out.put_u32(frame_len(body));
+    let mut w = VecLike(out);
+    // See `encode_with`: writing into memory cannot fail.
+    bincode::serde::encode_into_writer(frame, &mut w, config())
+        .expect("encoding a frame into memory cannot fail");
+}
+
+/// The frame of one stamped message, as `encode(&ServerFrame::Message(..))` makes it but written
+/// by hand: this runs for every message the router stamps, and it needs neither a clone of the
+/// message nor a counting pass.
+pub fn encode_message(m: &Message) -> Bytes {
+    let origin_len = match m.origin {
+        Origin::Replica(_) => 1 + 1 + 16,
+        Origin::Router => 1,
+    };
+    let payload = m.payload.len();
+    let body = 1
+        + varint_len(m.seq.0)
+        + varint_len(m.time.0)
+        + origin_len
+        + varint_len(m.client_seq)
+        + varint_len(payload as u64)
+        + payload;
+    let mut out = Vec::with_capacity(LENGTH_PREFIX_LEN + body);
+    out.extend_from_slice(&frame_len(body).to_be_bytes());
+    out.push(SERVER_MESSAGE);
+    put_varint(&mut out, m.seq.0);
+    put_varint(&mut out, m.time.0);
+    match m.origin {
+        Origin::Replica(r) => {
+            // Variant 0, then the id as a byte string of 16.
+            out.extend_from_slice(&[0, 16]);
+            out.extend_from_slice(r.0.as_bytes());
+        }
+        Origin::Router => out.push(1),
+    }
+    put_varint(&mut out, m.client_seq);
+    put_varint(&mut out, payload as u64);
+    out.extend_from_slice(&m.payload);
+    debug_assert_eq!(out.len(), LENGTH_PREFIX_LEN + body);
+    Bytes::from(out)
+}
+
+/// The frame of a tick, written by hand like [`encode_message`].
+pub fn encode_tick(time: RouterTime) -> Bytes {
+    let body = 1 + varint_len(time.0);
+    let mut out = Vec::with_capacity(LENGTH_PREFIX_LEN + body);
+    out.extend_from_slice(&frame_len(body).to_be_bytes());
+    out.push(SERVER_TICK);
+    put_varint(&mut out, time.0);
+    Bytes::from(out)
+}
+
+/// The body length as the prefix carries it. Frames are bounded far below 4 GiB by every
+/// caller (payload and chunk limits); a larger one is a bug, not a peer's doing.
+fn frame_len(body: usize) -> u32 {
+    u32::try_from(body).expect("a frame body fits a u32 length prefix")
+}
+
+/// Bytes bincode writes for `value`, counted without writing them.
+fn encoded_len<T: Serialize + ?Sized>(value: &T) -> usize {
+    let mut size = bincode::enc::write::SizeWriter::default();
+    // Frames are plain structs of integers, byte strings and enums, and counting writes
+    // nothing: the only failures bincode can report (writer errors, unsized sequences) cannot
+    // happen here.
+    bincode::serde::encode_into_writer(value, &mut size, config())
+        .expect("counting a frame's bytes cannot fail");
+    size.bytes_written
+}
+
+fn encode_with<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    let mut w = VecLike(out);
+    bincode::serde::encode_into_writer(value, &mut w, config())
+        .expect("encoding a frame into memory cannot fail");
+}
+
+/// A growable buffer as a bincode writer (bincode's own `std::io::Write` adapter adds a layer
+/// of error plumbing that memory never needs).
+struct VecLike<'a, B>(&'a mut B);
+
+impl bincode::enc::write::Writer for VecLike<'_, Vec<u8>> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+impl bincode::enc::write::Writer for VecLike<'_, BytesMut> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+}
+
+// Variant numbers of the frames encoded or decoded by hand; `hand_written_frames_match_serde`
+// checks them (and the layouts) against the derived encoding.
+const CLIENT_SEND: u8 = 1;
+const CLIENT_SNAPSHOT_CHUNK: u8 = 2;
+const SERVER_MESSAGE: u8 = 2;
+const SERVER_TICK: u8 = 3;
+const SERVER_SNAPSHOT_DATA: u8 = 6;
+
+/// Bytes of bincode's variable-length integer for `v`.
+fn varint_len(v: u64) -> usize {
+    match v {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => 9,
+    }
+}
+
+/// Appends bincode's variable-length integer (standard configuration, little-endian).
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    match varint_len(v) {
+        1 => out.push(v as u8),
+        3 => {
+            out.push(251);
+            out.extend_from_slice(&(v as u16).to_le_bytes());
+        }
+        5 => {
+            out.push(252);
+            out.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+        _ => {
+            out.push(253);
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
 }
 
 /// Takes one complete frame off the front of `buf`. `Ok(None)` means more bytes are needed; the
 /// length prefix is checked against `max_len` before the body is waited for or allocated.
-pub fn decode<T: DeserializeOwned>(
-    buf: &mut BytesMut,
-    max_len: usize,
-) -> Result<Option<T>, DecodeError> {
+///
+/// The body is split off `buf` without a copy, and the payload of a [`ClientFrame::Send`],
+/// [`ClientFrame::SnapshotChunk`], [`ServerFrame::Message`] or [`ServerFrame::SnapshotData`]
+/// stays a slice of it (see [`Frame`]).
+pub fn decode<T: Frame>(buf: &mut BytesMut, max_len: usize) -> Result<Option<T>, DecodeError> {
     if buf.len() < LENGTH_PREFIX_LEN {
         return Ok(None);
     }
@@ -186,14 +318,19 @@ pub fn decode<T: DeserializeOwned>(
         return Ok(None);
     }
     buf.advance(LENGTH_PREFIX_LEN);
-    let body = buf.split_to(len);
-    decode_body(&body).map(Some)
+    let body = buf.split_to(len).freeze();
+    T::from_body(body).map(Some)
 }
 
-/// Decodes one frame body (without its length prefix).
+/// Decodes one frame body (without its length prefix). Byte strings are copied out of `body`;
+/// [`decode`] keeps the payloads of the frames that carry them as slices of the read buffer.
 pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
     // Borrowed decoding reads byte strings straight from the body, so a forged length inside
     // the body fails on "not enough bytes" instead of allocating what it claims.
+    decode_borrowed(body)
+}
+
+fn decode_borrowed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeError> {
     let (frame, used) = bincode::serde::borrow_decode_from_slice::<T, _>(body, config())
         .map_err(DecodeError::Malformed)?;
     if used != body.len() {
@@ -202,6 +339,115 @@ pub fn decode_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, DecodeError> {
         });
     }
     Ok(frame)
+}
+
+/// A frame [`decode`] can take off a read buffer: its whole body arrives as `Bytes` split off
+/// that buffer, so a frame that carries a payload can keep it as a slice (refcounted, no copy)
+/// rather than copying it out as serde would.
+///
+/// A slice keeps its whole read buffer (up to 64 KiB) alive: what is kept for long, or counted
+/// against a memory bound by its length, should be copied out (`Bytes::copy_from_slice`). The
+/// router copies a payload into its message frame as it stamps it, so only frames in flight
+/// hold read buffers.
+pub trait Frame: Sized {
+    /// Decodes one whole frame body. Bad bytes are an error, never a panic.
+    fn from_body(body: Bytes) -> Result<Self, DecodeError>;
+}
+
+/// The fields of `ClientFrame::Send` with the payload borrowed from the body.
+#[derive(Deserialize)]
+struct SendRef<'a> {
+    client_seq: u64,
+    #[serde(borrow)]
+    payload: &'a [u8],
+}
+
+/// The fields of `ClientFrame::SnapshotChunk` with the data borrowed from the body.
+#[derive(Deserialize)]
+struct SnapshotChunkRef<'a> {
+    request: u64,
+    at: Seq,
+    offset: u64,
+    total: u64,
+    #[serde(borrow)]
+    data: &'a [u8],
+}
+
+/// The fields of [`Message`] with the payload borrowed from the body.
+#[derive(Deserialize)]
+struct MessageRef<'a> {
+    seq: Seq,
+    time: RouterTime,
+    origin: Origin,
+    client_seq: u64,
+    #[serde(borrow)]
+    payload: &'a [u8],
+}
+
+impl MessageRef<'_> {
+    fn owned(self, body: &Bytes) -> Message {
+        Message {
+            seq: self.seq,
+            time: self.time,
+            origin: self.origin,
+            client_seq: self.client_seq,
+            payload: body.slice_ref(self.payload),
+        }
+    }
+}
+
+// The payload-carrying variants are told by their first byte: bincode writes a variant number
+// below 251 as that one byte. Any other body (a number written long-hand included) takes the
+// derived decoding, which refuses what it must.
+impl Frame for ClientFrame {
+    fn from_body(body: Bytes) -> Result<Self, DecodeError> {
+        match body.first() {
+            Some(&CLIENT_SEND) => {
+                let f: SendRef = decode_borrowed(&body[1..])?;
+                Ok(ClientFrame::Send {
+                    client_seq: f.client_seq,
+                    payload: body.slice_ref(f.payload),
+                })
+            }
+            Some(&CLIENT_SNAPSHOT_CHUNK) => {
+                let f: SnapshotChunkRef = decode_borrowed(&body[1..])?;
+                Ok(ClientFrame::SnapshotChunk {
+                    request: f.request,
+                    at: f.at,
+                    offset: f.offset,
+                    total: f.total,
+                    data: body.slice_ref(f.data),
+                })
+            }
+            _ => decode_body(&body),
+        }
+    }
+}
+
+impl Frame for ServerFrame {
+    fn from_body(body: Bytes) -> Result<Self, DecodeError> {
+        match body.first() {
+            Some(&SERVER_MESSAGE) => {
+                let m: MessageRef = decode_borrowed(&body[1..])?;
+                Ok(ServerFrame::Message(m.owned(&body)))
+            }
+            Some(&SERVER_SNAPSHOT_DATA) => {
+                let data: &[u8] = decode_borrowed(&body[1..])?;
+                Ok(ServerFrame::SnapshotData {
+                    data: body.slice_ref(data),
+                })
+            }
+            _ => decode_body(&body),
+        }
+    }
+}
+
+/// A bare [`Message`] (as some replicas keep their log in a snapshot), payload sliced too.
+impl Frame for Message {
+    fn from_body(body: Bytes) -> Result<Self, DecodeError> {
+        let m: MessageRef = decode_borrowed(&body)?;
+        Ok(m.owned(&body))
+    }
 }
 
 /// What a connection may do in a session; proven by the key that signs its hello.
@@ -920,6 +1166,143 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn forged_inner_lengths_fail_cleanly_on_every_sliced_frame() {
+        // A byte string claiming far more than the body holds, in each frame decoded by hand.
+        let huge = {
+            let mut v = vec![253u8];
+            v.extend_from_slice(&(1u64 << 60).to_le_bytes());
+            v
+        };
+        let chunk: Vec<u8> = [&[2u8, 1, 2, 0, 9][..], &huge, b"abc"].concat();
+        let data: Vec<u8> = [&[6u8][..], &huge, b"abc"].concat();
+        let message: Vec<u8> = [&[2u8, 1, 2, 1, 0][..], &huge, b"abc"].concat();
+        // Lengths just one past what is there, and a body cut inside the fixed fields.
+        let short: Vec<u8> = vec![1, 5, 4, b'a', b'b', b'c'];
+        let cut: Vec<u8> = vec![2, 253, 1];
+        for (body, server) in [
+            (chunk, false),
+            (short, false),
+            (cut, false),
+            (data, true),
+            (message, true),
+        ] {
+            let mut framed = BytesMut::new();
+            framed.put_u32(body.len() as u32);
+            framed.put_slice(&body);
+            let r = if server {
+                decode::<ServerFrame>(&mut framed, DEFAULT_MAX_FRAME_BYTES).map(|_| ())
+            } else {
+                decode::<ClientFrame>(&mut framed, DEFAULT_MAX_FRAME_BYTES).map(|_| ())
+            };
+            assert!(
+                matches!(r, Err(DecodeError::Malformed(_))),
+                "{body:?}: {r:?}"
+            );
+        }
+        // Trailing bytes after a sliced payload are refused as after any other frame.
+        let mut body = encode(&ClientFrame::Send {
+            client_seq: 1,
+            payload: Bytes::from_static(b"xy"),
+        })[4..]
+            .to_vec();
+        body.push(0);
+        assert!(matches!(
+            ClientFrame::from_body(Bytes::from(body)),
+            Err(DecodeError::TrailingBytes { extra: 1 })
+        ));
+    }
+
+    #[test]
+    fn payloads_are_slices_of_the_read_buffer_not_copies() {
+        let mut bytes = BytesMut::new();
+        encode_into(
+            &ClientFrame::Send {
+                client_seq: 3,
+                payload: Bytes::from(vec![5u8; 1000]),
+            },
+            &mut bytes,
+        );
+        encode_into(
+            &ClientFrame::SnapshotChunk {
+                request: 1,
+                at: Seq(2),
+                offset: 0,
+                total: 300,
+                data: Bytes::from(vec![6u8; 300]),
+            },
+            &mut bytes,
+        );
+        let message = Message {
+            seq: Seq(70_000),
+            time: RouterTime(1 << 40),
+            origin: Origin::Replica(ReplicaId(Uuid::from_u128(77))),
+            client_seq: 300,
+            payload: Bytes::from(vec![8u8; 500]),
+        };
+        bytes.put_slice(&encode_message(&message));
+        bytes.put_slice(&encode(&ServerFrame::SnapshotData {
+            data: Bytes::from(vec![9u8; 200]),
+        }));
+        let mut buf = bytes;
+        // Decoding splits `buf` and never moves it: every payload must point into this memory.
+        let read_buffer = buf.as_ptr() as usize..buf.as_ptr() as usize + buf.len();
+        let Ok(Some(ClientFrame::Send { payload, .. })) =
+            decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES)
+        else {
+            panic!("a send")
+        };
+        assert_eq!(payload.len(), 1000);
+        let Ok(Some(ClientFrame::SnapshotChunk { data, .. })) =
+            decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES)
+        else {
+            panic!("a chunk")
+        };
+        assert_eq!(data.len(), 300);
+        let Ok(Some(ServerFrame::Message(m))) =
+            decode::<ServerFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES)
+        else {
+            panic!("a message")
+        };
+        assert_eq!(m, message);
+        let Ok(Some(ServerFrame::SnapshotData { data: piece })) =
+            decode::<ServerFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES)
+        else {
+            panic!("snapshot data")
+        };
+        assert_eq!(&piece[..], &[9u8; 200][..]);
+        for p in [&payload, &data, &m.payload, &piece] {
+            let start = p.as_ptr() as usize;
+            assert!(
+                read_buffer.contains(&start) && read_buffer.contains(&(start + p.len() - 1)),
+                "a payload was copied out of the read buffer"
+            );
+        }
+    }
+
+    #[test]
+    fn exact_size_encoding_allocates_what_it_writes() {
+        let frames = [
+            ServerFrame::Tick {
+                time: RouterTime(u64::MAX),
+            },
+            ServerFrame::SnapshotData {
+                data: Bytes::from(vec![1u8; 70_000]),
+            },
+            ServerFrame::Goodbye {
+                code: Code::BUSY,
+                reason: "r".repeat(300),
+            },
+        ];
+        for f in &frames {
+            let v = encode_body(f);
+            assert_eq!(v.len(), v.capacity());
+            let b = encode(f);
+            assert_eq!(b.len(), LENGTH_PREFIX_LEN + v.len());
+            assert_eq!(&b[4..], &v[..]);
+        }
+    }
+
     fn arb_bytes() -> impl Strategy<Value = Bytes> {
         proptest::collection::vec(any::<u8>(), 0..64).prop_map(Bytes::from)
     }
@@ -1029,6 +1412,58 @@ mod tests {
         }
 
         #[test]
+        fn hand_written_frames_match_serde(
+            seq in any::<u64>(),
+            time in any::<u64>(),
+            replica in proptest::option::of(any::<u128>()),
+            client_seq in any::<u64>(),
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            shift in 0u32..64,
+        ) {
+            // Varints of every width: shifting spreads the values over 1..=9 bytes.
+            let (seq, time, client_seq) = (seq >> shift, time >> (63 - shift), client_seq >> shift);
+            let message = Message {
+                seq: Seq(seq),
+                time: RouterTime(time),
+                origin: replica.map_or(Origin::Router, |r| Origin::Replica(ReplicaId(Uuid::from_u128(r)))),
+                client_seq,
+                payload: Bytes::from(payload),
+            };
+            let by_hand = encode_message(&message);
+            let derived = encode(&ServerFrame::Message(message.clone()));
+            prop_assert_eq!(&by_hand[..], &derived[..]);
+            let mut buf = BytesMut::from(&by_hand[..]);
+            let back = decode::<ServerFrame>(&mut buf, usize::MAX).expect("valid").expect("whole");
+            prop_assert_eq!(back, ServerFrame::Message(message.clone()));
+            let bare = encode(&message);
+            let mut buf = BytesMut::from(&bare[..]);
+            prop_assert_eq!(decode::<Message>(&mut buf, usize::MAX).expect("valid"), Some(message));
+            let tick = encode_tick(RouterTime(time));
+            prop_assert_eq!(&tick[..], &encode(&ServerFrame::Tick { time: RouterTime(time) })[..]);
+        }
+
+        #[test]
+        fn server_frames_round_trip(
+            data in arb_bytes(),
+            reason in ".{0,40}",
+            nonce in any::<u64>(),
+        ) {
+            for frame in [
+                ServerFrame::SnapshotData { data: data.clone() },
+                ServerFrame::Goodbye { code: Code(1003), reason: reason.clone() },
+                ServerFrame::Pong { nonce },
+                ServerFrame::Tick { time: RouterTime(nonce) },
+            ] {
+                let bytes = encode(&frame);
+                let mut buf = BytesMut::from(&bytes[..]);
+                let back: ServerFrame = decode(&mut buf, DEFAULT_MAX_FRAME_BYTES)
+                    .expect("valid").expect("complete");
+                prop_assert_eq!(back, frame);
+                prop_assert!(buf.is_empty());
+            }
+        }
+
+        #[test]
         fn flipped_or_truncated_bytes_never_panic(
             frame in arb_client_frame(),
             flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
@@ -1043,6 +1478,8 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..keep]);
             let _ = decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES);
             let _ = decode_body::<ServerFrame>(&bytes[4.min(bytes.len())..]);
+            let mut buf = BytesMut::from(&bytes[..keep]);
+            let _ = decode::<ServerFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES);
         }
 
         #[test]
@@ -1050,6 +1487,10 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             while let Ok(Some(_)) = decode::<ClientFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES) {}
             let _ = decode_body::<ServerFrame>(&bytes);
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode::<ServerFrame>(&mut buf, DEFAULT_MAX_FRAME_BYTES) {}
+            let mut buf = BytesMut::from(&bytes[..]);
+            while let Ok(Some(_)) = decode::<Message>(&mut buf, DEFAULT_MAX_FRAME_BYTES) {}
         }
     }
 }

@@ -15,9 +15,9 @@
 use bytes::{Bytes, BytesMut};
 use isthmus_dispatcher::DispatcherConfig;
 use isthmus_router::auth::{self, Capability};
-use isthmus_router::ids::{ConnId, ReplicaId};
+use isthmus_router::ids::{ConnId, ReplicaId, RouterTime, Seq};
 use isthmus_router::session::{JoinRequest, Output, Session, SessionConfig};
-use isthmus_router::wire::{self, ClientFrame, Role};
+use isthmus_router::wire::{self, ClientFrame, Message, Origin, Role, ServerFrame};
 use isthmus_tests::{exchange_preambles, keys_of, start_router, HelloOpts, WireReplica};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -82,6 +82,71 @@ fn core_bench(members: usize, payload: usize, messages: u64) -> (f64, f64) {
     }
     let secs = start.elapsed().as_secs_f64();
     (messages as f64 / secs, delivered as f64 / secs)
+}
+
+/// Per second: `Send` frames taken off a read buffer by the reader's path (`wire::decode`), the
+/// same frames decoded by serde alone (`wire::decode_body`, which copies each payload out), and
+/// message frames encoded (`wire::encode`). Each round copies a read's worth of frames into a
+/// fresh buffer first, as a socket read does, in both decode columns.
+fn codec_bench(payload: usize, frames: usize) -> (f64, f64, f64) {
+    let one = wire::encode(&ClientFrame::Send {
+        client_seq: 1_000_000,
+        payload: Bytes::from(vec![7u8; payload]),
+    });
+    let per_read = (64 * 1024 / one.len()).clamp(1, 64);
+    let block: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * per_read)
+        .collect();
+    let rounds = (frames / per_read).max(1);
+    let done = (rounds * per_read) as f64;
+    let mut seen = 0usize;
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let mut buf = BytesMut::from(&block[..]);
+        while let Ok(Some(ClientFrame::Send { payload, .. })) =
+            wire::decode::<ClientFrame>(&mut buf, usize::MAX)
+        {
+            seen += payload.len();
+        }
+    }
+    let reader = done / start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    for _ in 0..rounds {
+        let buf = BytesMut::from(&block[..]);
+        let mut at = 0;
+        while at + 4 <= buf.len() {
+            let len = u32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]) as usize;
+            if let Ok(ClientFrame::Send { payload, .. }) =
+                wire::decode_body::<ClientFrame>(&buf[at + 4..at + 4 + len])
+            {
+                seen += payload.len();
+            }
+            at += 4 + len;
+        }
+    }
+    let serde = done / start.elapsed().as_secs_f64();
+    assert_eq!(seen, 2 * rounds * per_read * payload, "every frame decoded");
+    let message = Message {
+        seq: Seq(1),
+        time: RouterTime(123_456),
+        origin: Origin::Replica(ReplicaId::random()),
+        client_seq: 1_000,
+        payload: Bytes::from(vec![7u8; payload]),
+    };
+    let start = Instant::now();
+    for k in 0..frames as u64 {
+        let frame = wire::encode(&ServerFrame::Message(Message {
+            seq: Seq(k),
+            ..message.clone()
+        }));
+        seen += std::hint::black_box(frame).len();
+    }
+    let encode = frames as f64 / start.elapsed().as_secs_f64();
+    std::hint::black_box(seen);
+    (reader, serde, encode)
 }
 
 /// A replica on a raw socket that counts message frames (variant 2) as they arrive.
@@ -489,14 +554,32 @@ fn main() {
     }
     println!("| bench | replicas | payload B | messages | msgs/s | deliveries/s |");
     println!("|---|---|---|---|---|---|");
-    for (members, payload) in [(4, 64), (16, 64), (64, 64), (16, 1024)] {
-        let messages = 200_000 / scale;
+    for (members, payload) in [(4, 64), (16, 64), (64, 64), (16, 1024), (4, 16384)] {
+        // The large-payload row stamps fewer messages: it measures copies, not the count.
+        let messages = if payload > 1024 { 50_000 } else { 200_000 } / scale;
         let (m, d) = core_bench(members, payload, messages);
         println!(
             "| core | {members} | {payload} | {messages} | {} | {} |",
             human(m),
             human(d)
         );
+    }
+    println!();
+    println!("| codec | payload B | frames | decoded/s (reader's path) | decoded/s (serde, copies) | message frames encoded/s |");
+    println!("|---|---|---|---|---|---|");
+    for payload in [64, 1024, 16384] {
+        let frames = if payload > 1024 { 100_000 } else { 1_000_000 } / scale;
+        let (reader, serde, encode) = codec_bench(payload, frames as usize);
+        println!(
+            "| codec | {payload} | {frames} | {} | {} | {} |",
+            human(reader),
+            human(serde),
+            human(encode)
+        );
+    }
+    if std::env::args().any(|a| a == "--core") {
+        // Only the core rows: the encoding and the core's bookkeeping, without sockets.
+        return;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
