@@ -38,6 +38,13 @@
 //! own history from the front, and failing that delivers the message live without keeping it
 //! (joiners then need a snapshot). An upload that does not fit is abandoned and the joiners
 //! waiting for it are told [`Code::BUSY`] unless a stored snapshot or a fresh start serves them.
+//!
+//! Late join: a provider's upload is relayed as it arrives. Its first piece starts every waiting
+//! joiner with `SyncBegin`; each piece is encoded once into `SnapshotData` frames of at most
+//! [`SessionConfig::snapshot_chunk_bytes`] (and a quarter of the outbound bound) that every
+//! joiner shares and that become the stored snapshot when the upload completes. Joiners of an
+//! upload that is lost get a new `SyncBegin` (a replica starts its sync over on it) or a
+//! retryable close; see docs/protocol.md, "Late join".
 
 use crate::auth::{self, IslandKeys, Signature, NONCE_LEN};
 use crate::budget::MemoryBudget;
