@@ -1850,4 +1850,37 @@ mod tests {
         );
         assert!(!r.was_welcomed());
     }
+
+    /// The router restarts a joiner's sync with a new `SyncBegin` when the upload it was
+    /// streaming is lost (docs/protocol.md): the partial snapshot must go, whole.
+    #[test]
+    fn a_second_sync_begin_drops_the_partial_snapshot_and_starts_over() {
+        let mut b = live(cfg(None));
+        b.handle_frame(msg(1)).expect("m1");
+        let first = snapshot_of(&mut b, 1);
+        b.handle_frame(msg(2)).expect("m2");
+        let second = snapshot_of(&mut b, 2);
+        assert!(first.len() > 2);
+        // Half of the first snapshot, then another provider's snapshot from the start.
+        let mut j = from_snapshot(cfg(None), 1, &first[..first.len() / 2]);
+        j.handle_frame(ServerFrame::SyncBegin {
+            at: Seq(2),
+            snapshot_len: Some(second.len() as u64),
+        })
+        .expect("a new sync");
+        j.handle_frame(ServerFrame::SnapshotData {
+            data: Bytes::from(second),
+        })
+        .expect("data");
+        synced(&mut j, 2);
+        assert_eq!(j.last_seq(), Seq(2));
+        assert_eq!(j.island().digest(), b.island().digest());
+        // And a restart from the initial state replays the order instead.
+        let mut k = from_snapshot(cfg(None), 1, &first[..1]);
+        start_fresh(&mut k);
+        k.handle_frame(msg(1)).expect("m1");
+        k.handle_frame(msg(2)).expect("m2");
+        synced(&mut k, 2);
+        assert_eq!(k.island().digest(), b.island().digest());
+    }
 }

@@ -38,6 +38,13 @@
 //! own history from the front, and failing that delivers the message live without keeping it
 //! (joiners then need a snapshot). An upload that does not fit is abandoned and the joiners
 //! waiting for it are told [`Code::BUSY`] unless a stored snapshot or a fresh start serves them.
+//!
+//! Late join: a provider's upload is relayed as it arrives. Its first piece starts every waiting
+//! joiner with `SyncBegin`; each piece is encoded once into `SnapshotData` frames of at most
+//! [`SessionConfig::snapshot_chunk_bytes`] (and a quarter of the outbound bound) that every
+//! joiner shares and that become the stored snapshot when the upload completes. Joiners of an
+//! upload that is lost get a new `SyncBegin` (a replica starts its sync over on it) or a
+//! retryable close; see docs/protocol.md, "Late join".
 
 use crate::auth::{self, IslandKeys, Signature, NONCE_LEN};
 use crate::budget::MemoryBudget;
@@ -46,7 +53,7 @@ use crate::wire::{
     self, AdminCommand, Code, CreateOptions, DigestGroup, Divergence, Message, Origin, Role,
     RouterEvent, ServerFrame, Welcome, MAX_DIGEST_BYTES,
 };
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -225,6 +232,14 @@ impl SessionConfig {
     fn pacing_bytes(&self) -> usize {
         self.max_outbound_bytes / 2
     }
+
+    /// The largest piece of snapshot in one relayed `SnapshotData` frame: a piece must fit well
+    /// inside the pacing window or it would trip the slow-consumer bound by itself.
+    fn relay_piece_bytes(&self) -> usize {
+        self.snapshot_chunk_bytes
+            .min(self.pacing_bytes() / 2)
+            .max(1)
+    }
 }
 
 /// A replica asking to attach, as the dispatcher hands it over after checking the token.
@@ -355,28 +370,47 @@ pub enum Notice {
     },
 }
 
+/// A stored snapshot, kept as the `SnapshotData` frames joiners are sent: each piece was encoded
+/// once, and every joiner gets the same `Bytes`.
 #[derive(Clone, Debug)]
 struct Snapshot {
+    /// Taken right after this seq.
     at: u64,
-    data: Bytes,
+    /// The snapshot's own size (what `SyncBegin` announces).
+    len: u64,
+    /// The encoded frames, in order.
+    frames: Arc<[Bytes]>,
+    /// Bytes of the frames: what the memory budget holds for this snapshot.
+    kept: usize,
 }
 
+/// A snapshot being uploaded by a provider. Its pieces are relayed to joiners as they arrive
+/// and kept, already encoded, to become the stored [`Snapshot`] when the upload completes.
 #[derive(Debug)]
 struct PendingSnapshot {
     request: u64,
     provider: ConnId,
     at: u64,
     asked_at: Instant,
+    /// The announced size, known from the first piece on.
     total: Option<u64>,
-    buf: BytesMut,
+    /// Snapshot bytes received so far.
+    received: u64,
+    /// `SnapshotData` frames of what was received, each encoded once.
+    frames: Vec<Bytes>,
+    /// Bytes of `frames`, reserved in the memory budget.
+    kept: usize,
 }
 
 #[derive(Clone, Debug)]
 enum SyncState {
-    /// Waits for the pending snapshot.
+    /// Waits for the first piece of the pending upload (or for one to be asked for).
     AwaitingSnapshot,
-    /// Being sent a snapshot, `offset` bytes so far.
-    SendingSnapshot { snap: Snapshot, offset: usize },
+    /// Got `SyncBegin` for the pending upload and is fed its frames as they arrive, `next` the
+    /// index of the next frame to send.
+    Streaming { next: usize },
+    /// Being sent a stored snapshot, frames `next..` still to go.
+    SendingSnapshot { snap: Snapshot, next: usize },
     /// Being sent history entries from `next` on.
     Backlog { next: u64 },
     /// Gets every new message as it is stamped.
@@ -988,8 +1022,7 @@ impl Session {
             .as_ref()
             .is_some_and(|p| now >= p.asked_at + self.cfg.snapshot_timeout)
         {
-            self.drop_pending();
-            self.renew_snapshot_request(now);
+            self.abandon_upload(now);
         }
         self.reap(now);
     }
@@ -1022,7 +1055,9 @@ impl Session {
                 self.history_first
             ));
         }
-        if !self.cfg.budget.try_reserve(data.len()) {
+        let frames = snapshot_frames(&data, self.cfg.relay_piece_bytes());
+        let kept = frames.iter().map(Bytes::len).sum();
+        if !self.cfg.budget.try_reserve(kept) {
             return Err(BUDGET_EXHAUSTED.into());
         }
         self.out.push_back(Output::Notice(Notice::SnapshotStored {
@@ -1031,7 +1066,12 @@ impl Session {
             // The client uploaded it elsewhere (the file store); the core did not wait.
             took: Duration::ZERO,
         }));
-        self.set_snapshot(Some(Snapshot { at, data }));
+        self.set_snapshot(Some(Snapshot {
+            at,
+            len: data.len() as u64,
+            frames: frames.into(),
+            kept,
+        }));
         self.wanted_at = None;
         self.cut_history(at + 1);
         self.reap(now);
@@ -1132,13 +1172,18 @@ impl Session {
             Plan::Resume(next) => SyncState::Backlog { next },
             Plan::Fresh => self.begin_fresh(conn),
             Plan::Stored(snap) => self.begin_snapshot_send(conn, snap),
-            Plan::AwaitSnapshot => {
-                if self.pending.is_none() && !self.request_snapshot(now) {
-                    // has_provider said yes a moment ago, so this cannot happen; be safe anyway.
-                    self.doom(conn, Code::NO_SNAPSHOT, "no snapshot provider", false);
+            Plan::AwaitSnapshot => match &self.pending {
+                // An upload under way: join its stream from the first piece.
+                Some(p) if p.total.is_some() => self.begin_stream(conn),
+                Some(_) => SyncState::AwaitingSnapshot,
+                None => {
+                    if !self.request_snapshot(now) {
+                        // has_provider said yes a moment ago, so this cannot happen; be safe.
+                        self.doom(conn, Code::NO_SNAPSHOT, "no snapshot provider", false);
+                    }
+                    SyncState::AwaitingSnapshot
                 }
-                SyncState::AwaitingSnapshot
-            }
+            },
         };
         if let Some(m) = self.members.get_mut(&conn) {
             m.state = state;
@@ -1150,10 +1195,25 @@ impl Session {
             conn,
             wire::encode(&ServerFrame::SyncBegin {
                 at: Seq(snap.at),
-                snapshot_len: Some(snap.data.len() as u64),
+                snapshot_len: Some(snap.len),
             }),
         );
-        SyncState::SendingSnapshot { snap, offset: 0 }
+        SyncState::SendingSnapshot { snap, next: 0 }
+    }
+
+    /// Starts a joiner on the upload under way, whose size is known (its first piece came).
+    fn begin_stream(&mut self, conn: ConnId) -> SyncState {
+        let Some((at, total)) = self.pending.as_ref().and_then(|p| Some((p.at, p.total?))) else {
+            return SyncState::AwaitingSnapshot;
+        };
+        self.send_to(
+            conn,
+            wire::encode(&ServerFrame::SyncBegin {
+                at: Seq(at),
+                snapshot_len: Some(total),
+            }),
+        );
+        SyncState::Streaming { next: 0 }
     }
 
     /// Starts a replica from the initial state and replays the whole order.
@@ -1192,9 +1252,6 @@ impl Session {
     /// Feeds a syncing replica as much snapshot and backlog as its queue allows.
     fn pump(&mut self, conn: ConnId) {
         let pacing = self.cfg.pacing_bytes();
-        // A piece must fit well inside the pacing window or it would trip the slow-consumer
-        // bound by itself.
-        let chunk = self.cfg.snapshot_chunk_bytes.min(pacing / 2).max(1);
         loop {
             let Some(m) = self.members.get_mut(&conn) else {
                 return;
@@ -1204,18 +1261,26 @@ impl Session {
             }
             let frame = match &mut m.state {
                 SyncState::AwaitingSnapshot | SyncState::Live | SyncState::Control => return,
-                SyncState::SendingSnapshot { snap, offset } => {
-                    let end = (*offset + chunk).min(snap.data.len());
-                    let data = snap.data.slice(*offset..end);
-                    *offset = end;
-                    if end == snap.data.len() {
-                        m.state = SyncState::Backlog { next: snap.at + 1 };
+                SyncState::Streaming { next } => {
+                    // The rest comes as the provider uploads it (`on_snapshot_chunk` pumps).
+                    match self.pending.as_ref().and_then(|p| p.frames.get(*next)) {
+                        Some(frame) => {
+                            *next += 1;
+                            frame.clone()
+                        }
+                        None => return,
                     }
-                    if data.is_empty() {
+                }
+                SyncState::SendingSnapshot { snap, next } => match snap.frames.get(*next) {
+                    Some(frame) => {
+                        *next += 1;
+                        frame.clone()
+                    }
+                    None => {
+                        m.state = SyncState::Backlog { next: snap.at + 1 };
                         continue;
                     }
-                    wire::encode(&ServerFrame::SnapshotData { data })
-                }
+                },
                 SyncState::Backlog { next } => {
                     if *next > self.last_seq {
                         m.state = SyncState::Live;
@@ -1399,14 +1464,14 @@ impl Session {
             .as_ref()
             .is_some_and(|p| p.at + 1 < self.history_first)
         {
-            self.drop_pending();
-            self.renew_snapshot_request(now);
+            self.abandon_upload(now);
         }
         let first = self.history_first;
         for m in self.members.values_mut() {
             let needs = match &m.state {
                 SyncState::Backlog { next } => *next,
                 SyncState::SendingSnapshot { snap, .. } => snap.at + 1,
+                // A streamed upload is abandoned as a whole, above.
                 _ => continue,
             };
             if needs < first && m.doomed.is_none() {
@@ -1436,15 +1501,29 @@ impl Session {
     /// Replaces the stored snapshot; a new one's bytes are already reserved (as the upload).
     fn set_snapshot(&mut self, snap: Option<Snapshot>) {
         if let Some(old) = std::mem::replace(&mut self.snapshot, snap) {
-            self.cfg.budget.release(old.data.len());
+            self.cfg.budget.release(old.kept);
         }
     }
 
-    /// Forgets the snapshot being uploaded, if any.
+    /// Forgets the snapshot being uploaded, if any. Joiners that were streaming it wait for the
+    /// next snapshot again: they get a new `SyncBegin`, which starts their sync over (a replica
+    /// drops a partial snapshot when a `SyncBegin` comes), or are closed with a retryable code.
     fn drop_pending(&mut self) {
         if let Some(p) = self.pending.take() {
-            self.cfg.budget.release(p.buf.len());
+            self.cfg.budget.release(p.kept);
+            for m in self.members.values_mut() {
+                if matches!(m.state, SyncState::Streaming { .. }) {
+                    m.state = SyncState::AwaitingSnapshot;
+                }
+            }
         }
+    }
+
+    /// The upload under way is lost (its provider left, timed out or broke the protocol, or it
+    /// became too old): ask another provider, or serve its joiners another way.
+    fn abandon_upload(&mut self, now: Instant) {
+        self.drop_pending();
+        self.renew_snapshot_request(now);
     }
 
     /// Gives back everything this session keeps.
@@ -1491,7 +1570,9 @@ impl Session {
             at,
             asked_at: now,
             total: None,
-            buf: BytesMut::new(),
+            received: 0,
+            frames: Vec::new(),
+            kept: 0,
         });
         true
     }
@@ -1548,33 +1629,24 @@ impl Session {
         now: Instant,
     ) {
         let max = self.cfg.max_snapshot_bytes as u64;
-        let Some(p) = self.pending.as_mut() else {
+        let Some(p) = self.pending.as_ref() else {
             return; // a late piece of a request that was given up on
         };
         if p.request != request || p.provider != conn {
             return;
         }
-        if p.at != at {
-            self.drop_pending();
-            self.doom(
-                conn,
-                Code::PROTOCOL_VIOLATION,
-                "snapshot piece for the wrong seq",
-                false,
-            );
-            self.renew_snapshot_request(now);
-            return;
-        }
-        let problem = if total > max {
+        let problem = if p.at != at {
+            Some("snapshot piece for the wrong seq".to_string())
+        } else if total > max {
             Some(format!(
                 "snapshot of {total} bytes exceeds the limit of {max}"
             ))
         } else if p.total.is_some_and(|t| t != total) {
             Some("snapshot size changed between pieces".to_string())
-        } else if offset != p.buf.len() as u64 {
+        } else if offset != p.received {
             Some(format!(
                 "snapshot piece at offset {offset}, expected {}",
-                p.buf.len()
+                p.received
             ))
         } else if offset + data.len() as u64 > total {
             Some("snapshot piece runs past the announced size".to_string())
@@ -1582,48 +1654,89 @@ impl Session {
             None
         };
         if let Some(reason) = problem {
-            self.drop_pending();
             self.doom(conn, Code::PROTOCOL_VIOLATION, reason, false);
-            self.renew_snapshot_request(now);
+            self.abandon_upload(now);
             return;
         }
-        if !self.cfg.budget.try_reserve(data.len()) {
+        // Each piece is encoded once, split to the relay size, and shared by every joiner now
+        // and later; what is kept is reserved first.
+        let frames = snapshot_frames(&data, self.cfg.relay_piece_bytes());
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        if !self.cfg.budget.try_reserve(bytes) {
             // The upload does not fit the router's memory: abandon it (later pieces are ignored
-            // by request id) and serve the joiners another way if there is one.
+            // by request id) and serve its joiners, streaming ones included, another way.
             self.drop_pending();
             let waiting = self.awaiting_snapshot();
             self.serve_waiting(waiting, Code::BUSY, BUDGET_EXHAUSTED);
             return;
         }
-        p.total = Some(total);
-        p.buf.extend_from_slice(&data);
-        if (p.buf.len() as u64) < total {
+        let Some(p) = self.pending.as_mut() else {
             return;
+        };
+        let first = p.total.is_none();
+        p.total = Some(total);
+        p.received += data.len() as u64;
+        p.kept += bytes;
+        p.frames.extend(frames);
+        let complete = p.received == total;
+        if first {
+            // Joiners waiting for this upload start on it now, from its first piece.
+            for conn in self.awaiting_snapshot() {
+                let state = self.begin_stream(conn);
+                if let Some(m) = self.members.get_mut(&conn) {
+                    m.state = state;
+                }
+            }
         }
+        if complete {
+            self.store_upload(now);
+        }
+        for conn in self.syncing_from_snapshot() {
+            self.pump(conn);
+        }
+    }
+
+    /// The upload under way is complete: it becomes the stored snapshot, and its joiners go on
+    /// from the same frame of it.
+    fn store_upload(&mut self, now: Instant) {
         let Some(p) = self.pending.take() else {
             return;
         };
         let snap = Snapshot {
             at: p.at,
-            data: p.buf.freeze(),
+            len: p.received,
+            frames: p.frames.into(),
+            kept: p.kept,
         };
         self.out.push_back(Output::Notice(Notice::SnapshotStored {
             at: Seq(snap.at),
-            bytes: snap.data.len(),
+            bytes: snap.len as usize,
             took: now.saturating_duration_since(p.asked_at),
         }));
         self.set_snapshot(Some(snap.clone()));
-        let waiting = self.awaiting_snapshot();
-        for conn in &waiting {
-            let state = self.begin_snapshot_send(*conn, snap.clone());
-            if let Some(m) = self.members.get_mut(conn) {
-                m.state = state;
+        for m in self.members.values_mut() {
+            if let SyncState::Streaming { next } = m.state {
+                m.state = SyncState::SendingSnapshot {
+                    snap: snap.clone(),
+                    next,
+                };
             }
         }
         self.cut_history(snap.at + 1);
-        for conn in waiting {
-            self.pump(conn);
-        }
+    }
+
+    /// Members being sent a snapshot, streamed or stored.
+    fn syncing_from_snapshot(&self) -> Vec<ConnId> {
+        self.members
+            .iter()
+            .filter(|(_, m)| {
+                matches!(
+                    m.state,
+                    SyncState::Streaming { .. } | SyncState::SendingSnapshot { .. }
+                ) && m.doomed.is_none()
+            })
+            .map(|(c, _)| *c)
+            .collect()
     }
 
     /// Drops history before `upto`, but never what a syncing replica still needs.
@@ -1634,6 +1747,7 @@ impl Session {
             .filter_map(|m| match &m.state {
                 SyncState::Backlog { next } => Some(*next),
                 SyncState::SendingSnapshot { snap, .. } => Some(snap.at + 1),
+                SyncState::Streaming { .. } => self.pending.as_ref().map(|p| p.at + 1),
                 _ => None,
             })
             .chain(self.pending.as_ref().map(|p| p.at + 1))
@@ -1765,8 +1879,7 @@ impl Session {
             self.empty_since = Some(now);
         }
         if self.pending.as_ref().is_some_and(|p| p.provider == conn) {
-            self.drop_pending();
-            self.renew_snapshot_request(now);
+            self.abandon_upload(now);
         }
         if !control && !self.closed {
             let frame = wire::encode(&ServerFrame::Presence {
@@ -1853,6 +1966,18 @@ fn queue_to(
     m.unflushed += frame.len();
     out.push_back(Output::Transmit { conn, frame });
     true
+}
+
+/// A snapshot as the `SnapshotData` frames that relay it, pieces of at most `piece` bytes
+/// (a zero-size snapshot is no frame at all: `SyncBegin` says it all).
+fn snapshot_frames(data: &Bytes, piece: usize) -> Vec<Bytes> {
+    data.chunks(piece.max(1))
+        .map(|c| {
+            wire::encode(&ServerFrame::SnapshotData {
+                data: data.slice_ref(c),
+            })
+        })
+        .collect()
 }
 
 /// The reports grouped by digest, largest group first.

@@ -1274,6 +1274,228 @@ async fn idle(system: System, sessions: usize, conns: usize, secs: f64) -> Resul
 }
 
 // ---------------------------------------------------------------------------------------------
+// Late join (Isthmus only)
+
+/// The late-join snapshot: 16 MiB, uploaded in the island client's 128 KiB pieces.
+const LATE_JOIN_BYTES: usize = 16 << 20;
+const LATE_JOIN_PIECE: usize = 128 * 1024;
+
+/// Frame variants of `ServerFrame` the late-join clients look at.
+const REFUSE: u8 = 1;
+const SNAPSHOT_REQUEST: u8 = 4;
+const SYNC_BEGIN: u8 = 5;
+const SNAPSHOT_DATA: u8 = 6;
+const SYNCED: u8 = 7;
+const GOODBYE: u8 = 11;
+
+/// Reads one whole frame's body off `read` (buffered in `buf`).
+async fn read_body(read: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<BytesMut> {
+    loop {
+        if buf.len() >= wire::LENGTH_PREFIX_LEN {
+            let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+            if buf.len() >= wire::LENGTH_PREFIX_LEN + len {
+                buf.advance(wire::LENGTH_PREFIX_LEN);
+                return Ok(buf.split_to(len));
+            }
+            buf.reserve(wire::LENGTH_PREFIX_LEN + len - buf.len());
+        }
+        if read.read_buf(buf).await? == 0 {
+            bail!("the router closed the connection");
+        }
+    }
+}
+
+/// The data of a `SnapshotData` body, read in place: the variant, bincode's varint length,
+/// the bytes.
+fn snapshot_data(body: &[u8]) -> Result<&[u8]> {
+    let (len, at) = match body.get(1) {
+        Some(&n) if n < 251 => (u64::from(n), 2),
+        Some(251) if body.len() >= 4 => (u64::from(u16::from_le_bytes([body[2], body[3]])), 4),
+        Some(252) if body.len() >= 6 => (
+            u64::from(u32::from_le_bytes([body[2], body[3], body[4], body[5]])),
+            6,
+        ),
+        _ => bail!("a SnapshotData frame this generator cannot read"),
+    };
+    if at as u64 + len != body.len() as u64 {
+        bail!("a SnapshotData frame of the wrong length");
+    }
+    Ok(&body[at..])
+}
+
+/// The provider's upload of `snap` for request `request` at `at`, encoded ahead.
+fn upload_frames(snap: &Bytes, request: u64, at: u64) -> Vec<Bytes> {
+    (0..snap.len().div_ceil(LATE_JOIN_PIECE).max(1))
+        .map(|k| {
+            let from = k * LATE_JOIN_PIECE;
+            let to = (from + LATE_JOIN_PIECE).min(snap.len());
+            wire::encode(&ClientFrame::SnapshotChunk {
+                request,
+                at: isthmus_router::ids::Seq(at),
+                offset: from as u64,
+                total: snap.len() as u64,
+                data: snap.slice(from..to),
+            })
+        })
+        .collect()
+}
+
+/// A raw-wire provider: answers every `SnapshotRequest` with `snap` in 128 KiB pieces. The
+/// upload for the next request (one above the last, at the same seq) is encoded ahead, so the
+/// generator's encoding is not on the measured path.
+fn spawn_provider(mut c: Conn, snap: Bytes) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::spawn(async move {
+        let mut ready = (1u64, 1u64, upload_frames(&snap, 1, 1));
+        loop {
+            let body = read_body(&mut c.read, &mut c.buf).await?;
+            if body.first() != Some(&SNAPSHOT_REQUEST) {
+                continue;
+            }
+            let wire::ServerFrame::SnapshotRequest { request, at } = wire::decode_body(&body)?
+            else {
+                bail!("a snapshot request that does not decode");
+            };
+            if (request, at.0) != (ready.0, ready.1) {
+                ready = (request, at.0, upload_frames(&snap, request, at.0));
+            }
+            for f in &ready.2 {
+                c.write.write_all(f).await?;
+            }
+            ready = (request + 1, at.0, upload_frames(&snap, request + 1, at.0));
+        }
+    })
+}
+
+/// One late join: an observer connects, says hello and reads to `Synced`. Returns the time from
+/// connecting to `Synced`, after checking that the snapshot it got is `snap` byte for byte.
+async fn late_joiner(
+    server: &Server,
+    from: IpAddr,
+    island: &Capability,
+    snap: &[u8],
+) -> Result<Duration> {
+    let t0 = Instant::now();
+    let mut stream = connect(from, server.addr).await?;
+    let nonce = exchange_preambles(&mut stream).await?;
+    let cap = island
+        .derive(isthmus_router::wire::Role::Observer)
+        .context("an admin capability derives an observer")?;
+    let mut opts = HelloOpts::with_cap(isthmus_tests::keys_of(island), cap, false);
+    opts.name = "late".into();
+    stream
+        .write_all(&wire::encode(&ClientFrame::Hello(opts.sign(&nonce))))
+        .await?;
+    let (mut read, _write) = stream.into_split();
+    let mut buf = BytesMut::with_capacity(256 * 1024);
+    let mut got = 0usize;
+    let mut announced = None;
+    loop {
+        let body = read_body(&mut read, &mut buf).await?;
+        match body.first().copied() {
+            Some(SYNC_BEGIN) => {
+                let wire::ServerFrame::SyncBegin { snapshot_len, .. } = wire::decode_body(&body)?
+                else {
+                    bail!("a SyncBegin that does not decode");
+                };
+                announced = snapshot_len;
+                got = 0;
+            }
+            Some(SNAPSHOT_DATA) => {
+                let data = snapshot_data(&body)?;
+                if snap.get(got..got + data.len()) != Some(data) {
+                    bail!("the joiner's snapshot differs from the provider's at byte {got}");
+                }
+                got += data.len();
+            }
+            Some(SYNCED) => break,
+            Some(REFUSE) | Some(GOODBYE) => {
+                let f: wire::ServerFrame = wire::decode_body(&body)?;
+                bail!("the router closed the joiner: {f:?}");
+            }
+            _ => {}
+        }
+    }
+    let took = t0.elapsed();
+    if announced != Some(snap.len() as u64) || got != snap.len() {
+        bail!(
+            "the joiner got {got} snapshot bytes of {} announced, {} uploaded",
+            announced.unwrap_or(0),
+            snap.len()
+        );
+    }
+    Ok(took)
+}
+
+/// A raw 16 MiB loopback copy in 128 KiB writes, for reference: both ends in this generator.
+async fn loopback_copy(snap: &Bytes) -> Result<Duration> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let (mut client, (mut server, _)) = (client?, server?);
+    let data = snap.clone();
+    let t0 = Instant::now();
+    let writer = tokio::spawn(async move {
+        for piece in data.chunks(LATE_JOIN_PIECE) {
+            client.write_all(piece).await?;
+        }
+        Ok::<_, std::io::Error>(client)
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < snap.len() {
+        let n = server.read(&mut buf).await?;
+        if n == 0 {
+            bail!("the loopback copy ended early");
+        }
+        got += n;
+    }
+    let took = t0.elapsed();
+    writer.await??;
+    Ok(took)
+}
+
+/// `joins` observers join one after another an island whose provider holds a 16 MiB state:
+/// each is asked of the provider and streamed. Hello to `Synced` (p50) and router CPU per join.
+async fn late_join(system: System, joins: usize) -> Result<Figures> {
+    let server = Server::start(system)?;
+    let snap: Bytes = (0..LATE_JOIN_BYTES)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_right(13) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let topic = Topic::new(0);
+    let mut provider = Conn::subscribe(system, server.addr, source(0), &topic, true).await?;
+    // One message, so a joiner needs a snapshot rather than the (empty) order from the start.
+    let mut out = Vec::new();
+    provider.publish(system, &topic, &payload(1, 0), &mut out);
+    provider.write.write_all(&out).await?;
+    let provider = spawn_provider(provider, snap.clone());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let meter = CpuMeter::start(&server);
+    let mut took = Vec::new();
+    for k in 0..joins {
+        let t = late_joiner(&server, source(k + 1), &topic.island, &snap)
+            .await
+            .with_context(|| format!("join {}", k + 1))?;
+        took.push(t.as_secs_f64() * 1000.0);
+    }
+    let (wall, server_cpu, me) = meter.stop();
+    provider.abort();
+    let mut f = Figures::default();
+    f.set("hello to synced p50 ms", median(took).unwrap_or(f64::NAN));
+    f.set("router CPU ms per join", server_cpu * 1000.0 / joins as f64);
+    check_generator(&mut f, wall, me);
+    let mut copies = Vec::new();
+    for _ in 0..3 {
+        copies.push(loopback_copy(&snap).await?.as_secs_f64() * 1000.0);
+    }
+    f.set(
+        "raw 16 MiB loopback copy ms",
+        median(copies).unwrap_or(f64::NAN),
+    );
+    Ok(f)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Report
 
 /// A metric that gets no ratio column (it describes the generator, not the servers).
@@ -1451,6 +1673,22 @@ fn workloads(quick: bool) -> Vec<Workload> {
             ("idle server CPU %", Some(false)),
         ],
         run: Box::new(move |s| Box::pin(idle(s, 20, 2000, secs.min(5.0)))),
+    });
+    let joins = q(9, 5) as usize;
+    w.push(Workload {
+        name: "late join, 16 MiB snapshot".into(),
+        // The peers have no snapshots to stream: their cells stay "-".
+        systems: System::selected()
+            .into_iter()
+            .filter(|s| s.is_isthmus())
+            .collect(),
+        metrics: vec![
+            ("hello to synced p50 ms", Some(false)),
+            ("router CPU ms per join", Some(false)),
+            ("raw 16 MiB loopback copy ms", NO_RATIO),
+            ("generator CPU %", NO_RATIO),
+        ],
+        run: Box::new(move |s| Box::pin(late_join(s, joins))),
     });
     w
 }
