@@ -345,8 +345,9 @@ fn decode_borrowed<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, DecodeEr
 /// that buffer, so a frame that carries a payload can keep it as a slice (refcounted, no copy)
 /// rather than copying it out as serde would.
 ///
-/// A slice keeps its whole read buffer (up to 64 KiB) alive: what is kept for long, or counted
-/// against a memory bound by its length, should be copied out (`Bytes::copy_from_slice`). The
+/// A slice keeps its whole read buffer alive (64 KiB, or as large as a big frame of the same
+/// connection made it grow): what is kept for long, or counted against a memory bound by its
+/// length, should be copied out (`Bytes::copy_from_slice`). The
 /// router copies a payload into its message frame as it stamps it, so only frames in flight
 /// hold read buffers.
 pub trait Frame: Sized {

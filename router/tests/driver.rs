@@ -554,3 +554,43 @@ async fn timers_still_fire_while_a_replica_floods_the_session() {
         f.abort();
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_connection_is_released_even_if_its_replica_keeps_it_open() {
+    // The router stops the reader of a connection it is done with (by aborting its task), so
+    // the stream is dropped after the goodbye: a replica that never closes its end cannot keep
+    // a reader task and its socket alive.
+    let (handle, _join, _) = spawn(DriverConfig::default());
+    let (mut bad, _) = attach(&handle, 1, Role::Replica, false, 64 * 1024);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // Client seq 0 is a protocol violation: goodbye, then the router shuts its side down.
+    send(
+        &mut bad,
+        &ClientFrame::Send {
+            client_seq: 0,
+            payload: Bytes::from_static(b"x"),
+        },
+    )
+    .await;
+    let frames = tokio::time::timeout(Duration::from_secs(5), read_all_frames(&mut bad))
+        .await
+        .expect("the stream ends after the goodbye");
+    assert!(
+        matches!(frames.last(), Some(ServerFrame::Goodbye { code, .. }) if *code == Code::PROTOCOL_VIOLATION),
+        "ends with a goodbye: {:?}",
+        frames.last()
+    );
+    // The replica keeps writing; once the router dropped both halves of the stream, writes fail.
+    let ping = wire::encode(&ClientFrame::Ping { nonce: 1 });
+    let released = async {
+        loop {
+            if bad.write_all(&ping).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), released)
+        .await
+        .expect("the router released the stream; a live reader would keep reading it");
+}
